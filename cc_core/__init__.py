@@ -1,0 +1,14 @@
+"""cleancompact core library: Clean & Compact (C&C) backdoor removal + compression.
+
+Pure PyTorch; no Prefect, no MLflow. ``from cc_core import build_model, clean_compact``.
+"""
+from cc_core.compact import CompactConfig, CompactionPlan, clean_compact
+from cc_core.errors import CleanCompactError, InputError
+from cc_core.io import load_model, read_metadata, save_model
+from cc_core.models import ModelSpec, build_model, count_params, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["CleanCompactError", "CompactConfig", "CompactionPlan", "InputError", "ModelSpec",
+           "build_model", "clean_compact", "count_params", "list_models", "load_model",
+           "read_metadata", "save_model"]
