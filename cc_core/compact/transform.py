@@ -41,7 +41,7 @@ class CompactConfig:
     tau: float | None = None
     normalizer: str = "mean"
     method: str = "hosvd"
-    hooi_iters: int = 20
+    hooi_iters: int = 10
     rank_strategy: str = "uniform"
     rank_multiple: int = 16
     decompose_1x1: bool | None = None
@@ -143,7 +143,8 @@ def _factorized_module(layer: _Layer, ranks: tuple[int, ...], cfg: CompactConfig
         return SVDConv2d.from_conv(layer.conv, layer.decomp.truncate(ranks[0]))
     if cfg.method == "hooi":
         return Tucker2Conv2d.from_conv(
-            layer.conv, hooi_tucker2(layer.decomp.to_tensor(), ranks, cfg.hooi_iters))
+            layer.conv, hooi_tucker2(layer.decomp.to_tensor(), ranks, cfg.hooi_iters,
+                                     spectra=(layer.decomp.s1, layer.decomp.s2)))
     return Tucker2Conv2d.from_conv(layer.conv, layer.decomp.truncate(*ranks))
 
 

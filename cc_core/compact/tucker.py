@@ -87,12 +87,13 @@ def hosvd_tucker2(weight: torch.Tensor) -> Tucker2:
     return Tucker2(core, u1, u2, s1, s2)
 
 
-def hooi_tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 20,
-                 tol: float = 1e-6) -> Tucker2:
+def hooi_tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 10,
+                 tol: float = 1e-4, spectra: tuple[torch.Tensor, torch.Tensor] | None = None) -> Tucker2:
     """Rank-(R1, R2) Tucker-2 of ``weight`` refined by HOOI (tensorly ``partial_tucker``).
 
-    Lower reconstruction error than the truncated HOSVD at the same ranks, at several times
-    the cost. ``s1``/``s2`` are the full-rank singular values of the input.
+    Lower reconstruction error than the truncated HOSVD at the same ranks, at many times the
+    cost. ``s1``/``s2`` are the full-rank singular values of the input (``spectra`` if the
+    caller has them already).
     """
     import tensorly as tl
     from tensorly.decomposition import partial_tucker
@@ -103,9 +104,9 @@ def hooi_tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 20,
                                         n_iter_max=n_iter, tol=tol, init="svd")
     core, u1, u2 = (torch.from_numpy(tl.to_numpy(a)).to(torch.float64)
                     for a in (core, factors[0], factors[1]))
-    s1 = torch.linalg.svdvals(unfold(w, 0))
-    s2 = torch.linalg.svdvals(unfold(w, 1))
-    return Tucker2(core, u1, u2, s1, s2)
+    if spectra is None:
+        spectra = (torch.linalg.svdvals(unfold(w, 0)), torch.linalg.svdvals(unfold(w, 1)))
+    return Tucker2(core, u1, u2, *spectra)
 
 
 @dataclass

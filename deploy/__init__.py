@@ -1,0 +1,1 @@
+"""Serving, the registry watcher / webhook bridge, and server start-up helpers."""

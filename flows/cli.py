@@ -1,0 +1,215 @@
+"""The ``cleancompact`` command line.
+
+Exit codes (ARCHITECTURE.md): 0 ok, 1 the run completed but a gate failed, 2 bad input
+(one clear message, no traceback), anything else a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on usage errors already; keep its message short."""
+
+    def error(self, message: str) -> None:  # pragma: no cover - argparse contract
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file: .safetensors, or a PyTorch state dict (.pt/.pth)")
+    p.add_argument("--arch", help="architecture, where the file does not say it")
+    p.add_argument("--num-classes", type=int, help="number of classes, where the file does not say it")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled whole-module files (runs code from the file: trusted files only)")
+
+
+def _load(args: argparse.Namespace):
+    from cc_core.io import load_model
+
+    return load_model(args.model, args.arch, args.num_classes, allow_pickle=args.allow_pickle)
+
+
+def _add_compact_args(p: argparse.ArgumentParser) -> None:
+    from cc_core.compact.clip import NORMALIZERS
+    from cc_core.compact.ranks import RANK_STRATEGIES
+    from cc_core.compact.transform import METHODS
+
+    p.add_argument("--ratio", type=float, default=2.0, help="target compression of the whole model (>= 1)")
+    p.add_argument("--tau", type=_positive_float, default=None,
+                   help="clip normalized singular values at tau (default: no clipping)")
+    p.add_argument("--normalizer", choices=list(NORMALIZERS), default="mean",
+                   help="per-layer normalizer of singular values")
+    p.add_argument("--method", choices=list(METHODS), default="hosvd")
+    p.add_argument("--rank-strategy", choices=list(RANK_STRATEGIES), default="uniform")
+    p.add_argument("--rank-multiple", type=int, default=16, help="ranks are multiples of this")
+    p.add_argument("--decompose-1x1", choices=["auto", "yes", "no"], default="auto",
+                   help="factorize 1x1 convs by SVD (auto: only if KxK convs cannot meet the ratio)")
+
+
+def _compact_options(args: argparse.Namespace) -> dict:
+    return {"normalizer": args.normalizer, "method": args.method,
+            "rank_strategy": args.rank_strategy, "rank_multiple": args.rank_multiple,
+            "decompose_1x1": {"auto": None, "yes": True, "no": False}[args.decompose_1x1]}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic JSON write: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Clean + compact one model file; write model.safetensors and plan.json to --out."""
+    from cc_core import clean_compact, save_model
+
+    model = _load(args)
+    start = time.perf_counter()
+    new, plan = clean_compact(model, ratio=args.ratio, tau=args.tau, **_compact_options(args))
+    elapsed = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(new, out / "model.safetensors", plan=plan)
+    _write_json(out / "plan.json", plan.to_dict())
+    if args.verbose:
+        print(_table(plan.summary_rows(), ("layer", "kind", "shape", "ranks", "params", "after", "clipped")))
+    print(f"{plan.arch}: {plan.params_before:,} -> {plan.params_after:,} parameters "
+          f"(ratio {plan.ratio_achieved:.3f}, requested {plan.ratio_requested:g}) in {elapsed:.1f} s")
+    print(f"wrote {out / 'model.safetensors'} and {out / 'plan.json'}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe a model file: architecture, classes, parameters, factorized layers."""
+    from cc_core.io import read_metadata
+    from cc_core.models import count_params
+
+    model = _load(args)
+    spec = model.cc_spec
+    info = {"file": str(args.model), "spec": spec.to_dict(), "params": count_params(model),
+            "factorized_layers": len(spec.structure),
+            "plan": read_metadata(args.model).get("plan")}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"{args.model}: {spec.arch} width {spec.width:g}, {spec.num_classes} classes, "
+          f"input {tuple(spec.input_shape)}, {info['params']:,} parameters")
+    if spec.structure:
+        rows = [(name, e["kind"], "/".join(map(str, e["ranks"]))) for name, e in spec.structure.items()]
+        print(_table(rows, ("factorized layer", "kind", "ranks")))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """What the pipeline does today, end to end on one model, with nothing to download."""
+    import torch
+
+    from cc_core import build_model, clean_compact, count_params, load_model, save_model
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suspect = out / "suspect.pt"
+    base = build_model(args.arch, num_classes=10, width=args.width)
+    torch.save(base.state_dict(), suspect)
+    print(f"[demo] a {args.arch} (width {args.width:g}, seeded random weights) saved as a "
+          f"third-party state dict: {suspect}")
+    model = load_model(suspect, arch=args.arch)
+    print(f"[demo] loaded safely (weights_only): {count_params(model):,} parameters")
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    rows = []
+    for ratio in args.ratios:
+        start = time.perf_counter()
+        new, plan = clean_compact(model, ratio=ratio, tau=args.tau)
+        elapsed = time.perf_counter() - start
+        path = save_model(new, out / f"compact-{ratio:g}x.safetensors", plan=plan)
+        with torch.no_grad():
+            reloaded = load_model(path)(x)
+            drift = float((new(x) - reference).norm() / reference.norm())
+            same = torch.equal(reloaded, new(x))
+        rows.append((f"{ratio:g}x", f"{plan.params_after:,}", f"{plan.ratio_achieved:.3f}",
+                     f"{elapsed:.1f}", f"{drift:.3f}", "yes" if same else "NO"))
+    print(_table(rows, ("target", "params", "achieved", "seconds", "rel. logit change", "reload identical")))
+    print(f"[demo] files in {out}; inspect one with: cleancompact inspect {out}/compact-2x.safetensors")
+    return EXIT_OK if all(r[-1] == "yes" for r in rows) else EXIT_GATE_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cc_core import __version__
+
+    parser = _Parser(prog="cleancompact", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cleancompact {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("compact", help="clean + compact a model file (C&C steps 1-4)")
+    _add_model_args(p)
+    _add_compact_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every layer's decision")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("inspect", help="describe a model file")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the main job on an embedded default")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    p.add_argument("--tau", type=_positive_float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cc_core.errors import InputError
+
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
