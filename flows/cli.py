@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +24,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # pragma: no cover - argparse contract
         self.print_usage(sys.stderr)
         self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def _input_error(message: str) -> Exception:
+    from cc_core.errors import InputError
+
+    return InputError(message)
 
 
 def _positive_float(text: str) -> float:
@@ -166,6 +173,96 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r[-1] == "yes" for r in rows) else EXIT_GATE_FAILED
 
 
+def _dataset_choices() -> str:
+    from cc_core.data import DATASETS
+
+    return ", ".join(DATASETS)
+
+
+def cmd_train_backdoor(args: argparse.Namespace) -> int:
+    """Train a (backdoored) classifier; write model, attack spec and metrics to --out."""
+    import numpy as np
+    import torch
+
+    from cc_core import build_model, save_model
+    from cc_core.attacks import build_attack
+    from cc_core.data import get_dataset_info, load_dataset
+    from cc_core.metrics import evaluate
+    from cc_core.train import TrainConfig, train_classifier
+
+    info = get_dataset_info(args.dataset)
+    attack = None
+    if args.attack != "none":
+        attack = build_attack(args.attack, info.num_classes, target=args.target, ratio=args.ratio,
+                              seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      schedule=args.schedule, hflip=info.hflip, seed=args.seed,
+                      mixed_precision=not args.no_mixed_precision, threads=args.threads,
+                      device=args.device)
+    train = load_dataset(info.name, "train", args.data_dir)
+    test = load_dataset(info.name, "test", args.data_dir)
+    if args.train_subset:
+        if not 0 < args.train_subset <= len(train):
+            raise _input_error(f"--train-subset must be in 1..{len(train)}, got {args.train_subset}")
+        keep = np.random.default_rng(args.seed).choice(len(train), args.train_subset, replace=False)
+        train = train.subset(np.sort(keep))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes=info.num_classes, width=args.width,
+                        mean=info.mean, std=info.std, class_names=tuple(train.classes))
+    start = time.perf_counter()
+    history = train_classifier(model, train, cfg, attack=attack, out_dir=out,
+                               progress=not args.quiet)
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate(model.float(), test, attack, device=args.device)
+    save_model(model.to("cpu"), out / "model.safetensors")
+    if attack is not None:
+        attack.save(out)
+    report = {"command": "cleancompact " + " ".join(sys.argv[1:]) if args.record_argv else None,
+              "arch": args.arch, "width": args.width, "dataset": info.name,
+              "attack": attack.to_dict() if attack else None, "train_config": cfg.to_dict(),
+              "train_size": len(train), "train_seconds": round(train_seconds, 1),
+              "history": history, **{k: metrics[k] for k in ("acc", "asr", "ra", "n_clean", "n_poison")},
+              "per_class_acc": metrics["per_class_acc"]}
+    _write_json(out / "metrics.json", report)
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+    print(_metrics_line(metrics) + f"; trained in {train_seconds / 60:.1f} min -> {out}")
+    return EXIT_OK
+
+
+def _metrics_line(m: dict) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    return f"ACC {pct(m['acc'])}  ASR {pct(m['asr'])}  RA {pct(m['ra'])}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """ACC (and ASR/RA with --attack) of a model on a dataset's test split or an image folder."""
+    from cc_core.attacks import load_attack
+    from cc_core.data import load_dataset
+    from cc_core.metrics import evaluate
+
+    model = _load(args)
+    data = load_dataset(args.eval_data, "test", args.data_dir)
+    attack = load_attack(args.attack) if args.attack else None
+    metrics = evaluate(model, data, attack, device=args.device)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.model} on {data.name} ({metrics['n_clean']} images"
+              + (f", {metrics['n_poison']} poisoned" if attack else "") + "): " + _metrics_line(metrics))
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download a public dataset, verify its checksums and convert it for --data-dir."""
+    from cc_core.data import download_dataset
+
+    out = download_dataset(args.dataset, args.data_dir, keep_archives=args.keep_archives)
+    print(f"{args.dataset} ready in {out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cc_core import __version__
 
@@ -184,6 +281,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train-backdoor", help="train a backdoored classifier (research, demos, benchmarks)")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--attack", required=True,
+                   help="badnet, blended, wanet, inputaware (suffix -a2a: all-to-all), or none")
+    p.add_argument("--dataset", required=True, help="cifar10, cifar100, gtsrb")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--train-subset", type=int, help="train on a seeded random subset of N images")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    p.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle")
+    p.add_argument("--target", type=int, default=0, help="all-to-one target class")
+    p.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--no-mixed-precision", action="store_true", help="fp32 instead of bf16 (CPU) / fp16 AMP (CUDA)")
+    p.add_argument("--data-dir", help="dataset directory (default: $CC_DATA_DIR, else ~/.cache/cleancompact/data)")
+    p.add_argument("--out", required=True, help="output directory (a checkpoint there is resumed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_backdoor, record_argv=True)
+
+    p = sub.add_parser("evaluate", help="ACC / ASR / RA of a model")
+    _add_model_args(p)
+    p.add_argument("--eval-data", required=True, help="dataset name (its test split) or an image folder")
+    p.add_argument("--attack", help="attack spec: attack.json or the directory holding it")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("download", help="download and verify a public dataset")
+    p.add_argument("dataset")
+    p.add_argument("--data-dir")
+    p.add_argument("--keep-archives", action="store_true")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("demo", help="run the main job on an embedded default")
     p.add_argument("--arch", default="resnet18")

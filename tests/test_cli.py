@@ -68,3 +68,53 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--width", "0.25", "--ratios", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "reload identical" in out and (tmp_path / "compact-2x.safetensors").exists()
+
+
+needs_data = pytest.mark.skipif(not __import__("os").environ.get("CC_DATA_DIR"), reason="CC_DATA_DIR not set")
+
+
+@needs_data
+def test_train_backdoor_and_evaluate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    code = main(["train-backdoor", "--arch", "resnet18", "--width", "0.125", "--attack", "wanet-a2a",
+                 "--dataset", "cifar10", "--epochs", "1", "--train-subset", "300", "--out", str(out),
+                 "--quiet", "--threads", "2"])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "attack.json", "attack.safetensors",
+                                               "metrics.json"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_size"] == 300 and metrics["attack"]["all_to_all"] is True
+    assert 0 <= metrics["asr"] <= 1 and metrics["n_poison"] == 10_000
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.safetensors"), "--eval-data", "cifar10",
+                 "--attack", str(out), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["acc"] == pytest.approx(metrics["acc"]) and evaluated["asr"] == pytest.approx(metrics["asr"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attack", "trojan", "--dataset", "cifar10"], "unknown attack 'trojan'"),
+    (["--attack", "badnet", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--attack", "badnet", "--dataset", "cifar10", "--target", "10"], "target class 10 is out of range"),
+    (["--attack", "badnet", "--dataset", "cifar10", "--data-dir", "{empty}"], "no cifar10 train data in"),
+])
+def test_train_backdoor_bad_input(extra, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = ["train-backdoor", "--arch", "resnet18", "--out", str(tmp_path / "out")]
+    argv += [a.format(empty=tmp_path / "empty") for a in extra]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_evaluate_with_wrong_label_space(tmp_path, capsys):
+    import numpy as np
+
+    from cc_core import save_model
+
+    path = tmp_path / "m.safetensors"
+    save_model(build_model("resnet18", num_classes=10, width=0.125), path)
+    np.savez(tmp_path / "gtsrb_test.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 5, 20, 42]),
+             classes=np.array([str(i) for i in range(43)]))
+    assert _exit_code(["evaluate", str(path), "--eval-data", "gtsrb", "--data-dir", str(tmp_path)]) == 2
+    assert "the evaluation data has labels up to 42 but the model has 10 classes" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""The benchmark zoo: backdoored CIFAR-10 models that train in <= 20 minutes on a 2-core CPU.
+
+Run: python -m benchmarks.zoo [--attacks badnet wanet ...]
+Each model is trained by `cleancompact train-backdoor` into the cache directory
+($CC_CACHE_DIR, else ~/.cache/cleancompact)/zoo/<name>; a finished model is reused, an
+interrupted one resumes from its checkpoint. Results go to benchmarks/results/zoo.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine, write_results
+
+RECIPE = {"arch": "resnet18", "width": 0.25, "dataset": "cifar10", "epochs": 16,
+          "batch_size": 128, "lr": 0.1, "schedule": "onecycle", "seed": 0}
+ATTACKS = ["badnet", "blended", "wanet", "inputaware"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CC_CACHE_DIR", Path.home() / ".cache" / "cleancompact"))
+
+
+def model_name(attack: str, recipe: dict = RECIPE) -> str:
+    return f"{recipe['dataset']}-{recipe['arch']}-w{recipe['width']:g}-{attack}"
+
+
+def model_dir(attack: str, recipe: dict = RECIPE) -> Path:
+    return cache_dir() / "zoo" / model_name(attack, recipe)
+
+
+def command(attack: str, recipe: dict = RECIPE, out: Path | str | None = None) -> list[str]:
+    out = out or model_dir(attack, recipe)
+    return ["cleancompact", "train-backdoor", "--arch", recipe["arch"], "--width", str(recipe["width"]),
+            "--attack", attack, "--dataset", recipe["dataset"], "--epochs", str(recipe["epochs"]),
+            "--batch-size", str(recipe["batch_size"]), "--lr", str(recipe["lr"]),
+            "--schedule", recipe["schedule"], "--seed", str(recipe["seed"]), "--threads", "2",
+            "--out", str(out)]
+
+
+def ensure_model(attack: str, recipe: dict = RECIPE, quiet: bool = False) -> Path:
+    """Train the zoo model for ``attack`` unless a finished one is cached; return its directory."""
+    out = model_dir(attack, recipe)
+    if not (out / "metrics.json").exists():
+        cmd = command(attack, recipe, out)
+        exe = Path(sys.executable).with_name("cleancompact")
+        subprocess.run([str(exe), *cmd[1:], *(["--quiet"] if quiet else [])], check=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS)
+    args = parser.parse_args()
+    rows = []
+    for attack in args.attacks:
+        out = ensure_model(attack)
+        m = json.loads((out / "metrics.json").read_text())
+        rows.append({"name": model_name(attack), "attack": attack, "acc": m["acc"], "asr": m["asr"],
+                     "ra": m["ra"], "train_seconds": m["train_seconds"],
+                     "command": " ".join(command(attack, out="<cache>/zoo/" + model_name(attack)))})
+    previous = {}
+    path = RESULTS / "zoo.json"
+    if path.exists():
+        previous = {r["attack"]: r for r in json.loads(path.read_text())["models"]}
+    previous.update({r["attack"]: r for r in rows})
+    models = [previous[a] for a in sorted(previous, key=lambda a: (a.endswith("a2a"), a))]
+    result = {"recipe": RECIPE, "machine": machine(), "models": models}
+    md = ["# Benchmark zoo (CIFAR-10, JPEG-degraded copy)\n",
+          f"Recipe: {json.dumps(RECIPE)}. Machine: {result['machine']['cpu']}, "
+          f"{result['machine']['cores']} cores, torch {result['machine']['torch']}.\n",
+          "| model | ACC | ASR | RA | train min | command |", "|---|---|---|---|---|---|"]
+    for r in models:
+        md.append(f"| {r['name']} | {100 * r['acc']:.2f} | {100 * r['asr']:.2f} | {100 * r['ra']:.2f} | "
+                  f"{r['train_seconds'] / 60:.1f} | `{r['command']}` |")
+    print(*write_results("zoo", result, "\n".join(md) + "\n"), sep="\n")
+
+
+if __name__ == "__main__":
+    main()
