@@ -16,8 +16,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, write_results
 
-RECIPE = {"arch": "resnet18", "width": 0.25, "dataset": "cifar10", "epochs": 16,
-          "batch_size": 128, "lr": 0.1, "schedule": "onecycle", "seed": 0}
+RECIPE = {"arch": "resnet18", "width": 0.25, "dataset": "cifar10", "epochs": 20,
+          "batch_size": 256, "lr": 0.2, "schedule": "onecycle", "seed": 0}
 ATTACKS = ["badnet", "blended", "wanet", "inputaware"]
 
 

@@ -44,7 +44,7 @@ def test_blend_pattern_is_seeded_image_like():
 
 def test_wanet_strength_zero_is_identity(x):
     attack = WaNet(num_classes=10, params={"s": 0.0})
-    assert torch.allclose(attack.apply_trigger(x), x, atol=1e-6)
+    assert torch.allclose(attack.apply_trigger(x), x, atol=1e-5)  # fp32 grid rounding
     assert not torch.allclose(WaNet(num_classes=10).apply_trigger(x), x, atol=1e-3)
 
 
@@ -86,7 +86,7 @@ def test_asr_excludes_the_target_class():
     data = ImageData(np.zeros((50, 32, 32, 3), np.uint8), y, [str(i) for i in range(10)])
     attack = build_attack("badnet", 10, target=0)
     m = evaluate(_Constant(0), data, attack, mean=(0, 0, 0), std=(1, 1, 1))
-    assert m["n_poison"] == 45 and m["asr"] == 1.0 and m["ra"] == 0.0 and m["acc"] == 0.1
+    assert m["n_poison"] == 45 and m["asr"] == 1.0 and m["ra"] == 0.0 and m["acc"] == pytest.approx(0.1)
     a2a = build_attack("badnet-a2a", 10)
     m = evaluate(_Constant(1), data, a2a, mean=(0, 0, 0), std=(1, 1, 1))
     assert m["n_poison"] == 50 and m["asr"] == pytest.approx(0.1)  # only class 0 -> 1
@@ -117,7 +117,7 @@ def test_input_aware_triggers_depend_on_the_input(x):
     attack = build_attack("inputaware", 10)
     with torch.no_grad():
         t1 = attack.apply_trigger(x) - x
-        t2 = attack.apply_trigger(x.roll(1, 0)).roll(-1, 0) - x
+        t2 = attack.apply_cross(x, torch.Generator().manual_seed(0)) - x  # triggers made for other images
     assert not torch.allclose(t1, t2)
     assert attack.auxiliary_loss(x).requires_grad
 

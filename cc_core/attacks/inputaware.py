@@ -46,7 +46,7 @@ class InputAware(Attack):
     @classmethod
     def default_params(cls) -> dict:
         return {"width": 16, "lambda_div": 1.0, "lambda_mask": 100.0, "mask_density": 0.032,
-                "lr": 1e-3}
+                "lr": 1e-3, "aux_batch": 32}
 
     def build(self) -> None:
         with torch.random.fork_rng():
@@ -70,7 +70,9 @@ class InputAware(Attack):
         return self.generator
 
     def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Diversity + mask-density terms, on the first ``aux_batch`` images (they need few)."""
         p = self.params
+        x = x[: p["aux_batch"]]
         pattern, mask = self.generator(x)
         other_pattern, _ = self.generator(x.roll(1, 0))
         image_dist = (x - x.roll(1, 0)).flatten(1).norm(dim=1)

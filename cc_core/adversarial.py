@@ -1,0 +1,93 @@
+"""Adversarial synthetic data: untargeted L-inf PGD (METHOD.md step 6).
+
+On a backdoored model, untargeted perturbations of synthetic images mostly land in the
+backdoor target class: the backdoor is the shortest way out of every class. The adversarial
+images stand in for poisoned inputs, and the histogram of where they land is a data-free
+signal of the target.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cc_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """eps and step in pixel units ([0, 1] scale)."""
+
+    eps: float = 8 / 255
+    step: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0 or not self.step > 0 or self.steps < 1:
+            raise ConfigError("PGD needs eps > 0, step > 0 and steps >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _to_pixels(x: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x * s + m, m, s
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGDConfig(),
+        mean=None, std=None) -> torch.Tensor:
+    """Untargeted PGD on normalized inputs ``x`` (N, C, H, W) with labels ``y``.
+
+    The perturbation lives in pixel space: ||pixels(x_adv) - pixels(x)||_inf <= eps and
+    pixels stay in [0, 1]. Returns normalized adversarial images.
+    """
+    spec = model.cc_spec
+    mean = spec.mean if mean is None else mean
+    std = spec.std if std is None else std
+    gen = torch.Generator().manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(x), cfg.batch_size):
+        xb, yb = x[start:start + cfg.batch_size].detach(), y[start:start + cfg.batch_size]
+        pix, m, s = _to_pixels(xb, mean, std)
+        delta = torch.zeros_like(pix)
+        if cfg.random_start:
+            delta = (torch.rand(pix.shape, generator=gen).to(pix.device) * 2 - 1) * cfg.eps
+        delta = ((pix + delta).clamp(0, 1) - pix).requires_grad_(True)
+        for _ in range(cfg.steps):
+            loss = F.cross_entropy(model((pix + delta - m) / s), yb)
+            grad, = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta += cfg.step * grad.sign()
+                delta.clamp_(-cfg.eps, cfg.eps)
+                delta.copy_((pix + delta).clamp(0, 1) - pix)
+        out.append(((pix + delta.detach() - m) / s))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def class_histogram(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Counts (C,) of the classes ``model`` predicts for normalized inputs ``x``."""
+    was_training = model.training
+    model.eval()
+    preds = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return torch.bincount(preds.cpu(), minlength=model.cc_spec.num_classes)
+
+
+def concentration(hist: torch.Tensor) -> float:
+    """How much of the histogram sits in its top class, rescaled so a uniform histogram gives 0
+    and a single class gives 1: (p_max - 1/C) / (1 - 1/C)."""
+    p = hist.float() / hist.sum().clamp_min(1)
+    c = len(hist)
+    return float((p.max() - 1 / c) / (1 - 1 / c))

@@ -1,0 +1,251 @@
+"""End to end: clean + compact, synthesize, adversarial, recovery fine-tune, evaluate, export.
+
+``defend(model, ratio)`` runs METHOD.md steps 1-7 without any real data and returns the new
+model with a report in the ``cleancompact.report/1`` shape (ARCHITECTURE.md). Presets:
+``cpu`` (what finishes in minutes on 2 CPU cores) and ``paper`` (full-size, GPU-scale).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cc_core.adversarial import PGDConfig, pgd
+from cc_core.compact import clean_compact
+from cc_core.errors import ConfigError
+from cc_core.finetune import FinetuneConfig, finetune
+from cc_core.metrics import evaluate, resolve_device
+from cc_core.models import count_params
+from cc_core.scan import histogram_report
+from cc_core.synth import SynthConfig, synthesize
+
+REPORT_FORMAT = "cleancompact.report/1"
+
+
+@dataclass(frozen=True)
+class DefendConfig:
+    """Every knob of a defend run. ``compact`` holds extra clean_compact options."""
+
+    ratio: float = 2.0
+    tau: float | None = 3.0
+    normalizer: str = "mean"
+    compact: dict = field(default_factory=dict)
+    synth: SynthConfig = SynthConfig()
+    pgd: PGDConfig = PGDConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    adversarial_model: str = "compact"
+    scan_before: bool = True
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
+            raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
+        if self.tau is not None and not self.tau > 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau!r}")
+        if self.adversarial_model not in ("compact", "original"):
+            raise ConfigError("adversarial_model must be 'compact' or 'original'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "DefendConfig":
+        nested = {"synth": SynthConfig, "pgd": PGDConfig, "finetune": FinetuneConfig}
+        for key, cls in nested.items():
+            if isinstance(changes.get(key), dict):
+                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, DefendConfig] = {
+    "cpu": DefendConfig(
+        synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
+        pgd=PGDConfig(steps=10),
+        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.01, kd_weight=1.0)),
+    "paper": DefendConfig(
+        synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
+        pgd=PGDConfig(steps=20),
+        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.01, kd_weight=1.0)),
+}
+
+
+def resolve_config(preset: str = "cpu", **overrides) -> DefendConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[preset].replace(**overrides)
+
+
+def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass (convs and linears)."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, inputs, out) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.numel() // out.shape[0] * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, inputs, out) -> None:
+        nonlocal total
+        total += m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "git_commit": commit}
+
+
+@dataclass
+class DefendResult:
+    model: nn.Module
+    report: dict
+    plan: object
+
+
+def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None, attack=None,
+           progress: bool = True, log=print) -> DefendResult:
+    """Run C&C on ``model`` (not modified). ``eval_data`` (ImageData) and ``attack`` are used
+    only to MEASURE ACC/ASR/RA before and after; the defense itself sees no real data."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    original = copy.deepcopy(model).eval().to(device)
+    spec = original.cc_spec
+
+    new, plan = clean_compact(original.cpu(), ratio=cfg.ratio, tau=cfg.tau,
+                              normalizer=cfg.normalizer, **cfg.compact)
+    timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
+    original.to(device)
+    new = new.to(device).eval()
+    log(f"[defend] clean+compact: {plan.params_before:,} -> {plan.params_after:,} parameters "
+        f"({plan.ratio_achieved:.2f}x) in {sum(timings.values()):.1f} s")
+    teacher = None
+    if cfg.finetune.kd_weight > 0:
+        teacher, _ = clean_compact(original.cpu(), ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
+        teacher = teacher.to(device).eval()
+        original.to(device)
+
+    start = time.perf_counter()
+    x_syn, y_syn, synth_log = synthesize(new, cfg.synth, device=device, progress=progress)
+    timings["synthesize"] = time.perf_counter() - start
+    log(f"[defend] synthesized {len(y_syn)} images in {timings['synthesize']:.1f} s "
+        f"(final BN loss {synth_log['bn_loss'][-1]:.3f})")
+
+    start = time.perf_counter()
+    scan_before = histogram_report(original, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
+    adv_model = new if cfg.adversarial_model == "compact" else original
+    x_adv = pgd(adv_model, x_syn, y_syn, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
+    timings["adversarial"] = time.perf_counter() - start
+    if scan_before:
+        log(f"[defend] adversarial histogram before: concentration {scan_before['concentration']:.2f}, "
+            f"estimated target {scan_before['target_class_estimate']}")
+
+    start = time.perf_counter()
+    history = finetune(new, x_syn, y_syn, x_adv, teacher, cfg.finetune, progress=progress)
+    timings["finetune"] = time.perf_counter() - start
+    log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
+
+    scan_after = histogram_report(new, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
+
+    start = time.perf_counter()
+    metrics = {k: None for k in ("acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after")}
+    if eval_data is not None:
+        before = evaluate(original, eval_data, attack, device=device)
+        after = evaluate(new, eval_data, attack, device=device)
+        for key in ("acc", "asr", "ra"):
+            metrics[f"{key}_before"], metrics[f"{key}_after"] = before[key], after[key]
+    timings["evaluate"] = time.perf_counter() - start
+
+    new = new.cpu().eval()
+    new.cc_spec = spec.replace(structure=new.cc_spec.structure)
+    report = {
+        "format": REPORT_FORMAT,
+        "model": {"arch": spec.arch, "params_before": count_params(model), "params_after": count_params(new),
+                  "compression": count_params(model) / count_params(new),
+                  "macs_before": macs(original.cpu(), spec.input_shape), "macs_after": macs(new, spec.input_shape)},
+        "config": cfg.to_dict() | {"compact_resolved": plan.config},
+        "metrics": metrics,
+        "scan": {"target_class_estimate": scan_before["target_class_estimate"] if scan_before else None,
+                 "concentration_before": scan_before["concentration"] if scan_before else None,
+                 "concentration_after": scan_after["concentration"] if scan_after else None,
+                 "histogram_before": scan_before["histogram"] if scan_before else None,
+                 "histogram_after": scan_after["histogram"] if scan_after else None},
+        "onnx": None,
+        "timings_s": timings,
+        "finetune_history": history,
+        "synth": synth_log,
+        "environment": environment(device),
+    }
+    timings["total"] = time.perf_counter() - t_start
+    return DefendResult(new, report, plan)
+
+
+def export_package(result: DefendResult, original: nn.Module, out_dir: str | os.PathLike,
+                   threads: int = 2, latency_batch: int = 128, log=print) -> Path:
+    """Write model.safetensors, model.onnx (parity-checked) and report.json into ``out_dir``.
+
+    Everything is built in a sibling temporary directory and moved in only when complete
+    (report.json last), so a failure leaves nothing half-written in ``out_dir``; other files
+    there are left alone."""
+    import json
+    import shutil
+    import tempfile
+
+    from cc_core.export import check_onnx, export_onnx, paired_latency, parity
+    from cc_core.io import save_model
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        start = time.perf_counter()
+        save_model(result.model, staging / "model.safetensors", plan=result.plan)
+        onnx_path = export_onnx(result.model, staging / "model.onnx")
+        check_onnx(onnx_path)
+        max_diff = parity(result.model, onnx_path)
+        original_onnx = export_onnx(original, staging / "original.onnx")
+        shape = result.model.cc_spec.input_shape
+        latency = paired_latency({"original": original_onnx, "compact": onnx_path}, shape,
+                                 latency_batch, threads=threads)
+        latency_1 = paired_latency({"original": original_onnx, "compact": onnx_path}, shape, 1,
+                                   threads=threads, repeats=100)
+        (staging / "original.onnx").unlink()
+        result.report["onnx"] = {
+            "max_abs_diff": max_diff, "latency_batch": latency_batch, "threads": threads,
+            "latency_ms": latency, "speedup": latency["original"] / latency["compact"],
+            "latency_ms_batch1": latency_1, "speedup_batch1": latency_1["original"] / latency_1["compact"]}
+        result.report["timings_s"]["export"] = time.perf_counter() - start
+        result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
+        (staging / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
+        log(f"[defend] ONNX parity {max_diff:.2e}, onnxruntime speed-up {result.report['onnx']['speedup']:.2f}x "
+            f"(batch {latency_batch}, {threads} threads)")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "model.onnx", "report.json"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,163 @@
+"""Data-free synthetic inputs from a model's own BatchNorm statistics (METHOD.md step 5).
+
+  min_x  sum_j ||mu_j(x) - mu_j||^2 + ||sigma_j(x) - sigma_j||^2  +  w_ce * CE(F(x), y)
+         (+ optional total-variation and L2 image priors)
+where mu_j / sigma_j are the running mean / std of BatchNorm layer j and mu_j(x) / sigma_j(x)
+the per-channel statistics of that layer's INPUT on the synthetic batch (hooking BN inputs,
+not conv outputs, keeps pre-activation nets right). Squared norms are averaged over channels,
+so wide and narrow layers weigh alike. Images live in the model's normalized input space and
+are kept inside the valid pixel range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cc_core.errors import ConfigError, InputError
+from cc_core.metrics import resolve_device
+
+
+class NoBatchNormError(InputError):
+    """The model has no BatchNorm layers, so there are no statistics to synthesize from."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """n_samples images, optimized in batches of batch_size for iterations Adam steps."""
+
+    n_samples: int = 1024
+    batch_size: int = 128
+    iterations: int = 200
+    lr: float = 0.1
+    ce_weight: float = 1.0
+    bn_weight: float = 1.0
+    tv_weight: float = 1e-4
+    l2_weight: float = 0.0
+    jitter: int = 2
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "batch_size", "iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"synthesis {name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"synthesis lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class BNStatsLoss:
+    """Forward pre-hooks on every BatchNorm2d that accumulate the statistics-matching loss."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+                       and m.running_mean is not None]
+        if not self.layers:
+            raise NoBatchNormError(
+                "the model has no BatchNorm layers with running statistics: data-free synthesis "
+                "needs them (use --preset with real data or a model with BatchNorm)")
+        self.losses: list[torch.Tensor] = []
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
+        x = inputs[0].float()
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.losses.append(F.mse_loss(mean, module.running_mean.float(), reduction="mean")
+                           + F.mse_loss((var + module.eps).sqrt(),
+                                        (module.running_var.float() + module.eps).sqrt(), reduction="mean"))
+
+    def pop(self) -> torch.Tensor:
+        total = torch.stack(self.losses).sum()
+        self.losses = []
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring pixels (smoothness prior)."""
+    return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., :, 1:] - x[..., :, :-1]) ** 2).mean()
+
+
+def pixel_bounds(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized-space bounds of the pixel range [0, 1], shaped (1, C, 1, 1)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return (0 - m) / s, (1 - m) / s
+
+
+def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """n labels, as equal per class as possible, in random order."""
+    labels = torch.arange(n) % num_classes
+    return labels[torch.randperm(n, generator=generator)]
+
+
+def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch.Tensor | None = None,
+               device: str | torch.device | None = None, progress: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Synthetic images (N, C, H, W, normalized space), their labels (N,) and a log
+    {"bn_loss": [...], "ce_loss": [...]} of each batch's final losses."""
+    from tqdm import tqdm
+
+    spec = model.cc_spec
+    device = resolve_device(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if labels is None:
+        labels = balanced_labels(cfg.n_samples, spec.num_classes, gen)
+    was_training = model.training
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    low, high = pixel_bounds(spec.mean, spec.std, device)
+    stats = BNStatsLoss(model)
+    images, log = [], {"bn_loss": [], "ce_loss": []}
+    batches = range(0, len(labels), cfg.batch_size)
+    bar = tqdm(total=len(batches) * cfg.iterations, desc="synthesize", disable=not progress,
+               file=sys.stderr, leave=False)
+    try:
+        for start in batches:
+            y = labels[start:start + cfg.batch_size].to(device)
+            x = torch.randn((len(y), *spec.input_shape), generator=gen).to(device).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
+            for _ in range(cfg.iterations):
+                inp = x
+                if cfg.jitter:
+                    dy, dx = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
+                    inp = torch.roll(inp, shifts=(dy, dx), dims=(2, 3))
+                if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
+                    inp = inp.flip(3)
+                out = model(inp)
+                bn = stats.pop()
+                ce = F.cross_entropy(out, y)
+                loss = cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_weight * total_variation(x)
+                if cfg.l2_weight:
+                    loss = loss + cfg.l2_weight * x.pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, high), low))
+                bar.update(1)
+                bar.set_postfix(bn=f"{float(bn):.3f}", ce=f"{float(ce):.3f}")
+            log["bn_loss"].append(float(bn))
+            log["ce_loss"].append(float(ce))
+            images.append(x.detach())
+    finally:
+        stats.remove()
+        bar.close()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was_training)
+    return torch.cat(images), labels.to(device), log
