@@ -41,7 +41,7 @@ def run() -> dict:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# clean_compact: parameters and time\n",
+    lines = ["# clean_compact: parameters and time\n",
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
              f"{m['threads']} threads), commit {m['git_commit']}.\n",
              "| arch | ratio | method | tau | params before | params after | achieved | paper | seconds |",

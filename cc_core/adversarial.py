@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cc_core.device import autocast
 from cc_core.errors import ConfigError
 
 
@@ -26,6 +27,7 @@ class PGDConfig:
     steps: int = 10
     random_start: bool = True
     batch_size: int = 256
+    mixed_precision: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,7 +66,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGD
             delta = (torch.rand(pix.shape, generator=gen).to(pix.device) * 2 - 1) * cfg.eps
         delta = ((pix + delta).clamp(0, 1) - pix).requires_grad_(True)
         for _ in range(cfg.steps):
-            loss = F.cross_entropy(model((pix + delta - m) / s), yb)
+            with autocast(pix.device, cfg.mixed_precision):
+                logits = model((pix + delta - m) / s)
+            loss = F.cross_entropy(logits.float(), yb)
             grad, = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 delta += cfg.step * grad.sign()

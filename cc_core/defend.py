@@ -22,7 +22,8 @@ from cc_core.adversarial import PGDConfig, pgd
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
 from cc_core.finetune import FinetuneConfig, finetune
-from cc_core.metrics import evaluate, resolve_device
+from cc_core.device import resolve_device
+from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.scan import histogram_report
 from cc_core.synth import SynthConfig, synthesize
@@ -42,6 +43,7 @@ class DefendConfig:
     pgd: PGDConfig = PGDConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     adversarial_model: str = "compact"
+    synth_model: str = "compact"
     scan_before: bool = True
     device: str = "auto"
     threads: int | None = None
@@ -51,15 +53,16 @@ class DefendConfig:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
         if self.tau is not None and not self.tau > 0:
             raise ConfigError(f"tau must be > 0, got {self.tau!r}")
-        if self.adversarial_model not in ("compact", "original"):
-            raise ConfigError("adversarial_model must be 'compact' or 'original'")
+        for name in ("adversarial_model", "synth_model"):
+            if getattr(self, name) not in ("compact", "original"):
+                raise ConfigError(f"{name} must be 'compact' or 'original'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
         nested = {"synth": SynthConfig, "pgd": PGDConfig, "finetune": FinetuneConfig}
-        for key, cls in nested.items():
+        for key, _cls in nested.items():
             if isinstance(changes.get(key), dict):
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         return dataclasses.replace(self, **changes)
@@ -125,9 +128,12 @@ class DefendResult:
 
 
 def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None, attack=None,
-           progress: bool = True, log=print) -> DefendResult:
+           progress: bool = True, log=print, synthetic: tuple | None = None) -> DefendResult:
     """Run C&C on ``model`` (not modified). ``eval_data`` (ImageData) and ``attack`` are used
-    only to MEASURE ACC/ASR/RA before and after; the defense itself sees no real data."""
+    only to MEASURE ACC/ASR/RA before and after; the defense itself sees no real data.
+
+    ``synthetic`` = (x, y) reuses synthetic images made earlier from the same model (sweeps
+    and benchmarks share one synthesis across settings when ``synth_model='original'``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -150,7 +156,12 @@ def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None,
         original.to(device)
 
     start = time.perf_counter()
-    x_syn, y_syn, synth_log = synthesize(new, cfg.synth, device=device, progress=progress)
+    if synthetic is not None:
+        x_syn, y_syn = (t.to(device) for t in synthetic)
+        synth_log = {"bn_loss": [float("nan")], "ce_loss": [float("nan")], "reused": True}
+    else:
+        source = new if cfg.synth_model == "compact" else original
+        x_syn, y_syn, synth_log = synthesize(source, cfg.synth, device=device, progress=progress)
     timings["synthesize"] = time.perf_counter() - start
     log(f"[defend] synthesized {len(y_syn)} images in {timings['synthesize']:.1f} s "
         f"(final BN loss {synth_log['bn_loss'][-1]:.3f})")
@@ -202,6 +213,64 @@ def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None,
     }
     timings["total"] = time.perf_counter() - t_start
     return DefendResult(new, report, plan)
+
+
+BASELINES = ("clp", "anp")
+
+
+def defend_baseline(model: nn.Module, method: str, ratio: float, eval_data=None, attack=None,
+                    clean_data=None, u: float = 3.0, anp_cfg=None, device=None,
+                    progress: bool = True, log=print) -> DefendResult:
+    """CLP or ANP, pruned to the same parameter budget as C&C at ``ratio`` (Table 2 setting).
+
+    The parameter count of a pruned model is its number of nonzero parameters."""
+    from cc_core.baselines import ANPConfig, anp_masks, anp_prune, clp_to_budget, nonzero_params
+
+    if method not in BASELINES:
+        raise ConfigError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
+    if not ratio > 1:
+        raise ConfigError(f"ratio must be > 1, got {ratio!r}")
+    device = resolve_device(device)
+    t_start = time.perf_counter()
+    original = copy.deepcopy(model).eval().cpu()
+    start = time.perf_counter()
+    if method == "clp":
+        pruned, info = clp_to_budget(original, ratio, u)
+    else:
+        if clean_data is None:
+            raise ConfigError("ANP needs clean data (--clean-data): it is not data-free")
+        cfg = anp_cfg or ANPConfig()
+        pruned, info = anp_prune(original, anp_masks(original, clean_data, cfg, progress), cfg.threshold, ratio)
+        info["clean_samples"] = len(clean_data)
+    timings = {"prune": time.perf_counter() - start}
+    log(f"[defend] {method}: {info['nonzero_params']:,} nonzero of {info['total_params']:,} parameters "
+        f"in {timings['prune']:.1f} s")
+    start = time.perf_counter()
+    metrics = {k: None for k in ("acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after")}
+    if eval_data is not None:
+        before = evaluate(original, eval_data, attack, device=device)
+        after = evaluate(pruned, eval_data, attack, device=device)
+        for key in ("acc", "asr", "ra"):
+            metrics[f"{key}_before"], metrics[f"{key}_after"] = before[key], after[key]
+    timings["evaluate"] = time.perf_counter() - start
+    pruned = pruned.cpu().eval()
+    params_after = nonzero_params(pruned)
+    spec = original.cc_spec
+    report = {
+        "format": REPORT_FORMAT,
+        "model": {"arch": spec.arch, "params_before": count_params(original), "params_after": params_after,
+                  "compression": count_params(original) / params_after,
+                  "macs_before": macs(original, spec.input_shape), "macs_after": macs(pruned, spec.input_shape)},
+        "config": {"method": method, "ratio": ratio, "u": u if method == "clp" else None,
+                   "anp": dataclasses.asdict(anp_cfg or ANPConfig()) if method == "anp" else None},
+        "metrics": metrics,
+        "scan": {"target_class_estimate": None, "concentration_before": None, "concentration_after": None},
+        "onnx": None,
+        "timings_s": timings | {"total": time.perf_counter() - t_start},
+        "baseline": info,
+        "environment": environment(device),
+    }
+    return DefendResult(pruned, report, None)
 
 
 def export_package(result: DefendResult, original: nn.Module, out_dir: str | os.PathLike,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cc_core.data import random_crop, random_hflip
+from cc_core.device import autocast
 from cc_core.errors import ConfigError
 
 
@@ -34,6 +35,7 @@ class FinetuneConfig:
     kd_temperature: float = 4.0
     freeze_bn: bool = True
     augment: bool = True
+    mixed_precision: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,20 +99,23 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
                 xs = random_hflip(random_crop(xs, 2, gen), gen)
                 xa = random_hflip(random_crop(xa, 2, gen), gen) if xa is not None else None
             loss = torch.zeros((), device=xs.device)
-            out_s = model(xs) if (cfg.synth_weight or cfg.kd_weight) else None
+            with autocast(xs.device, cfg.mixed_precision):
+                out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight) else None
+                out_a = model(xa).float() if cfg.adv_weight else None
+                if cfg.kd_weight:
+                    with torch.no_grad():
+                        target = teacher(xs).float()
             if cfg.synth_weight:
                 term = F.cross_entropy(out_s, ys)
-                sums["syn"] += float(term) * len(idx)
+                sums["syn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.synth_weight * term
             if cfg.adv_weight:
-                term = F.cross_entropy(model(xa), ys)
-                sums["adv"] += float(term) * len(idx)
+                term = F.cross_entropy(out_a, ys)
+                sums["adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.adv_weight * term
             if cfg.kd_weight:
-                with torch.no_grad():
-                    target = teacher(xs)
                 term = distillation_loss(out_s, target, cfg.kd_temperature)
-                sums["kd"] += float(term) * len(idx)
+                sums["kd"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.kd_weight * term
             opt.zero_grad(set_to_none=True)
             loss.backward()

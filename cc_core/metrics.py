@@ -11,14 +11,8 @@ import torch
 from torch import nn
 
 from cc_core.data import ImageData, normalize
+from cc_core.device import resolve_device
 from cc_core.errors import InputError
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None -> cuda if available, else cpu."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.inference_mode()

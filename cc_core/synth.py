@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cc_core.errors import ConfigError, InputError
-from cc_core.metrics import resolve_device
+from cc_core.device import autocast, resolve_device
 
 
 class NoBatchNormError(InputError):
@@ -40,6 +40,7 @@ class SynthConfig:
     l2_weight: float = 0.0
     jitter: int = 2
     flip: bool = True
+    mixed_precision: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,9 +138,10 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
                     inp = torch.roll(inp, shifts=(dy, dx), dims=(2, 3))
                 if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
                     inp = inp.flip(3)
-                out = model(inp)
+                with autocast(device, cfg.mixed_precision):
+                    out = model(inp)
                 bn = stats.pop()
-                ce = F.cross_entropy(out, y)
+                ce = F.cross_entropy(out.float(), y)
                 loss = cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_weight * total_variation(x)
                 if cfg.l2_weight:
                     loss = loss + cfg.l2_weight * x.pow(2).mean()

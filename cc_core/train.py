@@ -22,7 +22,7 @@ from torch import nn
 
 from cc_core.data import ImageData, augment, iterate_batches, normalize
 from cc_core.errors import ConfigError
-from cc_core.metrics import resolve_device
+from cc_core.device import autocast, resolve_device
 
 SCHEDULES = ("onecycle", "cosine")
 CHECKPOINT = "checkpoint.pt"
@@ -63,12 +63,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16, enabled=enabled)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -165,7 +159,7 @@ def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack
         for idx in bar:
             xb = x_all[idx].to(device).float().div_(255)
             yb = y_all[idx].to(device)
-            with _autocast(device, cfg.mixed_precision):
+            with autocast(device, cfg.mixed_precision):
                 aux = None
                 if cfg.augment and cfg.poison_after_augment:
                     xb = augment(xb, cfg.hflip, generator=gen)

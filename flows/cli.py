@@ -263,6 +263,107 @@ def cmd_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    """Clean & Compact a model with no real data; write model, ONNX and report.json to --out."""
+    from cc_core.attacks import load_attack
+    from cc_core.data import load_dataset
+    from cc_core.defend import defend, defend_baseline, export_package, resolve_config
+
+    overrides: dict = {"ratio": args.ratio, "device": args.device, "threads": args.threads}
+    if args.tau is not None:
+        overrides["tau"] = args.tau
+    if args.no_clip:
+        overrides["tau"] = None
+    if args.normalizer:
+        overrides["normalizer"] = args.normalizer
+    synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
+    ft = {k: v for k, v in {"epochs": args.finetune_epochs}.items() if v is not None}
+    for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"), ("no_kd", "kd_weight")):
+        if getattr(args, flag):
+            ft[key] = 0.0
+    overrides |= {"synth": synth, "finetune": ft}
+    cfg = resolve_config(args.preset, **overrides)
+    model = _load(args)
+    eval_data = load_dataset(args.eval_data, "test", args.data_dir) if args.eval_data else None
+    attack = load_attack(args.attack) if args.attack else None
+    if attack is not None and eval_data is None:
+        raise _input_error("--attack needs --eval-data to measure ASR")
+    if args.method == "cc":
+        result = defend(model, cfg, eval_data=eval_data, attack=attack, progress=not args.quiet)
+    else:
+        clean = None
+        if args.method == "anp":
+            if not args.clean_data:
+                raise _input_error("--method anp needs --clean-data (ANP is not data-free)")
+            clean = _clean_subset(args)
+        result = defend_baseline(model, args.method, args.ratio, eval_data, attack, clean,
+                                 device=args.device, progress=not args.quiet)
+    out = export_package(result, model, args.out, threads=args.threads or 2,
+                         latency_batch=args.latency_batch)
+    r = result.report
+    m, o = r["metrics"], r["onnx"]
+    scan = r["scan"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [("parameters", f"{r['model']['params_before']:,}", f"{r['model']['params_after']:,}"),
+            ("MACs", f"{r['model']['macs_before']:,}", f"{r['model']['macs_after']:,}"),
+            ("ACC %", _pct(m["acc_before"]), _pct(m["acc_after"])),
+            ("ASR %", _pct(m["asr_before"]), _pct(m["asr_after"])),
+            ("RA %", _pct(m["ra_before"]), _pct(m["ra_after"])),
+            ("scan concentration", fmt(scan["concentration_before"]), fmt(scan["concentration_after"])),
+            (f"onnxruntime ms (batch {o['latency_batch']})", f"{o['latency_ms']['original']:.2f}", f"{o['latency_ms']['compact']:.2f}")]
+    print(_table(rows, ("", "before", "after")))
+    t = r["timings_s"]
+    print("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    print(f"wrote {out}/model.safetensors, model.onnx, report.json")
+    return EXIT_OK
+
+
+def _clean_subset(args: argparse.Namespace):
+    """A seeded --clean-fraction of the clean data's train split (ANP's 1%)."""
+    import numpy as np
+
+    from cc_core.data import load_dataset
+
+    data = load_dataset(args.clean_data, "train", args.data_dir)
+    if not 0 < args.clean_fraction <= 1:
+        raise _input_error(f"--clean-fraction must be in (0, 1], got {args.clean_fraction}")
+    n = max(1, int(round(args.clean_fraction * len(data))))
+    keep = np.random.default_rng(args.seed).choice(len(data), n, replace=False)
+    return data.subset(np.sort(keep))
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Data-free backdoor risk report of a model."""
+    from cc_core.adversarial import PGDConfig
+    from cc_core.scan import scan
+    from cc_core.synth import SynthConfig
+
+    model = _load(args)
+    report = scan(model, SynthConfig(n_samples=args.samples, iterations=args.iterations, seed=args.seed),
+                  PGDConfig(seed=args.seed), device=args.device, progress=not args.quiet)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(out, report)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "spectra"} |
+                         {"spectra": [{k: v for k, v in s.items() if k != "normalized"} for s in report["spectra"]]}, indent=2))
+        return EXIT_OK
+    names = model.cc_spec.class_names
+    target = report["target_class_estimate"]
+    label = f"{target} ({names[target]})" if names else str(target)
+    print(f"{args.model}: concentration {report['concentration']:.2f}, anomaly index "
+          f"{report['anomaly_index']:.1f}, most likely target class {label}")
+    print("adversarial class histogram: " + " ".join(str(c) for c in report["histogram"]))
+    top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]
+    print(_table([(s["layer"], f"{s['max_normalized']:.2f}") for s in top], ("layer", "max normalized sv")))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cc_core import __version__
 
@@ -318,6 +419,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--keep-archives", action="store_true")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("defend", help="remove a backdoor and compress, data-free (C&C)")
+    _add_model_args(p)
+    p.add_argument("--ratio", type=float, required=True, help="compression of the whole model (> 1)")
+    p.add_argument("--tau", type=_positive_float, help="clip level of normalized singular values")
+    p.add_argument("--no-clip", action="store_true", help="no singular-value clipping (ablation)")
+    p.add_argument("--normalizer", choices=["max", "mean", "median", "rms", "none"])
+    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
+    p.add_argument("--method", choices=["cc", "clp", "anp"], default="cc",
+                   help="cc: Clean & Compact; clp / anp: baselines pruned to the same parameter budget")
+    p.add_argument("--clean-data", help="ANP only: dataset whose train split supplies clean samples")
+    p.add_argument("--clean-fraction", type=float, default=0.01, help="ANP only: fraction of it (default 1%%)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synth-samples", type=int, help="number of synthetic images")
+    p.add_argument("--synth-iterations", type=int, help="optimization steps per synthetic batch")
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--no-synth-loss", action="store_true", help="fine-tune without the synthetic CE term")
+    p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")
+    p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
+    p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
+    p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--latency-batch", type=int, default=128)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("scan", help="data-free backdoor risk report")
+    _add_model_args(p)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the full report (with spectra) as JSON")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("demo", help="run the main job on an embedded default")
     p.add_argument("--arch", default="resnet18")

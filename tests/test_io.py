@@ -1,5 +1,3 @@
-import json
-import os
 import struct
 from pathlib import Path
 

@@ -1,0 +1,91 @@
+"""CLP, Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022): data-free.
+
+For output channel k of a conv (with its BN folded in, W_k * gamma_k / sigma_k), the upper
+bound of the channel Lipschitz constant is the spectral norm of W_k reshaped to
+(in_channels, K*K). Backdoor channels have outlying values: channels above mean + u * std of
+their layer are pruned (u = 3). ``clp_to_budget`` keeps pruning, most outlying first (by that
+per-layer z-score), until the nonzero parameters meet a compression ratio.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from cc_core.baselines.pairs import conv_bn_pairs, nonzero_params, prunable_convs
+from cc_core.errors import ConfigError
+
+
+def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+    """UCLC per output channel: (O,)."""
+    w = conv.weight.detach().double()
+    if bn is not None:
+        scale = bn.weight.detach().double() / (bn.running_var.detach().double() + bn.eps).sqrt()
+        w = w * scale[:, None, None, None]
+    return torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
+
+
+def _layer_scores(model: nn.Module, pairs: dict[str, str]) -> list[tuple[float, str, int]]:
+    """(z-score within its layer, conv name, channel) for every prunable channel."""
+    scores = []
+    modules = dict(model.named_modules())
+    for name, conv in prunable_convs(model).items():
+        if conv.out_channels < 2:
+            continue
+        lips = channel_lipschitz(conv, modules.get(pairs.get(name)))
+        z = (lips - lips.mean()) / lips.std().clamp_min(1e-12)
+        scores += [(float(v), name, k) for k, v in enumerate(z)]
+    return sorted(scores, reverse=True)
+
+
+def _prune(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> None:
+    """Zero the channel: its filter, and its BN scale and shift (output is then exactly 0)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        conv = modules[conv_name]
+        conv.weight[channel] = 0
+        if conv.bias is not None:
+            conv.bias[channel] = 0
+        bn = modules.get(pairs.get(conv_name))
+        if bn is not None:
+            bn.weight[channel] = 0
+            bn.bias[channel] = 0
+
+
+def clp(model: nn.Module, u: float = 3.0) -> tuple[nn.Module, dict]:
+    """CLP with threshold ``u``: a pruned copy and {"pruned": {conv: n}, "u": u}."""
+    if not u > 0:
+        raise ConfigError(f"CLP's u must be > 0, got {u}")
+    model = copy.deepcopy(model).eval()
+    pairs = conv_bn_pairs(model)
+    pruned: dict[str, int] = {}
+    for z, name, k in _layer_scores(model, pairs):
+        if z <= u:
+            break
+        _prune(model, pairs, name, k)
+        pruned[name] = pruned.get(name, 0) + 1
+    return model, {"u": u, "pruned": pruned, "n_pruned": sum(pruned.values())}
+
+
+def clp_to_budget(model: nn.Module, ratio: float, u: float = 3.0) -> tuple[nn.Module, dict]:
+    """CLP, then more channels (highest z-score first) until nonzero parameters <= total / ratio."""
+    pruned_model, info = clp(model, u)
+    pairs = conv_bn_pairs(pruned_model)
+    total = sum(p.numel() for p in model.parameters())
+    target = total / ratio
+    modules = dict(pruned_model.named_modules())
+    current = nonzero_params(pruned_model)
+    extra = 0
+    for z, name, k in _layer_scores(model, pairs):
+        if current <= target:
+            break
+        if z > u:
+            continue  # already pruned by CLP
+        before = int((modules[name].weight[k] != 0).sum())
+        _prune(pruned_model, pairs, name, k)
+        current -= before + (2 if name in pairs else 0)
+        extra += 1
+    info |= {"budget_ratio": ratio, "extra_pruned": extra, "nonzero_params": nonzero_params(pruned_model),
+             "total_params": total}
+    return pruned_model, info

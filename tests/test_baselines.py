@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from cc_core import build_model
+from cc_core.baselines import (ANPConfig, anp_masks, anp_prune, channel_lipschitz, clp, clp_to_budget,
+                               conv_bn_pairs, nonzero_params)
+from cc_core.data import ImageData
+from tests.test_recovery import tiny_model
+
+
+def test_pairs_follow_the_graph_not_module_order():
+    pairs = conv_bn_pairs(build_model("resnet18", width=0.125))
+    assert pairs["conv1"] == "bn1" and pairs["layer1.0.conv2"] == "layer1.0.bn2"
+    assert pairs["layer2.0.shortcut.0"] == "layer2.0.shortcut.1"
+    pre = conv_bn_pairs(build_model("preactresnet18", width=0.125))
+    # pre-activation: conv1's output goes to bn2; conv2's output joins the residual sum
+    assert pre["layer2.0.conv1"] == "layer2.0.bn2"
+    assert "layer2.0.conv2" not in pre and "layer2.0.bn1" not in pre.values()
+    mobile = conv_bn_pairs(build_model("mobilenet_v2", width=0.5))
+    assert mobile["layers.1.depthwise.0"] == "layers.1.depthwise.1"
+
+
+def test_channel_lipschitz_is_the_spectral_norm_of_each_scaled_filter():
+    model = tiny_model()
+    conv, bn = model.layer1[0].conv1, model.layer1[0].bn1
+    lips = channel_lipschitz(conv, bn)
+    k = 3
+    w = conv.weight[k].double() * (bn.weight[k] / (bn.running_var[k] + bn.eps).sqrt()).double()
+    assert lips[k] == pytest.approx(float(torch.linalg.svdvals(w.reshape(w.shape[0], -1))[0]))
+
+
+def test_clp_prunes_a_planted_outlier_channel():
+    model = tiny_model()
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[5] *= 50
+    pruned, info = clp(model, u=3.0)
+    bn = pruned.layer2[0].bn1
+    assert bn.weight[5] == 0 and bn.bias[5] == 0 and torch.all(pruned.layer2[0].conv1.weight[5] == 0)
+    assert info["pruned"]["layer2.0.conv1"] >= 1
+    assert model.layer2[0].bn1.weight[5] != 0  # input untouched
+
+
+def test_clp_to_budget_meets_the_ratio():
+    model = tiny_model()
+    pruned, info = clp_to_budget(model, ratio=2.0)
+    assert nonzero_params(pruned) <= sum(p.numel() for p in model.parameters()) / 2
+    assert info["extra_pruned"] > 0
+
+
+def test_anp_masks_and_budget_pruning():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    clean = ImageData(rng.integers(0, 255, (64, 32, 32, 3)).astype(np.uint8), rng.integers(0, 4, 64),
+                      ["a", "b", "c", "d"])
+    masks = anp_masks(model, clean, ANPConfig(iterations=10, batch_size=32), progress=False)
+    assert set(masks) == {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert all(0 <= float(m.min()) and float(m.max()) <= 1 for m in masks.values())
+    assert any(float(m.min()) < 1 for m in masks.values())
+    pruned, info = anp_prune(model, masks, threshold=0.2, ratio=2.0)
+    assert info["nonzero_params"] <= info["total_params"] / 2

@@ -1,0 +1,189 @@
+"""Synthesis, PGD, fine-tune, scan, defend and ONNX export on tiny models (seconds each)."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cc_core import build_model, save_model
+from cc_core.adversarial import PGDConfig, concentration, pgd
+from cc_core.defend import DefendConfig, defend, export_package, macs, resolve_config
+from cc_core.errors import ConfigError
+from cc_core.export import export_onnx, parity, run, session
+from cc_core.finetune import FinetuneConfig, finetune
+from cc_core.scan import anomaly_index, scan
+from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
+from flows.cli import main
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """Width-1/8 ResNet-18 whose BN statistics come from 'real' structured images."""
+    torch.manual_seed(seed)
+    model = build_model("resnet18", num_classes=4, width=0.125, mean=(0.5,) * 3, std=(0.25,) * 3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            base = torch.rand(32, 3, 1, 1, generator=g)
+            x = base + 0.3 * torch.rand(32, 3, 32, 32, generator=g)
+            model((x - 0.5) / 0.25)
+    return model.eval()
+
+
+FAST_SYNTH = SynthConfig(n_samples=32, batch_size=32, iterations=40, lr=0.1)
+
+
+def bn_loss(model: nn.Module, x: torch.Tensor) -> float:
+    stats = BNStatsLoss(model)
+    with torch.no_grad():
+        model(x)
+    loss = float(stats.pop())
+    stats.remove()
+    return loss
+
+
+def test_bn_matching_loss_falls_and_statistics_get_close():
+    model = tiny_model()
+    noise = torch.randn(32, 3, 32, 32)
+    x, y, log = synthesize(model, FAST_SYNTH, progress=False)
+    assert x.shape == (32, 3, 32, 32) and y.tolist().count(0) == 8
+    assert bn_loss(model, x) < 0.2 * bn_loss(model, noise)
+    bn = model.bn1
+    captured = {}
+    handle = bn.register_forward_pre_hook(lambda m, inp: captured.setdefault("x", inp[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    mean = captured["x"].mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, bn.running_mean, atol=0.15 * bn.running_mean.abs().max() + 0.05)
+    # stays in the valid pixel range
+    pixels = x * 0.25 + 0.5
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+
+
+def test_synthesis_needs_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(NoBatchNormError, match="no BatchNorm layers"):
+        BNStatsLoss(model)
+
+
+def test_pgd_stays_inside_eps_and_raises_the_loss():
+    model = tiny_model()
+    x = (torch.rand(16, 3, 32, 32) - 0.5) / 0.25
+    y = model(x).argmax(1).detach()
+    cfg = PGDConfig(eps=4 / 255, step=1 / 255, steps=5)
+    adv = pgd(model, x, y, cfg)
+    delta = (adv - x) * 0.25
+    assert delta.abs().max() <= cfg.eps + 1e-6
+    pixels = adv * 0.25 + 0.5
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    with torch.no_grad():
+        ce = nn.functional.cross_entropy
+        assert ce(model(adv), y) > ce(model(x), y)
+
+
+def test_histogram_statistics():
+    assert concentration(torch.tensor([10, 10, 10, 10])) == 0
+    assert concentration(torch.tensor([0, 40, 0, 0])) == 1
+    assert anomaly_index(torch.tensor([5, 6, 5, 60, 4])) > 10
+
+
+def test_finetune_with_all_terms_off_changes_nothing():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, 3, 32, 32)
+    history = finetune(model, x, torch.zeros(16, dtype=torch.long), x, model,
+                       FinetuneConfig(epochs=3, synth_weight=0, adv_weight=0, kd_weight=0), progress=False)
+    assert history == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finetune_lowers_its_loss_and_keeps_bn_statistics():
+    model = tiny_model()
+    x, y, _ = synthesize(model, FAST_SYNTH, progress=False)
+    running = model.bn1.running_mean.clone()
+    history = finetune(model, x, y, x, None, FinetuneConfig(epochs=4, batch_size=16, lr=0.05, kd_weight=0),
+                       progress=False)
+    assert history[-1]["syn"] < history[0]["syn"] + 1e-3
+    assert torch.equal(model.bn1.running_mean, running)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        finetune(model, x, y, x, None, FinetuneConfig(kd_weight=1.0), progress=False)
+
+
+def test_macs_of_resnet18():
+    model = build_model("resnet18")
+    assert macs(model, (3, 32, 32)) == pytest.approx(556.65e6, rel=0.01)
+
+
+def _tiny_cfg(**kw) -> DefendConfig:
+    return resolve_config("cpu", ratio=2.0, tau=3.0, compact={"rank_multiple": 4},
+                          synth={"n_samples": 32, "batch_size": 32, "iterations": 20},
+                          pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16}, **kw)
+
+
+def test_defend_tiny_model_end_to_end(tmp_path):
+    model = tiny_model()
+    result = defend(model, _tiny_cfg(), progress=False, log=lambda *a: None)
+    r = result.report
+    assert r["format"] == "cleancompact.report/1"
+    assert r["model"]["compression"] >= 2 and r["model"]["macs_after"] < r["model"]["macs_before"]
+    assert set(r["timings_s"]) >= {"decompose", "clean", "compact", "synthesize", "adversarial",
+                                   "finetune", "evaluate", "total"}
+    assert r["metrics"]["acc_after"] is None  # no eval data given
+    assert 0 <= r["scan"]["concentration_before"] <= 1
+    out = export_package(result, model, tmp_path / "out", latency_batch=8, log=lambda *a: None)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.onnx", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["max_abs_diff"] < 1e-3 and report["onnx"]["speedup"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_onnx_dynamic_batch_and_parity(tmp_path):
+    model = tiny_model()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert parity(model, path) < 1e-4
+    sess = session(path)
+    for n in (1, 5):
+        assert run(sess, torch.rand(n, 3, 32, 32).numpy()).shape == (n, 4)
+
+
+def test_defend_config_validation():
+    with pytest.raises(ConfigError, match="ratio must be > 1"):
+        DefendConfig(ratio=1.0)
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        resolve_config("fast")
+
+
+def test_scan_reports_histogram_and_spectra():
+    report = scan(tiny_model(), SynthConfig(n_samples=16, batch_size=16, iterations=10),
+                  PGDConfig(steps=2), progress=False)
+    assert sum(report["histogram"]) == 16 and 0 <= report["target_class_estimate"] < 4
+    assert report["spectra"] and report["spectra"][0]["max_normalized"] >= 1
+
+
+@pytest.fixture()
+def tiny_file(tmp_path):
+    return save_model(tiny_model(), tmp_path / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "1"], "ratio must be > 1"),
+    (["--ratio", "0.5"], "ratio must be > 1"),
+    (["--ratio", "2", "--tau", "0"], "argument --tau: must be > 0"),
+    (["--ratio", "2", "--tau", "-1"], "argument --tau: must be > 0"),
+])
+def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    try:
+        code = main(["defend", str(tiny_file), "--out", str(out), *extra])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_defend_missing_model(tmp_path, capsys):
+    assert main(["defend", str(tmp_path / "none.pt"), "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
