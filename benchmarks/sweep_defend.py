@@ -17,7 +17,7 @@ from benchmarks.common import machine, write_results
 from benchmarks.zoo import ensure_model
 from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
-from cc_core.defend import defend, resolve_config
+from cc_core.pipeline import defend, resolve_config
 from cc_core.io import load_model
 from cc_core.synth import synthesize
 
@@ -49,7 +49,8 @@ def run(models: list[str], ratios: list[float], grid: str, ablate_tau: float | N
         for ratio in ratios:
             for label, overrides, ft in settings:
                 cfg = resolve_config("cpu", ratio=ratio, synth_model="original", finetune=ft, **overrides)
-                result = defend(model, cfg, test, attack, progress=False, log=lambda *a: None, synthetic=(x, y))
+                result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
+                                log=lambda *a: None, synthetic=(x, y))
                 r = result.report
                 rows.append({"model": name, "ratio": ratio, "setting": label, **overrides, "finetune": ft,
                              **r["metrics"], "concentration_before": r["scan"]["concentration_before"],

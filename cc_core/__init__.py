@@ -6,9 +6,10 @@ from cc_core.compact import CompactConfig, CompactionPlan, clean_compact
 from cc_core.errors import CleanCompactError, InputError
 from cc_core.io import load_model, read_metadata, save_model
 from cc_core.models import ModelSpec, build_model, count_params, list_models
+from cc_core.pipeline import DefendConfig, defend
 
 __version__ = "0.1.0"
 
-__all__ = ["CleanCompactError", "CompactConfig", "CompactionPlan", "InputError", "ModelSpec",
-           "build_model", "clean_compact", "count_params", "list_models", "load_model",
-           "read_metadata", "save_model"]
+__all__ = ["CleanCompactError", "CompactConfig", "CompactionPlan", "DefendConfig", "InputError",
+           "ModelSpec", "build_model", "clean_compact", "count_params", "defend", "list_models",
+           "load_model", "read_metadata", "save_model"]

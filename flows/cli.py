@@ -271,7 +271,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     """Clean & Compact a model with no real data; write model, ONNX and report.json to --out."""
     from cc_core.attacks import load_attack
     from cc_core.data import load_dataset
-    from cc_core.defend import defend, defend_baseline, export_package, resolve_config
+    from cc_core.pipeline import defend, defend_baseline, export_package, resolve_config
 
     overrides: dict = {"ratio": args.ratio, "device": args.device, "threads": args.threads}
     if args.tau is not None:
@@ -293,7 +293,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if attack is not None and eval_data is None:
         raise _input_error("--attack needs --eval-data to measure ASR")
     if args.method == "cc":
-        result = defend(model, cfg, eval_data=eval_data, attack=attack, progress=not args.quiet)
+        result = defend(model, config=cfg, eval_data=eval_data, attack=attack, progress=not args.quiet)
     else:
         clean = None
         if args.method == "anp":

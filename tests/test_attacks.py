@@ -36,9 +36,13 @@ def test_blend_pattern_is_seeded_image_like():
     a, b = natural_pattern(32, 1), natural_pattern(32, 1)
     assert torch.equal(a, b) and a.shape == (3, 32, 32)
     assert 0 <= a.min() and a.max() <= 1 and a.std() > 0.1
-    # natural images: neighbouring pixels are strongly correlated
+    # a 1/f^2 power spectrum: neighbouring pixels correlated, unlike white noise
     corr = torch.corrcoef(torch.stack([a[:, :, :-1].flatten(), a[:, :, 1:].flatten()]))[0, 1]
-    assert corr > 0.8
+    assert corr > 0.5
+    fy = torch.fft.fftfreq(32).abs()[:, None]
+    power = torch.fft.fft2(a - a.mean(dim=(1, 2), keepdim=True)).abs().pow(2).mean(0)
+    low, high = power[(fy < 0.1).expand(32, 32)].mean(), power[(fy > 0.3).expand(32, 32)].mean()
+    assert low > 4 * high
     assert not torch.equal(a, natural_pattern(32, 2))
 
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +61,19 @@ def test_anp_masks_and_budget_pruning():
     assert any(float(m.min()) < 1 for m in masks.values())
     pruned, info = anp_prune(model, masks, threshold=0.2, ratio=2.0)
     assert info["nonzero_params"] <= info["total_params"] / 2
+
+
+def test_defend_cli_clp_and_anp_needs_clean_data(tmp_path, capsys):
+    from cc_core import save_model
+    from flows.cli import main
+
+    path = save_model(tiny_model(), tmp_path / "tiny.safetensors")
+    out = tmp_path / "clp"
+    assert main(["defend", str(path), "--ratio", "2", "--method", "clp", "--out", str(out),
+                 "--latency-batch", "4", "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.onnx", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method"] == "clp" and report["model"]["compression"] >= 2
+    assert main(["defend", str(path), "--ratio", "2", "--method", "anp", "--out", str(tmp_path / "anp")]) == 2
+    assert "needs --clean-data" in capsys.readouterr().err
+    assert not (tmp_path / "anp").exists()

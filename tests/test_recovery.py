@@ -7,7 +7,7 @@ from torch import nn
 
 from cc_core import build_model, save_model
 from cc_core.adversarial import PGDConfig, concentration, pgd
-from cc_core.defend import DefendConfig, defend, export_package, macs, resolve_config
+from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, finetune
@@ -123,7 +123,7 @@ def _tiny_cfg(**kw) -> DefendConfig:
 
 def test_defend_tiny_model_end_to_end(tmp_path):
     model = tiny_model()
-    result = defend(model, _tiny_cfg(), progress=False, log=lambda *a: None)
+    result = defend(model, config=_tiny_cfg(), progress=False, log=lambda *a: None)
     r = result.report
     assert r["format"] == "cleancompact.report/1"
     assert r["model"]["compression"] >= 2 and r["model"]["macs_after"] < r["model"]["macs_before"]

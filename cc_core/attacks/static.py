@@ -42,7 +42,8 @@ def natural_pattern(size: int, seed: int, exponent: float = 2.0) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]
-    amplitude = (fy ** 2 + fx ** 2).clamp_min(1.0 / size ** 2) ** (-exponent / 2)
+    # power ~ 1/f^exponent  <=>  amplitude ~ f^(-exponent/2) = (f^2)^(-exponent/4)
+    amplitude = (fy ** 2 + fx ** 2).clamp_min(1.0 / size ** 2) ** (-exponent / 4)
 
     def field() -> torch.Tensor:
         phase = torch.rand(size, size // 2 + 1, generator=g) * 2 * math.pi

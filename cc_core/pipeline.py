@@ -1,4 +1,4 @@
-"""End to end: clean + compact, synthesize, adversarial, recovery fine-tune, evaluate, export.
+"""End to end (``cc_core.defend``): clean + compact, synthesize, adversarial, recovery fine-tune, evaluate, export.
 
 ``defend(model, ratio)`` runs METHOD.md steps 1-7 without any real data and returns the new
 model with a report in the ``cleancompact.report/1`` shape (ARCHITECTURE.md). Presets:
@@ -127,13 +127,23 @@ class DefendResult:
     plan: object
 
 
-def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None, attack=None,
-           progress: bool = True, log=print, synthetic: tuple | None = None) -> DefendResult:
-    """Run C&C on ``model`` (not modified). ``eval_data`` (ImageData) and ``attack`` are used
-    only to MEASURE ACC/ASR/RA before and after; the defense itself sees no real data.
+def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig | None = None,
+           preset: str = "cpu", eval_data=None, attack=None, progress: bool = True, log=print,
+           synthetic: tuple | None = None, **overrides) -> DefendResult:
+    """Run C&C on ``model`` (not modified) at compression ``ratio``.
 
-    ``synthetic`` = (x, y) reuses synthetic images made earlier from the same model (sweeps
-    and benchmarks share one synthesis across settings when ``synth_model='original'``)."""
+    The settings are ``config`` if given, else ``preset`` with ``overrides`` (DefendConfig
+    fields; nested ones as dicts, e.g. ``finetune={"epochs": 5}``). ``eval_data`` (ImageData)
+    and ``attack`` only MEASURE ACC/ASR/RA before and after; the defense sees no real data.
+    ``synthetic`` = (x, y) reuses synthetic images made earlier from the same model (sweeps and
+    benchmarks share one synthesis across settings when ``synth_model='original'``)."""
+    if config is None:
+        config = resolve_config(preset, **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    if ratio is not None:
+        config = config.replace(ratio=ratio)
+    cfg = config
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -168,6 +178,8 @@ def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None,
 
     start = time.perf_counter()
     scan_before = histogram_report(original, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
+    timings["scan"] = time.perf_counter() - start
+    start = time.perf_counter()
     adv_model = new if cfg.adversarial_model == "compact" else original
     x_adv = pgd(adv_model, x_syn, y_syn, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
     timings["adversarial"] = time.perf_counter() - start
@@ -180,7 +192,9 @@ def defend(model: nn.Module, cfg: DefendConfig = PRESETS["cpu"], eval_data=None,
     timings["finetune"] = time.perf_counter() - start
     log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
 
+    start = time.perf_counter()
     scan_after = histogram_report(new, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
+    timings["scan"] += time.perf_counter() - start
 
     start = time.perf_counter()
     metrics = {k: None for k in ("acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after")}
