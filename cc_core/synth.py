@@ -152,9 +152,9 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
                 bar.update(1)
-                bar.set_postfix(bn=f"{float(bn):.3f}", ce=f"{float(ce):.3f}")
-            log["bn_loss"].append(float(bn))
-            log["ce_loss"].append(float(ce))
+                bar.set_postfix(bn=f"{float(bn.detach()):.3f}", ce=f"{float(ce.detach()):.3f}")
+            log["bn_loss"].append(float(bn.detach()))
+            log["ce_loss"].append(float(ce.detach()))
             images.append(x.detach())
     finally:
         stats.remove()

@@ -25,7 +25,7 @@ def tiny_model(seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for _ in range(20):
             base = torch.rand(32, 3, 1, 1, generator=g)
-            x = base + 0.3 * torch.rand(32, 3, 32, 32, generator=g)
+            x = 0.7 * base + 0.3 * torch.rand(32, 3, 32, 32, generator=g)  # pixels in [0, 1]
             model((x - 0.5) / 0.25)
     return model.eval()
 
@@ -45,7 +45,9 @@ def bn_loss(model: nn.Module, x: torch.Tensor) -> float:
 def test_bn_matching_loss_falls_and_statistics_get_close():
     model = tiny_model()
     noise = torch.randn(32, 3, 32, 32)
-    x, y, log = synthesize(model, FAST_SYNTH, progress=False)
+    # jitter/flip regularize the images but blur the pure matching objective: off here
+    cfg = SynthConfig(n_samples=32, batch_size=32, iterations=40, lr=0.1, jitter=0, flip=False, tv_weight=0)
+    x, y, log = synthesize(model, cfg, progress=False)
     assert x.shape == (32, 3, 32, 32) and y.tolist().count(0) == 8
     assert bn_loss(model, x) < 0.2 * bn_loss(model, noise)
     bn = model.bn1

@@ -39,18 +39,20 @@ def _layer_scores(model: nn.Module, pairs: dict[str, str]) -> list[tuple[float, 
     return sorted(scores, reverse=True)
 
 
-def _prune(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> None:
-    """Zero the channel: its filter, and its BN scale and shift (output is then exactly 0)."""
+def _prune(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> int:
+    """Zero the channel: its filter, and its BN scale and shift (output is then exactly 0).
+    Returns how many nonzero parameters that removed."""
     modules = dict(model.named_modules())
+    conv = modules[conv_name]
+    bn = modules.get(pairs.get(conv_name))
+    tensors = [conv.weight, conv.bias] + ([bn.weight, bn.bias] if bn is not None else [])
+    removed = 0
     with torch.no_grad():
-        conv = modules[conv_name]
-        conv.weight[channel] = 0
-        if conv.bias is not None:
-            conv.bias[channel] = 0
-        bn = modules.get(pairs.get(conv_name))
-        if bn is not None:
-            bn.weight[channel] = 0
-            bn.bias[channel] = 0
+        for t in tensors:
+            if t is not None:
+                removed += int((t[channel] != 0).sum())
+                t[channel] = 0
+    return removed
 
 
 def clp(model: nn.Module, u: float = 3.0) -> tuple[nn.Module, dict]:
@@ -74,7 +76,6 @@ def clp_to_budget(model: nn.Module, ratio: float, u: float = 3.0) -> tuple[nn.Mo
     pairs = conv_bn_pairs(pruned_model)
     total = sum(p.numel() for p in model.parameters())
     target = total / ratio
-    modules = dict(pruned_model.named_modules())
     current = nonzero_params(pruned_model)
     extra = 0
     for z, name, k in _layer_scores(model, pairs):
@@ -82,9 +83,7 @@ def clp_to_budget(model: nn.Module, ratio: float, u: float = 3.0) -> tuple[nn.Mo
             break
         if z > u:
             continue  # already pruned by CLP
-        before = int((modules[name].weight[k] != 0).sum())
-        _prune(pruned_model, pairs, name, k)
-        current -= before + (2 if name in pairs else 0)
+        current -= _prune(pruned_model, pairs, name, k)
         extra += 1
     info |= {"budget_ratio": ratio, "extra_pruned": extra, "nonzero_params": nonzero_params(pruned_model),
              "total_params": total}
