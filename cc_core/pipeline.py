@@ -122,6 +122,18 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version(), "git_commit": commit}
 
 
+def measure(before_model: nn.Module, after_model: nn.Module, eval_data=None, attack=None,
+            device=None) -> dict:
+    """{acc,asr,ra}_{before,after} on real data (None where not measurable)."""
+    metrics = {f"{k}_{w}": None for k in ("acc", "asr", "ra") for w in ("before", "after")}
+    if eval_data is not None:
+        for when, model in (("before", before_model), ("after", after_model)):
+            result = evaluate(model, eval_data, attack, device=device)
+            for key in ("acc", "asr", "ra"):
+                metrics[f"{key}_{when}"] = result[key]
+    return metrics
+
+
 @dataclass
 class DefendResult:
     model: nn.Module
@@ -199,12 +211,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     timings["scan"] += time.perf_counter() - start
 
     start = time.perf_counter()
-    metrics = {k: None for k in ("acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after")}
-    if eval_data is not None:
-        before = evaluate(original, eval_data, attack, device=device)
-        after = evaluate(new, eval_data, attack, device=device)
-        for key in ("acc", "asr", "ra"):
-            metrics[f"{key}_before"], metrics[f"{key}_after"] = before[key], after[key]
+    metrics = measure(original, new, eval_data, attack, device)
     timings["evaluate"] = time.perf_counter() - start
 
     new = new.cpu().eval()
@@ -262,12 +269,7 @@ def defend_baseline(model: nn.Module, method: str, ratio: float, eval_data=None,
     log(f"[defend] {method}: {info['nonzero_params']:,} nonzero of {info['total_params']:,} parameters "
         f"in {timings['prune']:.1f} s")
     start = time.perf_counter()
-    metrics = {k: None for k in ("acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after")}
-    if eval_data is not None:
-        before = evaluate(original, eval_data, attack, device=device)
-        after = evaluate(pruned, eval_data, attack, device=device)
-        for key in ("acc", "asr", "ra"):
-            metrics[f"{key}_before"], metrics[f"{key}_after"] = before[key], after[key]
+    metrics = measure(original, pruned, eval_data, attack, device)
     timings["evaluate"] = time.perf_counter() - start
     pruned = pruned.cpu().eval()
     params_after = nonzero_params(pruned)

@@ -189,3 +189,19 @@ def test_defend_missing_model(tmp_path, capsys):
     assert main(["defend", str(tmp_path / "none.pt"), "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
     assert "model file not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_measure_before_and_after_on_real_style_data():
+    import numpy as np
+
+    from cc_core.attacks import build_attack
+    from cc_core.data import ImageData
+    from cc_core.pipeline import measure
+
+    rng = np.random.default_rng(0)
+    data = ImageData(rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8), np.arange(40) % 4,
+                     ["a", "b", "c", "d"])
+    m = measure(tiny_model(0), tiny_model(1), data, build_attack("badnet", 4))
+    assert set(m) == {"acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after"}
+    assert all(0 <= v <= 1 for v in m.values())
+    assert measure(tiny_model(0), tiny_model(1)) == dict.fromkeys(m)
