@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
+
+from cc_core.fileio import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,14 +22,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "git_commit": commit}
+            "git_commit": git_commit()}
 
 
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:

@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cc_core.errors import ConfigError, InputError
+from cc_core.fileio import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 
@@ -246,36 +246,29 @@ def download(url: str, dest: Path, md5: str, progress: bool = True) -> Path:
     """
     if dest.exists() and md5sum(dest) == md5:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            from tqdm import tqdm
+    from tqdm import tqdm
 
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=dest.name,
-                      disable=not progress, file=sys.stderr) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    bar.update(len(block))
-        actual = md5sum(Path(tmp))
-        if actual != md5:
-            raise ChecksumError(f"{url} has MD5 {actual}, expected {md5}: the download is corrupt "
-                                "or the file changed upstream; nothing was written")
-        os.replace(tmp, dest)
+    try:
+        with atomic_path(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0)
+                with tqdm(total=total or None, unit="B", unit_scale=True, desc=dest.name,
+                          disable=not progress, file=sys.stderr) as bar:
+                    while block := response.read(1 << 20):
+                        out.write(block)
+                        bar.update(len(block))
+            actual = md5sum(Path(tmp))
+            if actual != md5:
+                raise ChecksumError(f"{url} has MD5 {actual}, expected {md5}: the download is corrupt "
+                                    "or the file changed upstream; nothing was written")
     except OSError as e:
         raise InputError(f"cannot download {url}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 
 def _save_npz(path: Path, x: np.ndarray, y: np.ndarray, classes: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    np.savez_compressed(tmp, x=x, y=y.astype(np.int64), classes=np.array(classes))
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, x=x, y=y.astype(np.int64), classes=np.array(classes))
 
 
 def _convert_cifar_binary(archive: Path, out: Path, name: str) -> None:

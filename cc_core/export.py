@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from cc_core.errors import CleanCompactError, ConfigError
+from cc_core.fileio import atomic_path
 
 
 class ProviderUnavailableError(CleanCompactError):
@@ -30,19 +30,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     input_shape = tuple(input_shape or model.cc_spec.input_shape)
     model = model.eval().float().to("cpu")
     example = torch.rand(2, *input_shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                    input_names=["input"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), verbose=False)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                input_names=["input"], output_names=["logits"],
+                                dynamic_shapes=({0: batch},), verbose=False)
+    with atomic_path(path, suffix=".onnx") as tmp:
         program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

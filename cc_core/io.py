@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cc_core.errors import (
     StateDictMismatchError,
     UnsafeModelFileError,
 )
+from cc_core.fileio import atomic_path
 from cc_core.models import ModelSpec, build_model, get_arch
 
 MODEL_FORMAT = "cleancompact.model/1"
@@ -257,14 +257,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, spec: ModelSpec | N
             raise ConfigError(f"metadata key {k!r} is reserved")
         meta[k] = str(v)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp") as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import os
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from cc_core.adversarial import PGDConfig, pgd
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
+from cc_core.fileio import git_commit
 from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import resolve_device
 from cc_core.metrics import evaluate
@@ -113,13 +113,8 @@ def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "git_commit": commit}
+            "python": platform.python_version(), "git_commit": git_commit()}
 
 
 def measure(before_model: nn.Module, after_model: nn.Module, eval_data=None, attack=None,

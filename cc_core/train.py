@@ -10,7 +10,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from cc_core.data import ImageData, augment, iterate_batches, normalize
 from cc_core.errors import ConfigError
+from cc_core.fileio import atomic_path
 from cc_core.device import autocast, resolve_device
 
 SCHEDULES = ("onecycle", "cosine")
@@ -82,13 +82,6 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", dir=path.parent)
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack=None,
@@ -204,7 +197,8 @@ def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack
                      "scheduler": scheduler.state_dict()}
             if trainable is not None:
                 state |= {"trainable": trainable.state_dict(), "gen_optimizer": gen_optimizer.state_dict()}
-            _save_checkpoint(checkpoint, state)
+            with atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     model.eval()

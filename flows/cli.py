@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -81,10 +79,10 @@ def _compact_options(args: argparse.Namespace) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     """Atomic JSON write: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    from cc_core.fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _table(rows: list[tuple], header: tuple) -> str:
@@ -219,7 +217,7 @@ def cmd_train_backdoor(args: argparse.Namespace) -> int:
     save_model(model.to("cpu"), out / "model.safetensors")
     if attack is not None:
         attack.save(out)
-    report = {"command": "cleancompact " + " ".join(sys.argv[1:]) if args.record_argv else None,
+    report = {"command": "cleancompact " + " ".join(sys.argv[1:]),
               "arch": args.arch, "width": args.width, "dataset": info.name,
               "attack": attack.to_dict() if attack else None, "train_config": cfg.to_dict(),
               "train_size": len(train), "train_seconds": round(train_seconds, 1),
@@ -403,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset directory (default: $CC_DATA_DIR, else ~/.cache/cleancompact/data)")
     p.add_argument("--out", required=True, help="output directory (a checkpoint there is resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train_backdoor, record_argv=True)
+    p.set_defaults(func=cmd_train_backdoor)
 
     p = sub.add_parser("evaluate", help="ACC / ASR / RA of a model")
     _add_model_args(p)
