@@ -19,6 +19,12 @@ from benchmarks.common import RESULTS, machine, write_results
 RECIPE = {"arch": "resnet18", "width": 0.25, "dataset": "cifar10", "epochs": 20,
           "batch_size": 256, "lr": 0.2, "schedule": "onecycle", "seed": 0}
 ATTACKS = ["badnet", "blended", "wanet", "inputaware"]  # "none" trains a clean model of the recipe
+# Where one recipe does not reach the bar in 20 minutes, the attack's documented knobs are set here
+# (and show in the recorded command). WaNet at BackdoorBench's s=0.5 with cross ratio 2 reached
+# only ASR 30% in 20 epochs: its warp moves pixels by s/2 px on average (0.25 px), which a
+# 20-epoch run does not pick up; s=2.0 (1 px on average, still invisible at a glance) with cross
+# ratio 1 is the documented alternative.
+ATTACK_OVERRIDES = {"wanet": {"cross_ratio": 1.0, "attack_params": {"s": 2.0}}}
 
 
 def cache_dir() -> Path:
@@ -35,11 +41,17 @@ def model_dir(attack: str, recipe: dict = RECIPE) -> Path:
 
 def command(attack: str, recipe: dict = RECIPE, out: Path | str | None = None) -> list[str]:
     out = out or model_dir(attack, recipe)
-    return ["cleancompact", "train-backdoor", "--arch", recipe["arch"], "--width", str(recipe["width"]),
-            "--attack", attack, "--dataset", recipe["dataset"], "--epochs", str(recipe["epochs"]),
-            "--batch-size", str(recipe["batch_size"]), "--lr", str(recipe["lr"]),
-            "--schedule", recipe["schedule"], "--seed", str(recipe["seed"]), "--threads", "2",
-            "--out", str(out)]
+    extra = ATTACK_OVERRIDES.get(attack.removesuffix("-a2a"), {}) if recipe is RECIPE else {}
+    cmd = ["cleancompact", "train-backdoor", "--arch", recipe["arch"], "--width", str(recipe["width"]),
+           "--attack", attack, "--dataset", recipe["dataset"],
+           "--epochs", str(extra.get("epochs", recipe["epochs"])),
+           "--batch-size", str(recipe["batch_size"]), "--lr", str(recipe["lr"]),
+           "--schedule", recipe["schedule"], "--seed", str(recipe["seed"]), "--threads", "2"]
+    if "cross_ratio" in extra:
+        cmd += ["--cross-ratio", str(extra["cross_ratio"])]
+    for key, value in extra.get("attack_params", {}).items():
+        cmd += ["--attack-param", f"{key}={value}"]
+    return cmd + ["--out", str(out)]
 
 
 def ensure_model(attack: str, recipe: dict = RECIPE, quiet: bool = False) -> Path:
@@ -69,9 +81,9 @@ def main() -> None:
         previous = {r["attack"]: r for r in json.loads(path.read_text())["models"]}
     previous.update({r["attack"]: r for r in rows})
     models = [previous[a] for a in sorted(previous, key=lambda a: (a.endswith("a2a"), a))]
-    result = {"recipe": RECIPE, "machine": machine(), "models": models}
+    result = {"recipe": RECIPE, "attack_overrides": ATTACK_OVERRIDES, "machine": machine(), "models": models}
     md = ["# Benchmark zoo (CIFAR-10, JPEG-degraded copy)\n",
-          f"Recipe: {json.dumps(RECIPE)}. Machine: {result['machine']['cpu']}, "
+          f"Recipe: {json.dumps(RECIPE)}; per-attack overrides: {json.dumps(ATTACK_OVERRIDES)}. Machine: {result['machine']['cpu']}, "
           f"{result['machine']['cores']} cores, torch {result['machine']['torch']}.\n",
           "| model | ACC | ASR | RA | train min | command |", "|---|---|---|---|---|---|"]
     for r in models:

@@ -177,6 +177,20 @@ def _dataset_choices() -> str:
     return ", ".join(DATASETS)
 
 
+def _parse_attack_params(items: list[str]) -> dict:
+    """``["s=1.0", "k=4"]`` -> ``{"s": 1.0, "k": 4}`` (values parsed as JSON, else kept as text)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _input_error(f"--attack-param expects KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
 def cmd_train_backdoor(args: argparse.Namespace) -> int:
     """Train a (backdoored) classifier; write model, attack spec and metrics to --out."""
     import numpy as np
@@ -192,7 +206,8 @@ def cmd_train_backdoor(args: argparse.Namespace) -> int:
     attack = None
     if args.attack != "none":
         attack = build_attack(args.attack, info.num_classes, target=args.target, ratio=args.ratio,
-                              seed=args.seed)
+                              seed=args.seed, cross_ratio=args.cross_ratio,
+                              params=_parse_attack_params(args.attack_param))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       schedule=args.schedule, hflip=info.hflip, seed=args.seed,
                       mixed_precision=not args.no_mixed_precision, threads=args.threads,
@@ -394,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle")
     p.add_argument("--target", type=int, default=0, help="all-to-one target class")
     p.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio")
+    p.add_argument("--cross-ratio", type=float,
+                   help="cross (noise-mode) samples per poisoned sample (default: the attack's own)")
+    p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack parameter, repeatable (e.g. wanet: s=1.0 k=4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
