@@ -23,8 +23,8 @@ ATTACKS = ["badnet", "blended", "wanet", "inputaware"]  # "none" trains a clean 
 # (and show in the recorded command). WaNet at BackdoorBench's s=0.5 with cross ratio 2 reached
 # only ASR 30% in 20 epochs: its warp moves pixels by s/2 px on average (0.25 px), which a
 # 20-epoch run does not pick up; s=2.0 (1 px on average, still invisible at a glance) with cross
-# ratio 1 is the documented alternative.
-ATTACK_OVERRIDES = {"wanet": {"cross_ratio": 1.0, "attack_params": {"s": 2.0}}}
+# ratio 1 is the documented alternative; it reached ACC 84.26 / ASR 90.87 in 20 epochs, hence 24.
+ATTACK_OVERRIDES = {"wanet": {"epochs": 24, "cross_ratio": 1.0, "attack_params": {"s": 2.0}}}
 
 
 def cache_dir() -> Path:

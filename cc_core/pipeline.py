@@ -168,11 +168,9 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     new = new.to(device).eval()
     log(f"[defend] clean+compact: {plan.params_before:,} -> {plan.params_after:,} parameters "
         f"({plan.ratio_achieved:.2f}x) in {sum(timings.values()):.1f} s")
-    teacher = None
-    if cfg.finetune.kd_weight > 0:
-        teacher, _ = clean_compact(original.cpu(), ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
-        teacher = teacher.to(device).eval()
-        original.to(device)
+    teacher = distillation_teacher(original.cpu(), cfg)
+    teacher = teacher.to(device) if teacher is not None else None
+    original.to(device)
 
     start = time.perf_counter()
     if synthetic is not None:
@@ -211,11 +209,30 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
-    report = {
+    report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
+                         history, synth_log, device)
+    timings["total"] = time.perf_counter() - t_start
+    return DefendResult(new, report, plan)
+
+
+def distillation_teacher(original: nn.Module, cfg: DefendConfig) -> nn.Module | None:
+    """The clipped full-rank model (clean step only) that KD distills from; None without KD."""
+    if cfg.finetune.kd_weight <= 0:
+        return None
+    teacher, _ = clean_compact(original, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
+    return teacher.eval()
+
+
+def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, metrics: dict,
+                scan_before: dict | None, scan_after: dict | None, timings: dict, history: list,
+                synth_log: dict, device) -> dict:
+    """The ``cleancompact.report/1`` dict of a C&C run (``onnx`` is filled in by the export)."""
+    spec = original.cc_spec
+    return {
         "format": REPORT_FORMAT,
-        "model": {"arch": spec.arch, "params_before": count_params(model), "params_after": count_params(new),
-                  "compression": count_params(model) / count_params(new),
-                  "macs_before": macs(original.cpu(), spec.input_shape), "macs_after": macs(new, spec.input_shape)},
+        "model": {"arch": spec.arch, "params_before": count_params(original), "params_after": count_params(new),
+                  "compression": count_params(original) / count_params(new),
+                  "macs_before": macs(original, spec.input_shape), "macs_after": macs(new, spec.input_shape)},
         "config": cfg.to_dict() | {"compact_resolved": plan.config},
         "metrics": metrics,
         "scan": {"target_class_estimate": scan_before["target_class_estimate"] if scan_before else None,
@@ -229,8 +246,6 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         "synth": synth_log,
         "environment": environment(device),
     }
-    timings["total"] = time.perf_counter() - t_start
-    return DefendResult(new, report, plan)
 
 
 BASELINES = ("clp", "anp")
@@ -286,6 +301,31 @@ def defend_baseline(model: nn.Module, method: str, ratio: float, eval_data=None,
     return DefendResult(pruned, report, None)
 
 
+def export_checked_onnx(model: nn.Module, original: nn.Module, out_dir: str | os.PathLike,
+                        threads: int = 2, latency_batch: int = 128) -> dict:
+    """Write ``out_dir/model.onnx`` (checked, parity vs torch) and time it against the original.
+
+    Returns the report's ``onnx`` section: max_abs_diff, latency (ms) of original and compact at
+    ``latency_batch`` and at batch 1, measured side by side in this process, and the speed-ups."""
+    from cc_core.export import check_onnx, export_onnx, paired_latency, parity
+
+    out_dir = Path(out_dir)
+    onnx_path = export_onnx(model, out_dir / "model.onnx")
+    check_onnx(onnx_path)
+    max_diff = parity(model, onnx_path)
+    original_onnx = export_onnx(original, out_dir / "original.onnx")
+    try:
+        shape = model.cc_spec.input_shape
+        paths = {"original": original_onnx, "compact": onnx_path}
+        latency = paired_latency(paths, shape, latency_batch, threads=threads)
+        latency_1 = paired_latency(paths, shape, 1, threads=threads, repeats=100)
+    finally:
+        original_onnx.unlink(missing_ok=True)
+    return {"max_abs_diff": max_diff, "latency_batch": latency_batch, "threads": threads,
+            "latency_ms": latency, "speedup": latency["original"] / latency["compact"],
+            "latency_ms_batch1": latency_1, "speedup_batch1": latency_1["original"] / latency_1["compact"]}
+
+
 def export_package(result: DefendResult, original: nn.Module, out_dir: str | os.PathLike,
                    threads: int = 2, latency_batch: int = 128, log=print) -> Path:
     """Write model.safetensors, model.onnx (parity-checked) and report.json into ``out_dir``.
@@ -297,7 +337,6 @@ def export_package(result: DefendResult, original: nn.Module, out_dir: str | os.
     import shutil
     import tempfile
 
-    from cc_core.export import check_onnx, export_onnx, paired_latency, parity
     from cc_core.io import save_model
 
     out = Path(out_dir)
@@ -306,24 +345,11 @@ def export_package(result: DefendResult, original: nn.Module, out_dir: str | os.
     try:
         start = time.perf_counter()
         save_model(result.model, staging / "model.safetensors", plan=result.plan)
-        onnx_path = export_onnx(result.model, staging / "model.onnx")
-        check_onnx(onnx_path)
-        max_diff = parity(result.model, onnx_path)
-        original_onnx = export_onnx(original, staging / "original.onnx")
-        shape = result.model.cc_spec.input_shape
-        latency = paired_latency({"original": original_onnx, "compact": onnx_path}, shape,
-                                 latency_batch, threads=threads)
-        latency_1 = paired_latency({"original": original_onnx, "compact": onnx_path}, shape, 1,
-                                   threads=threads, repeats=100)
-        (staging / "original.onnx").unlink()
-        result.report["onnx"] = {
-            "max_abs_diff": max_diff, "latency_batch": latency_batch, "threads": threads,
-            "latency_ms": latency, "speedup": latency["original"] / latency["compact"],
-            "latency_ms_batch1": latency_1, "speedup_batch1": latency_1["original"] / latency_1["compact"]}
+        result.report["onnx"] = export_checked_onnx(result.model, original, staging, threads, latency_batch)
         result.report["timings_s"]["export"] = time.perf_counter() - start
         result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
         (staging / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
-        log(f"[defend] ONNX parity {max_diff:.2e}, onnxruntime speed-up {result.report['onnx']['speedup']:.2f}x "
+        log(f"[defend] ONNX parity {result.report['onnx']['max_abs_diff']:.2e}, onnxruntime speed-up {result.report['onnx']['speedup']:.2f}x "
             f"(batch {latency_batch}, {threads} threads)")
         out.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "model.onnx", "report.json"):

@@ -1,12 +1,62 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+# Prefect and MLflow read these at import time (STACK.md, "Environment for tests/CI").
+_STATE = Path(tempfile.mkdtemp(prefix="cc-tests-"))
+os.environ.update({
+    "PREFECT_HOME": str(_STATE / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "CC_HOME": str(_STATE / "cc-home"),
+})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_STATE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the session (~7 s), flow heartbeats off."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template():
+    """An MLflow SQLite database migrated once per session; tests copy it (ms, not seconds)."""
+    from mlflow import MlflowClient
+
+    path = _STATE / "template" / "mlflow.db"
+    path.parent.mkdir(parents=True)
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, _mlflow_template):
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(_mlflow_template, db)
+    return f"sqlite:///{db}"

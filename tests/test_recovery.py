@@ -14,20 +14,7 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.scan import anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
 from flows.cli import main
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    """Width-1/8 ResNet-18 whose BN statistics come from 'real' structured images."""
-    torch.manual_seed(seed)
-    model = build_model("resnet18", num_classes=4, width=0.125, mean=(0.5,) * 3, std=(0.25,) * 3)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(20):
-            base = torch.rand(32, 3, 1, 1, generator=g)
-            x = 0.7 * base + 0.3 * torch.rand(32, 3, 32, 32, generator=g)  # pixels in [0, 1]
-            model((x - 0.5) / 0.25)
-    return model.eval()
+from tests.helpers import tiny_model
 
 
 FAST_SYNTH = SynthConfig(n_samples=32, batch_size=32, iterations=40, lr=0.1)

@@ -1,0 +1,149 @@
+"""``clean_compact`` flow: one source model URI -> cleaned, evaluated, exported, registered model.
+
+Thin by design: every step is a task in ``tasks.steps``; this file only orders them, owns the
+single MLflow run (FAILED with the error on any exception) and decides idempotency.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from cc_core.compact.plan import CompactionPlan
+from cc_core.pipeline import DefendConfig, make_report, resolve_config
+from tasks import steps
+from tasks.gates import GateConfig, evaluate_gates, gates_passed
+from tasks.registry import CLEANED_SUFFIX, cleaned_versions
+from tasks.tracking import (RunHandle, cc_home, client, default_tracking_uri, ensure_experiment, fail_run,
+                            log_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanSettings:
+    """The data-free pre-scan of the suspect (smaller than the fine-tune's synthesis)."""
+
+    n_samples: int = 256
+    iterations: int = 100
+    pgd_steps: int = 10
+
+
+def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
+    """The resolved DefendConfig of a flow run (validated here, at the edge)."""
+    return resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
+
+
+@flow(name="clean-compact", log_prints=True)
+def clean_compact_flow(source: str, ratio: float = 2.0, preset: str = "cpu", overrides: dict | None = None,
+                       gates: dict | None = None, eval_data: str | None = None, data_dir: str | None = None,
+                       attack: str | None = None, registered_name: str | None = None,
+                       tracking_uri: str | None = None, work_root: str | None = None,
+                       arch: str | None = None, num_classes: int | None = None,
+                       scan: dict | None = None, latency_batch: int = 128, threads: int | None = 2) -> dict:
+    """Clean & Compact ``source`` (``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or a file).
+
+    ``eval_data``/``attack`` only measure ACC/ASR (the defense uses no real data); for registry
+    sources an ``attack.json`` stored beside the weights is used when ``attack`` is not given.
+    Returns {"status": "promoted"|"rejected"|"skipped", "registered": {...}, "gates": {...},
+    "run_id", "report"}."""
+    import torch
+
+    log = get_run_logger()
+    tracking_uri = tracking_uri or default_tracking_uri()
+    cfg = build_config(preset, ratio, overrides)
+    gate_cfg = GateConfig.from_dict(gates)
+    scan_cfg = ScanSettings(**(scan or {}))
+    if threads:
+        torch.set_num_threads(threads)
+    work_root = Path(work_root) if work_root else cc_home() / "work"
+    fetched = steps.fetch_source(tracking_uri, source, str(work_root / "downloads" / steps.digest(source)[:16]))
+    target = registered_name or f"{fetched['name']}{CLEANED_SUFFIX}"
+    config_record = {"defend": cfg.to_dict(), "scan": dataclasses.asdict(scan_cfg), "arch": arch,
+                     "num_classes": num_classes}
+    config_hash = steps.digest(config_record)[:16]
+    done = cleaned_versions(client(tracking_uri), target, fetched["uri"], config_hash)
+    if done:
+        v = done[0]
+        log.info(f"{fetched['uri']} was already cleaned with this config: {target} version {v.version}; "
+                 "nothing to do")
+        return {"status": "skipped", "registered": {"name": target, "version": int(v.version), "created": False},
+                "gates": None, "run_id": v.run_id, "report": None}
+
+    experiment_id = ensure_experiment(tracking_uri, "cleancompact")
+    mlflow_run = client(tracking_uri).create_run(experiment_id, tags={
+        "mlflow.runName": f"cc-{fetched['name']}-{fetched['version'] or 'file'}-{ratio:g}x",
+        "cc.source": fetched["uri"], "cc.ratio": f"{ratio:g}", "cc.config_hash": config_hash,
+        "cc.status": "running", "cc.host": socket.gethostname()})
+    run = RunHandle(tracking_uri, mlflow_run.info.run_id, str(steps.working_dir(work_root, fetched["sha256"],
+                                                                                config_record)))
+    log.info(f"MLflow run {run.run_id} (experiment cleancompact); work directory {run.work_dir}")
+    try:
+        result = _run_steps(run, experiment_id, fetched, cfg, gate_cfg, scan_cfg, target, config_hash,
+                            eval_data, data_dir, attack or fetched["attack_dir"], arch, num_classes,
+                            latency_batch, threads or 2)
+    except BaseException as e:
+        fail_run(run, e)
+        raise
+    c = client(tracking_uri)
+    c.set_tag(run.run_id, "cc.status", result["status"])
+    c.set_terminated(run.run_id, "FINISHED")
+    return result | {"run_id": run.run_id}
+
+
+def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConfig, gate_cfg: GateConfig,
+               scan_cfg: ScanSettings, target: str, config_hash: str, eval_data, data_dir, attack_dir,
+               arch, num_classes, latency_batch: int, threads: int) -> dict:
+    from cc_core.io import load_model
+
+    t0 = time.perf_counter()
+    log_params(run, cfg.to_dict(), "cfg.")
+    log_params(run, {"gates": gate_cfg.to_dict(), "eval_data": eval_data, "attack": attack_dir,
+                     "target_model": target, "config_hash": config_hash})
+    loaded = steps.load_task(run, source, arch, num_classes)
+    original = loaded["files"]["model"]
+    steps.scan_task(run, original, {"n_samples": scan_cfg.n_samples, "iterations": scan_cfg.iterations,
+                                    "batch_size": min(128, scan_cfg.n_samples)},
+                    {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps}, cfg.device)
+    compacted = steps.compact_task(run, original, cfg)
+    compact = compacted["files"]["compact"]
+    synth_source = compact if cfg.synth_model == "compact" else original
+    synthesized = steps.synthesize_task(run, synth_source, cfg)
+    synthetic = synthesized["files"]["synthetic"]
+    adv_model = compact if cfg.adversarial_model == "compact" else original
+    adversarial = steps.adversarial_task(run, original, adv_model, synthetic, cfg)
+    tuned = steps.finetune_task(run, compact, synthetic, adversarial["files"].get("adversarial"),
+                                compacted["files"].get("teacher"), cfg)
+    final = tuned["files"]["model"]
+    evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
+                                    synthetic, cfg, eval_data, data_dir, attack_dir)
+    exported = steps.export_task(run, final, original, threads, latency_batch)
+
+    original_model, final_model = load_model(original), load_model(final)
+    by_step = {row["step"]: row for row in evaluated["steps"]}
+    metrics = {f"{k}_{when}": by_step.get(step, {}).get(k) for k in ("acc", "asr", "ra")
+               for when, step in (("before", "original"), ("after", "fine-tuned"))}
+    timings = dict(compacted["timings"])
+    for name, out in (("synthesize", synthesized), ("adversarial", adversarial), ("finetune", tuned),
+                      ("evaluate", evaluated), ("export", exported)):
+        timings[name] = out["seconds"]
+    timings["total"] = time.perf_counter() - t0  # wall time of this run (finished steps reused count ~0)
+    plan = CompactionPlan.from_dict(json.loads(Path(compacted["files"]["plan"]).read_text()))
+    synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
+    report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
+                         evaluated["histogram_after"], timings, tuned["history"], synth_log, cfg.device)
+    report["onnx"] = exported["onnx"]
+    report["steps"] = evaluated["steps"]
+    report["source"] = source
+    gates = evaluate_gates(report, gate_cfg)
+    passed = gates_passed(gates)
+    report["status"] = "promoted" if passed else "rejected"
+    logged = steps.log_package_task(run, experiment_id, report, gates, source,
+                                    {"model": final, "plan": compacted["files"]["plan"],
+                                     "onnx": exported["files"]["onnx"]},
+                                    list(original_model.cc_spec.class_names or ()))
+    registered = steps.register_task(run, target, logged["model_uri"], logged["model_id"], source, cfg.ratio,
+                                     config_hash, gates, passed)
+    return {"status": report["status"], "registered": registered, "gates": gates, "report": report}

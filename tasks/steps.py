@@ -1,0 +1,387 @@
+"""One Prefect task per C&C step. Each wraps a cc_core function, logs to the flow's MLflow run
+and passes files, not objects: models as ``.safetensors`` (rebuilt without executing anything),
+tensors as ``.safetensors``, records as JSON, all under the run's work directory.
+
+Resume: a step's outputs and metrics are recorded in ``<work>/steps/<step>-<key>.json`` once the
+step has finished, where ``key`` hashes the step's inputs. The work directory itself is keyed by
+the source model's sha256 and the resolved config, so a re-run of the same source and config
+(after a crash, a failed gate, a killed worker) skips finished steps and re-logs their results
+into the new run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from cc_core.fileio import atomic_path
+from tasks.tracking import RunHandle, log_artifact, log_json, log_metrics, log_params
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may succeed next time: not bad input (a missing model, a wrong URI)."""
+    from cc_core.errors import InputError
+
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the result itself could not be read: be conservative and retry
+        return True
+    return not isinstance(error, InputError)
+
+
+# Resume is by the step records below, not Prefect's result cache (it would pickle models).
+MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient,
+                  "cache_policy": NO_CACHE}
+COMPUTE = {"cache_policy": NO_CACHE}
+ONNX_PIP_REQUIREMENTS = ["onnx==1.23.2", "onnxruntime==1.32.0"]
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached(run: RunHandle, step: str, key: dict, compute: Callable[[], dict]) -> dict:
+    """``compute()`` unless this step already finished with the same inputs; either way the
+    returned dict is what the step recorded (plus ``"cached": bool``)."""
+    marker = run.path / "steps" / f"{step}-{digest(key)[:12]}.json"
+    if marker.exists():
+        out = json.loads(marker.read_text())
+        if all(Path(p).exists() for p in out.get("files", {}).values()):
+            get_run_logger().info(f"{step}: finished earlier, reusing {marker.parent}")
+            return out | {"cached": True}
+    start = time.perf_counter()
+    out = compute()
+    out.setdefault("seconds", time.perf_counter() - start)
+    with atomic_path(marker) as tmp:
+        Path(tmp).write_text(json.dumps(out, indent=1, default=str))
+    return out | {"cached": False}
+
+
+def _save_tensors(path: Path, **tensors) -> str:
+    from safetensors.torch import save_file
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    return str(path)
+
+
+def _load_tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _load(path: str):
+    from cc_core.io import load_model
+
+    return load_model(path)
+
+
+def _device(cfg):
+    from cc_core.device import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+@task(name="fetch-source", **MLFLOW_RETRIES)
+def fetch_source(tracking_uri: str, source_uri: str, dest: str) -> dict:
+    """Download (registry URI) or locate (path) the suspect model; nothing is loaded here."""
+    from tasks.registry import resolve_source
+
+    source = resolve_source(tracking_uri, source_uri, Path(dest))
+    get_run_logger().info(f"source {source.uri}: {source.model_file} (sha256 {source.sha256[:12]})")
+    return source.to_dict()
+
+
+@task(name="load", **COMPUTE)
+def load_task(run: RunHandle, source: dict, arch: str | None = None, num_classes: int | None = None,
+              allow_pickle: bool = False) -> dict:
+    """Load the suspect safely and store it as the run's ``original.safetensors``."""
+    from cc_core.io import load_model, save_model
+    from cc_core.models import count_params
+
+    def compute() -> dict:
+        model = load_model(source["model_file"], arch, num_classes, allow_pickle=allow_pickle)
+        path = run.path / "original.safetensors"
+        save_model(model, path)
+        return {"files": {"model": str(path)}, "spec": model.cc_spec.to_dict(),
+                "params": count_params(model)}
+
+    out = _cached(run, "load", {"sha256": source["sha256"], "arch": arch, "num_classes": num_classes}, compute)
+    spec = out["spec"]
+    log_params(run, {"uri": source["uri"], "sha256": source["sha256"]}, "source.")
+    log_params(run, {"arch": spec["arch"], "width": spec.get("width"), "num_classes": spec["num_classes"],
+                     "input_shape": spec["input_shape"]}, "model.")
+    log_metrics(run, {"params_before": out["params"]}, "model.")
+    get_run_logger().info(f"loaded {spec['arch']} ({out['params']:,} parameters)")
+    return out
+
+
+@task(name="scan", **COMPUTE)
+def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, device: str = "auto") -> dict:
+    """Data-free risk report of the suspect: adversarial class histogram and spectra."""
+    from cc_core.adversarial import PGDConfig
+    from cc_core.scan import scan
+    from cc_core.synth import SynthConfig
+
+    def compute() -> dict:
+        report = scan(_load(model_file), SynthConfig(**synth_cfg), PGDConfig(**pgd_cfg), device=device,
+                      progress=False)
+        path = run.path / "scan.json"
+        path.write_text(json.dumps(report, indent=1))
+        return {"files": {"scan": str(path)},
+                "summary": {k: report[k] for k in ("concentration", "anomaly_index", "target_class_estimate")}}
+
+    out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg}, compute)
+    log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
+    log_artifact(run, out["files"]["scan"], "scan")
+    s = out["summary"]
+    get_run_logger().info(f"scan: concentration {s['concentration']:.2f}, anomaly index "
+                          f"{s['anomaly_index']:.1f}, estimated target class {s['target_class_estimate']}")
+    return out
+
+
+@task(name="clean-compact", **COMPUTE)
+def compact_task(run: RunHandle, model_file: str, cfg) -> dict:
+    """Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the clipped
+    full-rank model the fine-tune distills from."""
+    from cc_core.compact import clean_compact
+    from cc_core.io import save_model
+    from cc_core.pipeline import distillation_teacher
+
+    def compute() -> dict:
+        original = _load(model_file)
+        new, plan = clean_compact(original, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer, **cfg.compact)
+        files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
+        save_model(new, files["compact"], plan=plan)
+        Path(files["plan"]).write_text(plan.to_json(indent=1))
+        teacher = distillation_teacher(original, cfg)
+        if teacher is not None:
+            files["teacher"] = str(run.path / "teacher.safetensors")
+            save_model(teacher, files["teacher"])
+        return {"files": files, "timings": {k: plan.timings_s[k] for k in ("decompose", "clean", "compact")},
+                "params_after": plan.params_after, "ratio_achieved": plan.ratio_achieved,
+                "compact_resolved": plan.config}
+
+    out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
+                                   "normalizer": cfg.normalizer, "compact": cfg.compact,
+                                   "kd": cfg.finetune.kd_weight > 0}, compute)
+    log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
+    log_metrics(run, out["timings"], "time.")
+    log_artifact(run, out["files"]["plan"], "compact")
+    get_run_logger().info(f"clean+compact: {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
+    return out
+
+
+@task(name="synthesize", **COMPUTE)
+def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
+    """BatchNorm-statistics synthetic images (no real data) from ``model_file``."""
+    from cc_core.synth import synthesize
+
+    def compute() -> dict:
+        x, y, log = synthesize(_load(model_file), cfg.synth, device=_device(cfg), progress=False)
+        return {"files": {"synthetic": _save_tensors(run.path / "synthetic.safetensors", x=x, y=y)},
+                "bn_loss": log["bn_loss"][-1], "ce_loss": log["ce_loss"][-1], "n": len(y)}
+
+    out = _cached(run, "synthesize", {"model": model_file, "synth": cfg.synth.to_dict()}, compute)
+    log_metrics(run, {"bn_loss": out["bn_loss"], "ce_loss": out["ce_loss"], "n": out["n"]}, "synth.")
+    log_metrics(run, {"synthesize": out["seconds"]}, "time.")
+    get_run_logger().info(f"synthesized {out['n']} images in {out['seconds']:.1f} s (BN loss {out['bn_loss']:.3f})")
+    return out
+
+
+@task(name="adversarial", **COMPUTE)
+def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, synthetic_file: str, cfg) -> dict:
+    """PGD on the synthetic images (for the fine-tune) and the original model's adversarial
+    class histogram on them (the 'before' side of the scan)."""
+    from cc_core.adversarial import pgd
+    from cc_core.scan import histogram_report
+
+    def compute() -> dict:
+        t = _load_tensors(synthetic_file)
+        device = _device(cfg)
+        x, y = t["x"].to(device), t["y"].to(device)
+        before = histogram_report(_load(original_file).to(device), x, y, cfg.pgd) if cfg.scan_before else None
+        files = {}
+        if cfg.finetune.adv_weight > 0:
+            x_adv = pgd(_load(adv_model_file).to(device), x, y, cfg.pgd)
+            files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
+        return {"files": files, "histogram_before": before}
+
+    out = _cached(run, "adversarial", {"original": original_file, "adv_model": adv_model_file,
+                                       "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
+                                       "adv": cfg.finetune.adv_weight > 0}, compute)
+    if out["histogram_before"]:
+        log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
+    log_metrics(run, {"adversarial": out["seconds"]}, "time.")
+    return out
+
+
+@task(name="finetune", **COMPUTE)
+def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, adversarial_file: str | None,
+                  teacher_file: str | None, cfg) -> dict:
+    """Recovery fine-tune of the compact model on synthetic (+ adversarial synthetic) data."""
+    from cc_core.finetune import finetune
+    from cc_core.io import save_model
+
+    def compute() -> dict:
+        device = _device(cfg)
+        t = _load_tensors(synthetic_file)
+        x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
+        teacher = _load(teacher_file).to(device) if teacher_file else None
+        model = _load(compact_file).to(device)
+        history = finetune(model, t["x"].to(device), t["y"].to(device), x_adv, teacher, cfg.finetune,
+                           progress=False)
+        path = run.path / "finetuned.safetensors"
+        save_model(model.cpu().eval(), path)
+        return {"files": {"model": str(path)}, "history": history}
+
+    out = _cached(run, "finetune", {"compact": compact_file, "synthetic": synthetic_file,
+                                    "adversarial": adversarial_file, "teacher": teacher_file,
+                                    "finetune": cfg.finetune.to_dict()}, compute)
+    for epoch, row in enumerate(out["history"]):
+        log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, "finetune.", step=epoch)
+    log_metrics(run, {"finetune": out["seconds"]}, "time.")
+    get_run_logger().info(f"fine-tuned in {out['seconds']:.1f} s")
+    return out
+
+
+@task(name="evaluate", **COMPUTE)
+def evaluate_task(run: RunHandle, models: dict[str, str], synthetic_file: str, cfg,
+                  eval_data: str | None = None, data_dir: str | None = None,
+                  attack_dir: str | None = None) -> dict:
+    """ACC/ASR/RA of each model in ``models`` ({step: file}, in step order) on real eval data
+    (if given), and the final model's adversarial histogram on the synthetic images."""
+    from cc_core.scan import histogram_report
+
+    def compute() -> dict:
+        from cc_core.attacks import load_attack
+        from cc_core.data import load_dataset
+        from cc_core.metrics import evaluate
+
+        device = _device(cfg)
+        steps = []
+        if eval_data:
+            data = load_dataset(eval_data, "test", data_dir)
+            attack = load_attack(attack_dir) if attack_dir else None
+            for step, path in models.items():
+                r = evaluate(_load(path), data, attack, device=device)
+                steps.append({"step": step, "acc": r["acc"], "asr": r["asr"], "ra": r["ra"]})
+        t = _load_tensors(synthetic_file)
+        final = _load(list(models.values())[-1]).to(device)
+        after = histogram_report(final, t["x"].to(device), t["y"].to(device), cfg.pgd) if cfg.scan_before else None
+        return {"steps": steps, "histogram_after": after}
+
+    out = _cached(run, "evaluate", {"models": models, "synthetic": synthetic_file, "eval_data": eval_data,
+                                    "attack": attack_dir, "pgd": cfg.pgd.to_dict()}, compute)
+    for i, row in enumerate(out["steps"]):
+        log_metrics(run, {k: row[k] for k in ("acc", "asr", "ra")}, "eval.", step=i)
+    if out["histogram_after"]:
+        log_metrics(run, {"concentration_after": out["histogram_after"]["concentration"]}, "scan.")
+    log_metrics(run, {"evaluate": out["seconds"]}, "time.")
+    return out
+
+
+@task(name="export", **COMPUTE)
+def export_task(run: RunHandle, model_file: str, original_file: str, threads: int = 2,
+                latency_batch: int = 128) -> dict:
+    """ONNX export (dynamic batch, checker, parity vs torch) and onnxruntime latency of the
+    original and the compact model side by side."""
+    from cc_core.pipeline import export_checked_onnx
+
+    def compute() -> dict:
+        onnx_dir = run.path / "onnx"
+        onnx_dir.mkdir(exist_ok=True)
+        report = export_checked_onnx(_load(model_file), _load(original_file), onnx_dir, threads, latency_batch)
+        return {"files": {"onnx": str(onnx_dir / "model.onnx")}, "onnx": report}
+
+    out = _cached(run, "export", {"model": model_file, "threads": threads, "batch": latency_batch}, compute)
+    o = out["onnx"]
+    log_metrics(run, {"max_abs_diff": o["max_abs_diff"], "speedup": o["speedup"],
+                      "speedup_batch1": o["speedup_batch1"],
+                      "latency_ms_original": o["latency_ms"]["original"],
+                      "latency_ms_compact": o["latency_ms"]["compact"]}, "onnx.")
+    log_metrics(run, {"export": out["seconds"]}, "time.")
+    get_run_logger().info(f"ONNX parity {o['max_abs_diff']:.2e}, speed-up {o['speedup']:.2f}x")
+    return out
+
+
+@task(name="log-package", **MLFLOW_RETRIES)
+def log_package_task(run: RunHandle, experiment_id: str, report: dict, gates: dict, source: dict,
+                     files: dict, class_names: list[str]) -> dict:
+    """report.json, the safetensors package, plots, summary.html, and the ONNX model as an MLflow
+    LoggedModel (``mlflow.onnx.log_model``, package files included). Returns the model's URI."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    from tasks import plots
+
+    art = run.path / "artifacts"
+    report_path = log_json(run, report, "report.json")
+    log_json(run, gates, "gates.json")
+    log_artifact(run, files["model"], "package")
+    pngs = [plots.plot_spectra(json.loads(Path(files["plan"]).read_text()), art / "plots" / "singular_value_spectra.png")]
+    scan = report["scan"]
+    if scan.get("histogram_before") or scan.get("histogram_after"):
+        pngs.append(plots.plot_histograms(scan.get("histogram_before"), scan.get("histogram_after"),
+                                          class_names, art / "plots" / "adversarial_histogram.png"))
+    if report.get("steps"):
+        pngs.append(plots.plot_steps(report["steps"], art / "plots" / "acc_asr_by_step.png"))
+    for p in pngs:
+        log_artifact(run, p, "plots")
+    status = report.get("status", "")
+    summary = art / "summary.html"
+    summary.write_text(plots.summary_html(report, gates, source, pngs, status))
+    log_artifact(run, summary)
+
+    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_registry_uri(run.tracking_uri)
+    logged = run.client.create_logged_model(experiment_id=experiment_id, name="cleaned-onnx",
+                                            source_run_id=run.run_id)
+    info = mlflow.onnx.log_model(onnx.load(files["onnx"]), name="cleaned-onnx", model_id=logged.model_id,
+                                 run_id=run.run_id, pip_requirements=ONNX_PIP_REQUIREMENTS,
+                                 extra_files=[files["model"], str(report_path)], save_as_external_data=False)
+    return {"model_uri": info.model_uri, "model_id": logged.model_id}
+
+
+@task(name="register", **MLFLOW_RETRIES)
+def register_task(run: RunHandle, target: str, model_uri: str, model_id: str, source: dict, ratio: float,
+                  config_hash: str, gates: dict, passed: bool) -> dict:
+    """Register the cleaned model as a version of ``target`` with its tags; alias
+    ``candidate`` always, ``champion`` only when every measured gate passed. Idempotent: if this
+    (source, config) was registered meanwhile, that version is returned and nothing is added."""
+    from tasks.registry import cleaned_versions, ensure_registered_model
+
+    c = run.client
+    existing = cleaned_versions(c, target, source["uri"], config_hash)
+    if existing:
+        version, created = int(existing[0].version), False
+    else:
+        ensure_registered_model(c, target, f"Clean & Compact output of {source['name']} (cleancompact)")
+        tags = {"cc.role": "output", "cc.source": source["uri"], "cc.source_sha256": source["sha256"], "cc.ratio": f"{ratio:g}",
+                "cc.status": "promoted" if passed else "rejected", "cc.config_hash": config_hash,
+                "cc.run_id": run.run_id}
+        tags |= {f"cc.gate.{k}": v["status"] for k, v in gates.items()}
+        mv = c.create_model_version(target, source=model_uri, run_id=run.run_id, tags=tags, model_id=model_id)
+        version, created = int(mv.version), True
+        c.set_registered_model_alias(target, "candidate", str(version))
+        if passed:
+            c.set_registered_model_alias(target, "champion", str(version))
+    log = get_run_logger()
+    log.info(f"{'registered' if created else 'already registered'} {target} version {version}"
+             f"{' -> champion' if passed and created else ''}")
+    c.set_tag(run.run_id, "cc.registered", f"models:/{target}/{version}")
+    return {"name": target, "version": version, "created": created, "champion": passed and created}
+
+
+def working_dir(root: str | os.PathLike, source_sha256: str, config: dict) -> Path:
+    """The resumable work directory of (source, config)."""
+    path = Path(root) / f"{source_sha256[:16]}-{digest(config)[:12]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,159 @@
+"""Flows on Prefect's test harness and a temporary SQLite MLflow: registry semantics, artifacts,
+gates, idempotency, resume, failure handling, audit."""
+import json
+
+import pytest
+
+from cc_core import save_model
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TINY = {"tau": 3.0, "compact": {"rank_multiple": 4},
+        "synth": {"n_samples": 32, "batch_size": 32, "iterations": 10},
+        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}}
+TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2}
+OPEN_GATES = {"min_speedup": None, "max_concentration": None}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, _mlflow_template):
+    """One MLflow store, one model file and one step cache for the module: tests register the
+    file under their own name, so registry state is per test while finished steps (ONNX export
+    above all) are computed once."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("flows")
+    shutil.copy(_mlflow_template, root / "mlflow.db")
+    return {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "work_root": str(root / "work"),
+            "file": save_model(tiny_model(), root / "vendor.safetensors")}
+
+
+@pytest.fixture()
+def suspect(world, request):
+    from tasks.registry import register_suspect
+
+    name = request.node.name.removeprefix("test_")[:40].replace("_", "-")
+    version = register_suspect(world["tracking_uri"], name, world["file"])
+    return world | {"name": name, "uri": f"models:/{name}/{version}"}
+
+
+def run_flow(suspect, source: str | None = None, **kw):
+    from flows.clean_compact import clean_compact_flow
+
+    args = {"overrides": TINY, "scan": TINY_SCAN, "gates": OPEN_GATES, "latency_batch": 4,
+            "tracking_uri": suspect["tracking_uri"], "work_root": suspect["work_root"]} | kw
+    return clean_compact_flow(source or suspect["uri"], **args)
+
+
+def registry(suspect):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=suspect["tracking_uri"], registry_uri=suspect["tracking_uri"])
+
+
+def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_path):
+    import mlflow.onnx
+
+    result = run_flow(suspect)
+    assert result["status"] == "promoted" and result["registered"]["created"]
+    c, target = registry(suspect), suspect["name"] + "-cc"
+    version = str(result["registered"]["version"])
+    assert str(c.get_model_version_by_alias(target, "candidate").version) == version
+    assert str(c.get_model_version_by_alias(target, "champion").version) == version
+    tags = c.get_model_version(target, version).tags
+    assert tags["cc.source"] == suspect["uri"] and tags["cc.ratio"] == "2"
+    assert tags["cc.status"] == "promoted" and tags["cc.gate.onnx_diff"] == "passed"
+    assert tags["cc.gate.acc_drop"] == "skipped"  # no eval data: measured gates only
+    run = c.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["cc.status"] == "promoted"
+    for key in ("model.params_before", "model.params_after", "scan.concentration", "scan.concentration_before",
+                "scan.concentration_after", "onnx.max_abs_diff", "onnx.speedup", "time.finetune", "synth.bn_loss"):
+        assert key in run.data.metrics, key
+    assert run.data.params["cfg.tau"] == "3.0"
+
+    def listing(path=None):
+        out = []
+        for f in c.list_artifacts(run.info.run_id, path):
+            out += listing(f.path) if f.is_dir else [f.path]
+        return out
+
+    files = set(listing())
+    assert {"report.json", "gates.json", "summary.html", "package/finetuned.safetensors", "scan/scan.json",
+            "compact/plan.json", "plots/singular_value_spectra.png", "plots/adversarial_histogram.png"} <= files
+    report = json.loads(open(c.download_artifacts(run.info.run_id, "report.json", str(tmp_path))).read())
+    assert report["format"] == "cleancompact.report/1" and report["model"]["compression"] >= 2
+    assert report["onnx"]["max_abs_diff"] < 1e-3
+    assert "<img src=\"data:image/png;base64," in open(c.download_artifacts(run.info.run_id, "summary.html",
+                                                                              str(tmp_path))).read()
+    (tmp_path / "dl").mkdir()
+    onnx_model = mlflow.onnx.load_model(f"models:/{target}/{version}", dst_path=str(tmp_path / "dl"))
+    assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def test_second_run_on_same_source_registers_nothing(suspect):
+    first = run_flow(suspect)
+    second = run_flow(suspect)
+    assert second["status"] == "skipped" and second["registered"]["version"] == first["registered"]["version"]
+    assert len(registry(suspect).search_model_versions(f"name = '{suspect['name']}-cc'")) == 1
+
+
+def test_failing_gate_keeps_champion(suspect):
+    first = run_flow(suspect)
+    rejected = run_flow(suspect, ratio=3.0, gates={"min_speedup": 1000.0, "max_concentration": None})
+    assert rejected["status"] == "rejected" and rejected["gates"]["speedup"]["status"] == "failed"
+    c, target = registry(suspect), suspect["name"] + "-cc"
+    assert int(c.get_model_version_by_alias(target, "champion").version) == first["registered"]["version"]
+    assert int(c.get_model_version_by_alias(target, "candidate").version) == rejected["registered"]["version"]
+    assert c.get_model_version(target, str(rejected["registered"]["version"])).tags["cc.gate.speedup"] == "failed"
+
+
+def test_failing_task_marks_run_failed_and_rerun_resumes(suspect, tmp_path):
+    from cc_core.errors import InputError
+
+    fresh = {"work_root": str(tmp_path / "work")}
+    with pytest.raises(InputError):
+        run_flow(suspect, eval_data=str(tmp_path / "no-such-folder"), **fresh)
+    c = registry(suspect)
+    failed = [r for r in c.search_runs([c.get_experiment_by_name("cleancompact").experiment_id])
+              if r.data.tags.get("cc.source") == suspect["uri"]]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert "no-such-folder" in failed[0].data.tags["cc.error"]
+    assert "error.txt" in {f.path for f in c.list_artifacts(failed[0].info.run_id)}
+    assert c.search_model_versions(f"name = '{suspect['name']}-cc'") == []
+
+    work = next((tmp_path / "work").glob("*-*"))
+    finished = {p.name for p in (work / "steps").glob("*.json")}
+    assert any(n.startswith("finetune-") for n in finished) and not any(n.startswith("evaluate-") for n in finished)
+    result = run_flow(suspect, **fresh)  # same source and config: finished steps are reused
+    assert result["status"] == "promoted"
+    assert {p.name for p in (work / "steps").glob("*.json")} > finished
+    assert result["report"]["timings_s"]["finetune"] == json.loads(
+        next((work / "steps").glob("finetune-*.json")).read_text())["seconds"]
+
+
+def test_file_source_and_bad_uri(suspect):
+    from tasks.registry import SourceError
+
+    result = run_flow(suspect, source=str(suspect["file"]))
+    assert result["registered"]["name"] == "vendor-cc"
+    with pytest.raises(SourceError, match="not in the model registry"):
+        run_flow(suspect, source=f"models:/{suspect['name']}/7")
+    with pytest.raises(SourceError, match="expected models:/NAME/VERSION"):
+        run_flow(suspect, source=f"models:/{suspect['name']}")
+
+
+def test_audit_scans_due_versions_once_and_cleans_by_policy(suspect):
+    from flows.audit import audit_flow
+    from tasks.registry import register_suspect
+
+    register_suspect(suspect["tracking_uri"], suspect["name"], suspect["file"])  # version 2
+    common = {"tracking_uri": suspect["tracking_uri"], "work_root": suspect["work_root"], "scan": TINY_SCAN,
+              "overrides": TINY, "gates": OPEN_GATES, "names": [suspect["name"]]}
+    rows = audit_flow(policy="clean-all", **common)
+    assert [(r["name"], r["version"]) for r in rows] == [(suspect["name"], 1), (suspect["name"], 2)]
+    assert all(r["clean_status"] == "promoted" for r in rows)
+    tags = registry(suspect).get_model_version(suspect["name"], "1").tags
+    assert tags["cc.audit.verdict"] in ("flagged", "clear") and float(tags["cc.audit.concentration"]) >= 0
+    assert audit_flow(policy="clean-all", **common) == []  # audited recently, outputs never audited
+    assert len(audit_flow(policy="scan-only", max_age_hours=0, **common)) == 2
