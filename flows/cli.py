@@ -135,42 +135,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """What the pipeline does today, end to end on one model, with nothing to download."""
-    import torch
-
-    from cc_core import build_model, clean_compact, count_params, load_model, save_model
-
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suspect = out / "suspect.pt"
-    base = build_model(args.arch, num_classes=10, width=args.width)
-    torch.save(base.state_dict(), suspect)
-    print(f"[demo] a {args.arch} (width {args.width:g}, seeded random weights) saved as a "
-          f"third-party state dict: {suspect}")
-    model = load_model(suspect, arch=args.arch)
-    print(f"[demo] loaded safely (weights_only): {count_params(model):,} parameters")
-    x = torch.rand(8, 3, 32, 32)
-    with torch.no_grad():
-        reference = model(x)
-    rows = []
-    for ratio in args.ratios:
-        start = time.perf_counter()
-        new, plan = clean_compact(model, ratio=ratio, tau=args.tau)
-        elapsed = time.perf_counter() - start
-        path = save_model(new, out / f"compact-{ratio:g}x.safetensors", plan=plan)
-        with torch.no_grad():
-            reloaded = load_model(path)(x)
-            drift = float((new(x) - reference).norm() / reference.norm())
-            same = torch.equal(reloaded, new(x))
-        rows.append((f"{ratio:g}x", f"{plan.params_after:,}", f"{plan.ratio_achieved:.3f}",
-                     f"{elapsed:.1f}", f"{drift:.3f}", "yes" if same else "NO"))
-    print(_table(rows, ("target", "params", "achieved", "seconds", "rel. logit change", "reload identical")))
-    print(f"[demo] files in {out}; inspect one with: cleancompact inspect {out}/compact-2x.safetensors")
-    return EXIT_OK if all(r[-1] == "yes" for r in rows) else EXIT_GATE_FAILED
-
-
 def _dataset_choices() -> str:
     from cc_core.data import DATASETS
 
@@ -476,14 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("demo", help="run the main job on an embedded default")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 3.0, 4.0])
-    p.add_argument("--tau", type=_positive_float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo")
-    p.set_defaults(func=cmd_demo)
+    from flows.pipeline_cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -64,12 +64,6 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip() == f"error: model file not found: {tmp_path / 'x.pt'}"
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--width", "0.25", "--ratios", "2", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "reload identical" in out and (tmp_path / "compact-2x.safetensors").exists()
-
-
 needs_data = pytest.mark.skipif(not __import__("os").environ.get("CC_DATA_DIR"), reason="CC_DATA_DIR not set")
 
 
