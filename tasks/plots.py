@@ -144,9 +144,9 @@ def summary_html(report: dict, gates: dict, source: dict, plots: list[Path], sta
     for name, g in gates.items():
         w(f"<tr><td>{name}</td><td>{_fmt(g['value'])}</td><td>{_fmt(g['limit'])}</td>"
           f"<td class='{g['status']}'>{g['status']}</td></tr>")
-    w("</table><h2>Time per step (s)</h2><table><tr>")
-    w("".join(f"<th>{html.escape(k)}</th>" for k in t) + "</tr><tr>")
-    w("".join(f"<td>{v:.1f}</td>" for v in t.values()) + "</tr></table>")
+    w("</table><h2>Time per step</h2><table><tr><th>step</th><th>seconds</th></tr>")
+    w("".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in t.items() if v is not None))
+    w("</table>")
     for p in plots:
         w(f"<h2>{html.escape(p.stem.replace('_', ' '))}</h2>{_img(p)}")
     w("</body></html>\n")
