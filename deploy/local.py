@@ -135,8 +135,11 @@ class LocalStack:
         wait_until(lambda: http_ok(f"{self.mlflow_uri}/health"), timeout, what="mlflow server /health")
         cli = _bin("cleancompact")
         if self.bridge == "watcher":
+            state = self.home / "watcher-state.json"
             self._spawn("watcher", [cli, "watch", "--tracking-uri", self.mlflow_uri, "--interval", "2",
-                                    "--state-file", str(self.home / "watcher-state.json")])
+                                    "--state-file", str(state)])
+            # Versions registered before the watcher's first snapshot count as already seen.
+            wait_until(state.exists, timeout, what="registry watcher's first snapshot")
         else:
             self._spawn("webhook", [cli, "webhook", "--port", str(self.webhook_port), "--secret", self.secret,
                                     "--tracking-uri", self.mlflow_uri])

@@ -91,9 +91,9 @@ def create_app(secret: str, tracking_uri: str | None = None, emit=emit_model_ver
 
 def register_webhook(tracking_uri: str, url: str, secret: str, name: str = "cleancompact"):
     """Create (once) the MLflow webhook that posts ``model_version.created`` to ``url``."""
-    from mlflow import MlflowClient
+    from tasks.tracking import client
 
-    c = MlflowClient(tracking_uri=tracking_uri)
+    c = client(tracking_uri)
     for hook in c.list_webhooks():
         if hook.name == name and hook.url == url:
             return hook

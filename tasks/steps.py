@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cc_core.fileio import atomic_path
-from tasks.tracking import RunHandle, log_artifact, log_json, log_metrics, log_params
+from tasks.tracking import RunHandle, log_artifact, log_json, log_metrics, log_params, mlflow_globals
 
 def _transient(task, task_run, state) -> bool:
     """Retry only what may succeed next time: not bad input (a missing model, a wrong URI)."""
@@ -340,13 +340,12 @@ def log_package_task(run: RunHandle, experiment_id: str, report: dict, gates: di
     summary.write_text(plots.summary_html(report, gates, source, pngs, status))
     log_artifact(run, summary)
 
-    mlflow.set_tracking_uri(run.tracking_uri)
-    mlflow.set_registry_uri(run.tracking_uri)
     logged = run.client.create_logged_model(experiment_id=experiment_id, name="cleaned-onnx",
                                             source_run_id=run.run_id)
-    info = mlflow.onnx.log_model(onnx.load(files["onnx"]), name="cleaned-onnx", model_id=logged.model_id,
-                                 run_id=run.run_id, pip_requirements=ONNX_PIP_REQUIREMENTS,
-                                 extra_files=[files["model"], str(report_path)], save_as_external_data=False)
+    with mlflow_globals(run.tracking_uri):
+        info = mlflow.onnx.log_model(onnx.load(files["onnx"]), name="cleaned-onnx", model_id=logged.model_id,
+                                     run_id=run.run_id, pip_requirements=ONNX_PIP_REQUIREMENTS,
+                                     extra_files=[files["model"], str(report_path)], save_as_external_data=False)
     return {"model_uri": info.model_uri, "model_id": logged.model_id}
 
 
@@ -368,7 +367,8 @@ def register_task(run: RunHandle, target: str, model_uri: str, model_id: str, so
                 "cc.status": "promoted" if passed else "rejected", "cc.config_hash": config_hash,
                 "cc.run_id": run.run_id}
         tags |= {f"cc.gate.{k}": v["status"] for k, v in gates.items()}
-        mv = c.create_model_version(target, source=model_uri, run_id=run.run_id, tags=tags, model_id=model_id)
+        with mlflow_globals(run.tracking_uri):  # resolving a models:/m-... source reads the global store
+            mv = c.create_model_version(target, source=model_uri, run_id=run.run_id, tags=tags, model_id=model_id)
         version, created = int(mv.version), True
         c.set_registered_model_alias(target, "candidate", str(version))
         if passed:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,31 @@ def client(tracking_uri: str | None = None):
 
     return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri(),
                         registry_uri=tracking_uri or default_tracking_uri())
+
+
+@contextmanager
+def mlflow_globals(tracking_uri: str):
+    """Point MLflow's process-wide tracking and registry URIs at ``tracking_uri`` for the block
+    (fluent APIs such as ``mlflow.onnx.log_model`` read them), then restore the previous ones so
+    later clients in the same process are not silently redirected."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # the setters export these too
+    saved_env = {k: os.environ.get(k) for k in env_names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:

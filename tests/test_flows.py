@@ -1,6 +1,7 @@
 """Flows on Prefect's test harness and a temporary SQLite MLflow: registry semantics, artifacts,
 gates, idempotency, resume, failure handling, audit."""
 import json
+import os
 
 import pytest
 
@@ -86,8 +87,16 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     assert report["onnx"]["max_abs_diff"] < 1e-3
     assert "<img src=\"data:image/png;base64," in open(c.download_artifacts(run.info.run_id, "summary.html",
                                                                               str(tmp_path))).read()
+    import mlflow.tracking._model_registry.utils as registry_utils
+
+    from tasks.tracking import mlflow_globals
+
+    # The flow must not leave MLflow's process-wide URIs pointing at its store.
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None and os.environ.get("MLFLOW_REGISTRY_URI") is None
+    assert registry_utils._registry_uri is None
     (tmp_path / "dl").mkdir()
-    onnx_model = mlflow.onnx.load_model(f"models:/{target}/{version}", dst_path=str(tmp_path / "dl"))
+    with mlflow_globals(suspect["tracking_uri"]):
+        onnx_model = mlflow.onnx.load_model(f"models:/{target}/{version}", dst_path=str(tmp_path / "dl"))
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
 
