@@ -38,6 +38,10 @@ class DefendConfig:
     ratio: float = 2.0
     tau: float | None = 3.0
     normalizer: str = "mean"
+    # Channel clean before the Tucker step: zero output channels whose channel Lipschitz bound is
+    # an outlier in its layer (> mean + u * std, CLP's data-free criterion). Not in the paper; on
+    # the zoo it is what removes the backdoor (benchmarks/results/sweep_defend.md). None = off.
+    channel_u: float | None = 3.0
     compact: dict = field(default_factory=dict)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
@@ -53,6 +57,8 @@ class DefendConfig:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
         if self.tau is not None and not self.tau > 0:
             raise ConfigError(f"tau must be > 0, got {self.tau!r}")
+        if self.channel_u is not None and not self.channel_u > 0:
+            raise ConfigError(f"channel_u must be > 0 (or None to turn the channel clean off), got {self.channel_u!r}")
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
@@ -69,16 +75,18 @@ class DefendConfig:
 
 
 PRESETS: dict[str, DefendConfig] = {
+    # Measured on the zoo BadNet model (benchmarks/results/sweep_defend.md): lr 0.01 diverges (the
+    # Tucker factors are unbalanced: orthonormal U, all scale in the core), 0.002 is already
+    # worse than 0.001; 30 epochs gain < 0.1 point over 10 at 2x; the adversarial term costs 12
+    # points of ACC at 2x for no ASR gain, so it is off (adv_weight > 0 turns it on).
     "cpu": DefendConfig(
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
-        pgd=PGDConfig(steps=10),
-        # lr 0.01 diverged within one epoch on the zoo BadNet model (CE 41 -> 197): the Tucker
-        # factors are unbalanced (orthonormal U, all scale in the core); 0.001 is stable.
-        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0)),
+        pgd=PGDConfig(steps=10), synth_model="original",
+        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0)),
     "paper": DefendConfig(
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
-        pgd=PGDConfig(steps=20),
-        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0)),
+        pgd=PGDConfig(steps=20), synth_model="original",
+        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0)),
 }
 
 
@@ -161,14 +169,17 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     original = copy.deepcopy(model).eval().to(device)
     spec = original.cc_spec
 
-    new, plan = clean_compact(original.cpu(), ratio=cfg.ratio, tau=cfg.tau,
-                              normalizer=cfg.normalizer, **cfg.compact)
+    start = time.perf_counter()
+    cleaned, channel_info = channel_clean(original.cpu(), cfg)
+    timings["channel_clean"] = time.perf_counter() - start
+    new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer, **cfg.compact)
     timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
     original.to(device)
     new = new.to(device).eval()
-    log(f"[defend] clean+compact: {plan.params_before:,} -> {plan.params_after:,} parameters "
-        f"({plan.ratio_achieved:.2f}x) in {sum(timings.values()):.1f} s")
-    teacher = distillation_teacher(original.cpu(), cfg)
+    log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed, "
+        f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
+        f"in {sum(timings.values()):.1f} s")
+    teacher = distillation_teacher(cleaned, cfg)
     teacher = teacher.to(device) if teacher is not None else None
     original.to(device)
 
@@ -210,22 +221,33 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
     report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
-                         history, synth_log, device)
+                         history, synth_log, device, channel_info)
     timings["total"] = time.perf_counter() - t_start
     return DefendResult(new, report, plan)
 
 
-def distillation_teacher(original: nn.Module, cfg: DefendConfig) -> nn.Module | None:
-    """The clipped full-rank model (clean step only) that KD distills from; None without KD."""
+def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with its outlier-Lipschitz channels zeroed (``cfg.channel_u``; the
+    model itself when off) and {"u", "pruned": {conv: n}, "n_pruned"}."""
+    from cc_core.baselines.clp import clp
+
+    if cfg.channel_u is None:
+        return model, {"u": None, "pruned": {}, "n_pruned": 0}
+    return clp(model, cfg.channel_u)
+
+
+def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | None:
+    """The clean-step-only model KD distills from: ``cleaned`` (the channel-cleaned original)
+    with its singular values clipped at full rank; None without KD."""
     if cfg.finetune.kd_weight <= 0:
         return None
-    teacher, _ = clean_compact(original, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
+    teacher, _ = clean_compact(cleaned, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
     return teacher.eval()
 
 
 def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, metrics: dict,
                 scan_before: dict | None, scan_after: dict | None, timings: dict, history: list,
-                synth_log: dict, device) -> dict:
+                synth_log: dict, device, channel_info: dict) -> dict:
     """The ``cleancompact.report/1`` dict of a C&C run (``onnx`` is filled in by the export)."""
     spec = original.cc_spec
     return {
@@ -234,6 +256,7 @@ def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, me
                   "compression": count_params(original) / count_params(new),
                   "macs_before": macs(original, spec.input_shape), "macs_after": macs(new, spec.input_shape)},
         "config": cfg.to_dict() | {"compact_resolved": plan.config},
+        "channel_clean": channel_info,
         "metrics": metrics,
         "scan": {"target_class_estimate": scan_before["target_class_estimate"] if scan_before else None,
                  "concentration_before": scan_before["concentration"] if scan_before else None,

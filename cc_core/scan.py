@@ -1,20 +1,31 @@
-"""Data-free backdoor scan: where do adversarial synthetic images land, and what do the
-layers' singular-value spectra look like?
+"""Data-free backdoor scan: three signals, no real data.
 
-A backdoored model funnels untargeted adversarial perturbations into its target class, so the
-class histogram of adversarial synthetic images is concentrated; a clean model spreads them
-over semantically close classes. The risk score is that concentration,
-(p_max - 1/C) / (1 - 1/C); the anomaly index is the robust z-score (median absolute
-deviation) of the top class count, as in Neural Cleanse.
+1. Adversarial histogram (METHOD.md step 6): where untargeted PGD sends synthetic images. Its
+   concentration is (p_max - 1/C) / (1 - 1/C); the anomaly index is the robust z-score (median
+   absolute deviation) of the top class count, as in Neural Cleanse.
+2. Channel outliers: output channels whose Lipschitz upper bound (CLP's UCLC, BN folded in)
+   lies more than ``u`` standard deviations above its layer's mean; backdoors tend to live in
+   a few such channels.
+3. Trigger inversion through those channels: one universal perturbation (pixel range, L1
+   penalty) that maximizes the outlier channels' peak activations on synthetic images. If they
+   carry a backdoor, the perturbed images all land in its target class.
+
+The risk score is the inversion's concentration (0 when no channel is an outlier); the target
+estimate is the inversion's top class, else the adversarial histogram's. On the zoo the PGD
+histogram alone does not find a patch trigger's target (an L-inf ball of 8/255 cannot draw a
+white patch); see benchmarks/results/scan.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, class_histogram, concentration, pgd
+from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentration, pgd
+from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
 from cc_core.synth import SynthConfig, synthesize
@@ -42,6 +53,90 @@ def spectra(model: nn.Module, normalizer: str = "mean") -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class InversionConfig:
+    """Trigger inversion through outlier channels: ``u`` flags channels, at most ``max_channels``
+    (highest z first) are maximized by ``steps`` Adam steps (``lr``, pixel units) on batches of
+    ``batch_size`` synthetic images, with ``l1`` times the perturbation's L1 norm per colour
+    channel as penalty (a sparse, patch-like trigger is cheap; a full-image one is not)."""
+
+    u: float = 3.0
+    max_channels: int = 8
+    steps: int = 100
+    lr: float = 0.05
+    batch_size: int = 128
+    l1: float = 0.01
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def channel_outliers(model: nn.Module, u: float = 3.0) -> list[dict]:
+    """Channels whose Lipschitz bound z-score within its layer exceeds ``u``, highest first:
+    [{"layer": conv name, "channel": k, "z": z}]."""
+    from cc_core.baselines.clp import layer_scores
+
+    return [{"layer": name, "channel": k, "z": z} for z, name, k in layer_scores(model, conv_bn_pairs(model))
+            if z > u]
+
+
+def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[dict],
+                            cfg: InversionConfig = InversionConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One perturbation delta (1, C, H, W) in pixel units that maximizes the summed peak
+    activation of ``channels`` (at their BN's output, else the conv's) over ``x`` (N, C, H, W,
+    normalized). Returns the perturbed images (normalized) and delta."""
+    spec = model.cc_spec
+    pix, mean, std = _to_pixels(x.detach(), spec.mean, spec.std)
+    modules, pairs = dict(model.named_modules()), conv_bn_pairs(model)
+    peaks: list[torch.Tensor] = []
+
+    def hook(channel: int):
+        return lambda module, inputs, out: peaks.append(out[:, channel].amax(dim=(1, 2)).mean())
+
+    handles = [modules[pairs.get(c["layer"], c["layer"])].register_forward_hook(hook(c["channel"]))
+               for c in channels]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    delta = torch.zeros(1, *pix.shape[1:], device=pix.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    was_training = model.training
+    model.eval()
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(cfg.steps):
+            idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(pix.device)
+            peaks.clear()
+            model(((pix[idx] + delta).clamp(0, 1) - mean) / std)
+            loss = -torch.stack(peaks).sum() + cfg.l1 * delta.abs().sum() / pix.shape[1]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+    with torch.no_grad():
+        return ((pix + delta).clamp(0, 1) - mean) / std, delta.detach()
+
+
+def inversion_report(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = InversionConfig()) -> dict:
+    """Channel outliers and, when there are any, the class histogram of the inverted trigger."""
+    outliers = channel_outliers(model, cfg.u)
+    report = {"channel_outliers": outliers[:32], "n_channel_outliers": len(outliers),
+              "max_channel_z": max((o["z"] for o in outliers), default=None),
+              "histogram": None, "concentration": 0.0, "target_class_estimate": None, "delta_mean_abs": None}
+    if outliers:
+        x_inv, delta = invert_through_channels(model, x, outliers[:cfg.max_channels], cfg)
+        hist = class_histogram(model, x_inv)
+        report |= {"histogram": hist.tolist(), "concentration": concentration(hist),
+                   "target_class_estimate": int(hist.argmax()), "delta_mean_abs": float(delta.abs().mean())}
+    return report
+
+
 def histogram_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig) -> dict:
     """Adversarial class histogram of ``x`` under ``model``, with its statistics."""
     adv = pgd(model, x, y, cfg)
@@ -51,13 +146,22 @@ def histogram_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PG
 
 
 def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, iterations=100),
-         pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True) -> dict:
-    """The risk report of ``model``: histogram statistics, estimated target, spectra, timings."""
+         pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True,
+         inversion_cfg: InversionConfig = InversionConfig()) -> dict:
+    """The risk report of ``model``: ``risk`` (inversion concentration), ``target_class_estimate``,
+    the adversarial histogram's statistics (top level, as before), ``inversion``, spectra, timings."""
     start = time.perf_counter()
     x, y, log = synthesize(model, synth_cfg, device=device, progress=progress)
     t_synth = time.perf_counter() - start
     report = histogram_report(model, x, y, pgd_cfg)
+    t_pgd = time.perf_counter() - start - t_synth
+    report["inversion"] = inversion_report(model, x, inversion_cfg)
+    report["risk"] = report["inversion"]["concentration"]
+    if report["inversion"]["target_class_estimate"] is not None:
+        report["target_class_estimate"] = report["inversion"]["target_class_estimate"]
     report["spectra"] = spectra(model)
-    report["timings_s"] = {"synthesize": t_synth, "total": time.perf_counter() - start}
-    report["config"] = {"synth": synth_cfg.to_dict(), "pgd": pgd_cfg.to_dict()}
+    report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd,
+                           "inversion": time.perf_counter() - start - t_synth - t_pgd,
+                           "total": time.perf_counter() - start}
+    report["config"] = {"synth": synth_cfg.to_dict(), "pgd": pgd_cfg.to_dict(), "inversion": inversion_cfg.to_dict()}
     return report

@@ -1,7 +1,8 @@
 """``audit`` flow (scheduled): scan every registered model version that was never audited, or
 whose audit is older than ``max_age_hours``, and by policy clean it.
 
-Audit results are tags on the audited version (``cc.audit.at`` ISO time, ``cc.audit.concentration``,
+Audit results are tags on the audited version (``cc.audit.at`` ISO time, ``cc.audit.risk`` (the
+scan's risk score, see cc_core.scan), ``cc.audit.concentration``,
 ``cc.audit.target``, ``cc.audit.verdict`` = flagged|clear), and one MLflow run per scan in
 experiment ``cleancompact-audit``. Cleaned outputs (``*-cc`` models, versions tagged
 ``cc.role=output``) are never audited as sources.
@@ -39,11 +40,11 @@ def due_versions(c, max_age_hours: float, names: list[str] | None = None, now: d
 
 
 @flow(name="audit", log_prints=True)
-def audit_flow(policy: str = "clean-flagged", max_age_hours: float = 24 * 7, flag_concentration: float = 0.3,
+def audit_flow(policy: str = "clean-flagged", max_age_hours: float = 24 * 7, flag_risk: float = 0.5,
                names: list[str] | None = None, ratio: float = 2.0, preset: str = "cpu",
                overrides: dict | None = None, gates: dict | None = None, scan: dict | None = None,
                tracking_uri: str | None = None, work_root: str | None = None, limit: int | None = None) -> list[dict]:
-    """Audit due versions; returns one row per version: name, version, concentration, target,
+    """Audit due versions; returns one row per version: name, version, risk, concentration, target,
     verdict and (when cleaned) the clean_compact result's status and registered version."""
     if policy not in POLICIES:
         raise ConfigError(f"unknown audit policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -59,19 +60,19 @@ def audit_flow(policy: str = "clean-flagged", max_age_hours: float = 24 * 7, fla
     for v in due:
         uri = f"models:/{v.name}/{int(v.version)}"
         row = {"name": v.name, "version": int(v.version), **_scan_version(c, tracking_uri, experiment_id, uri,
-                                                                          work_root, scan_cfg, flag_concentration)}
+                                                                          work_root, scan_cfg, flag_risk)}
         if policy == "clean-all" or (policy == "clean-flagged" and row["verdict"] == "flagged"):
             result = clean_compact_flow(uri, ratio=ratio, preset=preset, overrides=overrides, gates=gates,
                                         tracking_uri=tracking_uri, work_root=str(work_root), scan=scan)
             row |= {"clean_status": result["status"], "registered": result["registered"]}
-        log.info(f"audit {uri}: concentration {row['concentration']:.2f} -> {row['verdict']}"
+        log.info(f"audit {uri}: risk {row['risk']:.2f} -> {row['verdict']}"
                  + (f", cleaned: {row['clean_status']}" if "clean_status" in row else ""))
         rows.append(row)
     return rows
 
 
 def _scan_version(c, tracking_uri: str, experiment_id: str, uri: str, work_root: Path, scan_cfg: ScanSettings,
-                  flag_concentration: float) -> dict:
+                  flag_risk: float) -> dict:
     """Scan one version in its own audit run and tag the version with the result."""
     import json
 
@@ -92,14 +93,14 @@ def _scan_version(c, tracking_uri: str, experiment_id: str, uri: str, work_root:
         fail_run(run, e)
         raise
     s = out["summary"]
-    verdict = "flagged" if s["concentration"] >= flag_concentration else "clear"
+    verdict = "flagged" if s["risk"] >= flag_risk else "clear"
     name, version = uri.removeprefix("models:/").rsplit("/", 1)
     for key, value in {"cc.audit.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "cc.audit.concentration": f"{s['concentration']:.4f}",
+                       "cc.audit.risk": f"{s['risk']:.4f}", "cc.audit.concentration": f"{s['concentration']:.4f}",
                        "cc.audit.target": str(s["target_class_estimate"]), "cc.audit.verdict": verdict,
                        "cc.audit.run_id": run.run_id}.items():
         c.set_model_version_tag(name, version, key, value)
     c.set_tag(run.run_id, "cc.audit.verdict", verdict)
     c.set_terminated(run.run_id, "FINISHED")
-    return {"concentration": s["concentration"], "target": s["target_class_estimate"], "verdict": verdict,
+    return {"risk": s["risk"], "concentration": s["concentration"], "target": s["target_class_estimate"], "verdict": verdict,
             "audit_run_id": run.run_id}

@@ -133,7 +133,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     plan = CompactionPlan.from_dict(json.loads(Path(compacted["files"]["plan"]).read_text()))
     synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
     report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
-                         evaluated["histogram_after"], timings, tuned["history"], synth_log, cfg.device)
+                         evaluated["histogram_after"], timings, tuned["history"], synth_log, cfg.device,
+                         compacted["channel_clean"])
     report["onnx"] = exported["onnx"]
     report["steps"] = evaluated["steps"]
     report["source"] = source

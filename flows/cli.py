@@ -257,8 +257,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["tau"] = None
     if args.normalizer:
         overrides["normalizer"] = args.normalizer
+    if args.channel_u is not None:
+        overrides["channel_u"] = args.channel_u
+    if args.no_channel_clean:
+        overrides["channel_u"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
-    ft = {k: v for k, v in {"epochs": args.finetune_epochs}.items() if v is not None}
+    ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight}.items() if v is not None}
     for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"), ("no_kd", "kd_weight")):
         if getattr(args, flag):
             ft[key] = 0.0
@@ -333,9 +337,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     names = model.cc_spec.class_names
     target = report["target_class_estimate"]
     label = f"{target} ({names[target]})" if names else str(target)
-    print(f"{args.model}: concentration {report['concentration']:.2f}, anomaly index "
-          f"{report['anomaly_index']:.1f}, most likely target class {label}")
-    print("adversarial class histogram: " + " ".join(str(c) for c in report["histogram"]))
+    inv = report["inversion"]
+    print(f"{args.model}: risk {report['risk']:.2f}, most likely target class {label}")
+    print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
+          + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
+             + " ".join(str(c) for c in inv["histogram"]) if inv["histogram"] else ""))
+    print(f"adversarial class histogram (concentration {report['concentration']:.2f}, anomaly index "
+          f"{report['anomaly_index']:.1f}): " + " ".join(str(c) for c in report["histogram"]))
     top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]
     print(_table([(s["layer"], f"{s['max_normalized']:.2f}") for s in top], ("layer", "max normalized sv")))
     return EXIT_OK
@@ -407,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=_positive_float, help="clip level of normalized singular values")
     p.add_argument("--no-clip", action="store_true", help="no singular-value clipping (ablation)")
     p.add_argument("--normalizer", choices=["max", "mean", "median", "rms", "none"])
+    p.add_argument("--channel-u", type=_positive_float,
+                   help="zero channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
+    p.add_argument("--no-channel-clean", action="store_true", help="no channel clean: the paper's C&C (ablation)")
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
     p.add_argument("--method", choices=["cc", "clp", "anp"], default="cc",
                    help="cc: Clean & Compact; clp / anp: baselines pruned to the same parameter budget")
@@ -418,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--no-synth-loss", action="store_true", help="fine-tune without the synthetic CE term")
     p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")
+    p.add_argument("--adv-weight", type=float, help="weight of the adversarial term (cpu preset: 0, measured)")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
     p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")

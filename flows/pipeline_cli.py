@@ -86,11 +86,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _quiet_prefect()
     from flows.audit import audit_flow
 
-    rows = audit_flow(policy=args.policy, max_age_hours=args.max_age_hours, flag_concentration=args.flag,
+    rows = audit_flow(policy=args.policy, max_age_hours=args.max_age_hours, flag_risk=args.flag,
                       names=args.names, ratio=args.ratio, preset=args.preset, tracking_uri=args.tracking_uri,
                       gates=_key_values(args.gate or [], "--gate"), limit=args.limit)
     for r in rows:
-        print(f"models:/{r['name']}/{r['version']}: concentration {r['concentration']:.2f}, target {r['target']}, "
+        print(f"models:/{r['name']}/{r['version']}: risk {r['risk']:.2f}, target {r['target']}, "
               f"{r['verdict']}" + (f", cleaned: {r['clean_status']}" if "clean_status" in r else ""))
     if not rows:
         print("nothing due for audit")
@@ -240,7 +240,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("audit", help="scan registered model versions that are due; clean by policy")
     p.add_argument("--policy", choices=["scan-only", "clean-flagged", "clean-all"], default="clean-flagged")
     p.add_argument("--max-age-hours", type=float, default=168.0)
-    p.add_argument("--flag", type=float, default=0.3, help="scan concentration at which a version is flagged")
+    p.add_argument("--flag", type=float, default=0.5, help="scan risk score at which a version is flagged")
     p.add_argument("--names", nargs="+", help="only these registered models")
     p.add_argument("--ratio", type=float, default=2.0)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")

@@ -124,7 +124,7 @@ def load_task(run: RunHandle, source: dict, arch: str | None = None, num_classes
 
 @task(name="scan", **COMPUTE)
 def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, device: str = "auto") -> dict:
-    """Data-free risk report of the suspect: adversarial class histogram and spectra."""
+    """Data-free risk report of the suspect: risk score, adversarial histogram, inversion, spectra."""
     from cc_core.adversarial import PGDConfig
     from cc_core.scan import scan
     from cc_core.synth import SynthConfig
@@ -135,14 +135,15 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, d
         path = run.path / "scan.json"
         path.write_text(json.dumps(report, indent=1))
         return {"files": {"scan": str(path)},
-                "summary": {k: report[k] for k in ("concentration", "anomaly_index", "target_class_estimate")}}
+                "summary": {k: report[k] for k in ("risk", "concentration", "anomaly_index", "target_class_estimate")}
+                | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}}
 
     out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg}, compute)
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]
-    get_run_logger().info(f"scan: concentration {s['concentration']:.2f}, anomaly index "
-                          f"{s['anomaly_index']:.1f}, estimated target class {s['target_class_estimate']}")
+    get_run_logger().info(f"scan: risk {s['risk']:.2f} ({s['n_channel_outliers']} outlier channels), adversarial "
+                          f"concentration {s['concentration']:.2f}, estimated target class {s['target_class_estimate']}")
     return out
 
 
@@ -152,26 +153,32 @@ def compact_task(run: RunHandle, model_file: str, cfg) -> dict:
     full-rank model the fine-tune distills from."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import distillation_teacher
+    from cc_core.pipeline import channel_clean, distillation_teacher
 
     def compute() -> dict:
         original = _load(model_file)
-        new, plan = clean_compact(original, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer, **cfg.compact)
+        start = time.perf_counter()
+        cleaned, channel_info = channel_clean(original, cfg)
+        channel_seconds = time.perf_counter() - start
+        new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer, **cfg.compact)
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
-        teacher = distillation_teacher(original, cfg)
+        teacher = distillation_teacher(cleaned, cfg)
         if teacher is not None:
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])
-        return {"files": files, "timings": {k: plan.timings_s[k] for k in ("decompose", "clean", "compact")},
+        timings = {"channel_clean": channel_seconds} | {k: plan.timings_s[k] for k in ("decompose", "clean", "compact")}
+        return {"files": files, "timings": timings, "channel_clean": channel_info,
                 "params_after": plan.params_after, "ratio_achieved": plan.ratio_achieved,
                 "compact_resolved": plan.config}
 
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
+                                   "channel_u": cfg.channel_u,
                                    "kd": cfg.finetune.kd_weight > 0}, compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
+    log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"]}, "clean.")
     log_metrics(run, out["timings"], "time.")
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")

@@ -192,3 +192,23 @@ def test_measure_before_and_after_on_real_style_data():
     assert set(m) == {"acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after"}
     assert all(0 <= v <= 1 for v in m.values())
     assert measure(tiny_model(0), tiny_model(1)) == dict.fromkeys(m)
+
+
+def test_channel_outliers_and_inversion_find_a_planted_backdoor_channel():
+    """A channel made to outlie (scaled filter) and wired to class 2 only: the scan flags it and
+    the inverted trigger lands every synthetic image in class 2."""
+    from cc_core.scan import InversionConfig, channel_outliers, inversion_report
+
+    model = tiny_model().eval()
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels >= 8]
+    name, conv = convs[-1]
+    with torch.no_grad():
+        conv.weight[0] *= 20
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.weight[:, 0] = 0
+        head.weight[2, 0] = 50
+    flagged = channel_outliers(model, u=3.0)
+    assert flagged[0]["layer"] == name and flagged[0]["channel"] == 0 and flagged[0]["z"] > 3
+    x = torch.randn(32, *model.cc_spec.input_shape) * 0.5
+    report = inversion_report(model, x, InversionConfig(steps=30, lr=0.1, l1=0.0))
+    assert report["target_class_estimate"] == 2 and report["concentration"] > 0.9

@@ -26,7 +26,7 @@ def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> torc
     return torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
 
 
-def _layer_scores(model: nn.Module, pairs: dict[str, str]) -> list[tuple[float, str, int]]:
+def layer_scores(model: nn.Module, pairs: dict[str, str]) -> list[tuple[float, str, int]]:
     """(z-score within its layer, conv name, channel) for every prunable channel."""
     scores = []
     modules = dict(model.named_modules())
@@ -62,7 +62,7 @@ def clp(model: nn.Module, u: float = 3.0) -> tuple[nn.Module, dict]:
     model = copy.deepcopy(model).eval()
     pairs = conv_bn_pairs(model)
     pruned: dict[str, int] = {}
-    for z, name, k in _layer_scores(model, pairs):
+    for z, name, k in layer_scores(model, pairs):
         if z <= u:
             break
         _prune(model, pairs, name, k)
@@ -78,7 +78,7 @@ def clp_to_budget(model: nn.Module, ratio: float, u: float = 3.0) -> tuple[nn.Mo
     target = total / ratio
     current = nonzero_params(pruned_model)
     extra = 0
-    for z, name, k in _layer_scores(model, pairs):
+    for z, name, k in layer_scores(model, pairs):
         if current <= target:
             break
         if z > u:
