@@ -1,14 +1,17 @@
 """Shared helpers for benchmark scripts: machine description and result files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 
-from cc_core.fileio import git_commit
+from cc_core.fileio import atomic_path, git_commit
+from cc_core.synth import SynthConfig, synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,3 +36,27 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
+
+
+def synthetic_cache_dir() -> Path:
+    """$CC_HOME/synthetic (CC_HOME as the pipeline resolves it)."""
+    from tasks.tracking import cc_home
+
+    return cc_home() / "synthetic"
+
+
+def shared_synthetic(name: str, model: torch.nn.Module, cfg: SynthConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Synthetic images of the zoo model ``name`` made from the model itself (seeded by ``cfg``),
+    cached under :func:`synthetic_cache_dir` so settings, ratios and reruns share them.
+    Returns (x, y, seconds it took to make them)."""
+    key = hashlib.sha256(json.dumps([name, cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    path = synthetic_cache_dir() / f"{name}-{key}.pt"
+    if path.exists():
+        return tuple(torch.load(path))
+    start = time.perf_counter()
+    x, y, _ = synthesize(model, cfg, progress=False)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save((x, y, seconds), tmp)
+    return x, y, seconds

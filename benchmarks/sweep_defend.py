@@ -9,21 +9,15 @@ differ only in what they vary.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import time
 
 import torch
 
-from benchmarks.common import machine, write_results
-from benchmarks.zoo import ensure_model
-from tasks.tracking import cc_home
+from benchmarks.common import machine, shared_synthetic, write_results
+from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
-from cc_core.pipeline import defend, resolve_config
-from cc_core.fileio import atomic_path
 from cc_core.io import load_model
-from cc_core.synth import synthesize
+from cc_core.pipeline import defend, resolve_config
 
 COMMAND = "python -m benchmarks.sweep_defend"
 PAPER = {"channel_u": None}  # the paper's C&C: singular-value clipping is the only clean step
@@ -35,30 +29,18 @@ GRIDS = {
                 ("default (channel u 3, tau 3)", 2.0, {}, {}),
                 ("default + adversarial term", 2.0, {}, {"adv_weight": 1.0}),
                 ("default, no distillation", 2.0, {}, {"kd_weight": 0.0}),
+                ("default, no synthetic CE", 2.0, {}, {"synth_weight": 0.0}),
                 ("default, no fine-tune", 2.0, {}, {"epochs": 0}),
-                ("default (channel u 3, tau 3)", 4.0, {}, {})],
+                ("default, fine-tune lr 0.01", 2.0, {}, {"lr": 0.01}),
+                ("default (channel u 3, tau 3)", 4.0, {}, {}),
+                ("default, 30 fine-tune epochs", 4.0, {}, {"epochs": 30}),
+                ("default, energy rank allocation", 2.0, {"compact": {"rank_strategy": "energy"}}, {}),
+                ("default, energy rank allocation", 4.0, {"compact": {"rank_strategy": "energy"}}, {})],
     "tau": [(f"{norm} tau {tau}", 2.0, {"normalizer": norm, "tau": tau}, {})
             for norm, taus in (("mean", (None, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)), ("max", (0.3, 0.5, 0.7, 0.9)),
                                ("median", (2.0, 3.0, 5.0))) for tau in taus],
     "channel": [(f"channel u {u}, tau 3", 2.0, {"channel_u": u}, {}) for u in (2.0, 2.5, 3.0, 4.0, 5.0)],
 }
-
-
-def shared_synthetic(name: str, model, cfg) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Synthetic images of the zoo model ``name`` (from the original model, seeded), cached
-    under $CC_HOME/synthetic so reruns and other grids reuse them; returns (x, y, seconds)."""
-    key = hashlib.sha256(json.dumps([name, cfg.synth.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
-    path = cc_home() / "synthetic" / f"{name}-{key}.pt"
-    if path.exists():
-        x, y, seconds = torch.load(path)
-        return x, y, seconds
-    start = time.perf_counter()
-    x, y, _ = synthesize(model, cfg.synth, progress=False)
-    seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save((x, y, seconds), tmp)
-    return x, y, seconds
 
 
 def run(models: list[str], grid: str) -> dict:
@@ -68,7 +50,7 @@ def run(models: list[str], grid: str) -> dict:
     for name in models:
         directory = ensure_model(name)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
-        x, y, synth_seconds = shared_synthetic(name, model, resolve_config("cpu"))
+        x, y, synth_seconds = shared_synthetic(model_name(name), model, resolve_config("cpu").synth)
         for label, ratio, overrides, ft in GRIDS[grid]:
             cfg = resolve_config("cpu", ratio=ratio, finetune=ft, scan_before=False, **overrides)
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,

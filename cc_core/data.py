@@ -111,6 +111,13 @@ class ImageData:
     def subset(self, indices: np.ndarray) -> "ImageData":
         return ImageData(self.x[indices], self.y[indices], self.classes, self.name)
 
+    def sample(self, fraction: float, seed: int = 0) -> "ImageData":
+        """A seeded random ``fraction`` (0 < fraction <= 1) of the samples, in their original order."""
+        if not 0 < fraction <= 1:
+            raise InputError(f"fraction must be in (0, 1], got {fraction!r}")
+        n = max(1, int(round(fraction * len(self))))
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, H, W) uint8 and (N,) int64 tensors sharing no memory with the arrays."""
         return torch.from_numpy(np.ascontiguousarray(self.x.transpose(0, 3, 1, 2))), torch.from_numpy(self.y.copy())

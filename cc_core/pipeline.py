@@ -75,10 +75,10 @@ class DefendConfig:
 
 
 PRESETS: dict[str, DefendConfig] = {
-    # Measured on the zoo BadNet model (benchmarks/results/sweep_defend.md): lr 0.01 diverges (the
-    # Tucker factors are unbalanced: orthonormal U, all scale in the core), 0.002 is already
-    # worse than 0.001; 30 epochs gain < 0.1 point over 10 at 2x; the adversarial term costs 12
-    # points of ACC at 2x for no ASR gain, so it is off (adv_weight > 0 turns it on).
+    # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_focused.md):
+    # fine-tune lr 0.01 diverges (the Tucker factors are unbalanced: orthonormal U, all scale in
+    # the core); the adversarial term costs ACC for no ASR gain, so it is off (adv_weight > 0
+    # turns it on); distillation from the channel-cleaned model carries most of the recovery.
     "cpu": DefendConfig(
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",

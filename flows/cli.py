@@ -305,16 +305,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 def _clean_subset(args: argparse.Namespace):
     """A seeded --clean-fraction of the clean data's train split (ANP's 1%)."""
-    import numpy as np
-
     from cc_core.data import load_dataset
 
-    data = load_dataset(args.clean_data, "train", args.data_dir)
     if not 0 < args.clean_fraction <= 1:
         raise _input_error(f"--clean-fraction must be in (0, 1], got {args.clean_fraction}")
-    n = max(1, int(round(args.clean_fraction * len(data))))
-    keep = np.random.default_rng(args.seed).choice(len(data), n, replace=False)
-    return data.subset(np.sort(keep))
+    return load_dataset(args.clean_data, "train", args.data_dir).sample(args.clean_fraction, args.seed)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -346,6 +341,27 @@ def cmd_scan(args: argparse.Namespace) -> int:
           f"{report['anomaly_index']:.1f}): " + " ".join(str(c) for c in report["histogram"]))
     top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]
     print(_table([(s["layer"], f"{s['max_normalized']:.2f}") for s in top], ("layer", "max normalized sv")))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run, list or render the benchmark tables (benchmarks/bench.py)."""
+    from benchmarks import bench
+
+    if args.recipe is not None and args.recipe not in bench.RECIPES:
+        raise _input_error(f"unknown recipe {args.recipe!r}; choose from {', '.join(bench.RECIPES)}")
+    if args.action == "render":
+        print(f"wrote {bench.render()}")
+        return EXIT_OK
+    rows = bench.select(args.table, args.recipe, args.attacks, args.defenses, args.ratios)
+    if not rows:
+        raise _input_error("no benchmark row matches these filters (see `cleancompact bench list`)")
+    if args.action == "list":
+        print(_table([(r.id, "done" if bench.row_path(r).exists() else "-", r.command) for r in rows],
+                     ("row", "state", "command")))
+        return EXIT_OK
+    bench.run(rows, force=args.force)
+    print(f"wrote {bench.render()}")
     return EXIT_OK
 
 
@@ -451,6 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("bench", help="the paper's tables on this machine (cached, resumable rows)")
+    p.add_argument("action", choices=["run", "render", "list"],
+                   help="run rows (then render), render benchmarks/RESULTS.md, or list rows and their state")
+    p.add_argument("--table", choices=["table2", "table4", "table5"])
+    p.add_argument("--recipe")
+    p.add_argument("--attacks", nargs="+")
+    p.add_argument("--defenses", nargs="+", choices=["none", "anp", "clp", "cc"])
+    p.add_argument("--ratios", nargs="+", type=float)
+    p.add_argument("--force", action="store_true", help="re-run rows whose results exist")
+    p.set_defaults(func=cmd_bench)
 
     from flows.pipeline_cli import add_commands
 

@@ -1,0 +1,275 @@
+"""The paper's tables on this machine: rows of (recipe, attack, defense, ratio), each cached.
+
+Run: cleancompact bench run --table table2 [--attacks ...] [--defenses ...] [--ratios ...]
+     cleancompact bench render            (writes benchmarks/RESULTS.md)
+     cleancompact bench list --table table2
+
+A row trains its zoo model if it is not cached (benchmarks/zoo.py), runs one defense on it and
+writes benchmarks/results/bench/<row id>.json: ACC/ASR/RA before and after on the real test set,
+parameters, onnxruntime latency of the original and the defended model side by side in this
+process, the defense's wall time per step, and the command that re-runs exactly that row. A row
+whose JSON exists is skipped (``--force`` re-runs it). C&C rows of one model share its synthetic
+images (made once from the original model and cached), so the ``synthesize`` time is reported
+from the run that made them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, machine, shared_synthetic
+from benchmarks.zoo import RECIPE, ensure_model, model_name
+from cc_core.attacks import load_attack
+from cc_core.data import load_dataset
+from cc_core.io import load_model
+from cc_core.metrics import evaluate
+from cc_core.models import count_params
+from cc_core.pipeline import defend, defend_baseline, export_checked_onnx, resolve_config
+
+ROWS_DIR = RESULTS / "bench"
+RESULTS_MD = RESULTS.parent / "RESULTS.md"
+RECIPES = {
+    "cifar10-resnet18": RECIPE,
+    "gtsrb-resnet18": RECIPE | {"dataset": "gtsrb"},
+    "cifar10-vgg19_bn": RECIPE | {"arch": "vgg19_bn"},
+    "cifar10-mobilenet_v2": RECIPE | {"arch": "mobilenet_v2", "width": 0.5},
+}
+ALL_ATTACKS = ["badnet", "blended", "inputaware", "wanet"]
+DEFENSES = ("none", "anp", "clp", "cc")
+ANP_CLEAN_FRACTION = 0.01  # of the train split, seeded: the paper's 1%
+LATENCY_BATCH = 128
+
+
+@dataclass(frozen=True)
+class Row:
+    recipe: str
+    attack: str
+    defense: str
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        if self.defense not in DEFENSES:
+            raise ValueError(f"unknown defense {self.defense!r}; choose from {', '.join(DEFENSES)}")
+        if (self.defense == "none") != (self.ratio is None) or (self.ratio is not None and not self.ratio > 1):
+            raise ValueError("a defense needs a ratio > 1; 'none' takes no ratio")
+
+    @property
+    def model(self) -> str:
+        return model_name(self.attack, RECIPES[self.recipe])
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.defense}" + ("" if self.ratio is None else f"-{self.ratio:g}x")
+
+    @property
+    def command(self) -> str:
+        ratio = "" if self.ratio is None else f" --ratios {self.ratio:g}"
+        return f"cleancompact bench run --recipe {self.recipe} --attacks {self.attack} --defenses {self.defense}{ratio}"
+
+
+def _grid(recipe: str, attacks: Iterable[str], defenses: Iterable[tuple[str, float | None]]) -> list[Row]:
+    return [Row(recipe, a, d, r) for a in attacks for d, r in defenses]
+
+
+TABLES: dict[str, list[Row]] = {
+    "table2": _grid("cifar10-resnet18", ALL_ATTACKS + [f"{a}-a2a" for a in ALL_ATTACKS],
+                    [("none", None), ("anp", 2.0), ("clp", 2.0), ("cc", 2.0), ("cc", 3.0), ("cc", 4.0)]),
+    "table4": _grid("gtsrb-resnet18", ["badnet", "badnet-a2a", "inputaware", "inputaware-a2a"],
+                    [("none", None), ("clp", 2.0), ("cc", 2.0)]),
+    "table5": (_grid("cifar10-vgg19_bn", ["badnet"], [("none", None), ("clp", 2.0), ("cc", 2.0)])
+               + _grid("cifar10-mobilenet_v2", ["badnet"], [("none", None), ("clp", 2.0), ("cc", 2.0)])),
+}
+
+
+def select(table: str | None = None, recipe: str | None = None, attacks: list[str] | None = None,
+           defenses: list[str] | None = None, ratios: list[float] | None = None) -> list[Row]:
+    """The rows of ``table`` (all tables if None) that match every given filter."""
+    rows = [r for name, rs in TABLES.items() if table in (None, name) for r in rs]
+    if recipe is not None:
+        rows = [r for r in rows if r.recipe == recipe]
+    if attacks:
+        rows = [r for r in rows if r.attack in attacks]
+    if defenses:
+        rows = [r for r in rows if r.defense in defenses]
+    if ratios:
+        rows = [r for r in rows if r.ratio is None or r.ratio in ratios]
+    return list(dict.fromkeys(rows))
+
+
+def row_path(row: Row) -> Path:
+    return ROWS_DIR / f"{row.id}.json"
+
+
+def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
+    """(defended model, result fields) for a C&C or baseline row."""
+    if row.defense == "cc":
+        cfg = resolve_config("cpu", ratio=row.ratio)
+        x, y, synth_seconds = shared_synthetic(row.model, model, cfg.synth)
+        result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False, log=log, synthetic=(x, y))
+        timings = {"synthesize": synth_seconds} | {k: v for k, v in result.report["timings_s"].items()
+                                                     if k not in ("synthesize", "total")}
+    else:
+        clean = None
+        if row.defense == "anp":
+            clean = load_dataset(RECIPES[row.recipe]["dataset"], "train").sample(ANP_CLEAN_FRACTION, seed=0)
+        result = defend_baseline(model, row.defense, row.ratio, test, attack, clean, progress=False, log=log)
+        timings = {k: v for k, v in result.report["timings_s"].items() if k != "total"}
+    r = result.report
+    return result.model, {"metrics": r["metrics"], "params_after": r["model"]["params_after"], "timings_s": timings,
+                          "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
+                          "details": r.get("channel_clean") or r.get("baseline")}
+
+
+def run_row(row: Row, force: bool = False, log=print) -> dict:
+    """Run ``row`` (training its zoo model if needed) unless its JSON exists; return the JSON."""
+    path = row_path(row)
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    torch.manual_seed(0)
+    directory = ensure_model(row.attack, RECIPES[row.recipe])
+    model = load_model(directory / "model.safetensors").eval()
+    attack = load_attack(directory)
+    test = load_dataset(RECIPES[row.recipe]["dataset"], "test")
+    start = time.perf_counter()
+    if row.defense == "none":
+        before = evaluate(model, test, attack)
+        defended = None
+        fields = {"metrics": {f"{k}_{w}": before[k] for k in ("acc", "asr", "ra") for w in ("before", "after")},
+                  "params_after": count_params(model), "timings_s": {}, "defense_s": 0.0, "details": None}
+    else:
+        defended, fields = _defended(row, model, test, attack, log)
+    wall = time.perf_counter() - start
+    onnx = None
+    if defended is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx = export_checked_onnx(defended, model, tmp, threads=2, latency_batch=LATENCY_BATCH)
+    payload = {"row": dataclasses.asdict(row), "id": row.id, "model": row.model, "command": row.command,
+               "params_before": count_params(model), **fields, "wall_s": wall, "onnx": onnx,
+               "zoo_train_seconds": json.loads((directory / "metrics.json").read_text())["train_seconds"],
+               "machine": machine()}
+    ROWS_DIR.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp_path.replace(path)
+    return payload
+
+
+def run(rows: list[Row], force: bool = False, log=print) -> list[dict]:
+    results = []
+    for i, row in enumerate(rows, 1):
+        cached = row_path(row).exists() and not force
+        log(f"[bench] {i}/{len(rows)} {row.id}" + (" (cached)" if cached else ""))
+        results.append(run_row(row, force, log=lambda *a: None))
+        m = results[-1]["metrics"]
+        log(f"[bench]   ACC {100 * m['acc_after']:.2f}  ASR {100 * m['asr_after']:.2f}  "
+            f"params {results[-1]['params_after']:,}")
+    return results
+
+
+def load_rows() -> dict[str, dict]:
+    """Every finished row's JSON by row id."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(ROWS_DIR.glob("*.json"))} if ROWS_DIR.exists() else {}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _cell(done: dict, row: Row) -> str:
+    r = done.get(row.id)
+    if r is None:
+        return "not run"
+    m = r["metrics"]
+    return f"{_pct(m['acc_after'])} / {_pct(m['asr_after'])}"
+
+
+def _acc_asr_table(done: dict, rows: list[Row], columns: list[tuple[str, float | None]]) -> list[str]:
+    head = ["No defense" if d == "none" else f"{d.upper() if d != 'cc' else 'C&C'} {r:g}x" for d, r in columns]
+    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for model in dict.fromkeys((r.recipe, r.attack) for r in rows):
+        cells = [_cell(done, Row(model[0], model[1], d, r)) for d, r in columns]
+        lines.append(f"| {Row(model[0], model[1], 'none').model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _target_lines(done: dict, ratio: float, max_drop: float, max_asr: float) -> list[str]:
+    rows = [r for r in TABLES["table2"] if r.defense == "cc" and r.ratio == ratio]
+    got = [done[r.id] for r in rows if r.id in done]
+    if not got:
+        return [f"- C&C {ratio:g}x: no row run yet (target: mean ACC drop <= {max_drop}, every ASR <= {max_asr * 100:g}%)."]
+    drops = [100 * (g["metrics"]["acc_before"] - g["metrics"]["acc_after"]) for g in got]
+    asrs = [100 * g["metrics"]["asr_after"] for g in got]
+    mean_drop = sum(drops) / len(drops)
+    verdict = "met" if mean_drop <= max_drop and max(asrs) <= 100 * max_asr else "MISSED"
+    return [f"- C&C {ratio:g}x over {len(got)} of {len(rows)} settings: mean ACC drop {mean_drop:.2f} points "
+            f"(target <= {max_drop}), max ASR {max(asrs):.2f}% (target <= {100 * max_asr:g}%): **{verdict}**"
+            + ("" if verdict == "met" else f"; drop over target by {max(0.0, mean_drop - max_drop):.2f} points, "
+               f"ASR over by {max(0.0, max(asrs) - 100 * max_asr):.2f} points") + "."]
+
+
+def _cost_table(done: dict) -> list[str]:
+    lines = ["| row | total s (excl. evaluation) | per step (s) |", "|---|---|---|"]
+    for rid, r in done.items():
+        if r["row"]["defense"] == "none":
+            continue
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items() if k != "evaluate")
+        lines.append(f"| {rid} | {r['defense_s']:.1f} | {steps} |")
+    return lines
+
+
+def _size_table(done: dict) -> list[str]:
+    lines = [f"| row | params before | params after | ms original (batch {LATENCY_BATCH}) | ms defended | speed-up |"
+             " speed-up batch 1 |", "|---|---|---|---|---|---|---|"]
+    for rid, r in done.items():
+        o = r["onnx"]
+        if o is None:
+            continue
+        lines.append(f"| {rid} | {r['params_before']:,} | {r['params_after']:,} | {o['latency_ms']['original']:.2f} | "
+                     f"{o['latency_ms']['compact']:.2f} | {o['speedup']:.2f} | {o['speedup_batch1']:.2f} |")
+    return lines
+
+
+def _speed_section() -> list[str]:
+    path = RESULTS / "speed_resnet18.md"
+    if not path.exists():
+        return ["Not run yet: `python -m benchmarks.speed`."]
+    return path.read_text().splitlines()[1:]
+
+
+def render() -> Path:
+    """Write benchmarks/RESULTS.md from the rows in benchmarks/results/bench/ (never typed in)."""
+    done = load_rows()
+    machines = sorted({f"{r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}"
+                       for r in done.values()})
+    t2 = [("none", None), ("anp", 2.0), ("clp", 2.0), ("cc", 2.0), ("cc", 3.0), ("cc", 4.0)]
+    small = [("none", None), ("clp", 2.0), ("cc", 2.0)]
+    md = ["# Results\n",
+          "Generated by `cleancompact bench render` from benchmarks/results/bench/*.json; every row was made by the "
+          "command listed at the end (re-run one row with it; `--force` to redo a cached one). "
+          f"Machines: {'; '.join(machines) or 'none yet'}. Models are the zoo's CPU-scale recipes "
+          "(benchmarks/results/zoo.md), not the paper's full-width ResNet-18, so compare drops, not absolute ACC.\n",
+          "## Table 2 shape: CIFAR-10, ResNet-18 (width 0.25), ACC / ASR in %\n",
+          *_acc_asr_table(done, TABLES["table2"], t2), "",
+          "Targets (issue 6; the paper's level):",
+          *_target_lines(done, 2.0, 1.5, 0.05), *_target_lines(done, 4.0, 3.0, 0.05), "",
+          "## Tables 4/5 shape: GTSRB and other architectures (BadNet / Input-Aware), ACC / ASR in %\n",
+          *_acc_asr_table(done, TABLES["table4"] + TABLES["table5"], small), "",
+          "## Parameters and onnxruntime latency of each defended model (CPU, 2 threads, one process)\n",
+          *_size_table(done), "",
+          "## Speed-up at full width\n", *_speed_section(), "",
+          "## Cost of the defense (wall time per step on this machine)\n",
+          "C&C's `synthesize` is the run that made the model's shared synthetic images; `scan` is the "
+          "adversarial histogram before/after (reporting only).\n", *_cost_table(done), "",
+          "## Commands\n", "| row | command |", "|---|---|",
+          *[f"| {rid} | `{r['command']}` |" for rid, r in done.items()]]
+    RESULTS_MD.write_text("\n".join(md) + "\n")
+    return RESULTS_MD

@@ -1,0 +1,63 @@
+"""The benchmark runner's bookkeeping: rows, filters, and the RESULTS.md renderer."""
+import json
+
+import pytest
+
+from benchmarks import bench
+from flows.cli import main
+
+
+def test_rows_have_unique_ids_and_commands_that_select_exactly_themselves():
+    rows = bench.select()
+    assert len({r.id for r in rows}) == len(rows)
+    assert len(bench.TABLES["table2"]) == 8 * 6
+    for row in rows:
+        args = row.command.split()[3:]
+        recipe = args[args.index("--recipe") + 1]
+        attacks = [args[args.index("--attacks") + 1]]
+        defenses = [args[args.index("--defenses") + 1]]
+        ratios = [float(args[args.index("--ratios") + 1])] if "--ratios" in args else None
+        selected = [r for r in bench.select(None, recipe, attacks, defenses, ratios)]
+        assert selected == [row]
+
+
+@pytest.mark.parametrize("kwargs", [{"defense": "cc"}, {"defense": "none", "ratio": 2.0},
+                                    {"defense": "cc", "ratio": 1.0}, {"defense": "fineprune", "ratio": 2.0}])
+def test_bad_rows_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        bench.Row("cifar10-resnet18", "badnet", **kwargs)
+
+
+def _fake_row(row: bench.Row, acc_before: float, acc_after: float, asr_after: float) -> dict:
+    onnx = None if row.defense == "none" else {"latency_ms": {"original": 10.0, "compact": 5.0}, "speedup": 2.0,
+                                               "speedup_batch1": 1.5}
+    return {"row": {"recipe": row.recipe, "attack": row.attack, "defense": row.defense, "ratio": row.ratio},
+            "id": row.id, "command": row.command, "params_before": 1000, "params_after": 500,
+            "metrics": {"acc_before": acc_before, "acc_after": acc_after, "asr_before": 0.97, "asr_after": asr_after,
+                        "ra_before": 0.0, "ra_after": 0.5},
+            "timings_s": {"finetune": 3.0, "evaluate": 1.0}, "defense_s": 3.0, "onnx": onnx,
+            "machine": {"cpu": "test cpu", "cores": 2, "torch": "x"}}
+
+
+def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ROWS_DIR", tmp_path / "bench")
+    monkeypatch.setattr(bench, "RESULTS_MD", tmp_path / "RESULTS.md")
+    (tmp_path / "bench").mkdir()
+    written = [(bench.Row("cifar10-resnet18", "badnet", "cc", 2.0), 0.85, 0.84, 0.03),
+               (bench.Row("cifar10-resnet18", "wanet", "cc", 2.0), 0.85, 0.82, 0.04),
+               (bench.Row("cifar10-resnet18", "badnet", "none"), 0.85, 0.85, 0.97)]
+    for row, *values in written:
+        (tmp_path / "bench" / f"{row.id}.json").write_text(json.dumps(_fake_row(row, *values)))
+    text = bench.render().read_text()
+    assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | not run | 84.00 / 3.00 |" in text
+    # mean drop (1 + 3) / 2 = 2 points > 1.5: missed by 0.50, over 2 of the 8 settings
+    assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text
+    assert "**MISSED**; drop over target by 0.50 points, ASR over by 0.00 points" in text
+    assert "C&C 4x: no row run yet" in text
+    assert "`cleancompact bench run --recipe cifar10-resnet18 --attacks wanet --defenses cc --ratios 2`" in text
+
+
+def test_bench_cli_refuses_filters_that_match_nothing(capsys):
+    assert main(["bench", "list", "--table", "table5", "--attacks", "wanet"]) == 2
+    assert "no benchmark row matches" in capsys.readouterr().err
+    assert main(["bench", "list", "--recipe", "imagenet-resnet50"]) == 2
