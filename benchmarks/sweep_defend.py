@@ -1,7 +1,7 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|tau|channel]
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|tau|channel]
 Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
@@ -21,6 +21,8 @@ from cc_core.pipeline import defend, resolve_config
 
 COMMAND = "python -m benchmarks.sweep_defend"
 PAPER = {"channel_u": None}  # the paper's C&C: singular-value clipping is the only clean step
+ENERGY = {"compact": {"rank_strategy": "energy"}}
+SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
 GRIDS = {
     # (label, ratio, DefendConfig overrides, fine-tune overrides)
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
@@ -36,6 +38,18 @@ GRIDS = {
                 ("default, 30 fine-tune epochs", 4.0, {}, {"epochs": 30}),
                 ("default, energy rank allocation", 2.0, {"compact": {"rank_strategy": "energy"}}, {}),
                 ("default, energy rank allocation", 4.0, {"compact": {"rank_strategy": "energy"}}, {})],
+    # Second round, on the focused grid's best rank allocation (energy).
+    "energy": [("energy, no distillation", 2.0, ENERGY, {"kd_weight": 0.0}),
+               ("energy + feature distillation", 2.0, ENERGY, {"feature_weight": 1.0}),
+               ("energy, tau 2", 2.0, ENERGY | {"tau": 2.0}, {}),
+               ("energy + adversarial 0.3 at eps 4/255", 2.0, ENERGY | SOFT_PGD, {"adv_weight": 0.3}),
+               ("energy + adversarial 0.3 at eps 4/255, no distillation", 2.0, ENERGY | SOFT_PGD,
+                {"adv_weight": 0.3, "kd_weight": 0.0}),
+               ("energy, no distillation", 4.0, ENERGY, {"kd_weight": 0.0}),
+               ("energy + feature distillation", 4.0, ENERGY, {"feature_weight": 1.0}),
+               ("energy, tau 2", 4.0, ENERGY | {"tau": 2.0}, {}),
+               ("energy + adversarial 0.3 at eps 4/255, no distillation", 4.0, ENERGY | SOFT_PGD,
+                {"adv_weight": 0.3, "kd_weight": 0.0})],
     "tau": [(f"{norm} tau {tau}", 2.0, {"normalizer": norm, "tau": tau}, {})
             for norm, taus in (("mean", (None, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)), ("max", (0.3, 0.5, 0.7, 0.9)),
                                ("median", (2.0, 3.0, 5.0))) for tau in taus],

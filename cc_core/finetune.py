@@ -1,10 +1,13 @@
 """Recovery fine-tune of the compact model on synthetic data only (METHOD.md step 7).
 
   L = w_syn * CE(F(x_s), y_s)  +  w_adv * CE(F(x_adv), y_s)  +  w_kd * T^2 KL(T(x_s) || F(x_s))
+      + w_feat * mean_l ||F_l(x_s) - T_l(x_s)||^2 / ||T_l(x_s)||^2
 x_s: BN-statistics synthetic images with labels y_s; x_adv: their adversarial versions, trained
 towards the BENIGN label y_s so backdoor-like perturbations stop flipping predictions;
 T: the teacher (the clipped full-rank model), distilled on the clean synthetic images only:
-its outputs on adversarial images may still carry the backdoor. Each term is switched off by a
+its outputs on adversarial images may still carry the backdoor. F_l, T_l: the outputs of the
+BatchNorm layer named l in student and teacher (compression keeps BN names), so the feature
+term gives every layer its own target instead of only the logits. Each term is switched off by a
 zero weight; with every term off the model is returned untouched.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ class FinetuneConfig:
     adv_weight: float = 1.0
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
+    feature_weight: float = 0.0
     freeze_bn: bool = True
     augment: bool = True
     mixed_precision: bool = True
@@ -41,12 +45,17 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("fine-tune needs epochs >= 0, batch_size >= 1 and lr > 0")
-        if min(self.synth_weight, self.adv_weight, self.kd_weight) < 0:
+        if min(self.synth_weight, self.adv_weight, self.kd_weight, self.feature_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
 
     @property
     def active(self) -> bool:
-        return self.epochs > 0 and (self.synth_weight > 0 or self.adv_weight > 0 or self.kd_weight > 0)
+        return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.kd_weight,
+                                       self.feature_weight) > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_weight > 0 or self.feature_weight > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,18 +72,58 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
 
+class BNOutputs:
+    """Records the output of every BatchNorm layer of ``model`` by module name while active."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _hook(self, name: str):
+        def record(module, inputs, out) -> None:
+            self.outputs[name] = out
+        return record
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the layers both have of ||s - t||^2 / ||t||^2 (relative squared error)."""
+    names = [n for n in teacher if n in student]
+    if not names:
+        raise ConfigError("feature distillation found no BatchNorm layer shared by student and teacher")
+    terms = [(student[n].float() - teacher[n].float()).pow(2).sum() / teacher[n].float().pow(2).sum().clamp_min(1e-12)
+             for n in names]
+    return torch.stack(terms).mean()
+
+
 def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
              x_adv: torch.Tensor | None = None, teacher: nn.Module | None = None,
              cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True) -> list[dict]:
     """Fine-tune ``model`` in place; returns per-epoch mean losses."""
-    from tqdm import tqdm
-
     if cfg.adv_weight > 0 and x_adv is None:
         raise ConfigError("adv_weight > 0 needs adversarial synthetic images")
-    if cfg.kd_weight > 0 and teacher is None:
-        raise ConfigError("kd_weight > 0 needs a teacher model")
+    if cfg.needs_teacher and teacher is None:
+        raise ConfigError("kd_weight > 0 or feature_weight > 0 needs a teacher model")
     if not cfg.active:
         return []
+    student_bn = BNOutputs(model) if cfg.feature_weight else None
+    teacher_bn = BNOutputs(teacher) if cfg.feature_weight else None
+    try:
+        return _train(model, x_syn, y_syn, x_adv, teacher, cfg, progress, student_bn, teacher_bn)
+    finally:
+        for rec in (student_bn, teacher_bn):
+            if rec is not None:
+                rec.remove()
+
+
+def _train(model, x_syn, y_syn, x_adv, teacher, cfg: FinetuneConfig, progress: bool,
+           student_bn: BNOutputs | None, teacher_bn: BNOutputs | None) -> list[dict]:
+    from tqdm import tqdm
+
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=True)
@@ -90,7 +139,7 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
         if cfg.freeze_bn:
             _set_bn_eval(model)
         order = torch.randperm(n, generator=gen)
-        sums = {"syn": 0.0, "adv": 0.0, "kd": 0.0}
+        sums = {"syn": 0.0, "adv": 0.0, "kd": 0.0, "feat": 0.0}
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xs, ys = x_syn[idx], y_syn[idx]
@@ -100,9 +149,10 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
                 xa = random_hflip(random_crop(xa, 2, gen), gen) if xa is not None else None
             loss = torch.zeros((), device=xs.device)
             with autocast(xs.device, cfg.mixed_precision):
-                out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight) else None
+                out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight) else None
+                student_feats = dict(student_bn.outputs) if student_bn else None
                 out_a = model(xa).float() if cfg.adv_weight else None
-                if cfg.kd_weight:
+                if cfg.needs_teacher:
                     with torch.no_grad():
                         target = teacher(xs).float()
             if cfg.synth_weight:
@@ -117,6 +167,10 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
                 term = distillation_loss(out_s, target, cfg.kd_temperature)
                 sums["kd"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.kd_weight * term
+            if cfg.feature_weight:
+                term = feature_loss(student_feats, teacher_bn.outputs)
+                sums["feat"] += float(term.detach()) * len(idx)
+                loss = loss + cfg.feature_weight * term
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

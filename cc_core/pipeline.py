@@ -239,7 +239,7 @@ def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]
 def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | None:
     """The clean-step-only model KD distills from: ``cleaned`` (the channel-cleaned original)
     with its singular values clipped at full rank; None without KD."""
-    if cfg.finetune.kd_weight <= 0:
+    if not cfg.finetune.needs_teacher:
         return None
     teacher, _ = clean_compact(cleaned, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
     return teacher.eval()

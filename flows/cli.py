@@ -262,7 +262,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.no_channel_clean:
         overrides["channel_u"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
-    ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight}.items() if v is not None}
+    ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
+                            "feature_weight": args.feature_weight}.items() if v is not None}
     for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"), ("no_kd", "kd_weight")):
         if getattr(args, flag):
             ft[key] = 0.0
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")
     p.add_argument("--adv-weight", type=float, help="weight of the adversarial term (cpu preset: 0, measured)")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
+    p.add_argument("--feature-weight", type=float,
+                   help="weight of BatchNorm-output (feature) distillation from the teacher; 0 turns it off")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
     p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
     p.add_argument("--data-dir")

@@ -176,7 +176,7 @@ def compact_task(run: RunHandle, model_file: str, cfg) -> dict:
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
                                    "channel_u": cfg.channel_u,
-                                   "kd": cfg.finetune.kd_weight > 0}, compute)
+                                   "teacher": cfg.finetune.needs_teacher}, compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
     log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"]}, "clean.")
     log_metrics(run, out["timings"], "time.")

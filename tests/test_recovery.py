@@ -1,4 +1,5 @@
 """Synthesis, PGD, fine-tune, scan, defend and ONNX export on tiny models (seconds each)."""
+import copy
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from cc_core.adversarial import PGDConfig, concentration, pgd
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
-from cc_core.finetune import FinetuneConfig, finetune
+from cc_core.finetune import FinetuneConfig, feature_loss, finetune
 from cc_core.scan import anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
 from flows.cli import main
@@ -97,6 +98,28 @@ def test_finetune_lowers_its_loss_and_keeps_bn_statistics():
     assert torch.equal(model.bn1.running_mean, running)
     with pytest.raises(ConfigError, match="needs a teacher"):
         finetune(model, x, y, x, None, FinetuneConfig(kd_weight=1.0), progress=False)
+
+
+def test_feature_loss_is_relative_error_over_shared_bn_layers():
+    t = {"a": torch.ones(2, 3), "b": 2 * torch.ones(2, 3)}
+    s = {"a": torch.ones(2, 3), "b": torch.zeros(2, 3), "extra": torch.ones(1)}
+    assert float(feature_loss(s, t)) == pytest.approx(0.5)  # layer a exact (0), layer b all wrong (1)
+    with pytest.raises(ConfigError, match="no BatchNorm layer shared"):
+        feature_loss({"x": torch.ones(1)}, t)
+
+
+def test_feature_distillation_pulls_the_student_towards_the_teacher():
+    teacher = tiny_model()
+    x, y, _ = synthesize(teacher, FAST_SYNTH, progress=False)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * p.std() * torch.randn_like(p))
+    cfg = FinetuneConfig(epochs=6, batch_size=16, lr=0.02, synth_weight=0, adv_weight=0, feature_weight=1.0,
+                         augment=False, mixed_precision=False)
+    history = finetune(student, x, y, None, teacher, cfg, progress=False)
+    assert history[-1]["feat"] < 0.7 * history[0]["feat"]
+    assert not any(m._forward_hooks for model in (student, teacher) for m in model.modules())
 
 
 def test_macs_of_resnet18():
