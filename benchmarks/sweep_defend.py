@@ -1,7 +1,7 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|tau|channel]
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|tau|channel]
 Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
@@ -23,8 +23,14 @@ COMMAND = "python -m benchmarks.sweep_defend"
 PAPER = {"channel_u": None}  # the paper's C&C: singular-value clipping is the only clean step
 ENERGY = {"compact": {"rank_strategy": "energy"}}
 SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
+# Each grid's rows are (label, ratio, DefendConfig overrides, fine-tune overrides) on top of the
+# grid's base (BASES), which pins what the label calls "default" so a rerun after a preset change
+# still measures the same settings.
+PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}}, {"kd_weight": 1.0})  # the cpu preset before the energy round
+NO_KD = {"kd_weight": 0.0}
+BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "tau": PRE_ENERGY, "channel": PRE_ENERGY,
+         "recovery": (ENERGY, NO_KD)}
 GRIDS = {
-    # (label, ratio, DefendConfig overrides, fine-tune overrides)
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
                 ("channel u 3, no clipping", 2.0, {"tau": None}, {}),
@@ -50,6 +56,12 @@ GRIDS = {
                ("energy, tau 2", 4.0, ENERGY | {"tau": 2.0}, {}),
                ("energy + adversarial 0.3 at eps 4/255, no distillation", 4.0, ENERGY | SOFT_PGD,
                 {"adv_weight": 0.3, "kd_weight": 0.0})],
+    # Third round, on the energy grid's best (energy ranks, no distillation): can the recovery do more?
+    "recovery": [(label, ratio, {}, ft) for ratio in (2.0, 4.0) for label, ft in (
+        ("energy, no distillation, 20 fine-tune epochs", {"epochs": 20}),
+        ("energy, no distillation, fine-tune lr 0.003", {"lr": 0.003}),
+        ("energy, feature distillation only (no logit distillation)", {"feature_weight": 1.0}),
+        ("energy, no distillation, no BN freeze", {"freeze_bn": False}))],
     "tau": [(f"{norm} tau {tau}", 2.0, {"normalizer": norm, "tau": tau}, {})
             for norm, taus in (("mean", (None, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)), ("max", (0.3, 0.5, 0.7, 0.9)),
                                ("median", (2.0, 3.0, 5.0))) for tau in taus],
@@ -65,12 +77,16 @@ def run(models: list[str], grid: str) -> dict:
         directory = ensure_model(name)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
         x, y, synth_seconds = shared_synthetic(model_name(name), model, resolve_config("cpu").synth)
+        base, base_ft = BASES[grid]
         for label, ratio, overrides, ft in GRIDS[grid]:
-            cfg = resolve_config("cpu", ratio=ratio, finetune=ft, scan_before=False, **overrides)
+            compact = base.get("compact", {}) | overrides.get("compact", {})
+            cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
+                                 **(base | overrides | {"compact": compact}))
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
             r = result.report
-            rows.append({"model": name, "ratio": ratio, "setting": label, "overrides": overrides, "finetune": ft,
+            rows.append({"model": name, "ratio": ratio, "setting": label,
+                         "overrides": base | overrides | {"compact": compact}, "finetune": base_ft | ft,
                          "channel_u": cfg.channel_u, "tau": cfg.tau, "normalizer": cfg.normalizer,
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],

@@ -257,13 +257,16 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["tau"] = None
     if args.normalizer:
         overrides["normalizer"] = args.normalizer
+    if args.rank_strategy:
+        overrides["compact"] = {"rank_strategy": args.rank_strategy}
     if args.channel_u is not None:
         overrides["channel_u"] = args.channel_u
     if args.no_channel_clean:
         overrides["channel_u"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
-                            "feature_weight": args.feature_weight}.items() if v is not None}
+                            "kd_weight": args.kd_weight, "feature_weight": args.feature_weight}.items()
+          if v is not None}
     for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"), ("no_kd", "kd_weight")):
         if getattr(args, flag):
             ft[key] = 0.0
@@ -432,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=_positive_float, help="clip level of normalized singular values")
     p.add_argument("--no-clip", action="store_true", help="no singular-value clipping (ablation)")
     p.add_argument("--normalizer", choices=["max", "mean", "median", "rms", "none"])
+    p.add_argument("--rank-strategy", choices=["uniform", "energy"],
+                   help="rank allocation across layers: one channel fraction, or one kept-energy fraction")
     p.add_argument("--channel-u", type=_positive_float,
                    help="zero channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
     p.add_argument("--no-channel-clean", action="store_true", help="no channel clean: the paper's C&C (ablation)")
@@ -448,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")
     p.add_argument("--adv-weight", type=float, help="weight of the adversarial term (cpu preset: 0, measured)")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
+    p.add_argument("--kd-weight", type=float, help="weight of logit distillation from the channel-cleaned model (presets: 0, measured)")
     p.add_argument("--feature-weight", type=float,
                    help="weight of BatchNorm-output (feature) distillation from the teacher; 0 turns it off")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")

@@ -166,6 +166,14 @@ def test_defend_config_validation():
         resolve_config("fast")
 
 
+def test_overrides_merge_into_the_preset():
+    cpu = resolve_config("cpu")
+    cfg = resolve_config("cpu", compact={"rank_multiple": 4}, finetune={"epochs": 3})
+    assert cfg.compact == cpu.compact | {"rank_multiple": 4}
+    assert cfg.finetune.epochs == 3 and cfg.finetune.lr == cpu.finetune.lr
+    assert resolve_config("cpu").compact == cpu.compact  # the preset itself is untouched
+
+
 def test_scan_reports_histogram_and_spectra():
     report = scan(tiny_model(), SynthConfig(n_samples=16, batch_size=16, iterations=10),
                   PGDConfig(steps=2), progress=False)
