@@ -1,7 +1,7 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|tau|channel]
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean]
 Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
@@ -28,8 +28,7 @@ SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
 # still measures the same settings.
 PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}}, {"kd_weight": 1.0})  # the cpu preset before the energy round
 NO_KD = {"kd_weight": 0.0}
-BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "tau": PRE_ENERGY, "channel": PRE_ENERGY,
-         "recovery": (ENERGY, NO_KD)}
+BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": (ENERGY, NO_KD), "clean": (ENERGY, NO_KD)}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -62,10 +61,13 @@ GRIDS = {
         ("energy, no distillation, fine-tune lr 0.003", {"lr": 0.003}),
         ("energy, feature distillation only (no logit distillation)", {"feature_weight": 1.0}),
         ("energy, no distillation, no BN freeze", {"freeze_bn": False}))],
-    "tau": [(f"{norm} tau {tau}", 2.0, {"normalizer": norm, "tau": tau}, {})
-            for norm, taus in (("mean", (None, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)), ("max", (0.3, 0.5, 0.7, 0.9)),
-                               ("median", (2.0, 3.0, 5.0))) for tau in taus],
-    "channel": [(f"channel u {u}, tau 3", 2.0, {"channel_u": u}, {}) for u in (2.0, 2.5, 3.0, 4.0, 5.0)],
+    # Fourth round, on the recovery grid's base: the clean step's knobs (clipping threshold and
+    # normalizer, channel-clean threshold) at 2x, where the defaults' ACC drop is largest.
+    "clean": [(f"{norm} tau {tau}" if tau else "channel clean only, no clipping", 2.0, {"normalizer": norm, "tau": tau}, {})
+              for norm, taus in (("mean", (None, 2.0, 3.0, 4.0, 6.0)), ("max", (0.5, 0.7)), ("median", (3.0, 5.0)))
+              for tau in taus]
+             + [(f"channel u {u}, mean tau 3" if u else "no channel clean, mean tau 3", 2.0, {"channel_u": u}, {})
+                for u in (2.5, 4.0, None)],
 }
 
 

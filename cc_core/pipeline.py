@@ -77,9 +77,9 @@ class DefendConfig:
 
 PRESETS: dict[str, DefendConfig] = {
     # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
-    # recovery}.md): energy rank allocation beats uniform by 2-12 ACC points at the same budget;
+    # recovery}.md): energy rank allocation beats uniform by 1-12 ACC points at the same budget;
     # distillation from the channel-cleaned model (logits or BatchNorm features) carries the WaNet
-    # backdoor back (ASR 4 -> 14-24%), so it is off; the adversarial term costs ACC for no ASR gain;
+    # backdoor back (ASR 4-6 -> 10-24%), so it is off; the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back).
     "cpu": DefendConfig(

@@ -337,7 +337,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     target = report["target_class_estimate"]
     label = f"{target} ({names[target]})" if names else str(target)
     inv = report["inversion"]
-    print(f"{args.model}: risk {report['risk']:.2f}, most likely target class {label}")
+    signals = report["risk_signals"]
+    print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, adversarial "
+          f"{signals['adversarial']:.2f}), most likely target class {label}")
     print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
           + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
              + " ".join(str(c) for c in inv["histogram"]) if inv["histogram"] else ""))

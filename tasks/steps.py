@@ -136,7 +136,8 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, d
         path.write_text(json.dumps(report, indent=1))
         return {"files": {"scan": str(path)},
                 "summary": {k: report[k] for k in ("risk", "concentration", "anomaly_index", "target_class_estimate")}
-                | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}}
+                | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}
+                | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
     out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg}, compute)
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")

@@ -12,7 +12,7 @@ from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, feature_loss, finetune
-from cc_core.scan import anomaly_index, scan
+from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
 from flows.cli import main
 from tests.helpers import tiny_model
@@ -179,6 +179,31 @@ def test_scan_reports_histogram_and_spectra():
                   PGDConfig(steps=2), progress=False)
     assert sum(report["histogram"]) == 16 and 0 <= report["target_class_estimate"] < 4
     assert report["spectra"] and report["spectra"][0]["max_normalized"] >= 1
+    assert report["risk"] == max(report["risk_signals"].values())
+    assert report["risk_signals"]["adversarial"] == adversarial_score(report["anomaly_index"])
+
+
+@pytest.mark.parametrize("inversion, anomaly, risk, target", [
+    (0.1, 24.0, 1 - 2 / 24, 1),  # a warp-like trigger: PGD's pull, inversion finds nothing -> PGD's class
+    (0.9, 1.0, 0.9, 5),          # a patch-like trigger: the inversion's class
+    (0.2, 1.5, 0.2, 1),          # nothing: low risk
+])
+def test_risk_is_the_larger_signal_and_the_target_follows_the_inversion_only_when_it_fires(
+        monkeypatch, inversion, anomaly, risk, target):
+    import cc_core.scan as scan_module
+
+    monkeypatch.setattr(scan_module, "histogram_report", lambda *a: {
+        "histogram": [0, 9, 1, 0], "concentration": 0.5, "anomaly_index": anomaly, "target_class_estimate": 1})
+    monkeypatch.setattr(scan_module, "inversion_report", lambda *a: {
+        "concentration": inversion, "target_class_estimate": 5, "n_channel_outliers": 1})
+    report = scan(tiny_model(), SynthConfig(n_samples=8, batch_size=8, iterations=2), progress=False)
+    assert report["risk"] == pytest.approx(risk) and report["target_class_estimate"] == target
+
+
+def test_adversarial_score_is_zero_up_to_the_anomaly_threshold_and_rises_towards_one():
+    assert adversarial_score(0.0) == adversarial_score(1.5) == adversarial_score(2.0) == 0.0
+    assert adversarial_score(4.0) == pytest.approx(0.5)
+    assert adversarial_score(8.0) < adversarial_score(24.0) < 1.0
 
 
 @pytest.fixture()
