@@ -26,9 +26,10 @@ SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
 # Each grid's rows are (label, ratio, DefendConfig overrides, fine-tune overrides) on top of the
 # grid's base (BASES), which pins what the label calls "default" so a rerun after a preset change
 # still measures the same settings.
-PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}}, {"kd_weight": 1.0})  # the cpu preset before the energy round
+PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight": 1.0})  # cpu preset before the energy round
 NO_KD = {"kd_weight": 0.0}
-BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": (ENERGY, NO_KD), "clean": (ENERGY, NO_KD)}
+PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
+BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),

@@ -36,7 +36,7 @@ class DefendConfig:
     """Every knob of a defend run. ``compact`` holds extra clean_compact options."""
 
     ratio: float = 2.0
-    tau: float | None = 3.0
+    tau: float | None = 4.0
     normalizer: str = "mean"
     # Channel clean before the Tucker step: zero output channels whose channel Lipschitz bound is
     # an outlier in its layer (> mean + u * std, CLP's data-free criterion). Not in the paper; on
@@ -77,7 +77,9 @@ class DefendConfig:
 
 PRESETS: dict[str, DefendConfig] = {
     # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
-    # recovery}.md): energy rank allocation beats uniform by 1-12 ACC points at the same budget;
+    # recovery,clean}.md): the channel clean (u 3) removes the backdoor, clipping below tau 4 only
+    # costs ACC (tau 3: -0.5 to -0.9 points, tau 2: -3 to -6, `max` normalizer worse still);
+    # energy rank allocation beats uniform by 1-12 ACC points at the same budget;
     # distillation from the channel-cleaned model (logits or BatchNorm features) carries the WaNet
     # backdoor back (ASR 4-6 -> 10-24%), so it is off; the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
