@@ -1,7 +1,7 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean]
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis]
 Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
@@ -29,7 +29,8 @@ SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
 PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight": 1.0})  # cpu preset before the energy round
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
-BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4}
+BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
+         "synthesis": ({}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -69,6 +70,10 @@ GRIDS = {
               for tau in taus]
              + [(f"channel u {u}, mean tau 3" if u else "no channel clean, mean tau 3", 2.0, {"channel_u": u}, {})
                 for u in (2.5, 4.0, None)],
+    # Fifth round, on the shipped cpu preset (tau 4): synthesis is ~90% of a defend's time; how
+    # much do fewer images or iterations cost? (The demo's 512 x 100 gave BadNet 2x 83.48 / 2.22.)
+    "synthesis": [(f"{n} images x {it} iterations", ratio, {"synth": {"n_samples": n, "iterations": it}}, {})
+                  for ratio in (2.0, 4.0) for n, it in ((1024, 200), (512, 100), (1024, 100))],
 }
 
 
@@ -79,12 +84,14 @@ def run(models: list[str], grid: str) -> dict:
     for name in models:
         directory = ensure_model(name)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
-        x, y, synth_seconds = shared_synthetic(model_name(name), model, resolve_config("cpu").synth)
         base, base_ft = BASES[grid]
+        synth_seconds = {}
         for label, ratio, overrides, ft in GRIDS[grid]:
             compact = base.get("compact", {}) | overrides.get("compact", {})
             cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
                                  **(base | overrides | {"compact": compact}))
+            x, y, seconds = shared_synthetic(model_name(name), model, cfg.synth)
+            synth_seconds[f"{cfg.synth.n_samples} images x {cfg.synth.iterations} iterations"] = seconds
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
             r = result.report
@@ -97,7 +104,8 @@ def run(models: list[str], grid: str) -> dict:
             m = r["metrics"]
             print(f"{name} {ratio}x {label}: ACC {m['acc_after']:.4f} ASR {m['asr_after']:.4f} "
                   f"({r['timings_s']['total']:.0f} s)", flush=True)
-        rows.append({"model": name, "setting": "synthesis (shared)", "seconds": synth_seconds})
+        rows += [{"model": name, "setting": f"synthesis (shared): {what}", "seconds": seconds}
+                 for what, seconds in synth_seconds.items()]
     return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}", "machine": machine(),
             "grid": grid, "rows": rows}
 
@@ -108,7 +116,7 @@ def markdown(result: dict) -> str:
              f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}. "
              "ACC/ASR in %, on the real CIFAR-10 test set (never seen by the defense). Every setting uses the "
              "`cpu` preset except what its label says, and the same synthetic images (made once per model "
-             "from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
+             "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
              "| model | ratio | setting | channels zeroed | ACC before | ACC after | drop | ASR before | ASR after | s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
