@@ -209,11 +209,11 @@ def _target_lines(done: dict, ratio: float, max_drop: float, max_asr: float) -> 
     drops = [100 * (g["metrics"]["acc_before"] - g["metrics"]["acc_after"]) for g in got]
     asrs = [100 * g["metrics"]["asr_after"] for g in got]
     mean_drop = sum(drops) / len(drops)
-    verdict = "met" if mean_drop <= max_drop and max(asrs) <= 100 * max_asr else "MISSED"
+    misses = ([f"mean drop over target by {mean_drop - max_drop:.2f} points"] if mean_drop > max_drop else []) \
+        + ([f"max ASR over by {max(asrs) - 100 * max_asr:.2f} points"] if max(asrs) > 100 * max_asr else [])
+    verdict = "**MISSED**; " + ", ".join(misses) if misses else "**met**"
     return [f"- C&C {ratio:g}x over {len(got)} of {len(rows)} settings: mean ACC drop {mean_drop:.2f} points "
-            f"(target <= {max_drop}), max ASR {max(asrs):.2f}% (target <= {100 * max_asr:g}%): **{verdict}**"
-            + ("" if verdict == "met" else f"; drop over target by {max(0.0, mean_drop - max_drop):.2f} points, "
-               f"ASR over by {max(0.0, max(asrs) - 100 * max_asr):.2f} points") + "."]
+            f"(target <= {max_drop}), max ASR {max(asrs):.2f}% (target <= {100 * max_asr:g}%): {verdict}."]
 
 
 def _cost_table(done: dict) -> list[str]:

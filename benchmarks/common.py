@@ -45,11 +45,21 @@ def synthetic_cache_dir() -> Path:
     return cc_home() / "synthetic"
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict's names and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def shared_synthetic(name: str, model: torch.nn.Module, cfg: SynthConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Synthetic images of the zoo model ``name`` made from the model itself (seeded by ``cfg``),
     cached under :func:`synthetic_cache_dir` so settings, ratios and reruns share them.
-    Returns (x, y, seconds it took to make them)."""
-    key = hashlib.sha256(json.dumps([name, cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    Returns (x, y, seconds it took to make them). The cache key includes the weights, so a
+    retrained model of the same name never reuses another model's images."""
+    key = hashlib.sha256(json.dumps([name, cfg.to_dict(), weights_digest(model)], sort_keys=True).encode()).hexdigest()[:16]
     path = synthetic_cache_dir() / f"{name}-{key}.pt"
     if path.exists():
         return tuple(torch.load(path))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks import bench
+from benchmarks import bench, zoo
 from flows.cli import main
 
 
@@ -19,6 +19,19 @@ def test_rows_have_unique_ids_and_commands_that_select_exactly_themselves():
         ratios = [float(args[args.index("--ratios") + 1])] if "--ratios" in args else None
         selected = [r for r in bench.select(None, recipe, attacks, defenses, ratios)]
         assert selected == [row]
+
+
+def test_zoo_commands_carry_the_attack_overrides():
+    def flags(cmd):
+        return " ".join(cmd)
+
+    assert "--cross-ratio" not in flags(zoo.command("badnet", out="o"))
+    default_wanet = flags(zoo.command("wanet", out="o"))
+    assert f"--epochs {zoo.ATTACK_OVERRIDES['wanet']['epochs']}" in default_wanet
+    assert f"--cross-ratio {zoo.ATTACK_OVERRIDES['wanet']['cross_ratio']}" in default_wanet
+    trial = flags(zoo.command("wanet", out="o", overrides={"epochs": 7, "cross_ratio": 0.5, "attack_params": {"s": 3.0}}))
+    assert "--epochs 7" in trial and "--cross-ratio 0.5" in trial and "--attack-param s=3.0" in trial
+    assert "--cross-ratio" not in flags(zoo.command("wanet", out="o", overrides={}))
 
 
 @pytest.mark.parametrize("kwargs", [{"defense": "cc"}, {"defense": "none", "ratio": 2.0},
@@ -52,7 +65,7 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | not run | 84.00 / 3.00 |" in text
     # mean drop (1 + 3) / 2 = 2 points > 1.5: missed by 0.50, over 2 of the 8 settings
     assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text
-    assert "**MISSED**; drop over target by 0.50 points, ASR over by 0.00 points" in text
+    assert "max ASR 4.00% (target <= 5%): **MISSED**; mean drop over target by 0.50 points." in text
     assert "C&C 4x: no row run yet" in text
     assert "`cleancompact bench run --recipe cifar10-resnet18 --attacks wanet --defenses cc --ratios 2`" in text
 
@@ -61,3 +74,19 @@ def test_bench_cli_refuses_filters_that_match_nothing(capsys):
     assert main(["bench", "list", "--table", "table5", "--attacks", "wanet"]) == 2
     assert "no benchmark row matches" in capsys.readouterr().err
     assert main(["bench", "list", "--recipe", "imagenet-resnet50"]) == 2
+
+
+def test_synthetic_cache_key_follows_the_weights():
+    import torch
+
+    from benchmarks.common import weights_digest
+    from cc_core import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", width=0.125)
+    same = build_model("resnet18", width=0.125)
+    same.load_state_dict(model.state_dict())
+    assert weights_digest(model) == weights_digest(same)
+    with torch.no_grad():
+        same.linear.weight[0, 0] += 1e-3
+    assert weights_digest(model) != weights_digest(same)
