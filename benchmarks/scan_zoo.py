@@ -7,7 +7,8 @@ and PGD's random start, so the spread over seeds is the scan's own noise) and wr
 estimated vs the true target class, the channel-outlier and adversarial-histogram statistics,
 and the scan's wall time. The `audit` flow's flag threshold is chosen from this table. A second
 table re-runs the trigger inversion at each ``--l1`` penalty on the same synthetic images (the
-inversion's one free choice, measured rather than assumed).
+inversion's one free choice, measured rather than assumed). Rows of zoo models not named in
+``--models`` are kept from the previous results, each with the command and commit that made it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import RESULTS, machine, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.adversarial import class_histogram, concentration
 from cc_core.attacks import load_attack
@@ -66,6 +67,16 @@ def l1_sweep(attack: str, penalties: list[float]) -> list[dict]:
     return rows
 
 
+def _kept_lines(result: dict) -> list[str]:
+    origins: dict[tuple[str, str], list[str]] = {}
+    for r in result["rows"]:
+        if r.get("run_command", result["command"]) != result["command"]:
+            models = origins.setdefault((r["run_command"], r["commit"]), [])
+            models += [] if r["model"] in models else [r["model"]]
+    return [f"Rows of {', '.join(models)} are kept from an earlier run: `{cmd}` at commit {commit}.\n"
+            for (cmd, commit), models in origins.items()]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Backdoor scan on the zoo\n",
@@ -73,6 +84,7 @@ def markdown(result: dict) -> str:
              "Each row is `cleancompact scan --seed S` with its default settings (256 synthetic images, 100 iterations, "
              "PGD eps 8/255, inversion through at most 8 outlier channels with Lipschitz z > 3, L1 penalty "
              f"{InversionConfig().l1}).\n",
+             *_kept_lines(result),
              "Risk = max(inversion concentration, adversarial score); the adversarial score is "
              "max(0, 1 - 2 / anomaly index) of the PGD class histogram.\n",
              "| model | seed | risk | inversion score | adversarial score (anomaly index) | target: estimated / true "
@@ -104,6 +116,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_from_previous(path: Path, rerun: set[str]) -> tuple[list[dict], list[dict]]:
+    """Rows (and L1-sweep rows) of the models not re-run this time, from the previous results,
+    each still naming the command and commit that made it."""
+    if not path.exists():
+        return [], []
+    previous = json.loads(path.read_text())
+    origin = {"run_command": previous["command"], "commit": previous["machine"]["git_commit"]}
+    keep = [origin | r for r in previous["rows"] if r["model"] not in rerun]
+    keep_sweep = [origin | r for r in previous.get("l1_sweep", []) if r["model"] not in rerun]
+    return keep, keep_sweep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["badnet", "wanet", "none"])
@@ -117,10 +141,13 @@ def main() -> None:
             print(f"{attack} seed {seed}: risk {rows[-1]['risk']:.2f}, target {rows[-1]['target_class_estimate']}",
                   flush=True)
     sweep = [row for attack in args.models for row in l1_sweep(attack, args.l1)]
-    result = {"command": f"python -m benchmarks.scan_zoo --models {' '.join(args.models)} "
-                         f"--seeds {' '.join(map(str, args.seeds))} "
-                         f"--l1 {' '.join(f'{v:g}' for v in args.l1)}",
-              "machine": machine(), "rows": rows, "l1_sweep": sweep}
+    command = (f"python -m benchmarks.scan_zoo --models {' '.join(args.models)} --seeds {' '.join(map(str, args.seeds))} "
+               f"--l1 {' '.join(f'{v:g}' for v in args.l1)}")
+    this_run = machine()
+    for row in rows + sweep:
+        row.update(run_command=command, commit=this_run["git_commit"])
+    kept_rows, kept_sweep = kept_from_previous(RESULTS / "scan.json", {model_name(a) for a in args.models})
+    result = {"command": command, "machine": this_run, "rows": kept_rows + rows, "l1_sweep": kept_sweep + sweep}
     print(*write_results("scan", result, markdown(result)), sep="\n")
 
 
