@@ -70,7 +70,7 @@ def l1_sweep(attack: str, penalties: list[float]) -> list[dict]:
 def _kept_lines(result: dict) -> list[str]:
     origins: dict[tuple[str, str], list[str]] = {}
     for r in result["rows"]:
-        if r.get("run_command", result["command"]) != result["command"]:
+        if r["run_command"] != result["command"]:
             models = origins.setdefault((r["run_command"], r["commit"]), [])
             models += [] if r["model"] in models else [r["model"]]
     return [f"Rows of {', '.join(models)} are kept from an earlier run: `{cmd}` at commit {commit}.\n"

@@ -9,6 +9,7 @@ differ only in what they vary.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -94,13 +95,16 @@ def run(models: list[str], grid: str) -> dict:
         directory = ensure_model(name)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
         base, base_ft = BASES[grid]
-        synth_seconds = {}
+        synthetic = {}  # synthesis config -> (label, x, y, seconds): loaded once per model
         for label, ratio, overrides, ft in GRIDS[grid]:
             compact = base.get("compact", {}) | overrides.get("compact", {})
             cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
                                  **(base | overrides | {"compact": compact}))
-            x, y, seconds = shared_synthetic(model_name(name), model, cfg.synth)
-            synth_seconds[f"{cfg.synth.n_samples} images x {cfg.synth.iterations} iterations"] = seconds
+            key = json.dumps(cfg.synth.to_dict(), sort_keys=True)
+            if key not in synthetic:
+                what = f"{cfg.synth.n_samples} images x {cfg.synth.iterations} iterations"
+                synthetic[key] = (what, *shared_synthetic(model_name(name), model, cfg.synth))
+            _, x, y, _ = synthetic[key]
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
             r = result.report
@@ -114,7 +118,7 @@ def run(models: list[str], grid: str) -> dict:
             print(f"{name} {ratio}x {label}: ACC {m['acc_after']:.4f} ASR {m['asr_after']:.4f} "
                   f"({r['timings_s']['total']:.0f} s)", flush=True)
         rows += [{"model": name, "setting": f"synthesis (shared): {what}", "seconds": seconds}
-                 for what, seconds in synth_seconds.items()]
+                 for what, _, _, seconds in synthetic.values()]
     return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}", "machine": machine(),
             "grid": grid, "rows": rows}
 
