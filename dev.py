@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("CC_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 # glibc's default allocator costs ~1.5x in training (STACK.md); harmless elsewhere.
+# Where this project's checkouts keep the datasets (CI, tests, demo) when CC_DATA_DIR is unset.
+SHARED_DATA = ROOT.parent / "shared" / "data"
 FAST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
                "MALLOC_TOP_PAD_": "536870912"}
 
@@ -55,6 +57,8 @@ def main(argv: list[str]) -> int:
     if command == "setup":
         return 0
     env = os.environ | FAST_MALLOC
+    if "CC_DATA_DIR" not in env and SHARED_DATA.is_dir():
+        env["CC_DATA_DIR"] = str(SHARED_DATA)
     if command == "test":
         cmd = [str(BIN / "python"), "-m", "pytest", *rest]
     elif command == "demo":
