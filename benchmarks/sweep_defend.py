@@ -1,7 +1,7 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis|wanet3]
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis|wanet3|target]
 Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
@@ -31,7 +31,7 @@ PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
-         "synthesis": ({}, {}), "wanet3": ({}, {})}
+         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -84,6 +84,12 @@ GRIDS = {
                ("adversarial 0.3 at eps 4/255", 2.0, SOFT_PGD, {"adv_weight": 0.3}),
                ("channel u 2.5", 4.0, {"channel_u": 2.5}, {}),
                ("channel u 2", 4.0, {"channel_u": 2.0}, {})],
+    # Seventh round: synthetic images labelled with the backdoor's target class are made through
+    # the backdoored model and carry its trigger; does leaving them out of the fine-tune stop the
+    # fine-tune from teaching the backdoor back?
+    "target": [(label, ratio, {"exclude_suspected_target": exclude}, {}) for ratio in (2.0, 4.0)
+               for label, exclude in (("cpu preset: suspected target's synthetic images left out", True),
+                                      ("all synthetic images kept (the preset before this round)", False))],
 }
 
 
@@ -112,6 +118,8 @@ def run(models: list[str], grid: str) -> dict:
                          "overrides": base | overrides | {"compact": compact}, "finetune": base_ft | ft,
                          "channel_u": cfg.channel_u, "tau": cfg.tau, "normalizer": cfg.normalizer,
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
+                         "suspected_target": r["scan"]["suspected_target"],
+                         "synthetic_excluded": r["scan"]["synthetic_excluded"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
                          "seconds_excl_synthesis": r["timings_s"]["total"]})
             m = r["metrics"]
@@ -130,13 +138,15 @@ def markdown(result: dict) -> str:
              "ACC/ASR in %, on the real CIFAR-10 test set (never seen by the defense). Every setting uses the "
              "`cpu` preset except what its label says, and the same synthetic images (made once per model "
              "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
-             "| model | ratio | setting | channels zeroed | ACC before | ACC after | drop | ASR before | ASR after | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | ratio | setting | channels zeroed | suspected target (images left out) | ACC before | ACC after | drop | ASR before | ASR after | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "acc_after" not in r:
-            lines.append(f"| {r['model']} | | {r['setting']} | | | | | | | {r['seconds']:.0f} |")
+            lines.append(f"| {r['model']} | | {r['setting']} | | | | | | | | {r['seconds']:.0f} |")
             continue
-        lines.append(f"| {r['model']} | {r['ratio']:g} | {r['setting']} | {r['channels_zeroed']} | "
+        excluded = r.get("synthetic_excluded")
+        target = f"{r['suspected_target']} ({excluded})" if excluded else "-"
+        lines.append(f"| {r['model']} | {r['ratio']:g} | {r['setting']} | {r['channels_zeroed']} | {target} | "
                      f"{100 * r['acc_before']:.2f} | {100 * r['acc_after']:.2f} | "
                      f"{100 * (r['acc_before'] - r['acc_after']):.2f} | {100 * r['asr_before']:.2f} | "
                      f"{100 * r['asr_after']:.2f} | {r['seconds_excl_synthesis']:.0f} |")

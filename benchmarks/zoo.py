@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, write_results
+from cc_core.errors import CleanCompactError, InputError
 
 RECIPE = {"arch": "resnet18", "width": 0.25, "dataset": "cifar10", "epochs": 20,
           "batch_size": 256, "lr": 0.2, "schedule": "onecycle", "seed": 0}
@@ -72,7 +73,11 @@ def ensure_model(attack: str, recipe: dict = RECIPE, quiet: bool = False,
     if not (out / "metrics.json").exists():
         cmd = command(attack, recipe, out, overrides)
         exe = Path(sys.executable).with_name("cleancompact")
-        subprocess.run([str(exe), *cmd[1:], *(["--quiet"] if quiet else [])], check=True)
+        code = subprocess.run([str(exe), *cmd[1:], *(["--quiet"] if quiet else [])]).returncode
+        if code:
+            error = InputError if code == InputError.exit_code else CleanCompactError
+            raise error(f"training the zoo model {out.name} failed (exit {code}); the trainer's "
+                        f"message is above. Command: {' '.join(cmd)}")
     return out
 
 

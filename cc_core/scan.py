@@ -162,6 +162,26 @@ def histogram_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PG
             "anomaly_index": anomaly_index(hist), "target_class_estimate": int(hist.argmax())}
 
 
+def flagged_target(adversarial: dict, inversion: dict) -> int | None:
+    """The target class a signal flags: the inversion's top class when its concentration reaches
+    TARGET_FROM_INVERSION, else the adversarial histogram's top class when its anomaly index
+    exceeds ANOMALY_THRESHOLD; None when neither flags one."""
+    if inversion["concentration"] >= TARGET_FROM_INVERSION:
+        return inversion["target_class_estimate"]
+    if adversarial["anomaly_index"] > ANOMALY_THRESHOLD:
+        return adversarial["target_class_estimate"]
+    return None
+
+
+def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg: PGDConfig = PGDConfig(),
+                     inversion_cfg: InversionConfig = InversionConfig()) -> dict:
+    """{"target": flagged class or None, "adversarial": histogram report, "inversion": inversion
+    report} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    adversarial = histogram_report(model, x, y, pgd_cfg)
+    inversion = inversion_report(model, x, inversion_cfg)
+    return {"target": flagged_target(adversarial, inversion), "adversarial": adversarial, "inversion": inversion}
+
+
 def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, iterations=100),
          pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True,
          inversion_cfg: InversionConfig = InversionConfig()) -> dict:

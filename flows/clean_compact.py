@@ -115,7 +115,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     adv_model = compact if cfg.adversarial_model == "compact" else original
     adversarial = steps.adversarial_task(run, original, adv_model, synthetic, cfg)
     tuned = steps.finetune_task(run, compact, synthetic, adversarial["files"].get("adversarial"),
-                                compacted["files"].get("teacher"), cfg)
+                                compacted["files"].get("teacher"), cfg, adversarial["exclusion"]["suspected_target"])
     final = tuned["files"]["model"]
     evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
                                     synthetic, cfg, eval_data, data_dir, attack_dir)
@@ -134,7 +134,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
     report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
                          evaluated["histogram_after"], timings, tuned["history"], synth_log, cfg.device,
-                         compacted["channel_clean"])
+                         compacted["channel_clean"], adversarial["exclusion"])
     report["onnx"] = exported["onnx"]
     report["steps"] = evaluated["steps"]
     report["source"] = source

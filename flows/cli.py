@@ -263,6 +263,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["channel_u"] = args.channel_u
     if args.no_channel_clean:
         overrides["channel_u"] = None
+    if args.keep_target_synthetic:
+        overrides["exclude_suspected_target"] = False
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "kd_weight": args.kd_weight, "feature_weight": args.feature_weight}.items()
@@ -299,6 +301,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
             ("ASR %", _pct(m["asr_before"]), _pct(m["asr_after"])),
             ("RA %", _pct(m["ra_before"]), _pct(m["ra_after"])),
             ("scan concentration", fmt(scan["concentration_before"]), fmt(scan["concentration_after"])),
+            *([("suspected target class", str(scan["suspected_target"]),
+                f"{scan['synthetic_excluded']} synthetic images left out")] if scan.get("synthetic_excluded") else []),
             (f"onnxruntime ms (batch {o['latency_batch']})", f"{o['latency_ms']['original']:.2f}", f"{o['latency_ms']['compact']:.2f}")]
     print(_table(rows, ("", "before", "after")))
     t = r["timings_s"]
@@ -442,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-u", type=_positive_float,
                    help="zero channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
     p.add_argument("--no-channel-clean", action="store_true", help="no channel clean: the paper's C&C (ablation)")
+    p.add_argument("--keep-target-synthetic", action="store_true",
+                   help="fine-tune on every synthetic image, also those of the suspected target class (ablation)")
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
     p.add_argument("--method", choices=["cc", "clp", "anp"], default="cc",
                    help="cc: Clean & Compact; clp / anp: baselines pruned to the same parameter budget")

@@ -205,53 +205,72 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
 
 @task(name="adversarial", **COMPUTE)
 def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, synthetic_file: str, cfg) -> dict:
-    """PGD on the synthetic images (for the fine-tune) and the original model's adversarial
-    class histogram on them (the 'before' side of the scan)."""
+    """The original model's adversarial class histogram on the synthetic images (the 'before'
+    side of the scan), the suspected target class whose synthetic images the fine-tune leaves
+    out, and PGD on the images the fine-tune keeps."""
     from cc_core.adversarial import pgd
-    from cc_core.scan import histogram_report
+    from cc_core.pipeline import exclude_class, exclusion_summary
+    from cc_core.scan import histogram_report, suspected_target
 
     def compute() -> dict:
         t = _load_tensors(synthetic_file)
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
-        before = histogram_report(_load(original_file).to(device), x, y, cfg.pgd) if cfg.scan_before else None
+        original = _load(original_file).to(device)
+        suspicion = suspected_target(original, x, y, cfg.pgd) if cfg.exclude_suspected_target else None
+        if suspicion is not None:
+            before = suspicion["adversarial"]
+        else:
+            before = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
+        target = suspicion["target"] if suspicion else None
         files = {}
         if cfg.finetune.adv_weight > 0:
-            x_adv = pgd(_load(adv_model_file).to(device), x, y, cfg.pgd)
+            x_kept, y_kept, _ = exclude_class(x, y, target)
+            x_adv = pgd(_load(adv_model_file).to(device), x_kept, y_kept, cfg.pgd)
             files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
-        return {"files": files, "histogram_before": before}
+        excluded = int((y == target).sum()) if target is not None else 0
+        summary = exclusion_summary(target, suspicion["inversion"]["concentration"] if suspicion else None, excluded)
+        return {"files": files, "histogram_before": before, "exclusion": summary}
 
     out = _cached(run, "adversarial", {"original": original_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
-                                       "adv": cfg.finetune.adv_weight > 0}, compute)
+                                       "adv": cfg.finetune.adv_weight > 0,
+                                       "exclude_suspected_target": cfg.exclude_suspected_target}, compute)
     if out["histogram_before"]:
         log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
+    if cfg.exclude_suspected_target:
+        e = out["exclusion"]
+        log_metrics(run, {"synthetic_excluded": e["synthetic_excluded"]}, "scan.")
+        get_run_logger().info(f"suspected target class {e['suspected_target']}: {e['synthetic_excluded']} "
+                              "synthetic images left out of the fine-tune")
     log_metrics(run, {"adversarial": out["seconds"]}, "time.")
     return out
 
 
 @task(name="finetune", **COMPUTE)
 def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, adversarial_file: str | None,
-                  teacher_file: str | None, cfg) -> dict:
-    """Recovery fine-tune of the compact model on synthetic (+ adversarial synthetic) data."""
+                  teacher_file: str | None, cfg, excluded_class: int | None = None) -> dict:
+    """Recovery fine-tune of the compact model on synthetic (+ adversarial synthetic) data,
+    without the synthetic images labelled ``excluded_class``."""
     from cc_core.finetune import finetune
     from cc_core.io import save_model
+    from cc_core.pipeline import exclude_class
 
     def compute() -> dict:
         device = _device(cfg)
         t = _load_tensors(synthetic_file)
+        x, y, _ = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
         x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
         teacher = _load(teacher_file).to(device) if teacher_file else None
         model = _load(compact_file).to(device)
-        history = finetune(model, t["x"].to(device), t["y"].to(device), x_adv, teacher, cfg.finetune,
-                           progress=False)
+        history = finetune(model, x, y, x_adv, teacher, cfg.finetune, progress=False)
         path = run.path / "finetuned.safetensors"
         save_model(model.cpu().eval(), path)
         return {"files": {"model": str(path)}, "history": history}
 
     out = _cached(run, "finetune", {"compact": compact_file, "synthetic": synthetic_file,
                                     "adversarial": adversarial_file, "teacher": teacher_file,
-                                    "finetune": cfg.finetune.to_dict()}, compute)
+                                    "finetune": cfg.finetune.to_dict(), "excluded_class": excluded_class}, compute)
     for epoch, row in enumerate(out["history"]):
         log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, "finetune.", step=epoch)
     log_metrics(run, {"finetune": out["seconds"]}, "time.")

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from benchmarks import bench, zoo
+from cc_core.errors import InputError
 from flows.cli import main
 
 
@@ -90,3 +91,11 @@ def test_synthetic_cache_key_follows_the_weights():
     with torch.no_grad():
         same.linear.weight[0, 0] += 1e-3
     assert weights_digest(model) != weights_digest(same)
+
+
+def test_a_failed_zoo_training_is_an_input_error_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC_DATA_DIR", str(tmp_path / "no-data"))
+    out = tmp_path / "zoo" / "badnet"
+    with pytest.raises(InputError, match="training the zoo model badnet failed .exit 2"):
+        zoo.ensure_model("badnet", quiet=True, out=out)
+    assert not (out / "metrics.json").exists()

@@ -268,3 +268,46 @@ def test_channel_outliers_and_inversion_find_a_planted_backdoor_channel():
     x = torch.randn(32, *model.cc_spec.input_shape) * 0.5
     report = inversion_report(model, x, InversionConfig(steps=30, lr=0.1, l1=0.0))
     assert report["target_class_estimate"] == 2 and report["concentration"] > 0.9
+
+
+@pytest.mark.parametrize("inversion, anomaly, target", [
+    (0.9, 5.0, 5),   # the inversion fires: its class, whatever the histogram says
+    (0.1, 5.0, 1),   # only the histogram flags a class
+    (0.1, 1.5, None),  # neither signal flags: nothing is suspected
+])
+def test_flagged_target_needs_a_signal_that_fires(inversion, anomaly, target):
+    from cc_core.scan import flagged_target
+
+    adversarial = {"anomaly_index": anomaly, "target_class_estimate": 1}
+    assert flagged_target(adversarial, {"concentration": inversion, "target_class_estimate": 5}) == target
+
+
+def test_exclude_class_leaves_out_exactly_that_label():
+    from cc_core.pipeline import exclude_class
+
+    x, y = torch.arange(6.0).view(6, 1), torch.tensor([0, 1, 0, 2, 1, 0])
+    kept_x, kept_y, n = exclude_class(x, y, 0)
+    assert n == 3 and kept_y.tolist() == [1, 2, 1] and kept_x.flatten().tolist() == [1.0, 3.0, 4.0]
+    assert exclude_class(x, y, None)[2] == 0
+
+
+@pytest.mark.parametrize("target", [2, None])
+def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkeypatch, target):
+    import cc_core.pipeline as pipeline
+    import cc_core.scan as scan_module
+
+    seen = {}
+    real_finetune = pipeline.finetune
+
+    def recording_finetune(model, x, y, *args, **kwargs):
+        seen["labels"] = y.tolist()
+        return real_finetune(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "flagged_target", lambda *a: target)
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
+    r = defend(tiny_model(), config=_tiny_cfg(), progress=False, log=lambda *a: None, synthetic=synthetic).report
+    assert r["scan"]["suspected_target"] == target
+    assert r["scan"]["synthetic_excluded"] == (3 if target is not None else 0)
+    assert len(seen["labels"]) == 12 - r["scan"]["synthetic_excluded"]
+    assert sorted(set(seen["labels"])) == [c for c in range(4) if c != target]
