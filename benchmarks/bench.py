@@ -268,7 +268,8 @@ def render() -> Path:
           "## Speed-up at full width\n", *_speed_section(), "",
           "## Cost of the defense (wall time per step on this machine)\n",
           "C&C's `synthesize` is the run that made the model's shared synthetic images; `scan` is the "
-          "adversarial histogram before/after (reporting only).\n", *_cost_table(done), "",
+          "suspected target (trigger inversion and adversarial histogram on the synthetic images, which picks the "
+          "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",
           "## Commands\n", "| row | command |", "|---|---|",
           *[f"| {rid} | `{r['command']}` |" for rid, r in done.items()]]
     RESULTS_MD.write_text("\n".join(md) + "\n")

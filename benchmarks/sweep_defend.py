@@ -89,7 +89,9 @@ GRIDS = {
     # fine-tune from teaching the backdoor back?
     "target": [(label, ratio, {"exclude_suspected_target": exclude}, {}) for ratio in (2.0, 4.0)
                for label, exclude in (("cpu preset: suspected target's synthetic images left out", True),
-                                      ("all synthetic images kept (the preset before this round)", False))],
+                                      ("all synthetic images kept (the preset before this round)", False))]
+              + [("no fine-tune (clean + compact only)", 2.0, {}, {"epochs": 0}),
+                 ("suspected target left out + logit distillation", 2.0, {}, {"kd_weight": 1.0})],
 }
 
 
@@ -118,7 +120,7 @@ def run(models: list[str], grid: str) -> dict:
                          "overrides": base | overrides | {"compact": compact}, "finetune": base_ft | ft,
                          "channel_u": cfg.channel_u, "tau": cfg.tau, "normalizer": cfg.normalizer,
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
-                         "suspected_target": r["scan"]["suspected_target"],
+                         "suspected_target": r["scan"]["suspected_target"], "true_target": all_to_one_target(attack),
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
                          "seconds_excl_synthesis": r["timings_s"]["total"]})
@@ -138,19 +140,30 @@ def markdown(result: dict) -> str:
              "ACC/ASR in %, on the real CIFAR-10 test set (never seen by the defense). Every setting uses the "
              "`cpu` preset except what its label says, and the same synthetic images (made once per model "
              "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
-             "| model | ratio | setting | channels zeroed | suspected target (images left out) | ACC before | ACC after | drop | ASR before | ASR after | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | ratio | setting | channels zeroed | suspected target (images left out) | ACC before | ACC after | drop | target-class ACC before -> after | ASR before | ASR after | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "acc_after" not in r:
-            lines.append(f"| {r['model']} | | {r['setting']} | | | | | | | | {r['seconds']:.0f} |")
+            lines.append(f"| {r['model']} | | {r['setting']} | | | | | | | | | {r['seconds']:.0f} |")
             continue
         excluded = r.get("synthetic_excluded")
         target = f"{r['suspected_target']} ({excluded})" if excluded else "-"
         lines.append(f"| {r['model']} | {r['ratio']:g} | {r['setting']} | {r['channels_zeroed']} | {target} | "
                      f"{100 * r['acc_before']:.2f} | {100 * r['acc_after']:.2f} | "
-                     f"{100 * (r['acc_before'] - r['acc_after']):.2f} | {100 * r['asr_before']:.2f} | "
+                     f"{100 * (r['acc_before'] - r['acc_after']):.2f} | {_target_class_acc(r)} | {100 * r['asr_before']:.2f} | "
                      f"{100 * r['asr_after']:.2f} | {r['seconds_excl_synthesis']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def all_to_one_target(attack) -> int | None:
+    return attack.target if attack is not None and not attack.all_to_all else None
+
+
+def _target_class_acc(row: dict) -> str:
+    if row.get("per_class_acc_after") is None or row.get("true_target") is None:
+        return "-"
+    t = row["true_target"]
+    return f"{100 * row['per_class_acc_before'][t]:.1f} -> {100 * row['per_class_acc_after'][t]:.1f}"
 
 
 def main() -> None:

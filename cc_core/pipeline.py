@@ -141,12 +141,13 @@ def environment(device: torch.device) -> dict:
 
 def measure(before_model: nn.Module, after_model: nn.Module, eval_data=None, attack=None,
             device=None) -> dict:
-    """{acc,asr,ra}_{before,after} on real data (None where not measurable)."""
-    metrics = {f"{k}_{w}": None for k in ("acc", "asr", "ra") for w in ("before", "after")}
+    """{acc,asr,ra,per_class_acc}_{before,after} on real data (None where not measurable)."""
+    keys = ("acc", "asr", "ra", "per_class_acc")
+    metrics = {f"{k}_{w}": None for k in keys for w in ("before", "after")}
     if eval_data is not None:
         for when, model in (("before", before_model), ("after", after_model)):
             result = evaluate(model, eval_data, attack, device=device)
-            for key in ("acc", "asr", "ra"):
+            for key in keys:
                 metrics[f"{key}_{when}"] = result[key]
     return metrics
 

@@ -123,7 +123,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
 
     original_model, final_model = load_model(original), load_model(final)
     by_step = {row["step"]: row for row in evaluated["steps"]}
-    metrics = {f"{k}_{when}": by_step.get(step, {}).get(k) for k in ("acc", "asr", "ra")
+    metrics = {f"{k}_{when}": by_step.get(step, {}).get(k) for k in ("acc", "asr", "ra", "per_class_acc")
                for when, step in (("before", "original"), ("after", "fine-tuned"))}
     timings = dict(compacted["timings"])
     for name, out in (("synthesize", synthesized), ("adversarial", adversarial), ("finetune", tuned),

@@ -298,7 +298,8 @@ def evaluate_task(run: RunHandle, models: dict[str, str], synthetic_file: str, c
             attack = load_attack(attack_dir) if attack_dir else None
             for step, path in models.items():
                 r = evaluate(_load(path), data, attack, device=device)
-                steps.append({"step": step, "acc": r["acc"], "asr": r["asr"], "ra": r["ra"]})
+                steps.append({"step": step, "acc": r["acc"], "asr": r["asr"], "ra": r["ra"],
+                              "per_class_acc": r["per_class_acc"]})
         t = _load_tensors(synthetic_file)
         final = _load(list(models.values())[-1]).to(device)
         after = histogram_report(final, t["x"].to(device), t["y"].to(device), cfg.pgd) if cfg.scan_before else None

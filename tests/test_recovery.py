@@ -245,8 +245,11 @@ def test_measure_before_and_after_on_real_style_data():
     data = ImageData(rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8), np.arange(40) % 4,
                      ["a", "b", "c", "d"])
     m = measure(tiny_model(0), tiny_model(1), data, build_attack("badnet", 4))
-    assert set(m) == {"acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after"}
-    assert all(0 <= v <= 1 for v in m.values())
+    assert set(m) == {f"{k}_{w}" for k in ("acc", "asr", "ra", "per_class_acc") for w in ("before", "after")}
+    assert all(0 <= m[f"{k}_{w}"] <= 1 for k in ("acc", "asr", "ra") for w in ("before", "after"))
+    for when in ("before", "after"):  # 10 images per class: the per-class mean is the accuracy
+        assert len(m[f"per_class_acc_{when}"]) == 4
+        assert sum(m[f"per_class_acc_{when}"]) / 4 == pytest.approx(m[f"acc_{when}"])
     assert measure(tiny_model(0), tiny_model(1)) == dict.fromkeys(m)
 
 
