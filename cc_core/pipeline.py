@@ -210,16 +210,12 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"(final BN loss {synth_log['bn_loss'][-1]:.3f})")
 
     start = time.perf_counter()
-    suspicion = suspected_target(original, x_syn, y_syn, cfg.pgd) if cfg.exclude_suspected_target else None
-    if suspicion is not None:
-        scan_before = suspicion["adversarial"]
-    else:
-        scan_before = histogram_report(original, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
-    x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspicion["target"] if suspicion else None)
+    scan_before, exclusion = scan_and_suspect(original, x_syn, y_syn, cfg)
+    x_ft, y_ft, _ = exclude_class(x_syn, y_syn, exclusion["suspected_target"] if exclusion else None)
     timings["scan"] = time.perf_counter() - start
-    if suspicion is not None:
-        log(f"[defend] suspected target class: {suspicion['target']}; {excluded} of {len(y_syn)} synthetic "
-            "images left out of the fine-tune")
+    if exclusion is not None:
+        log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
+            f"of {len(y_syn)} synthetic images left out of the fine-tune")
     start = time.perf_counter()
     adv_model = new if cfg.adversarial_model == "compact" else original
     x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
@@ -244,9 +240,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
     report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
-                         history, synth_log, device, channel_info,
-                         exclusion_summary(suspicion["target"], suspicion["inversion"]["concentration"], excluded)
-                         if suspicion else None)
+                         history, synth_log, device, channel_info, exclusion)
     timings["total"] = time.perf_counter() - t_start
     return DefendResult(new, report, plan)
 
@@ -263,6 +257,19 @@ def exclusion_summary(target: int | None, inversion_concentration: float | None,
     """The report's record of which synthetic images the fine-tune left out."""
     return {"suspected_target": target, "inversion_concentration": inversion_concentration,
             "synthetic_excluded": excluded}
+
+
+def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     cfg: DefendConfig) -> tuple[dict | None, dict | None]:
+    """The original model's adversarial histogram report on the synthetic images (None when
+    neither the scan nor the exclusion asks for it) and, with ``cfg.exclude_suspected_target``,
+    the exclusion summary of the suspected target class (else None)."""
+    if not cfg.exclude_suspected_target:
+        return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None
+    suspicion = suspected_target(original, x, y, cfg.pgd)
+    target = suspicion["target"]
+    excluded = int((y == target).sum()) if target is not None else 0
+    return suspicion["adversarial"], exclusion_summary(target, suspicion["inversion"]["concentration"], excluded)
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:

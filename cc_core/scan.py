@@ -196,8 +196,9 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
     report["risk_signals"] = {"inversion": report["inversion"]["concentration"],
                               "adversarial": adversarial_score(report["anomaly_index"])}
     report["risk"] = max(report["risk_signals"].values())
-    if report["risk_signals"]["inversion"] >= TARGET_FROM_INVERSION:
-        report["target_class_estimate"] = report["inversion"]["target_class_estimate"]
+    flagged = flagged_target(report, report["inversion"])
+    if flagged is not None:
+        report["target_class_estimate"] = flagged
     report["spectra"] = spectra(model)
     report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd,
                            "inversion": time.perf_counter() - start - t_synth - t_pgd,

@@ -209,28 +209,20 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
     out, and PGD on the images the fine-tune keeps."""
     from cc_core.adversarial import pgd
-    from cc_core.pipeline import exclude_class, exclusion_summary
-    from cc_core.scan import histogram_report, suspected_target
+    from cc_core.pipeline import exclude_class, exclusion_summary, scan_and_suspect
 
     def compute() -> dict:
         t = _load_tensors(synthetic_file)
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
-        original = _load(original_file).to(device)
-        suspicion = suspected_target(original, x, y, cfg.pgd) if cfg.exclude_suspected_target else None
-        if suspicion is not None:
-            before = suspicion["adversarial"]
-        else:
-            before = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
-        target = suspicion["target"] if suspicion else None
+        before, exclusion = scan_and_suspect(_load(original_file).to(device), x, y, cfg)
+        target = exclusion["suspected_target"] if exclusion else None
         files = {}
         if cfg.finetune.adv_weight > 0:
             x_kept, y_kept, _ = exclude_class(x, y, target)
             x_adv = pgd(_load(adv_model_file).to(device), x_kept, y_kept, cfg.pgd)
             files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
-        excluded = int((y == target).sum()) if target is not None else 0
-        summary = exclusion_summary(target, suspicion["inversion"]["concentration"] if suspicion else None, excluded)
-        return {"files": files, "histogram_before": before, "exclusion": summary}
+        return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0)}
 
     out = _cached(run, "adversarial", {"original": original_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
