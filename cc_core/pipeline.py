@@ -25,7 +25,7 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import histogram_report, suspected_target
+from cc_core.scan import InversionConfig, histogram_report, suspected_target
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -53,6 +53,8 @@ class DefendConfig:
     # of the fine-tune: synthesized through the backdoored model, they carry the trigger, and
     # training on them teaches it back (sweep_defend_target.md).
     exclude_suspected_target: bool = True
+    # The trigger inversion that names the suspected target (only run when excluding it).
+    inversion: InversionConfig = InversionConfig()
     device: str = "auto"
     threads: int | None = None
 
@@ -71,7 +73,7 @@ class DefendConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
-        for key in ("synth", "pgd", "finetune"):
+        for key in ("synth", "pgd", "finetune", "inversion"):
             if isinstance(changes.get(key), dict):
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         if "compact" in changes:
@@ -266,7 +268,7 @@ def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
     the exclusion summary of the suspected target class (else None)."""
     if not cfg.exclude_suspected_target:
         return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None
-    suspicion = suspected_target(original, x, y, cfg.pgd)
+    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion)
     target = suspicion["target"]
     excluded = int((y == target).sum()) if target is not None else 0
     return suspicion["adversarial"], exclusion_summary(target, suspicion["inversion"]["concentration"], excluded)

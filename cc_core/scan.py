@@ -36,6 +36,7 @@ from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentr
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
+from cc_core.errors import ConfigError
 from cc_core.synth import SynthConfig, synthesize
 
 
@@ -84,6 +85,16 @@ class InversionConfig:
     batch_size: int = 128
     l1: float = 0.3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_channels", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"inversion {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("u", "lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"inversion {name} must be > 0, got {getattr(self, name)}")
+        if self.l1 < 0:
+            raise ConfigError(f"inversion l1 must be >= 0, got {self.l1}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -77,6 +77,7 @@ def _scan_version(c, tracking_uri: str, experiment_id: str, uri: str, work_root:
     import json
 
     from cc_core.adversarial import PGDConfig
+    from cc_core.scan import InversionConfig
 
     source = steps.fetch_source(tracking_uri, uri, str(work_root / "downloads" / steps.digest(uri)[:16]))
     mlflow_run = c.create_run(experiment_id, tags={"mlflow.runName": f"audit-{uri.removeprefix('models:/')}",
@@ -88,7 +89,8 @@ def _scan_version(c, tracking_uri: str, experiment_id: str, uri: str, work_root:
         out = steps.scan_task(run, loaded["files"]["model"],
                               {"n_samples": scan_cfg.n_samples, "iterations": scan_cfg.iterations,
                                "batch_size": min(128, scan_cfg.n_samples)},
-                              {**PGDConfig().to_dict(), "steps": scan_cfg.pgd_steps})
+                              {**PGDConfig().to_dict(), "steps": scan_cfg.pgd_steps},
+                              {**InversionConfig().to_dict(), "steps": scan_cfg.inversion_steps})
     except BaseException as e:
         fail_run(run, e)
         raise

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from cc_core.compact.plan import CompactionPlan
 from cc_core.pipeline import DefendConfig, make_report, resolve_config
+from cc_core.scan import InversionConfig
 from tasks import steps
 from tasks.gates import GateConfig, evaluate_gates, gates_passed
 from tasks.registry import CLEANED_SUFFIX, cleaned_versions
@@ -29,6 +30,7 @@ class ScanSettings:
     n_samples: int = 256
     iterations: int = 100
     pgd_steps: int = 10
+    inversion_steps: int = InversionConfig().steps
 
 
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
@@ -106,7 +108,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     original = loaded["files"]["model"]
     steps.scan_task(run, original, {"n_samples": scan_cfg.n_samples, "iterations": scan_cfg.iterations,
                                     "batch_size": min(128, scan_cfg.n_samples)},
-                    {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps}, cfg.device)
+                    {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps},
+                    {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device)
     compacted = steps.compact_task(run, original, cfg)
     compact = compacted["files"]["compact"]
     synth_source = compact if cfg.synth_model == "compact" else original

@@ -123,15 +123,16 @@ def load_task(run: RunHandle, source: dict, arch: str | None = None, num_classes
 
 
 @task(name="scan", **COMPUTE)
-def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, device: str = "auto") -> dict:
+def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, inversion_cfg: dict,
+              device: str = "auto") -> dict:
     """Data-free risk report of the suspect: risk score, adversarial histogram, inversion, spectra."""
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import scan
+    from cc_core.scan import InversionConfig, scan
     from cc_core.synth import SynthConfig
 
     def compute() -> dict:
         report = scan(_load(model_file), SynthConfig(**synth_cfg), PGDConfig(**pgd_cfg), device=device,
-                      progress=False)
+                      progress=False, inversion_cfg=InversionConfig(**inversion_cfg))
         path = run.path / "scan.json"
         path.write_text(json.dumps(report, indent=1))
         return {"files": {"scan": str(path)},
@@ -139,7 +140,8 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, d
                 | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}
                 | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
-    out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg}, compute)
+    out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg},
+                  compute)
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]
@@ -227,7 +229,8 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
     out = _cached(run, "adversarial", {"original": original_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
                                        "adv": cfg.finetune.adv_weight > 0,
-                                       "exclude_suspected_target": cfg.exclude_suspected_target}, compute)
+                                       "exclude_suspected_target": cfg.exclude_suspected_target,
+                                       "inversion": cfg.inversion.to_dict()}, compute)
     if out["histogram_before"]:
         log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
     if cfg.exclude_suspected_target:

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 TINY = {"tau": 3.0, "compact": {"rank_multiple": 4},
         "synth": {"n_samples": 32, "batch_size": 32, "iterations": 10},
-        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}}
-TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2}
+        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5}}
+TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2, "inversion_steps": 5}
 OPEN_GATES = {"min_speedup": None, "max_concentration": None}
 
 

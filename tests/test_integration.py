@@ -35,15 +35,19 @@ def cleaned_sources(uri: str) -> list[str]:
         return []
 
 
-def flow_runs(api: str) -> list[dict]:
-    """Flow runs of the clean-compact flow that are not scheduled/pending any more."""
+def clean_compact_runs(api: str) -> list[dict]:
+    """Every flow run of the clean-compact flow (the audit deployment's cron runs are not counted)."""
     import json
     import urllib.request
 
-    req = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
+    body = json.dumps({"flows": {"name": {"any_": ["clean-compact"]}}}).encode()
+    req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
-        runs = json.loads(r.read())
+        return json.loads(r.read())
+
+
+def finished(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r.get("state_type") not in ("SCHEDULED", "PENDING", "RUNNING")]
 
 
@@ -61,8 +65,13 @@ def test_registration_triggers_cleaning_exactly_once(tmp_path, bridge, versions)
         wait_until(lambda: cleaned_sources(stack.mlflow_uri) == expected, TIMEOUT_S, interval=2,
                    what=f"{versions} cleaned versions registered")
         assert all(stack.alive().values()), stack.alive()
-        wait_until(lambda: len(flow_runs(stack.prefect_api)) == versions, 60, what="flow runs finished")
-        assert all(r["state_type"] == "COMPLETED" for r in flow_runs(stack.prefect_api))
+        try:
+            wait_until(lambda: len(finished(clean_compact_runs(stack.prefect_api))) == versions, 60,
+                       what="flow runs finished")
+        except TimeoutError as e:
+            states = [(r["name"], r.get("state_name")) for r in clean_compact_runs(stack.prefect_api)]
+            raise AssertionError(f"{e}; clean-compact runs: {states}") from e
+        assert all(r["state_type"] == "COMPLETED" for r in clean_compact_runs(stack.prefect_api))
     finally:
         logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (stack.home / "logs").glob("*.log")}
         procs = [proc for _, proc in stack.processes]

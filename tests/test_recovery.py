@@ -164,6 +164,8 @@ def test_defend_config_validation():
         DefendConfig(ratio=1.0)
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         resolve_config("fast")
+    with pytest.raises(ConfigError, match="inversion steps must be >= 1"):
+        resolve_config("cpu", inversion={"steps": 0})
 
 
 def test_overrides_merge_into_the_preset():
@@ -171,6 +173,8 @@ def test_overrides_merge_into_the_preset():
     cfg = resolve_config("cpu", compact={"rank_multiple": 4}, finetune={"epochs": 3})
     assert cfg.compact == cpu.compact | {"rank_multiple": 4}
     assert cfg.finetune.epochs == 3 and cfg.finetune.lr == cpu.finetune.lr
+    inverted = resolve_config("cpu", inversion={"steps": 7})
+    assert inverted.inversion.steps == 7 and inverted.inversion.l1 == cpu.inversion.l1
     assert resolve_config("cpu").compact == cpu.compact  # the preset itself is untouched
 
 
