@@ -1,7 +1,7 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis|wanet3|target]
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis|wanet3|target|channel]
 Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
@@ -31,7 +31,7 @@ PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
-         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {})}
+         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {}), "channel": ({}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -92,6 +92,14 @@ GRIDS = {
                                       ("all synthetic images kept (the preset before this round)", False))]
               + [("no fine-tune (clean + compact only)", 2.0, {}, {"epochs": 0}),
                  ("suspected target left out + logit distillation", 2.0, {}, {"kd_weight": 1.0})],
+    # Eighth round: most of the ACC cost at 2x is the channel clean (sweep_defend_clean.md: no
+    # channel clean 0.95 points, u 3 3.4); does shrinking outlier channels to the threshold instead
+    # of zeroing them keep the backdoor out at a smaller cost?
+    "channel": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
+        ("cpu preset: outlier channels zeroed", {}),
+        ("outlier channels shrunk to the threshold", {"channel_mode": "shrink"}))]
+               + [("shrunk, all synthetic images kept", 2.0, {"channel_mode": "shrink", "exclude_suspected_target": False}, {}),
+                  ("shrunk, no fine-tune", 2.0, {"channel_mode": "shrink"}, {"epochs": 0})],
 }
 
 
@@ -118,7 +126,7 @@ def run(models: list[str], grid: str) -> dict:
             r = result.report
             rows.append({"model": name, "ratio": ratio, "setting": label,
                          "overrides": base | overrides | {"compact": compact}, "finetune": base_ft | ft,
-                         "channel_u": cfg.channel_u, "tau": cfg.tau, "normalizer": cfg.normalizer,
+                         "channel_u": cfg.channel_u, "channel_mode": cfg.channel_mode, "tau": cfg.tau, "normalizer": cfg.normalizer,
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
                          "suspected_target": r["scan"]["suspected_target"], "true_target": all_to_one_target(attack),
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],

@@ -42,6 +42,9 @@ class DefendConfig:
     # an outlier in its layer (> mean + u * std, CLP's data-free criterion). Not in the paper; on
     # the zoo it is what removes the backdoor (benchmarks/results/sweep_defend.md). None = off.
     channel_u: float | None = 3.0
+    # What the channel clean does to an outlier channel: "zero" it (CLP) or "shrink" its bound to
+    # the threshold (its BN scale times (mean + u * std) / bound).
+    channel_mode: str = "zero"
     compact: dict = field(default_factory=dict)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
@@ -65,6 +68,8 @@ class DefendConfig:
             raise ConfigError(f"tau must be > 0, got {self.tau!r}")
         if self.channel_u is not None and not self.channel_u > 0:
             raise ConfigError(f"channel_u must be > 0 (or None to turn the channel clean off), got {self.channel_u!r}")
+        if self.channel_mode not in ("zero", "shrink"):
+            raise ConfigError(f"channel_mode must be 'zero' or 'shrink', got {self.channel_mode!r}")
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
@@ -275,13 +280,13 @@ def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:
-    """A copy of ``model`` with its outlier-Lipschitz channels zeroed (``cfg.channel_u``; the
-    model itself when off) and {"u", "pruned": {conv: n}, "n_pruned"}."""
+    """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed or shrunk
+    (``cfg.channel_mode``; the model itself when off) and {"u", "mode", "pruned": {conv: n}, "n_pruned"}."""
     from cc_core.baselines.clp import clp
 
     if cfg.channel_u is None:
-        return model, {"u": None, "pruned": {}, "n_pruned": 0}
-    return clp(model, cfg.channel_u)
+        return model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
+    return clp(model, cfg.channel_u, cfg.channel_mode)
 
 
 def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | None:

@@ -8,6 +8,7 @@ from cc_core import build_model
 from cc_core.baselines import (ANPConfig, anp_masks, anp_prune, channel_lipschitz, clp, clp_to_budget,
                                conv_bn_pairs, nonzero_params)
 from cc_core.data import ImageData
+from cc_core.errors import ConfigError
 from tests.test_recovery import tiny_model
 
 
@@ -42,6 +43,23 @@ def test_clp_prunes_a_planted_outlier_channel():
     assert bn.weight[5] == 0 and bn.bias[5] == 0 and torch.all(pruned.layer2[0].conv1.weight[5] == 0)
     assert info["pruned"]["layer2.0.conv1"] >= 1
     assert model.layer2[0].bn1.weight[5] != 0  # input untouched
+
+
+def test_shrink_brings_a_planted_outlier_channel_to_the_threshold():
+    model = tiny_model()
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[5] *= 50
+    conv, bn = model.layer2[0].conv1, model.layer2[0].bn1
+    lips = channel_lipschitz(conv, bn)
+    threshold = float(lips.mean() + 3.0 * lips.std())
+    shrunk, info = clp(model, u=3.0, mode="shrink")
+    new = channel_lipschitz(shrunk.layer2[0].conv1, shrunk.layer2[0].bn1)
+    assert float(new[5]) == pytest.approx(threshold, rel=1e-5)
+    assert info["mode"] == "shrink" and info["pruned"]["layer2.0.conv1"] >= 1
+    assert torch.equal(shrunk.layer2[0].bn1.bias, bn.bias)  # the channel keeps its mean output
+    assert torch.equal(shrunk.layer2[0].conv1.weight, conv.weight)
+    with pytest.raises(ConfigError, match="mode must be 'zero' or 'shrink'"):
+        clp(model, mode="soft")
 
 
 def test_clp_to_budget_meets_the_ratio():

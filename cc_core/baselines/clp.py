@@ -55,19 +55,54 @@ def _prune(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int
     return removed
 
 
-def clp(model: nn.Module, u: float = 3.0) -> tuple[nn.Module, dict]:
-    """CLP with threshold ``u``: a pruned copy and {"pruned": {conv: n}, "u": u}."""
+def _shrink(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int, factor: float) -> None:
+    """Multiply the channel's Lipschitz bound by ``factor``: its BN scale gamma_k when it has a BN
+    (the shift beta_k, the channel's mean output, stays), else its filter and bias."""
+    modules = dict(model.named_modules())
+    bn = modules.get(pairs.get(conv_name))
+    conv = modules[conv_name]
+    tensors = [bn.weight] if bn is not None else [conv.weight, conv.bias]
+    with torch.no_grad():
+        for t in tensors:
+            if t is not None:
+                t[channel] *= factor
+
+
+def outlier_channels(model: nn.Module, pairs: dict[str, str], u: float) -> list[tuple[str, int, float]]:
+    """(conv name, channel, shrink factor) of every channel whose UCLC z-score in its layer
+    exceeds ``u``, highest z first; the factor (mean + u * std) / UCLC_k brings it down to the
+    threshold."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, conv in prunable_convs(model).items():
+        if conv.out_channels < 2:
+            continue
+        lips = channel_lipschitz(conv, modules.get(pairs.get(name)))
+        std = lips.std().clamp_min(1e-12)
+        threshold = lips.mean() + u * std
+        found += [(float((lips[k] - lips.mean()) / std), name, k, float(threshold / lips[k]))
+                  for k in range(len(lips)) if (lips[k] - lips.mean()) / std > u]
+    return [(name, k, factor) for _, name, k, factor in sorted(found, reverse=True)]
+
+
+def clp(model: nn.Module, u: float = 3.0, mode: str = "zero") -> tuple[nn.Module, dict]:
+    """CLP with threshold ``u``: a copy whose outlier channels are zeroed (``mode="zero"``, the
+    paper's CLP) or shrunk to the threshold (``"shrink"``), and {"pruned": {conv: n}, "u", "mode",
+    "n_pruned"}."""
     if not u > 0:
         raise ConfigError(f"CLP's u must be > 0, got {u}")
+    if mode not in ("zero", "shrink"):
+        raise ConfigError(f"CLP's mode must be 'zero' or 'shrink', got {mode!r}")
     model = copy.deepcopy(model).eval()
     pairs = conv_bn_pairs(model)
     pruned: dict[str, int] = {}
-    for z, name, k in layer_scores(model, pairs):
-        if z <= u:
-            break
-        _prune(model, pairs, name, k)
+    for name, k, factor in outlier_channels(model, pairs, u):
+        if mode == "zero":
+            _prune(model, pairs, name, k)
+        else:
+            _shrink(model, pairs, name, k, factor)
         pruned[name] = pruned.get(name, 0) + 1
-    return model, {"u": u, "pruned": pruned, "n_pruned": sum(pruned.values())}
+    return model, {"u": u, "mode": mode, "pruned": pruned, "n_pruned": sum(pruned.values())}
 
 
 def clp_to_budget(model: nn.Module, ratio: float, u: float = 3.0) -> tuple[nn.Module, dict]:
