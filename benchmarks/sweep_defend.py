@@ -99,7 +99,8 @@ GRIDS = {
         ("cpu preset: outlier channels zeroed", {}),
         ("outlier channels shrunk to the threshold", {"channel_mode": "shrink"}))]
                + [("shrunk, all synthetic images kept", 2.0, {"channel_mode": "shrink", "exclude_suspected_target": False}, {}),
-                  ("shrunk, no fine-tune", 2.0, {"channel_mode": "shrink"}, {"epochs": 0})],
+                  ("shrunk, no fine-tune", 2.0, {"channel_mode": "shrink"}, {"epochs": 0}),
+                  ("shrunk, channel u 2.5", 2.0, {"channel_mode": "shrink", "channel_u": 2.5}, {})],
 }
 
 
