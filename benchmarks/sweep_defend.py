@@ -93,14 +93,14 @@ GRIDS = {
               + [("no fine-tune (clean + compact only)", 2.0, {}, {"epochs": 0}),
                  ("suspected target left out + logit distillation", 2.0, {}, {"kd_weight": 1.0})],
     # Eighth round: most of the ACC cost at 2x is the channel clean (sweep_defend_clean.md: no
-    # channel clean 0.95 points, u 3 3.4); does shrinking outlier channels to the threshold instead
-    # of zeroing them keep the backdoor out at a smaller cost?
+    # channel clean 0.95 points, u 3 3.4); can an outlier channel be defused at a smaller cost
+    # than zeroing it: shrunk to the threshold, or held at its mean output (BN shift kept)?
     "channel": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("cpu preset: outlier channels zeroed", {}),
-        ("outlier channels shrunk to the threshold", {"channel_mode": "shrink"}))]
-               + [("shrunk, all synthetic images kept", 2.0, {"channel_mode": "shrink", "exclude_suspected_target": False}, {}),
-                  ("shrunk, no fine-tune", 2.0, {"channel_mode": "shrink"}, {"epochs": 0}),
-                  ("shrunk, channel u 2.5", 2.0, {"channel_mode": "shrink", "channel_u": 2.5}, {})],
+        ("outlier channels shrunk to the threshold", {"channel_mode": "shrink"}),
+        ("outlier channels held at their mean output", {"channel_mode": "mean"}))]
+               + [("held at mean, all synthetic images kept", 2.0, {"channel_mode": "mean", "exclude_suspected_target": False}, {}),
+                  ("held at mean, no fine-tune", 2.0, {"channel_mode": "mean"}, {"epochs": 0})],
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cc_core.adversarial import PGDConfig, pgd
+from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
 from cc_core.fileio import git_commit
@@ -42,8 +43,8 @@ class DefendConfig:
     # an outlier in its layer (> mean + u * std, CLP's data-free criterion). Not in the paper; on
     # the zoo it is what removes the backdoor (benchmarks/results/sweep_defend.md). None = off.
     channel_u: float | None = 3.0
-    # What the channel clean does to an outlier channel: "zero" it (CLP) or "shrink" its bound to
-    # the threshold (its BN scale times (mean + u * std) / bound).
+    # What the channel clean does to an outlier channel: "zero" it (CLP), "shrink" its bound to
+    # the threshold (its BN scale times (mean + u * std) / bound) or hold it at its "mean" output.
     channel_mode: str = "zero"
     compact: dict = field(default_factory=dict)
     synth: SynthConfig = SynthConfig()
@@ -68,8 +69,8 @@ class DefendConfig:
             raise ConfigError(f"tau must be > 0, got {self.tau!r}")
         if self.channel_u is not None and not self.channel_u > 0:
             raise ConfigError(f"channel_u must be > 0 (or None to turn the channel clean off), got {self.channel_u!r}")
-        if self.channel_mode not in ("zero", "shrink"):
-            raise ConfigError(f"channel_mode must be 'zero' or 'shrink', got {self.channel_mode!r}")
+        if self.channel_mode not in CHANNEL_MODES:
+            raise ConfigError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {self.channel_mode!r}")
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")

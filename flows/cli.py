@@ -261,6 +261,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["compact"] = {"rank_strategy": args.rank_strategy}
     if args.channel_u is not None:
         overrides["channel_u"] = args.channel_u
+    if args.channel_mode:
+        overrides["channel_mode"] = args.channel_mode
     if args.no_channel_clean:
         overrides["channel_u"] = None
     if args.keep_target_synthetic:
@@ -444,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-strategy", choices=["uniform", "energy"],
                    help="rank allocation across layers: one channel fraction, or one kept-energy fraction")
     p.add_argument("--channel-u", type=_positive_float,
-                   help="zero channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
+                   help="clean channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
+    p.add_argument("--channel-mode", choices=["zero", "shrink", "mean"],
+                   help="zero those channels (CLP, the default), shrink their bound to the threshold, "
+                        "or hold them at their mean output")
     p.add_argument("--no-channel-clean", action="store_true", help="no channel clean: the paper's C&C (ablation)")
     p.add_argument("--keep-target-synthetic", action="store_true",
                    help="fine-tune on every synthetic image, also those of the suspected target class (ablation)")

@@ -58,8 +58,20 @@ def test_shrink_brings_a_planted_outlier_channel_to_the_threshold():
     assert info["mode"] == "shrink" and info["pruned"]["layer2.0.conv1"] >= 1
     assert torch.equal(shrunk.layer2[0].bn1.bias, bn.bias)  # the channel keeps its mean output
     assert torch.equal(shrunk.layer2[0].conv1.weight, conv.weight)
-    with pytest.raises(ConfigError, match="mode must be 'zero' or 'shrink'"):
+    with pytest.raises(ConfigError, match="mode must be one of zero, shrink, mean"):
         clp(model, mode="soft")
+
+
+def test_mean_mode_makes_an_outlier_channel_output_its_bn_shift():
+    model = tiny_model()
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[5] *= 50
+        model.layer2[0].bn1.bias[5] = 0.7
+    flat, _ = clp(model, u=3.0, mode="mean")
+    out = {}
+    flat.layer2[0].bn1.register_forward_hook(lambda m, i, o: out.setdefault("bn", o))
+    flat(torch.rand(2, 3, 32, 32))
+    assert torch.allclose(out["bn"][:, 5], torch.full_like(out["bn"][:, 5], 0.7))
 
 
 def test_clp_to_budget_meets_the_ratio():

@@ -164,7 +164,7 @@ def test_defend_config_validation():
         DefendConfig(ratio=1.0)
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         resolve_config("fast")
-    with pytest.raises(ConfigError, match="channel_mode must be 'zero' or 'shrink'"):
+    with pytest.raises(ConfigError, match="channel_mode must be one of zero, shrink, mean"):
         DefendConfig(channel_mode="soft")
     with pytest.raises(ConfigError, match="inversion steps must be >= 1"):
         resolve_config("cpu", inversion={"steps": 0})

@@ -85,22 +85,41 @@ def outlier_channels(model: nn.Module, pairs: dict[str, str], u: float) -> list[
     return [(name, k, factor) for _, name, k, factor in sorted(found, reverse=True)]
 
 
+def _flatten(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> None:
+    """Make the channel output its mean: filter and BN scale zeroed, the BN shift beta_k (the
+    BN output's mean over the training data) kept, so later layers see the mean input they were
+    trained on instead of 0. Without a BN the filter is zeroed and the conv bias kept."""
+    modules = dict(model.named_modules())
+    conv, bn = modules[conv_name], modules.get(pairs.get(conv_name))
+    with torch.no_grad():
+        conv.weight[channel] = 0
+        if bn is not None:
+            bn.weight[channel] = 0
+            if conv.bias is not None:
+                conv.bias[channel] = 0
+
+
+CHANNEL_MODES = ("zero", "shrink", "mean")
+
+
 def clp(model: nn.Module, u: float = 3.0, mode: str = "zero") -> tuple[nn.Module, dict]:
     """CLP with threshold ``u``: a copy whose outlier channels are zeroed (``mode="zero"``, the
-    paper's CLP) or shrunk to the threshold (``"shrink"``), and {"pruned": {conv: n}, "u", "mode",
-    "n_pruned"}."""
+    paper's CLP), shrunk to the threshold (``"shrink"``) or held at their mean output (``"mean"``),
+    and {"pruned": {conv: n}, "u", "mode", "n_pruned"}."""
     if not u > 0:
         raise ConfigError(f"CLP's u must be > 0, got {u}")
-    if mode not in ("zero", "shrink"):
-        raise ConfigError(f"CLP's mode must be 'zero' or 'shrink', got {mode!r}")
+    if mode not in CHANNEL_MODES:
+        raise ConfigError(f"CLP's mode must be one of {', '.join(CHANNEL_MODES)}, got {mode!r}")
     model = copy.deepcopy(model).eval()
     pairs = conv_bn_pairs(model)
     pruned: dict[str, int] = {}
     for name, k, factor in outlier_channels(model, pairs, u):
         if mode == "zero":
             _prune(model, pairs, name, k)
-        else:
+        elif mode == "shrink":
             _shrink(model, pairs, name, k, factor)
+        else:
+            _flatten(model, pairs, name, k)
         pruned[name] = pruned.get(name, 0) + 1
     return model, {"u": u, "mode": mode, "pruned": pruned, "n_pruned": sum(pruned.values())}
 
