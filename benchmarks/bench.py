@@ -126,7 +126,9 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
     r = result.report
     return result.model, {"metrics": r["metrics"], "params_after": r["model"]["params_after"], "timings_s": timings,
                           "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
-                          "details": r.get("channel_clean") or r.get("baseline")}
+                          "details": r.get("channel_clean") or r.get("baseline"),
+                          "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
+                                                                  "synthetic_excluded")} if row.defense == "cc" else None}
 
 
 def run_row(row: Row, force: bool = False, log=print) -> dict:
@@ -226,6 +228,18 @@ def _cost_table(done: dict) -> list[str]:
     return lines
 
 
+def _suspicion_table(done: dict) -> list[str]:
+    rows = [(rid, r["suspicion"]) for rid, r in done.items() if r.get("suspicion")]
+    if not rows:
+        return ["No C&C row records it yet (rows from before this column was added)."]
+    lines = ["| row | suspected target | synthetic images left out | inversion concentration |", "|---|---|---|---|"]
+    for rid, s in rows:
+        conc = "-" if s["inversion_concentration"] is None else f"{s['inversion_concentration']:.2f}"
+        target = "none" if s["suspected_target"] is None else str(s["suspected_target"])
+        lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} |")
+    return lines
+
+
 def _size_table(done: dict) -> list[str]:
     lines = [f"| row | params before | params after | ms original (batch {LATENCY_BATCH}) | ms defended | speed-up |"
              " speed-up batch 1 |", "|---|---|---|---|---|---|---|"]
@@ -263,6 +277,9 @@ def render() -> Path:
           *_target_lines(done, 2.0, 1.5, 0.05), *_target_lines(done, 4.0, 3.0, 0.05), "",
           "## Tables 4/5 shape: GTSRB and other architectures (BadNet / Input-Aware), ACC / ASR in %\n",
           *_acc_asr_table(done, TABLES["table4"] + TABLES["table5"], small), "",
+          "## The class each C&C run suspected (its synthetic images stay out of the fine-tune)\n",
+          "The zoo's all-to-one models target class 0; all-to-all models have no single target.\n",
+          *_suspicion_table(done), "",
           "## Parameters and onnxruntime latency of each defended model (CPU, 2 threads, one process)\n",
           *_size_table(done), "",
           "## Speed-up at full width\n", *_speed_section(), "",

@@ -61,8 +61,12 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
                (bench.Row("cifar10-resnet18", "wanet", "cc", 2.0), 0.85, 0.82, 0.04),
                (bench.Row("cifar10-resnet18", "badnet", "none"), 0.85, 0.85, 0.97)]
     for row, *values in written:
-        (tmp_path / "bench" / f"{row.id}.json").write_text(json.dumps(_fake_row(row, *values)))
+        fields = _fake_row(row, *values)
+        if row.attack == "wanet":
+            fields["suspicion"] = {"suspected_target": 0, "inversion_concentration": 0.12, "synthetic_excluded": 103}
+        (tmp_path / "bench" / f"{row.id}.json").write_text(json.dumps(fields))
     text = bench.render().read_text()
+    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | 0 | 103 | 0.12 |" in text
     assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | not run | 84.00 / 3.00 |" in text
     # mean drop (1 + 3) / 2 = 2 points > 1.5: missed by 0.50, over 2 of the 8 settings
     assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text
