@@ -92,8 +92,8 @@ GRIDS = {
                                       ("all synthetic images kept (the preset before this round)", False))]
               + [("no fine-tune (clean + compact only)", 2.0, {}, {"epochs": 0}),
                  ("suspected target left out + logit distillation", 2.0, {}, {"kd_weight": 1.0})],
-    # Eighth round: most of the ACC cost at 2x is the channel clean (sweep_defend_clean.md: no
-    # channel clean 0.95 points, u 3 3.4); can an outlier channel be defused at a smaller cost
+    # Eighth round: most of the ACC cost at 2x is the channel clean (sweep_defend_clean.md, tau 3:
+    # drop 0.95 points without it, 4.38 with it at u 3); can an outlier channel be defused at a smaller cost
     # than zeroing it: shrunk to the threshold, or held at its mean output (BN shift kept)?
     "channel": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("cpu preset: outlier channels zeroed", {}),
