@@ -281,8 +281,8 @@ def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:
-    """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed or shrunk
-    (``cfg.channel_mode``; the model itself when off) and {"u", "mode", "pruned": {conv: n}, "n_pruned"}."""
+    """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed, shrunk or
+    held at their mean (``cfg.channel_mode``; the model itself when off) and {"u", "mode", "pruned": {conv: n}, "n_pruned"}."""
     from cc_core.baselines.clp import clp
 
     if cfg.channel_u is None:

@@ -26,17 +26,21 @@ def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> torc
     return torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
 
 
+def layer_lipschitz(model: nn.Module, pairs: dict[str, str]) -> dict[str, torch.Tensor]:
+    """UCLC (O,) of every prunable conv with at least 2 output channels, by conv name."""
+    modules = dict(model.named_modules())
+    return {name: channel_lipschitz(conv, modules.get(pairs.get(name)))
+            for name, conv in prunable_convs(model).items() if conv.out_channels >= 2}
+
+
+def _z(lips: torch.Tensor) -> torch.Tensor:
+    return (lips - lips.mean()) / lips.std().clamp_min(1e-12)
+
+
 def layer_scores(model: nn.Module, pairs: dict[str, str]) -> list[tuple[float, str, int]]:
     """(z-score within its layer, conv name, channel) for every prunable channel."""
-    scores = []
-    modules = dict(model.named_modules())
-    for name, conv in prunable_convs(model).items():
-        if conv.out_channels < 2:
-            continue
-        lips = channel_lipschitz(conv, modules.get(pairs.get(name)))
-        z = (lips - lips.mean()) / lips.std().clamp_min(1e-12)
-        scores += [(float(v), name, k) for k, v in enumerate(z)]
-    return sorted(scores, reverse=True)
+    return sorted(((float(v), name, k) for name, lips in layer_lipschitz(model, pairs).items()
+                   for k, v in enumerate(_z(lips))), reverse=True)
 
 
 def _prune(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> int:
@@ -72,16 +76,10 @@ def outlier_channels(model: nn.Module, pairs: dict[str, str], u: float) -> list[
     """(conv name, channel, shrink factor) of every channel whose UCLC z-score in its layer
     exceeds ``u``, highest z first; the factor (mean + u * std) / UCLC_k brings it down to the
     threshold."""
-    modules = dict(model.named_modules())
     found = []
-    for name, conv in prunable_convs(model).items():
-        if conv.out_channels < 2:
-            continue
-        lips = channel_lipschitz(conv, modules.get(pairs.get(name)))
-        std = lips.std().clamp_min(1e-12)
-        threshold = lips.mean() + u * std
-        found += [(float((lips[k] - lips.mean()) / std), name, k, float(threshold / lips[k]))
-                  for k in range(len(lips)) if (lips[k] - lips.mean()) / std > u]
+    for name, lips in layer_lipschitz(model, pairs).items():
+        threshold = lips.mean() + u * lips.std().clamp_min(1e-12)
+        found += [(float(z), name, k, float(threshold / lips[k])) for k, z in enumerate(_z(lips)) if z > u]
     return [(name, k, factor) for _, name, k, factor in sorted(found, reverse=True)]
 
 
