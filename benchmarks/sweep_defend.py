@@ -1,8 +1,10 @@
 """Choose C&C's defaults by measurement: sweep tau x normalizer and ablate each loss term on
 zoo models (ACC / ASR on the real CIFAR-10 test set, which the defense never sees).
 
-Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis|wanet3|target|channel]
-Writes benchmarks/results/sweep_defend_<grid>.{json,md}. Synthetic data is made once per model
+Run: python -m benchmarks.sweep_defend [--models badnet wanet] [--grid focused|energy|recovery|clean|synthesis|wanet3|target|channel|unlearn]
+          [--recipe cifar10-resnet18|gtsrb-resnet18|...]
+Writes benchmarks/results/sweep_defend_<grid>.{json,md} (``_<recipe>`` appended for a recipe other than
+the CIFAR-10 zoo's). Synthetic data is made once per model
 from the original model (the cpu preset's synth_model) and shared by every setting, so settings
 differ only in what they vary.
 """
@@ -13,6 +15,7 @@ import json
 
 import torch
 
+from benchmarks.bench import RECIPES
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
@@ -21,6 +24,8 @@ from cc_core.io import load_model
 from cc_core.pipeline import defend, resolve_config
 
 COMMAND = "python -m benchmarks.sweep_defend"
+DEFAULT_RECIPE = "cifar10-resnet18"
+DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB"}
 PAPER = {"channel_u": None}  # the paper's C&C: singular-value clipping is the only clean step
 ENERGY = {"compact": {"rank_strategy": "energy"}}
 SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
@@ -31,7 +36,7 @@ PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
-         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {}), "channel": ({}, {})}
+         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {}), "channel": ({}, {}), "unlearn": ({}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -101,15 +106,24 @@ GRIDS = {
         ("outlier channels held at their mean output", {"channel_mode": "mean"}))]
                + [("held at mean, all synthetic images kept", 2.0, {"channel_mode": "mean", "exclude_suspected_target": False}, {}),
                   ("held at mean, no fine-tune", 2.0, {"channel_mode": "mean"}, {"epochs": 0})],
+    # Ninth round: the scan's universal inverted trigger (one sparse perturbation that flips the
+    # synthetic images, to one class or, all-to-all, each class to its own) unlearned in the
+    # fine-tune: its images trained towards their benign labels. Can it remove what the channel
+    # clean misses (all-to-all), or replace the channel clean and its ACC cost?
+    "unlearn": [(label, ratio, overrides, ft) for ratio in (2.0, 4.0) for label, overrides, ft in (
+        ("cpu preset", {}, {}),
+        ("+ inverted trigger unlearned", {}, {"unlearn_weight": 1.0}),
+        ("+ inverted trigger unlearned, no channel clean", {"channel_u": None}, {"unlearn_weight": 1.0}))],
 }
 
 
-def run(models: list[str], grid: str) -> dict:
+def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
     torch.manual_seed(0)
-    test = load_dataset("cifar10", "test")
+    recipe = RECIPES[recipe_name]
+    test = load_dataset(recipe["dataset"], "test")
     rows = []
     for name in models:
-        directory = ensure_model(name)
+        directory = ensure_model(name, recipe)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
         base, base_ft = BASES[grid]
         synthetic = {}  # synthesis config -> (label, x, y, seconds): loaded once per model
@@ -120,7 +134,7 @@ def run(models: list[str], grid: str) -> dict:
             key = json.dumps(cfg.synth.to_dict(), sort_keys=True)
             if key not in synthetic:
                 what = f"{cfg.synth.n_samples} images x {cfg.synth.iterations} iterations"
-                synthetic[key] = (what, *shared_synthetic(model_name(name), model, cfg.synth))
+                synthetic[key] = (what, *shared_synthetic(model_name(name, recipe), model, cfg.synth))
             _, x, y, _ = synthetic[key]
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
@@ -131,6 +145,7 @@ def run(models: list[str], grid: str) -> dict:
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
                          "suspected_target": r["scan"]["suspected_target"], "true_target": all_to_one_target(attack),
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],
+                         "flip_rate": r["scan"]["flip_rate"], "all_to_all_suspected": r["scan"]["all_to_all_suspected"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
                          "seconds_excl_synthesis": r["timings_s"]["total"]})
             m = r["metrics"]
@@ -138,15 +153,16 @@ def run(models: list[str], grid: str) -> dict:
                   f"({r['timings_s']['total']:.0f} s)", flush=True)
         rows += [{"model": name, "setting": f"synthesis (shared): {what}", "seconds": seconds}
                  for what, _, _, seconds in synthetic.values()]
-    return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}", "machine": machine(),
-            "grid": grid, "rows": rows}
+    recipe_flag = "" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}"
+    return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}{recipe_flag}", "machine": machine(),
+            "grid": grid, "recipe": recipe_name, "dataset": recipe["dataset"], "rows": rows}
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# C&C sweep: grid `{result['grid']}`\n",
              f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}. "
-             "ACC/ASR in %, on the real CIFAR-10 test set (never seen by the defense). Every setting uses the "
+             f"ACC/ASR in %, on the real {DATASET_NAMES[result.get('dataset', 'cifar10')]} test set (never seen by the defense). Every setting uses the "
              "`cpu` preset except what its label says, and the same synthetic images (made once per model "
              "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
              "| model | ratio | setting | channels zeroed | suspected target (images left out) | ACC before | ACC after | drop | target-class ACC before -> after | ASR before | ASR after | s |",
@@ -179,9 +195,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["badnet", "wanet"])
     parser.add_argument("--grid", choices=list(GRIDS), default="focused")
+    parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE)
     args = parser.parse_args()
-    result = run(args.models, args.grid)
-    print(*write_results(f"sweep_defend_{args.grid}", result, markdown(result)), sep="\n")
+    result = run(args.models, args.grid, args.recipe)
+    suffix = "" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}"
+    print(*write_results(f"sweep_defend_{args.grid}{suffix}", result, markdown(result)), sep="\n")
 
 
 if __name__ == "__main__":

@@ -80,13 +80,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGD
 
 
 @torch.no_grad()
-def class_histogram(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Counts (C,) of the classes ``model`` predicts for normalized inputs ``x``."""
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted classes (N,) of normalized inputs ``x`` (N, C, H, W), in eval mode."""
     was_training = model.training
     model.eval()
     preds = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
     model.train(was_training)
-    return torch.bincount(preds.cpu(), minlength=model.cc_spec.num_classes)
+    return preds
+
+
+def class_histogram(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Counts (C,) of the classes ``model`` predicts for normalized inputs ``x``."""
+    return torch.bincount(predictions(model, x, batch_size).cpu(), minlength=model.cc_spec.num_classes)
 
 
 def concentration(hist: torch.Tensor) -> float:

@@ -1,9 +1,11 @@
 """Recovery fine-tune of the compact model on synthetic data only (METHOD.md step 7).
 
-  L = w_syn * CE(F(x_s), y_s)  +  w_adv * CE(F(x_adv), y_s)  +  w_kd * T^2 KL(T(x_s) || F(x_s))
-      + w_feat * mean_l ||F_l(x_s) - T_l(x_s)||^2 / ||T_l(x_s)||^2
+  L = w_syn * CE(F(x_s), y_s)  +  w_adv * CE(F(x_adv), y_s)  +  w_unl * CE(F(x_trig), y_s)
+      + w_kd * T^2 KL(T(x_s) || F(x_s))  +  w_feat * mean_l ||F_l(x_s) - T_l(x_s)||^2 / ||T_l(x_s)||^2
 x_s: BN-statistics synthetic images with labels y_s; x_adv: their adversarial versions, trained
-towards the BENIGN label y_s so backdoor-like perturbations stop flipping predictions;
+towards the BENIGN label y_s so backdoor-like perturbations stop flipping predictions; x_trig:
+the same images carrying the scan's inverted trigger (one universal perturbation), also trained
+towards y_s, so the model unlearns the trigger it was found to respond to;
 T: the teacher (the clipped full-rank model), distilled on the clean synthetic images only:
 its outputs on adversarial images may still carry the backdoor. F_l, T_l: the outputs of the
 BatchNorm layer named l in student and teacher (compression keeps BN names), so the feature
@@ -34,6 +36,7 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     synth_weight: float = 1.0
     adv_weight: float = 1.0
+    unlearn_weight: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     feature_weight: float = 0.0
@@ -45,13 +48,13 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("fine-tune needs epochs >= 0, batch_size >= 1 and lr > 0")
-        if min(self.synth_weight, self.adv_weight, self.kd_weight, self.feature_weight) < 0:
+        if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
 
     @property
     def active(self) -> bool:
-        return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.kd_weight,
-                                       self.feature_weight) > 0
+        return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.unlearn_weight,
+                                       self.kd_weight, self.feature_weight) > 0
 
     @property
     def needs_teacher(self) -> bool:
@@ -102,10 +105,15 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
 
 def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
              x_adv: torch.Tensor | None = None, teacher: nn.Module | None = None,
-             cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True) -> list[dict]:
-    """Fine-tune ``model`` in place; returns per-epoch mean losses."""
+             cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
+             x_trigger: torch.Tensor | None = None) -> list[dict]:
+    """Fine-tune ``model`` in place; returns per-epoch mean losses. ``x_adv`` and ``x_trigger``
+    (N, C, H, W) are perturbed copies of ``x_syn`` (same order); without ``x_trigger`` (the scan
+    found no trigger) the unlearning term is skipped whatever its weight."""
     if cfg.adv_weight > 0 and x_adv is None:
         raise ConfigError("adv_weight > 0 needs adversarial synthetic images")
+    if x_trigger is None or not cfg.unlearn_weight:
+        cfg, x_trigger = dataclasses.replace(cfg, unlearn_weight=0.0), None
     if cfg.needs_teacher and teacher is None:
         raise ConfigError("kd_weight > 0 or feature_weight > 0 needs a teacher model")
     if not cfg.active:
@@ -113,14 +121,14 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
     student_bn = BNOutputs(model) if cfg.feature_weight else None
     teacher_bn = BNOutputs(teacher) if cfg.feature_weight else None
     try:
-        return _train(model, x_syn, y_syn, x_adv, teacher, cfg, progress, student_bn, teacher_bn)
+        return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn)
     finally:
         for rec in (student_bn, teacher_bn):
             if rec is not None:
                 rec.remove()
 
 
-def _train(model, x_syn, y_syn, x_adv, teacher, cfg: FinetuneConfig, progress: bool,
+def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, progress: bool,
            student_bn: BNOutputs | None, teacher_bn: BNOutputs | None) -> list[dict]:
     from tqdm import tqdm
 
@@ -139,19 +147,21 @@ def _train(model, x_syn, y_syn, x_adv, teacher, cfg: FinetuneConfig, progress: b
         if cfg.freeze_bn:
             _set_bn_eval(model)
         order = torch.randperm(n, generator=gen)
-        sums = {"syn": 0.0, "adv": 0.0, "kd": 0.0, "feat": 0.0}
+        sums = {"syn": 0.0, "adv": 0.0, "unlearn": 0.0, "kd": 0.0, "feat": 0.0}
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xs, ys = x_syn[idx], y_syn[idx]
             xa = x_adv[idx] if x_adv is not None else None
+            xt = x_trigger[idx] if x_trigger is not None else None
             if cfg.augment:
-                xs = random_hflip(random_crop(xs, 2, gen), gen)
-                xa = random_hflip(random_crop(xa, 2, gen), gen) if xa is not None else None
+                xs, xa, xt = (random_hflip(random_crop(v, 2, gen), gen) if v is not None else None
+                              for v in (xs, xa, xt))
             loss = torch.zeros((), device=xs.device)
             with autocast(xs.device, cfg.mixed_precision):
                 out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight) else None
                 student_feats = dict(student_bn.outputs) if student_bn else None
                 out_a = model(xa).float() if cfg.adv_weight else None
+                out_t = model(xt).float() if cfg.unlearn_weight else None
                 if cfg.needs_teacher:
                     with torch.no_grad():
                         target = teacher(xs).float()
@@ -163,6 +173,10 @@ def _train(model, x_syn, y_syn, x_adv, teacher, cfg: FinetuneConfig, progress: b
                 term = F.cross_entropy(out_a, ys)
                 sums["adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.adv_weight * term
+            if cfg.unlearn_weight:
+                term = F.cross_entropy(out_t, ys)
+                sums["unlearn"] += float(term.detach()) * len(idx)
+                loss = loss + cfg.unlearn_weight * term
             if cfg.kd_weight:
                 term = distillation_loss(out_s, target, cfg.kd_temperature)
                 sums["kd"] += float(term.detach()) * len(idx)

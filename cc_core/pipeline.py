@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, pgd
+from cc_core.adversarial import PGDConfig, _to_pixels, pgd
 from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
@@ -26,7 +26,7 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import InversionConfig, histogram_report, suspected_target
+from cc_core.scan import InversionConfig, all_to_all_suspected, histogram_report, suspected_target
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -218,12 +218,14 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"(final BN loss {synth_log['bn_loss'][-1]:.3f})")
 
     start = time.perf_counter()
-    scan_before, exclusion = scan_and_suspect(original, x_syn, y_syn, cfg)
+    scan_before, exclusion, trigger = scan_and_suspect(original, x_syn, y_syn, cfg)
     x_ft, y_ft, _ = exclude_class(x_syn, y_syn, exclusion["suspected_target"] if exclusion else None)
+    x_trigger = apply_trigger(x_ft, trigger, spec) if trigger is not None else None
     timings["scan"] = time.perf_counter() - start
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
-            f"of {len(y_syn)} synthetic images left out of the fine-tune")
+            f"of {len(y_syn)} synthetic images left out of the fine-tune; inverted trigger "
+            f"{'unlearned' if x_trigger is not None else 'not found'} (flips {exclusion['flip_rate']:.0%})")
     start = time.perf_counter()
     adv_model = new if cfg.adversarial_model == "compact" else original
     x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
@@ -233,7 +235,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             f"estimated target {scan_before['target_class_estimate']}")
 
     start = time.perf_counter()
-    history = finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress)
+    history = finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger)
     timings["finetune"] = time.perf_counter() - start
     log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
 
@@ -261,23 +263,38 @@ def exclude_class(x: torch.Tensor, y: torch.Tensor, target: int | None) -> tuple
     return x[keep], y[keep], int((~keep).sum())
 
 
-def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int) -> dict:
-    """The report's record of which synthetic images the fine-tune left out."""
+def apply_trigger(x: torch.Tensor, delta: torch.Tensor, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) with the pixel-unit perturbation ``delta`` (1, C, H, W)
+    added and the pixels kept in [0, 1]."""
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    return ((pix + delta.to(x.device)).clamp(0, 1) - mean) / std
+
+
+def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,
+                      flip: dict | None = None) -> dict:
+    """The report's record of which synthetic images the fine-tune left out, and of the universal
+    inverted trigger it unlearns (flip rate, consistency, all-to-all verdict)."""
     return {"suspected_target": target, "inversion_concentration": inversion_concentration,
-            "synthetic_excluded": excluded}
+            "synthetic_excluded": excluded,
+            "flip_rate": flip["flip_rate"] if flip else None,
+            "flip_mapping_consistency": flip["mapping_consistency"] if flip else None,
+            "all_to_all_suspected": all_to_all_suspected(flip)}
 
 
 def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     cfg: DefendConfig) -> tuple[dict | None, dict | None]:
+                     cfg: DefendConfig) -> tuple[dict | None, dict | None, torch.Tensor | None]:
     """The original model's adversarial histogram report on the synthetic images (None when
-    neither the scan nor the exclusion asks for it) and, with ``cfg.exclude_suspected_target``,
-    the exclusion summary of the suspected target class (else None)."""
-    if not cfg.exclude_suspected_target:
-        return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None
+    neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
+    (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
+    and the universal inverted trigger (1, C, H, W, pixel units) when it fired (else None). The
+    suspected target class is left out only with ``cfg.exclude_suspected_target``."""
+    if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
+        return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
     suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion)
-    target = suspicion["target"]
+    target = suspicion["target"] if cfg.exclude_suspected_target else None
     excluded = int((y == target).sum()) if target is not None else 0
-    return suspicion["adversarial"], exclusion_summary(target, suspicion["inversion"]["concentration"], excluded)
+    summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, suspicion["flip"])
+    return suspicion["adversarial"], summary, suspicion["trigger"]
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:

@@ -1,4 +1,4 @@
-"""Data-free backdoor scan: three signals, no real data.
+"""Data-free backdoor scan: four signals, no real data.
 
 1. Adversarial histogram (METHOD.md step 6): where untargeted PGD sends synthetic images. Its
    concentration is (p_max - 1/C) / (1 - 1/C); the anomaly index is the robust z-score (median
@@ -9,19 +9,27 @@
 3. Trigger inversion through those channels: one universal perturbation (pixel range, L1
    penalty) that maximizes the outlier channels' peak activations on synthetic images. If they
    carry a backdoor, the perturbed images all land in its target class.
+4. Universal inversion (flip): one sparse perturbation (same L1 penalty) that pushes every image
+   out of the class the model gives it, to whatever class. A trigger does this cheaply, and
+   consistently: every image of a class goes to the same place (one target for all-to-one, one
+   per class for all-to-all). Its score is flip rate x mapping consistency; a clean model's
+   cheapest universal perturbation flips fewer images, to scattered classes. This is the signal
+   that sees all-to-all triggers, and its perturbation is what the fine-tune unlearns.
 
-The risk score is the larger of two scores in [0, 1]: the inversion's concentration (0 when no
-channel is an outlier) and the adversarial score ``max(0, 1 - ANOMALY_THRESHOLD / anomaly index)``
-(0 up to Neural Cleanse's anomaly threshold of 2, 0.5 at index 4, towards 1 above). The inversion
-finds a patch trigger (BadNet) whose target PGD misses; PGD finds a warp trigger's (WaNet) pull
-that the inversion misses. The target estimate is the inversion's top class when its
-concentration reaches ``TARGET_FROM_INVERSION``, else the adversarial histogram's. The L1 penalty matters: at 0.01 the inversion paints ~40% of
-the pixel range over every image and sends a CLEAN model's images to one class too; at 0.3 a
-clean model's inversion stays near zero while a patch trigger is still found. A warp trigger
-(WaNet) is not a sparse additive pattern and is not found by the inversion. Both signals depend
-on the synthetic images (the seed): on the zoo the inversion found the BadNet patch for two of
-three seeds, and neither 200 steps nor one channel at a time found it for the third; see
-benchmarks/results/scan.md.
+The risk score is the largest of three scores in [0, 1]: the channel inversion's concentration
+(0 when no channel is an outlier), the flip score, and the adversarial score
+``max(0, 1 - ANOMALY_THRESHOLD / anomaly index)`` (0 up to Neural Cleanse's anomaly threshold of
+2, 0.5 at index 4, towards 1 above). The inversions find patch triggers (BadNet) whose target PGD
+misses; PGD finds a warp trigger's (WaNet) pull that the inversions miss. The target estimate is
+the channel inversion's top class when its concentration reaches ``TARGET_FROM_INVERSION``, else
+the flip's top class when it fires and concentrates (none when it fires spread out: all-to-all),
+else the adversarial histogram's. The L1 penalty matters: at 0.01 the channel inversion paints
+~40% of the pixel range over every image and sends a CLEAN model's images to one class too; at
+0.3 a clean model's inversion stays near zero while a patch trigger is still found. A warp
+trigger (WaNet) is not a sparse additive pattern and is not found by the inversions. All signals
+depend on the synthetic images (the seed): on the zoo the channel inversion found the BadNet
+patch for two of three seeds, and the universal inversion found the GTSRB all-to-all patch for
+two of four seeds, hence its restarts; see benchmarks/results/scan.md.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentration, pgd
+from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentration, pgd, predictions
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
@@ -42,6 +50,8 @@ from cc_core.synth import SynthConfig, synthesize
 
 TARGET_FROM_INVERSION = 0.5
 ANOMALY_THRESHOLD = 2.0
+FLIP_MARGIN = 1.0
+FLIP_THRESHOLD = 0.5
 
 
 def anomaly_index(hist: torch.Tensor) -> float:
@@ -76,7 +86,9 @@ class InversionConfig:
     """Trigger inversion through outlier channels: ``u`` flags channels, at most ``max_channels``
     (highest z first) are maximized by ``steps`` Adam steps (``lr``, pixel units) on batches of
     ``batch_size`` synthetic images, with ``l1`` times the perturbation's L1 norm per colour
-    channel as penalty (a sparse, patch-like trigger is cheap; a full-image one is not)."""
+    channel as penalty (a sparse, patch-like trigger is cheap; a full-image one is not). The
+    universal inversion (flip_report) uses the same steps, lr, batches and penalty, best of
+    ``restarts`` seeds."""
 
     u: float = 3.0
     max_channels: int = 8
@@ -84,10 +96,11 @@ class InversionConfig:
     lr: float = 0.05
     batch_size: int = 128
     l1: float = 0.3
+    restarts: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_channels", "steps", "batch_size"):
+        for name in ("max_channels", "steps", "batch_size", "restarts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inversion {name} must be >= 1, got {getattr(self, name)}")
         for name in ("u", "lr"):
@@ -109,21 +122,14 @@ def channel_outliers(model: nn.Module, u: float = 3.0) -> list[dict]:
             if z > u]
 
 
-def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[dict],
-                            cfg: InversionConfig = InversionConfig()) -> tuple[torch.Tensor, torch.Tensor]:
-    """One perturbation delta (1, C, H, W) in pixel units that maximizes the summed peak
-    activation of ``channels`` (at their BN's output, else the conv's) over ``x`` (N, C, H, W,
-    normalized). Returns the perturbed images (normalized) and delta."""
+def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,
+                    cfg: InversionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One perturbation delta (1, C, H, W) in pixel units shared by every image of ``x`` (N, C, H,
+    W, normalized): ``cfg.steps`` Adam steps on random batches of
+    ``objective(logits, idx) + cfg.l1 * ||delta||_1 / C``, the model frozen in eval mode.
+    Returns the perturbed images (normalized) and delta."""
     spec = model.cc_spec
     pix, mean, std = _to_pixels(x.detach(), spec.mean, spec.std)
-    modules, pairs = dict(model.named_modules()), conv_bn_pairs(model)
-    peaks: list[torch.Tensor] = []
-
-    def hook(channel: int):
-        return lambda module, inputs, out: peaks.append(out[:, channel].amax(dim=(1, 2)).mean())
-
-    handles = [modules[pairs.get(c["layer"], c["layer"])].register_forward_hook(hook(c["channel"]))
-               for c in channels]
     gen = torch.Generator().manual_seed(cfg.seed)
     delta = torch.zeros(1, *pix.shape[1:], device=pix.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
@@ -135,20 +141,96 @@ def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[di
     try:
         for _ in range(cfg.steps):
             idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(pix.device)
-            peaks.clear()
-            model(((pix[idx] + delta).clamp(0, 1) - mean) / std)
-            loss = -torch.stack(peaks).sum() + cfg.l1 * delta.abs().sum() / pix.shape[1]
+            logits = model(((pix[idx] + delta).clamp(0, 1) - mean) / std)
+            loss = objective(logits, idx) + cfg.l1 * delta.abs().sum() / pix.shape[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     finally:
-        for h in handles:
-            h.remove()
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
         model.train(was_training)
     with torch.no_grad():
         return ((pix + delta).clamp(0, 1) - mean) / std, delta.detach()
+
+
+def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[dict],
+                            cfg: InversionConfig = InversionConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One perturbation delta (1, C, H, W) in pixel units that maximizes the summed peak
+    activation of ``channels`` (at their BN's output, else the conv's) over ``x`` (N, C, H, W,
+    normalized), with penalty ``cfg.l1``. Returns the perturbed images (normalized) and delta."""
+    modules, pairs = dict(model.named_modules()), conv_bn_pairs(model)
+    peaks: list[torch.Tensor] = []
+
+    def hook(channel: int):
+        return lambda module, inputs, out: peaks.append(out[:, channel].amax(dim=(1, 2)).mean())
+
+    def objective(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = -torch.stack(peaks).sum()
+        peaks.clear()
+        return loss
+
+    handles = [modules[pairs.get(c["layer"], c["layer"])].register_forward_hook(hook(c["channel"]))
+               for c in channels]
+    try:
+        return _optimize_delta(model, x, objective, cfg)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def invert_universal(model: nn.Module, x: torch.Tensor,
+                     cfg: InversionConfig = InversionConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sparse perturbation delta (1, C, H, W) in pixel units that moves as many images of ``x``
+    as possible away from the class the model gives them unperturbed, whatever class they go to:
+    minimizes the mean logit margin of that class over the runner-up, floored at -FLIP_MARGIN
+    (an image once flipped stops pulling), plus ``cfg.l1 * ||delta||_1 / C``.
+    A trigger (all-to-one or all-to-all) is such a perturbation, and a cheap one; a clean model
+    has none as sparse. Returns the perturbed images (normalized) and delta."""
+    clean = predictions(model, x).to(x.device)
+
+    def objective(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        own = logits.gather(1, clean[idx, None]).squeeze(1)
+        other = logits.scatter(1, clean[idx, None], float("-inf")).amax(1)
+        return (own - other).clamp_min(-FLIP_MARGIN).mean()
+
+    return _optimize_delta(model, x, objective, cfg)
+
+
+def flip_report(model: nn.Module, x: torch.Tensor,
+                cfg: InversionConfig = InversionConfig()) -> tuple[dict, torch.Tensor]:
+    """Where the universal inverted perturbation sends ``x``, and the perturbation delta (1, C, H,
+    W, pixel units). The report: ``flip_rate`` (fraction whose class changes), ``histogram`` and
+    ``concentration`` of the perturbed classes, ``target_class_estimate`` (its top class),
+    ``mapping_consistency`` (of the flipped images, the fraction that go where most flipped
+    images of their source class go: 1 for both all-to-one and all-to-all triggers) and the
+    perturbation's size. The inversion is run ``cfg.restarts`` times (seeds ``cfg.seed``,
+    ``cfg.seed + 1``, ...; each draws its own batches) and the run with the highest
+    flip_score is kept: on the zoo's GTSRB all-to-all BadNet, two of four seeds found the patch
+    and two settled on a scattered perturbation (benchmarks/results/scan.md)."""
+    before = predictions(model, x).cpu()
+    runs = [_flip_run(model, x, before, dataclasses.replace(cfg, seed=cfg.seed + i)) for i in range(cfg.restarts)]
+    best = max(runs, key=lambda run: flip_score(run[0]))
+    best[0]["restart_scores"] = [round(flip_score(r), 4) for r, _ in runs]
+    return best
+
+
+def _flip_run(model: nn.Module, x: torch.Tensor, before: torch.Tensor,
+              cfg: InversionConfig) -> tuple[dict, torch.Tensor]:
+    """One universal inversion and its flip report (see flip_report)."""
+    x_flip, delta = invert_universal(model, x, cfg)
+    after = predictions(model, x_flip).cpu()
+    flipped = after != before
+    n_classes = model.cc_spec.num_classes
+    hist = torch.bincount(after, minlength=n_classes)
+    pairs = torch.bincount(before[flipped] * n_classes + after[flipped], minlength=n_classes ** 2)
+    modal = pairs.view(n_classes, n_classes).amax(1).sum()
+    return {"flip_rate": float(flipped.float().mean()), "histogram": hist.tolist(),
+            "concentration": concentration(hist), "target_class_estimate": int(hist.argmax()),
+            "mapping_consistency": float(modal / flipped.sum()) if flipped.any() else 0.0,
+            "delta_mean_abs": float(delta.abs().mean()),
+            "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}, delta
 
 
 def inversion_report(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = InversionConfig()) -> dict:
@@ -173,12 +255,27 @@ def histogram_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PG
             "anomaly_index": anomaly_index(hist), "target_class_estimate": int(hist.argmax())}
 
 
-def flagged_target(adversarial: dict, inversion: dict) -> int | None:
-    """The target class a signal flags: the inversion's top class when its concentration reaches
-    TARGET_FROM_INVERSION, else the adversarial histogram's top class when its anomaly index
-    exceeds ANOMALY_THRESHOLD; None when neither flags one."""
+def flip_score(flip: dict) -> float:
+    """The universal inversion's risk signal in [0, 1]: flip rate x mapping consistency (a clean
+    model's cheapest universal perturbation flips images to scattered classes)."""
+    return flip["flip_rate"] * flip["mapping_consistency"]
+
+
+def all_to_all_suspected(flip: dict | None) -> bool:
+    """The universal inversion fires but spreads its flips over classes: no single target."""
+    return flip is not None and flip_score(flip) >= FLIP_THRESHOLD and flip["concentration"] < TARGET_FROM_INVERSION
+
+
+def flagged_target(adversarial: dict, inversion: dict, flip: dict | None = None) -> int | None:
+    """The target class a signal flags: the channel inversion's top class when its concentration
+    reaches TARGET_FROM_INVERSION; else, when the universal inversion fires (flip_score >=
+    FLIP_THRESHOLD), its top class if it concentrates the same way and None if it does not (an
+    all-to-all trigger has no target); else the adversarial histogram's top class when its
+    anomaly index exceeds ANOMALY_THRESHOLD; None when nothing flags one."""
     if inversion["concentration"] >= TARGET_FROM_INVERSION:
         return inversion["target_class_estimate"]
+    if flip is not None and flip_score(flip) >= FLIP_THRESHOLD:
+        return None if all_to_all_suspected(flip) else flip["target_class_estimate"]
     if adversarial["anomaly_index"] > ANOMALY_THRESHOLD:
         return adversarial["target_class_estimate"]
     return None
@@ -186,33 +283,42 @@ def flagged_target(adversarial: dict, inversion: dict) -> int | None:
 
 def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg: PGDConfig = PGDConfig(),
                      inversion_cfg: InversionConfig = InversionConfig()) -> dict:
-    """{"target": flagged class or None, "adversarial": histogram report, "inversion": inversion
-    report} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    """{"target": flagged class or None, "adversarial": histogram report, "inversion": channel
+    inversion report, "flip": universal inversion report, "trigger": its delta (1, C, H, W, pixel
+    units) when it fires, else None} of ``model`` on synthetic images ``x`` (N, C, H, W) with
+    labels ``y`` (N,)."""
     adversarial = histogram_report(model, x, y, pgd_cfg)
     inversion = inversion_report(model, x, inversion_cfg)
-    return {"target": flagged_target(adversarial, inversion), "adversarial": adversarial, "inversion": inversion}
+    flip, delta = flip_report(model, x, inversion_cfg)
+    return {"target": flagged_target(adversarial, inversion, flip), "adversarial": adversarial,
+            "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None}
 
 
 def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, iterations=100),
          pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True,
          inversion_cfg: InversionConfig = InversionConfig()) -> dict:
-    """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``,
-    the adversarial histogram's statistics (top level, as before), ``inversion``, spectra, timings."""
+    """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``
+    (None when ``all_to_all_suspected``), the adversarial histogram's statistics (top level),
+    ``inversion`` (through outlier channels), ``flip`` (universal inversion), spectra, timings."""
     start = time.perf_counter()
     x, y, log = synthesize(model, synth_cfg, device=device, progress=progress)
     t_synth = time.perf_counter() - start
     report = histogram_report(model, x, y, pgd_cfg)
     t_pgd = time.perf_counter() - start - t_synth
     report["inversion"] = inversion_report(model, x, inversion_cfg)
+    t_inversion = time.perf_counter() - start - t_synth - t_pgd
+    report["flip"], _ = flip_report(model, x, inversion_cfg)
+    t_flip = time.perf_counter() - start - t_synth - t_pgd - t_inversion
     report["risk_signals"] = {"inversion": report["inversion"]["concentration"],
+                              "flip": flip_score(report["flip"]),
                               "adversarial": adversarial_score(report["anomaly_index"])}
     report["risk"] = max(report["risk_signals"].values())
-    flagged = flagged_target(report, report["inversion"])
-    if flagged is not None:
+    report["all_to_all_suspected"] = all_to_all_suspected(report["flip"])
+    flagged = flagged_target(report, report["inversion"], report["flip"])
+    if flagged is not None or report["all_to_all_suspected"]:
         report["target_class_estimate"] = flagged
     report["spectra"] = spectra(model)
-    report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd,
-                           "inversion": time.perf_counter() - start - t_synth - t_pgd,
+    report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd, "inversion": t_inversion, "flip": t_flip,
                            "total": time.perf_counter() - start}
     report["config"] = {"synth": synth_cfg.to_dict(), "pgd": pgd_cfg.to_dict(), "inversion": inversion_cfg.to_dict()}
     return report

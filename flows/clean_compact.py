@@ -118,7 +118,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     adv_model = compact if cfg.adversarial_model == "compact" else original
     adversarial = steps.adversarial_task(run, original, adv_model, synthetic, cfg)
     tuned = steps.finetune_task(run, compact, synthetic, adversarial["files"].get("adversarial"),
-                                compacted["files"].get("teacher"), cfg, adversarial["exclusion"]["suspected_target"])
+                                compacted["files"].get("teacher"), cfg, adversarial["exclusion"]["suspected_target"],
+                                adversarial["files"].get("trigger"))
     final = tuned["files"]["model"]
     evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
                                     synthetic, cfg, eval_data, data_dir, attack_dir)

@@ -341,14 +341,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return EXIT_OK
     names = model.cc_spec.class_names
     target = report["target_class_estimate"]
-    label = f"{target} ({names[target]})" if names else str(target)
-    inv = report["inversion"]
+    label = ("none: the inverted trigger sends each class somewhere else (all-to-all)" if report["all_to_all_suspected"]
+             else f"{target} ({names[target]})" if names else str(target))
+    inv, flip = report["inversion"], report["flip"]
     signals = report["risk_signals"]
-    print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, adversarial "
-          f"{signals['adversarial']:.2f}), most likely target class {label}")
+    print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, flip {signals['flip']:.2f}, "
+          f"adversarial {signals['adversarial']:.2f}), most likely target class {label}")
     print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
           + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
              + " ".join(str(c) for c in inv["histogram"]) if inv["histogram"] else ""))
+    print(f"universal inverted trigger: flips {flip['flip_rate']:.0%} of the synthetic images, "
+          f"{flip['mapping_consistency']:.0%} of them consistently by source class, "
+          f"{flip['delta_pixels_changed']:.1%} of pixels changed by > 0.1")
     print(f"adversarial class histogram (concentration {report['concentration']:.2f}, anomaly index "
           f"{report['anomaly_index']:.1f}): " + " ".join(str(c) for c in report["histogram"]))
     top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]

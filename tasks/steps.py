@@ -136,8 +136,10 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
         path = run.path / "scan.json"
         path.write_text(json.dumps(report, indent=1))
         return {"files": {"scan": str(path)},
-                "summary": {k: report[k] for k in ("risk", "concentration", "anomaly_index", "target_class_estimate")}
+                "summary": {k: report[k] for k in ("risk", "concentration", "anomaly_index", "target_class_estimate",
+                                                   "all_to_all_suspected")}
                 | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}
+                | {f"flip_{k}": report["flip"][k] for k in ("flip_rate", "mapping_consistency")}
                 | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
     out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg},
@@ -145,8 +147,10 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]
-    get_run_logger().info(f"scan: risk {s['risk']:.2f} ({s['n_channel_outliers']} outlier channels), adversarial "
-                          f"concentration {s['concentration']:.2f}, estimated target class {s['target_class_estimate']}")
+    target = "all-to-all" if s["all_to_all_suspected"] else s["target_class_estimate"]
+    get_run_logger().info(f"scan: risk {s['risk']:.2f} ({s['n_channel_outliers']} outlier channels, inverted trigger "
+                          f"flips {s['flip_flip_rate']:.0%}), adversarial concentration {s['concentration']:.2f}, "
+                          f"estimated target class {target}")
     return out
 
 
@@ -209,26 +213,32 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
 def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, synthetic_file: str, cfg) -> dict:
     """The original model's adversarial class histogram on the synthetic images (the 'before'
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
-    out, and PGD on the images the fine-tune keeps."""
+    out, and, on the images the fine-tune keeps, PGD and the universal inverted trigger (when
+    it fired and the fine-tune unlearns it)."""
     from cc_core.adversarial import pgd
-    from cc_core.pipeline import exclude_class, exclusion_summary, scan_and_suspect
+    from cc_core.pipeline import apply_trigger, exclude_class, exclusion_summary, scan_and_suspect
 
     def compute() -> dict:
         t = _load_tensors(synthetic_file)
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
-        before, exclusion = scan_and_suspect(_load(original_file).to(device), x, y, cfg)
+        original = _load(original_file).to(device)
+        before, exclusion, trigger = scan_and_suspect(original, x, y, cfg)
         target = exclusion["suspected_target"] if exclusion else None
+        x_kept, y_kept, _ = exclude_class(x, y, target)
         files = {}
         if cfg.finetune.adv_weight > 0:
-            x_kept, y_kept, _ = exclude_class(x, y, target)
             x_adv = pgd(_load(adv_model_file).to(device), x_kept, y_kept, cfg.pgd)
             files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
+        if trigger is not None and cfg.finetune.unlearn_weight > 0:
+            x_trigger = apply_trigger(x_kept, trigger, original.cc_spec)
+            files["trigger"] = _save_tensors(run.path / "trigger.safetensors", x=x_trigger)
         return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0)}
 
     out = _cached(run, "adversarial", {"original": original_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
                                        "adv": cfg.finetune.adv_weight > 0,
+                                       "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
                                        "inversion": cfg.inversion.to_dict()}, compute)
     if out["histogram_before"]:
@@ -244,9 +254,10 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
 
 @task(name="finetune", **COMPUTE)
 def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, adversarial_file: str | None,
-                  teacher_file: str | None, cfg, excluded_class: int | None = None) -> dict:
-    """Recovery fine-tune of the compact model on synthetic (+ adversarial synthetic) data,
-    without the synthetic images labelled ``excluded_class``."""
+                  teacher_file: str | None, cfg, excluded_class: int | None = None,
+                  trigger_file: str | None = None) -> dict:
+    """Recovery fine-tune of the compact model on synthetic (+ adversarial synthetic, + inverted
+    trigger) data, without the synthetic images labelled ``excluded_class``."""
     from cc_core.finetune import finetune
     from cc_core.io import save_model
     from cc_core.pipeline import exclude_class
@@ -256,15 +267,16 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
         t = _load_tensors(synthetic_file)
         x, y, _ = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
         x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
+        x_trigger = _load_tensors(trigger_file)["x"].to(device) if trigger_file else None
         teacher = _load(teacher_file).to(device) if teacher_file else None
         model = _load(compact_file).to(device)
-        history = finetune(model, x, y, x_adv, teacher, cfg.finetune, progress=False)
+        history = finetune(model, x, y, x_adv, teacher, cfg.finetune, progress=False, x_trigger=x_trigger)
         path = run.path / "finetuned.safetensors"
         save_model(model.cpu().eval(), path)
         return {"files": {"model": str(path)}, "history": history}
 
     out = _cached(run, "finetune", {"compact": compact_file, "synthetic": synthetic_file,
-                                    "adversarial": adversarial_file, "teacher": teacher_file,
+                                    "adversarial": adversarial_file, "trigger": trigger_file, "teacher": teacher_file,
                                     "finetune": cfg.finetune.to_dict(), "excluded_class": excluded_class}, compute)
     for epoch, row in enumerate(out["history"]):
         log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, "finetune.", step=epoch)

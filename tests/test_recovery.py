@@ -189,21 +189,33 @@ def test_scan_reports_histogram_and_spectra():
     assert report["risk_signals"]["adversarial"] == adversarial_score(report["anomaly_index"])
 
 
-@pytest.mark.parametrize("inversion, anomaly, risk, target", [
-    (0.1, 24.0, 1 - 2 / 24, 1),  # a warp-like trigger: PGD's pull, inversion finds nothing -> PGD's class
-    (0.9, 1.0, 0.9, 5),          # a patch-like trigger: the inversion's class
-    (0.2, 1.5, 0.2, 1),          # nothing: low risk
+@pytest.mark.parametrize("inversion, flip, anomaly, risk, target, a2a", [
+    # a warp-like trigger: PGD's pull, neither inversion finds it -> PGD's class
+    (0.1, (0.4, 0.5, 0.2), 24.0, 1 - 2 / 24, 1, False),
+    # a patch-like trigger through outlier channels: the channel inversion's class
+    (0.9, (0.8, 1.0, 0.9), 1.0, 0.9, 5, False),
+    # a patch the universal inversion finds, all to one class: its class
+    (0.1, (0.9, 1.0, 0.9), 1.0, 0.9, 3, False),
+    # all-to-all: the universal inversion flips each class consistently, to many classes -> no target
+    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, None, True),
+    # nothing: low risk
+    (0.2, (0.3, 0.5, 0.1), 1.5, 0.2, 1, False),
 ])
-def test_risk_is_the_larger_signal_and_the_target_follows_the_inversion_only_when_it_fires(
-        monkeypatch, inversion, anomaly, risk, target):
+def test_risk_is_the_larger_signal_and_the_target_follows_the_inversions_only_when_they_fire(
+        monkeypatch, inversion, flip, anomaly, risk, target, a2a):
     import cc_core.scan as scan_module
 
+    flip_rate, consistency, flip_concentration = flip
     monkeypatch.setattr(scan_module, "histogram_report", lambda *a: {
         "histogram": [0, 9, 1, 0], "concentration": 0.5, "anomaly_index": anomaly, "target_class_estimate": 1})
     monkeypatch.setattr(scan_module, "inversion_report", lambda *a: {
         "concentration": inversion, "target_class_estimate": 5, "n_channel_outliers": 1})
+    monkeypatch.setattr(scan_module, "flip_report", lambda *a: ({
+        "flip_rate": flip_rate, "mapping_consistency": consistency, "concentration": flip_concentration,
+        "target_class_estimate": 3}, None))
     report = scan(tiny_model(), SynthConfig(n_samples=8, batch_size=8, iterations=2), progress=False)
     assert report["risk"] == pytest.approx(risk) and report["target_class_estimate"] == target
+    assert report["all_to_all_suspected"] is a2a
 
 
 def test_adversarial_score_is_zero_up_to_the_anomaly_threshold_and_rises_towards_one():
@@ -320,3 +332,74 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     assert r["scan"]["synthetic_excluded"] == (3 if target is not None else 0)
     assert len(seen["labels"]) == 12 - r["scan"]["synthetic_excluded"]
     assert sorted(set(seen["labels"])) == [c for c in range(4) if c != target]
+
+
+class PlantedAllToAll(nn.Module):
+    """A classifier with a planted all-to-all trigger. Clean logits: 10 x one-hot of the image's
+    brightest colour channel plus its darkness (a class only a large change can move; no gradient
+    reaches it). When the top-left 3x3 patch is bright, a push of each image's logits towards the
+    NEXT class (y -> y + 1 mod C). The push is smooth in the patch's brightness, so a gradient
+    reaches it from any image."""
+
+    def __init__(self, trigger: bool = True) -> None:
+        from cc_core.models.registry import ModelSpec
+
+        super().__init__()
+        self.trigger = trigger
+        self.cc_spec = ModelSpec(arch="planted", num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * 0.25 + 0.5
+        colour = pixels.detach().mean(dim=(2, 3))
+        clean_class = torch.where(colour.mean(1) < 0.15, 3, colour.argmax(1))
+        logits = 10 * nn.functional.one_hot(clean_class, 4).float()
+        if not self.trigger:
+            return logits + 0 * pixels.sum(dim=(1, 2, 3))[:, None]  # differentiable, constant
+        strength = torch.sigmoid((pixels[:, :, :3, :3].mean(dim=(1, 2, 3)) - 0.6) * 20) * 40
+        return logits + strength[:, None] * torch.roll(logits.softmax(1), 1, dims=1)
+
+
+def _dim_images(n: int) -> torch.Tensor:
+    """(n, 3, 32, 32) pixels in [0.1, 0.5]: far from the planted trigger's brightness."""
+    g = torch.Generator().manual_seed(1)
+    return 0.1 + 0.4 * torch.rand(n, 3, 32, 32, generator=g) * torch.rand(n, 3, 1, 1, generator=g)
+
+
+def test_universal_inversion_finds_a_planted_all_to_all_patch_and_calls_it_all_to_all():
+    from cc_core.scan import InversionConfig, all_to_all_suspected, flip_report, flip_score
+
+    model = PlantedAllToAll().eval()
+    x = (_dim_images(64) - 0.5) / 0.25
+    report, delta = flip_report(model, x, InversionConfig(steps=60, lr=0.1, l1=0.05, restarts=2))
+    assert report["flip_rate"] > 0.9 and report["mapping_consistency"] > 0.9 and len(report["restart_scores"]) == 2
+    assert max(report["restart_scores"]) == pytest.approx(flip_score(report), abs=1e-4)
+    assert all_to_all_suspected(report)
+    corner = delta[..., :3, :3].abs().sum()
+    assert corner > 0.9 * delta.abs().sum()  # the L1 penalty keeps the perturbation on the patch
+
+
+def test_universal_inversion_does_not_fire_on_a_model_without_trigger():
+    from cc_core.scan import FLIP_THRESHOLD, InversionConfig, flip_report, flip_score
+
+    model = PlantedAllToAll(trigger=False).eval()
+    x = (_dim_images(64) - 0.5) / 0.25
+    report, _ = flip_report(model, x, InversionConfig(steps=60, lr=0.1, l1=0.05, restarts=2))
+    assert flip_score(report) < FLIP_THRESHOLD
+
+
+def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
+    model = tiny_model()
+    x = torch.randn(32, *model.cc_spec.input_shape) * 0.5
+    y = torch.arange(32) % 4
+    x_trigger = x.clone()
+    x_trigger[..., :4, :4] = 3.0
+    cfg = FinetuneConfig(epochs=15, batch_size=32, lr=0.01, synth_weight=0.0, adv_weight=0.0, unlearn_weight=1.0,
+                         augment=False, mixed_precision=False)
+    loss = lambda: float(torch.nn.functional.cross_entropy(model.eval()(x_trigger), y))  # noqa: E731
+    before = loss()
+    history = finetune(model, x, y, cfg=cfg, progress=False, x_trigger=x_trigger)
+    assert loss() < before and history[-1]["unlearn"] < history[0]["unlearn"]
+    untouched = tiny_model()
+    reference = copy.deepcopy(untouched.state_dict())
+    assert finetune(untouched, x, y, cfg=cfg, progress=False) == []  # no trigger found: nothing to unlearn
+    assert all(torch.equal(v, reference[k]) for k, v in untouched.state_dict().items())
