@@ -5,8 +5,9 @@ Each model (recipe:attack; ``none`` is the clean model of the recipe, trained in
 missing) gets the scan's synthetic images (256 images, 100 iterations, seed 0), then ONE universal
 inversion per seed (restarts 1, the scan's other defaults): the spread over seeds is what the
 scan's restarts (best of ``InversionConfig.restarts``) are for. Writes
-benchmarks/results/flip_zoo.{json,md}: flip rate, mapping consistency, score (their product;
-the scan fires at FLIP_THRESHOLD), where the flips go, and the perturbation's size.
+benchmarks/results/flip_zoo.{json,md}: flip rate, mapping consistency, the all-to-all score
+(their product when the flips spread over classes, else 0; the scan fires at FLIP_THRESHOLD),
+where the flips go, and the perturbation's size.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from benchmarks.common import machine, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.io import load_model
-from cc_core.scan import FLIP_THRESHOLD, InversionConfig, flip_report, flip_score
+from cc_core.scan import FLIP_THRESHOLD, InversionConfig, all_to_all_score, flip_report, flip_score
 from cc_core.synth import SynthConfig, synthesize
 
 DEFAULT_MODELS = ["cifar10-resnet18:badnet", "cifar10-resnet18:wanet", "cifar10-resnet18:none",
@@ -42,7 +43,8 @@ def model_rows(spec: str, seeds: list[int]) -> list[dict]:
     for seed in seeds:
         start = time.perf_counter()
         report, _ = flip_report(model, x, dataclasses.replace(InversionConfig(), seed=seed, restarts=1))
-        rows.append({"model": model_name(attack, recipe), "truth": truth, "seed": seed, "score": flip_score(report),
+        rows.append({"model": model_name(attack, recipe), "truth": truth, "seed": seed, "score": all_to_all_score(report),
+                     "flip_score": flip_score(report),
                      **{k: v for k, v in report.items() if k not in ("histogram", "restart_scores")},
                      "seconds": time.perf_counter() - start})
         print(f"{rows[-1]['model']} seed {seed}: score {rows[-1]['score']:.2f}", flush=True)
@@ -54,15 +56,16 @@ def markdown(result: dict) -> str:
     lines = ["# The scan's universal inversion (flip) on the zoo\n",
              f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}. "
              f"Synthetic images: the scan's (256, 100 iterations, seed 0). One inversion per seed: {cfg['steps']} Adam "
-             f"steps, lr {cfg['lr']}, batch {cfg['batch_size']}, L1 penalty {cfg['l1']}. Score = flip rate x mapping "
-             f"consistency; the scan fires at {FLIP_THRESHOLD} and keeps the best of {cfg['restarts']} seeds.\n",
-             "| model | truth | seed | score | flip rate | mapping consistency | flip concentration | top class "
+             f"steps, lr {cfg['lr']}, batch {cfg['batch_size']}, L1 penalty {cfg['l1']}. All-to-all score = flip rate x "
+             "mapping consistency when the flip concentration is < 0.5, else 0; the scan calls a trigger all-to-all at "
+             f"{FLIP_THRESHOLD} and keeps the best of {cfg['restarts']} seeds.\n",
+             "| model | truth | seed | all-to-all score | flip rate | mapping consistency | flip concentration | top class "
              "| pixels changed > 0.1 | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['truth']} | {r['seed']} | {r['score']:.2f} | {r['flip_rate']:.2f} | "
                      f"{r['mapping_consistency']:.2f} | {r['concentration']:.2f} | {r['target_class_estimate']} | "
                      f"{100 * r['delta_pixels_changed']:.1f}% | {r['seconds']:.0f} |")
-    lines += ["\n## Best of the seeds (what the scan's restarts keep)\n", "| model | truth | best score | fires |",
+    lines += ["\n## Best of the seeds (what the scan's restarts keep)\n", "| model | truth | best all-to-all score | fires |",
               "|---|---|---|---|"]
     for name in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["model"] == name]

@@ -110,8 +110,11 @@ GRIDS = {
     # synthetic images, to one class or, all-to-all, each class to its own) unlearned in the
     # fine-tune: its images trained towards their benign labels. Can it remove what the channel
     # clean misses (all-to-all), or replace the channel clean and its ACC cost?
-    "unlearn": [(label, ratio, overrides, ft) for ratio in (2.0, 4.0) for label, overrides, ft in (
-        ("cpu preset", {}, {}),
+    # (Run before the preset took unlearning up for all-to-all triggers only; the rows pin the
+    # preset of that time: no unlearning, or unlearning whatever the trigger's kind.)
+    "unlearn": [(label, ratio, overrides | {"unlearn_scope": "any"}, ft) for ratio in (2.0, 4.0)
+                for label, overrides, ft in (
+        ("cpu preset", {}, {"unlearn_weight": 0.0}),
         ("+ inverted trigger unlearned", {}, {"unlearn_weight": 1.0}),
         ("+ inverted trigger unlearned, no channel clean", {"channel_u": None}, {"unlearn_weight": 1.0}))],
 }

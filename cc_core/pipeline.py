@@ -30,6 +30,7 @@ from cc_core.scan import InversionConfig, all_to_all_suspected, histogram_report
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
+UNLEARN_SCOPES = ("all-to-all", "any")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,12 @@ class DefendConfig:
     # of the fine-tune: synthesized through the backdoored model, they carry the trigger, and
     # training on them teaches it back (sweep_defend_target.md).
     exclude_suspected_target: bool = True
-    # The trigger inversion that names the suspected target (only run when excluding it).
+    # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
+    # Which inverted triggers the fine-tune unlearns (finetune.unlearn_weight > 0): "all-to-all"
+    # only when the scan finds one that flips each class to its own class, "any" whenever the
+    # universal inversion fires.
+    unlearn_scope: str = "all-to-all"
     device: str = "auto"
     threads: int | None = None
 
@@ -71,6 +76,8 @@ class DefendConfig:
             raise ConfigError(f"channel_u must be > 0 (or None to turn the channel clean off), got {self.channel_u!r}")
         if self.channel_mode not in CHANNEL_MODES:
             raise ConfigError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {self.channel_mode!r}")
+        if self.unlearn_scope not in UNLEARN_SCOPES:
+            raise ConfigError(f"unlearn_scope must be one of {', '.join(UNLEARN_SCOPES)}, got {self.unlearn_scope!r}")
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
@@ -98,17 +105,20 @@ PRESETS: dict[str, DefendConfig] = {
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
     # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:
     # ASR 2x 2.71 / 8.08 / 26.36 -> 1.51 / 1.61 / 7.72 on BadNet / WaNet / Blended, for -0.3 / -1.5 /
-    # +1.2 ACC points).
+    # +1.2 ACC points); the scan's universal inverted trigger is unlearned when it is all-to-all
+    # (sweep_defend_unlearn_gtsrb-resnet18.md: GTSRB BadNet all-to-all ASR 75.1 / 44.6 -> 9.4 / 8.9
+    # at 2x / 4x for -0.2 / -0.6 ACC points) and not otherwise (sweep_defend_unlearn.md: on the
+    # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
     "cpu": DefendConfig(
         compact={"rank_strategy": "energy"},
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
-        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=0.0, adv_weight=0.0)),
+        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
     "paper": DefendConfig(
         compact={"rank_strategy": "energy"},
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
-        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=0.0, adv_weight=0.0)),
+        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
 }
 
 
@@ -224,8 +234,9 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     timings["scan"] = time.perf_counter() - start
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
-            f"of {len(y_syn)} synthetic images left out of the fine-tune; inverted trigger "
-            f"{'unlearned' if x_trigger is not None else 'not found'} (flips {exclusion['flip_rate']:.0%})")
+            f"of {len(y_syn)} synthetic images left out of the fine-tune; the universal inverted trigger flips "
+            f"{exclusion['flip_rate']:.0%}{' (all-to-all)' if exclusion['all_to_all_suspected'] else ''}"
+            f"{', unlearned' if x_trigger is not None else ''}")
     start = time.perf_counter()
     adv_model = new if cfg.adversarial_model == "compact" else original
     x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
@@ -286,15 +297,17 @@ def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """The original model's adversarial histogram report on the synthetic images (None when
     neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
     (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
-    and the universal inverted trigger (1, C, H, W, pixel units) when it fired (else None). The
-    suspected target class is left out only with ``cfg.exclude_suspected_target``."""
+    and the universal inverted trigger (1, C, H, W, pixel units) when it fired within
+    ``cfg.unlearn_scope`` (else None). The suspected target class is left out only with
+    ``cfg.exclude_suspected_target``."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
     suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion)
     target = suspicion["target"] if cfg.exclude_suspected_target else None
     excluded = int((y == target).sum()) if target is not None else 0
     summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, suspicion["flip"])
-    return suspicion["adversarial"], summary, suspicion["trigger"]
+    in_scope = cfg.unlearn_scope == "any" or summary["all_to_all_suspected"]
+    return suspicion["adversarial"], summary, suspicion["trigger"] if in_scope else None
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:

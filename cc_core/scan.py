@@ -10,20 +10,21 @@
    penalty) that maximizes the outlier channels' peak activations on synthetic images. If they
    carry a backdoor, the perturbed images all land in its target class.
 4. Universal inversion (flip): one sparse perturbation (same L1 penalty) that pushes every image
-   out of the class the model gives it, to whatever class. A trigger does this cheaply, and
-   consistently: every image of a class goes to the same place (one target for all-to-one, one
-   per class for all-to-all). Its score is flip rate x mapping consistency; a clean model's
-   cheapest universal perturbation flips fewer images, to scattered classes. This is the signal
+   out of the class the model gives it, to whatever class. An all-to-all trigger does this
+   cheaply and consistently: every image of a class goes to the same (its own) place. The
+   all-to-all score is flip rate x mapping consistency when the flips spread over classes; a
+   clean model's cheapest universal perturbation flips fewer images, to scattered classes. When
+   the flips all go to one class the score is 0: consistency is then 1 by construction, and the
+   class was as often a sink of a clean decision boundary as the target. This is the signal
    that sees all-to-all triggers, and its perturbation is what the fine-tune unlearns.
 
 The risk score is the largest of three scores in [0, 1]: the channel inversion's concentration
-(0 when no channel is an outlier), the flip score, and the adversarial score
+(0 when no channel is an outlier), the all-to-all score, and the adversarial score
 ``max(0, 1 - ANOMALY_THRESHOLD / anomaly index)`` (0 up to Neural Cleanse's anomaly threshold of
 2, 0.5 at index 4, towards 1 above). The inversions find patch triggers (BadNet) whose target PGD
 misses; PGD finds a warp trigger's (WaNet) pull that the inversions miss. The target estimate is
 the channel inversion's top class when its concentration reaches ``TARGET_FROM_INVERSION``, else
-the flip's top class when it fires and concentrates (none when it fires spread out: all-to-all),
-else the adversarial histogram's. The L1 penalty matters: at 0.01 the channel inversion paints
+the adversarial histogram's; an all-to-all score >= FLIP_THRESHOLD marks the trigger all-to-all. The L1 penalty matters: at 0.01 the channel inversion paints
 ~40% of the pixel range over every image and sends a CLEAN model's images to one class too; at
 0.3 a clean model's inversion stays near zero while a patch trigger is still found. A warp
 trigger (WaNet) is not a sparse additive pattern and is not found by the inversions. All signals
@@ -207,12 +208,12 @@ def flip_report(model: nn.Module, x: torch.Tensor,
     images of their source class go: 1 for both all-to-one and all-to-all triggers) and the
     perturbation's size. The inversion is run ``cfg.restarts`` times (seeds ``cfg.seed``,
     ``cfg.seed + 1``, ...; each draws its own batches) and the run with the highest
-    flip_score is kept: on the zoo's GTSRB all-to-all BadNet, two of four seeds found the patch
+    all_to_all_score (then flip_score) is kept: on the zoo's GTSRB all-to-all BadNet, two of four seeds found the patch
     and two settled on a scattered perturbation (benchmarks/results/scan.md)."""
     before = predictions(model, x).cpu()
     runs = [_flip_run(model, x, before, dataclasses.replace(cfg, seed=cfg.seed + i)) for i in range(cfg.restarts)]
-    best = max(runs, key=lambda run: flip_score(run[0]))
-    best[0]["restart_scores"] = [round(flip_score(r), 4) for r, _ in runs]
+    best = max(runs, key=lambda run: (all_to_all_score(run[0]), flip_score(run[0])))
+    best[0]["restart_scores"] = [round(all_to_all_score(r), 4) for r, _ in runs]
     return best
 
 
@@ -256,26 +257,30 @@ def histogram_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PG
 
 
 def flip_score(flip: dict) -> float:
-    """The universal inversion's risk signal in [0, 1]: flip rate x mapping consistency (a clean
-    model's cheapest universal perturbation flips images to scattered classes)."""
+    """Flip rate x mapping consistency of a universal inversion, in [0, 1] (a clean model's
+    cheapest universal perturbation flips images to scattered classes)."""
     return flip["flip_rate"] * flip["mapping_consistency"]
 
 
+def all_to_all_score(flip: dict) -> float:
+    """The scan's all-to-all signal: the flip score when the flips spread over classes, else 0
+    (all into one class, consistency is 1 by construction and says nothing)."""
+    return flip_score(flip) if flip["concentration"] < TARGET_FROM_INVERSION else 0.0
+
+
 def all_to_all_suspected(flip: dict | None) -> bool:
-    """The universal inversion fires but spreads its flips over classes: no single target."""
-    return flip is not None and flip_score(flip) >= FLIP_THRESHOLD and flip["concentration"] < TARGET_FROM_INVERSION
+    """The universal inversion fires and spreads its flips over classes: no single target."""
+    return flip is not None and all_to_all_score(flip) >= FLIP_THRESHOLD
 
 
-def flagged_target(adversarial: dict, inversion: dict, flip: dict | None = None) -> int | None:
+def flagged_target(adversarial: dict, inversion: dict) -> int | None:
     """The target class a signal flags: the channel inversion's top class when its concentration
-    reaches TARGET_FROM_INVERSION; else, when the universal inversion fires (flip_score >=
-    FLIP_THRESHOLD), its top class if it concentrates the same way and None if it does not (an
-    all-to-all trigger has no target); else the adversarial histogram's top class when its
-    anomaly index exceeds ANOMALY_THRESHOLD; None when nothing flags one."""
+    reaches TARGET_FROM_INVERSION, else the adversarial histogram's top class when its anomaly
+    index exceeds ANOMALY_THRESHOLD; None when neither flags one. The universal inversion names
+    no target: when it sends everything to one class, that class is as often a clean model's
+    easiest sink as the target (on the zoo WaNet it named 9, not 0; sweep_defend_unlearn.md)."""
     if inversion["concentration"] >= TARGET_FROM_INVERSION:
         return inversion["target_class_estimate"]
-    if flip is not None and flip_score(flip) >= FLIP_THRESHOLD:
-        return None if all_to_all_suspected(flip) else flip["target_class_estimate"]
     if adversarial["anomaly_index"] > ANOMALY_THRESHOLD:
         return adversarial["target_class_estimate"]
     return None
@@ -290,15 +295,15 @@ def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg
     adversarial = histogram_report(model, x, y, pgd_cfg)
     inversion = inversion_report(model, x, inversion_cfg)
     flip, delta = flip_report(model, x, inversion_cfg)
-    return {"target": flagged_target(adversarial, inversion, flip), "adversarial": adversarial,
+    return {"target": flagged_target(adversarial, inversion), "adversarial": adversarial,
             "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None}
 
 
 def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, iterations=100),
          pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True,
          inversion_cfg: InversionConfig = InversionConfig()) -> dict:
-    """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``
-    (None when ``all_to_all_suspected``), the adversarial histogram's statistics (top level),
+    """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``,
+    ``all_to_all_suspected``, the adversarial histogram's statistics (top level),
     ``inversion`` (through outlier channels), ``flip`` (universal inversion), spectra, timings."""
     start = time.perf_counter()
     x, y, log = synthesize(model, synth_cfg, device=device, progress=progress)
@@ -310,12 +315,12 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
     report["flip"], _ = flip_report(model, x, inversion_cfg)
     t_flip = time.perf_counter() - start - t_synth - t_pgd - t_inversion
     report["risk_signals"] = {"inversion": report["inversion"]["concentration"],
-                              "flip": flip_score(report["flip"]),
+                              "all_to_all": all_to_all_score(report["flip"]),
                               "adversarial": adversarial_score(report["anomaly_index"])}
     report["risk"] = max(report["risk_signals"].values())
     report["all_to_all_suspected"] = all_to_all_suspected(report["flip"])
-    flagged = flagged_target(report, report["inversion"], report["flip"])
-    if flagged is not None or report["all_to_all_suspected"]:
+    flagged = flagged_target(report, report["inversion"])
+    if flagged is not None:
         report["target_class_estimate"] = flagged
     report["spectra"] = spectra(model)
     report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd, "inversion": t_inversion, "flip": t_flip,

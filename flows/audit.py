@@ -99,7 +99,8 @@ def _scan_version(c, tracking_uri: str, experiment_id: str, uri: str, work_root:
     name, version = uri.removeprefix("models:/").rsplit("/", 1)
     for key, value in {"cc.audit.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "cc.audit.risk": f"{s['risk']:.4f}", "cc.audit.concentration": f"{s['concentration']:.4f}",
-                       "cc.audit.target": "all-to-all" if s["all_to_all_suspected"] else str(s["target_class_estimate"]),
+                       "cc.audit.target": str(s["target_class_estimate"]),
+                       "cc.audit.all_to_all": str(s["all_to_all_suspected"]).lower(),
                        "cc.audit.verdict": verdict,
                        "cc.audit.run_id": run.run_id}.items():
         c.set_model_version_tag(name, version, key, value)

@@ -267,11 +267,15 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["channel_u"] = None
     if args.keep_target_synthetic:
         overrides["exclude_suspected_target"] = False
+    if args.unlearn_scope:
+        overrides["unlearn_scope"] = args.unlearn_scope
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
-                            "kd_weight": args.kd_weight, "feature_weight": args.feature_weight}.items()
+                            "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
+                            "feature_weight": args.feature_weight}.items()
           if v is not None}
-    for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"), ("no_kd", "kd_weight")):
+    for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"),
+                      ("no_unlearn", "unlearn_weight"), ("no_kd", "kd_weight")):
         if getattr(args, flag):
             ft[key] = 0.0
     overrides |= {"synth": synth, "finetune": ft}
@@ -341,11 +345,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return EXIT_OK
     names = model.cc_spec.class_names
     target = report["target_class_estimate"]
-    label = ("none: the inverted trigger sends each class somewhere else (all-to-all)" if report["all_to_all_suspected"]
-             else f"{target} ({names[target]})" if names else str(target))
+    label = (f"{target} ({names[target]})" if names else str(target)) + (
+        "; the universal inverted trigger sends each class somewhere else (all-to-all)"
+        if report["all_to_all_suspected"] else "")
     inv, flip = report["inversion"], report["flip"]
     signals = report["risk_signals"]
-    print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, flip {signals['flip']:.2f}, "
+    print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, all-to-all {signals['all_to_all']:.2f}, "
           f"adversarial {signals['adversarial']:.2f}), most likely target class {label}")
     print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
           + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
@@ -469,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-synth-loss", action="store_true", help="fine-tune without the synthetic CE term")
     p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")
     p.add_argument("--adv-weight", type=float, help="weight of the adversarial term (cpu preset: 0, measured)")
+    p.add_argument("--unlearn-weight", type=float,
+                   help="weight of the unlearning term: the scan's inverted trigger on the synthetic images, trained "
+                        "towards their benign labels (only when the scan finds one)")
+    p.add_argument("--no-unlearn", action="store_true", help="fine-tune without the unlearning term")
+    p.add_argument("--unlearn-scope", choices=("all-to-all", "any"),
+                   help="unlearn the inverted trigger only when the scan calls it all-to-all (cpu preset), or whenever it fires")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     p.add_argument("--kd-weight", type=float, help="weight of logit distillation from the channel-cleaned model (presets: 0, measured)")
     p.add_argument("--feature-weight", type=float,

@@ -147,7 +147,7 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]
-    target = "all-to-all" if s["all_to_all_suspected"] else s["target_class_estimate"]
+    target = f"{s['target_class_estimate']}" + (" (all-to-all suspected)" if s["all_to_all_suspected"] else "")
     get_run_logger().info(f"scan: risk {s['risk']:.2f} ({s['n_channel_outliers']} outlier channels, inverted trigger "
                           f"flips {s['flip_flip_rate']:.0%}), adversarial concentration {s['concentration']:.2f}, "
                           f"estimated target class {target}")

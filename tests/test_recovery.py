@@ -194,14 +194,16 @@ def test_scan_reports_histogram_and_spectra():
     (0.1, (0.4, 0.5, 0.2), 24.0, 1 - 2 / 24, 1, False),
     # a patch-like trigger through outlier channels: the channel inversion's class
     (0.9, (0.8, 1.0, 0.9), 1.0, 0.9, 5, False),
-    # a patch the universal inversion finds, all to one class: its class
-    (0.1, (0.9, 1.0, 0.9), 1.0, 0.9, 3, False),
-    # all-to-all: the universal inversion flips each class consistently, to many classes -> no target
-    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, None, True),
+    # a universal perturbation into one class: no all-to-all signal, names nothing
+    (0.1, (0.9, 1.0, 0.9), 1.0, 0.1, 1, False),
+    # all-to-all: the universal inversion flips each class consistently, to many classes; it names
+    # no target and leaves PGD's standing
+    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, 1, True),
+    (0.0, (0.95, 0.9, 0.02), 1.5, 0.95 * 0.9, 1, True),
     # nothing: low risk
     (0.2, (0.3, 0.5, 0.1), 1.5, 0.2, 1, False),
 ])
-def test_risk_is_the_larger_signal_and_the_target_follows_the_inversions_only_when_they_fire(
+def test_risk_is_the_largest_signal_and_the_target_follows_the_inversion_only_when_it_fires(
         monkeypatch, inversion, flip, anomaly, risk, target, a2a):
     import cc_core.scan as scan_module
 
@@ -366,13 +368,13 @@ def _dim_images(n: int) -> torch.Tensor:
 
 
 def test_universal_inversion_finds_a_planted_all_to_all_patch_and_calls_it_all_to_all():
-    from cc_core.scan import InversionConfig, all_to_all_suspected, flip_report, flip_score
+    from cc_core.scan import InversionConfig, all_to_all_score, all_to_all_suspected, flip_report
 
     model = PlantedAllToAll().eval()
     x = (_dim_images(64) - 0.5) / 0.25
     report, delta = flip_report(model, x, InversionConfig(steps=60, lr=0.1, l1=0.05, restarts=2))
     assert report["flip_rate"] > 0.9 and report["mapping_consistency"] > 0.9 and len(report["restart_scores"]) == 2
-    assert max(report["restart_scores"]) == pytest.approx(flip_score(report), abs=1e-4)
+    assert max(report["restart_scores"]) == pytest.approx(all_to_all_score(report), abs=1e-4)
     assert all_to_all_suspected(report)
     corner = delta[..., :3, :3].abs().sum()
     assert corner > 0.9 * delta.abs().sum()  # the L1 penalty keeps the perturbation on the patch
@@ -403,3 +405,41 @@ def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
     reference = copy.deepcopy(untouched.state_dict())
     assert finetune(untouched, x, y, cfg=cfg, progress=False) == []  # no trigger found: nothing to unlearn
     assert all(torch.equal(v, reference[k]) for k, v in untouched.state_dict().items())
+
+
+@pytest.mark.parametrize("scope, concentration, unlearned", [
+    ("all-to-all", 0.02, True),   # the trigger spreads its flips: all-to-all, unlearned
+    ("all-to-all", 0.9, False),   # all-to-one: left to the target exclusion and the channel clean
+    ("any", 0.9, True),
+])
+def test_defend_unlearns_the_inverted_trigger_within_its_scope(monkeypatch, scope, concentration, unlearned):
+    import cc_core.pipeline as pipeline
+
+    delta = torch.zeros(1, 3, 32, 32)
+    delta[..., :3, :3] = 0.5
+    monkeypatch.setattr(pipeline, "suspected_target", lambda *a: {
+        "target": None, "adversarial": {"histogram": [3, 3, 3, 3], "concentration": 0.0, "anomaly_index": 1.0,
+                                        "target_class_estimate": 0},
+        "inversion": {"concentration": 0.0},
+        "flip": {"flip_rate": 0.95, "mapping_consistency": 0.95, "concentration": concentration,
+                 "target_class_estimate": 1},
+        "trigger": delta})
+    seen = {}
+    real_finetune = pipeline.finetune
+
+    def recording_finetune(model, x, y, *args, x_trigger=None, **kwargs):
+        seen["x"], seen["x_trigger"] = x, x_trigger
+        return real_finetune(model, x, y, *args, x_trigger=x_trigger, **kwargs)
+
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
+    cfg = _tiny_cfg().replace(unlearn_scope=scope, finetune={"unlearn_weight": 1.0})
+    r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
+    assert r["scan"]["all_to_all_suspected"] is (concentration < 0.5)
+    if not unlearned:
+        assert seen["x_trigger"] is None
+        return
+    spec = tiny_model().cc_spec
+    pixels = seen["x_trigger"] * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
+    clean = seen["x"] * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
+    assert torch.allclose(pixels, (clean + delta).clamp(0, 1), atol=1e-5)  # the trigger on the kept images
