@@ -128,7 +128,8 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
                           "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
                           "details": r.get("channel_clean") or r.get("baseline"),
                           "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
-                                                                  "synthetic_excluded")} if row.defense == "cc" else None}
+                                                                  "synthetic_excluded", "flip_rate",
+                                                                  "all_to_all_suspected")} if row.defense == "cc" else None}
 
 
 def run_row(row: Row, force: bool = False, log=print) -> dict:
@@ -232,11 +233,14 @@ def _suspicion_table(done: dict) -> list[str]:
     rows = [(rid, r["suspicion"]) for rid, r in done.items() if r.get("suspicion")]
     if not rows:
         return ["No C&C row records it yet (rows from before this column was added)."]
-    lines = ["| row | suspected target | synthetic images left out | inversion concentration |", "|---|---|---|---|"]
+    lines = ["| row | suspected target | synthetic images left out | inversion concentration "
+             "| universal inversion flip rate | all-to-all (trigger unlearned) |", "|---|---|---|---|---|---|"]
     for rid, s in rows:
         conc = "-" if s["inversion_concentration"] is None else f"{s['inversion_concentration']:.2f}"
         target = "none" if s["suspected_target"] is None else str(s["suspected_target"])
-        lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} |")
+        flip = "-" if s.get("flip_rate") is None else f"{s['flip_rate']:.2f}"
+        a2a = {None: "-", True: "yes", False: "no"}[s.get("all_to_all_suspected")]
+        lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} | {flip} | {a2a} |")
     return lines
 
 
@@ -278,7 +282,8 @@ def render() -> Path:
           "## Tables 4/5 shape: GTSRB and other architectures (BadNet / Input-Aware), ACC / ASR in %\n",
           *_acc_asr_table(done, TABLES["table4"] + TABLES["table5"], small), "",
           "## The class each C&C run suspected (its synthetic images stay out of the fine-tune)\n",
-          "The zoo's all-to-one models target class 0; all-to-all models have no single target.\n",
+          "The zoo's all-to-one models target class 0; all-to-all models have no single target. The last two "
+          "columns are recorded from the commit that added the universal inversion on (- = an earlier row).\n",
           *_suspicion_table(done), "",
           "## Parameters and onnxruntime latency of each defended model (CPU, 2 threads, one process)\n",
           *_size_table(done), "",

@@ -29,8 +29,8 @@ the adversarial histogram's; an all-to-all score >= FLIP_THRESHOLD marks the tri
 0.3 a clean model's inversion stays near zero while a patch trigger is still found. A warp
 trigger (WaNet) is not a sparse additive pattern and is not found by the inversions. All signals
 depend on the synthetic images (the seed): on the zoo the channel inversion found the BadNet
-patch for two of three seeds, and the universal inversion found the GTSRB all-to-all patch for
-two of four seeds, hence its restarts; see benchmarks/results/scan.md.
+patch for two of three seeds (benchmarks/results/scan.md); the universal inversion is the best of
+``restarts`` seeds (benchmarks/results/flip_zoo.md).
 """
 from __future__ import annotations
 
@@ -208,8 +208,8 @@ def flip_report(model: nn.Module, x: torch.Tensor,
     images of their source class go: 1 for both all-to-one and all-to-all triggers) and the
     perturbation's size. The inversion is run ``cfg.restarts`` times (seeds ``cfg.seed``,
     ``cfg.seed + 1``, ...; each draws its own batches) and the run with the highest
-    all_to_all_score (then flip_score) is kept: on the zoo's GTSRB all-to-all BadNet, two of four seeds found the patch
-    and two settled on a scattered perturbation (benchmarks/results/scan.md)."""
+    all_to_all_score (then flip_score) is kept: a single run can settle on a scattered
+    perturbation instead of the trigger, depending on the batches it draws."""
     before = predictions(model, x).cpu()
     runs = [_flip_run(model, x, before, dataclasses.replace(cfg, seed=cfg.seed + i)) for i in range(cfg.restarts)]
     best = max(runs, key=lambda run: (all_to_all_score(run[0]), flip_score(run[0])))
