@@ -299,11 +299,14 @@ def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
     (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
     and the universal inverted trigger (1, C, H, W, pixel units) when it fired within
     ``cfg.unlearn_scope`` (else None). The suspected target class is left out only with
-    ``cfg.exclude_suspected_target``."""
+    ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
     suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion)
-    target = suspicion["target"] if cfg.exclude_suspected_target else None
+    # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
+    # its images out only costs that class.
+    has_target = cfg.exclude_suspected_target and not all_to_all_suspected(suspicion["flip"])
+    target = suspicion["target"] if has_target else None
     excluded = int((y == target).sum()) if target is not None else 0
     summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, suspicion["flip"])
     in_scope = cfg.unlearn_scope == "any" or summary["all_to_all_suspected"]

@@ -412,13 +412,13 @@ def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
     ("all-to-all", 0.9, False),   # all-to-one: left to the target exclusion and the channel clean
     ("any", 0.9, True),
 ])
-def test_defend_unlearns_the_inverted_trigger_within_its_scope(monkeypatch, scope, concentration, unlearned):
+def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_class_out_for_all_to_all(monkeypatch, scope, concentration, unlearned):
     import cc_core.pipeline as pipeline
 
     delta = torch.zeros(1, 3, 32, 32)
     delta[..., :3, :3] = 0.5
     monkeypatch.setattr(pipeline, "suspected_target", lambda *a: {
-        "target": None, "adversarial": {"histogram": [3, 3, 3, 3], "concentration": 0.0, "anomaly_index": 1.0,
+        "target": 2, "adversarial": {"histogram": [3, 3, 3, 3], "concentration": 0.0, "anomaly_index": 1.0,
                                         "target_class_estimate": 0},
         "inversion": {"concentration": 0.0},
         "flip": {"flip_rate": 0.95, "mapping_consistency": 0.95, "concentration": concentration,
@@ -436,6 +436,9 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope(monkeypatch, scop
     cfg = _tiny_cfg().replace(unlearn_scope=scope, finetune={"unlearn_weight": 1.0})
     r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
     assert r["scan"]["all_to_all_suspected"] is (concentration < 0.5)
+    a2a = concentration < 0.5  # an all-to-all trigger has no target: the class PGD named stays in
+    assert r["scan"]["suspected_target"] == (None if a2a else 2)
+    assert len(seen["x"]) == (12 if a2a else 9)
     if not unlearned:
         assert seen["x_trigger"] is None
         return
