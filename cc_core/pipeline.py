@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, _to_pixels, pgd
+from cc_core.adversarial import PGDConfig, pgd
 from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
@@ -26,7 +26,7 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import InversionConfig, all_to_all_suspected, histogram_report, suspected_target
+from cc_core.scan import InversionConfig, add_pixel_delta, all_to_all_suspected, histogram_report, suspected_target
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -230,7 +230,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     start = time.perf_counter()
     scan_before, exclusion, trigger = scan_and_suspect(original, x_syn, y_syn, cfg)
     x_ft, y_ft, _ = exclude_class(x_syn, y_syn, exclusion["suspected_target"] if exclusion else None)
-    x_trigger = apply_trigger(x_ft, trigger, spec) if trigger is not None else None
+    x_trigger = add_pixel_delta(x_ft, trigger, spec) if trigger is not None else None
     timings["scan"] = time.perf_counter() - start
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
@@ -272,13 +272,6 @@ def exclude_class(x: torch.Tensor, y: torch.Tensor, target: int | None) -> tuple
         return x, y, 0
     keep = y != target
     return x[keep], y[keep], int((~keep).sum())
-
-
-def apply_trigger(x: torch.Tensor, delta: torch.Tensor, spec) -> torch.Tensor:
-    """Normalized images ``x`` (N, C, H, W) with the pixel-unit perturbation ``delta`` (1, C, H, W)
-    added and the pixels kept in [0, 1]."""
-    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
-    return ((pix + delta.to(x.device)).clamp(0, 1) - mean) / std
 
 
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,

@@ -123,6 +123,13 @@ def channel_outliers(model: nn.Module, u: float = 3.0) -> list[dict]:
             if z > u]
 
 
+def add_pixel_delta(x: torch.Tensor, delta: torch.Tensor, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) with the pixel-unit perturbation ``delta`` (1, C, H, W)
+    added and the pixels kept in [0, 1]."""
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    return ((pix + delta.to(x.device)).clamp(0, 1) - mean) / std
+
+
 def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,
                     cfg: InversionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One perturbation delta (1, C, H, W) in pixel units shared by every image of ``x`` (N, C, H,
@@ -152,7 +159,7 @@ def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,
             p.requires_grad_(g)
         model.train(was_training)
     with torch.no_grad():
-        return ((pix + delta).clamp(0, 1) - mean) / std, delta.detach()
+        return add_pixel_delta(x.detach(), delta, spec), delta.detach()
 
 
 def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[dict],
@@ -180,15 +187,16 @@ def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[di
             h.remove()
 
 
-def invert_universal(model: nn.Module, x: torch.Tensor,
-                     cfg: InversionConfig = InversionConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+def invert_universal(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = InversionConfig(),
+                     clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sparse perturbation delta (1, C, H, W) in pixel units that moves as many images of ``x``
     as possible away from the class the model gives them unperturbed, whatever class they go to:
     minimizes the mean logit margin of that class over the runner-up, floored at -FLIP_MARGIN
     (an image once flipped stops pulling), plus ``cfg.l1 * ||delta||_1 / C``.
     A trigger (all-to-one or all-to-all) is such a perturbation, and a cheap one; a clean model
-    has none as sparse. Returns the perturbed images (normalized) and delta."""
-    clean = predictions(model, x).to(x.device)
+    has none as sparse. ``clean``: the model's predictions (N,) on ``x``, if already at hand.
+    Returns the perturbed images (normalized) and delta."""
+    clean = (predictions(model, x) if clean is None else clean).to(x.device)
 
     def objective(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -220,7 +228,7 @@ def flip_report(model: nn.Module, x: torch.Tensor,
 def _flip_run(model: nn.Module, x: torch.Tensor, before: torch.Tensor,
               cfg: InversionConfig) -> tuple[dict, torch.Tensor]:
     """One universal inversion and its flip report (see flip_report)."""
-    x_flip, delta = invert_universal(model, x, cfg)
+    x_flip, delta = invert_universal(model, x, cfg, clean=before)
     after = predictions(model, x_flip).cpu()
     flipped = after != before
     n_classes = model.cc_spec.num_classes

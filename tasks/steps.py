@@ -216,7 +216,8 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
     out, and, on the images the fine-tune keeps, PGD and the universal inverted trigger (when
     it fired and the fine-tune unlearns it)."""
     from cc_core.adversarial import pgd
-    from cc_core.pipeline import apply_trigger, exclude_class, exclusion_summary, scan_and_suspect
+    from cc_core.pipeline import exclude_class, exclusion_summary, scan_and_suspect
+    from cc_core.scan import add_pixel_delta
 
     def compute() -> dict:
         t = _load_tensors(synthetic_file)
@@ -231,7 +232,7 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
             x_adv = pgd(_load(adv_model_file).to(device), x_kept, y_kept, cfg.pgd)
             files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
         if trigger is not None and cfg.finetune.unlearn_weight > 0:
-            x_trigger = apply_trigger(x_kept, trigger, original.cc_spec)
+            x_trigger = add_pixel_delta(x_kept, trigger, original.cc_spec)
             files["trigger"] = _save_tensors(run.path / "trigger.safetensors", x=x_trigger)
         return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0)}
 
