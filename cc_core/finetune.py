@@ -85,7 +85,7 @@ class BNOutputs:
 
     def _hook(self, name: str):
         def record(module, inputs, out) -> None:
-            self.outputs[name] = out
+            self.outputs[name] = out.clone()  # not `out`: an in-place ReLU (VGG, MobileNet) overwrites it
         return record
 
     def remove(self) -> None:

@@ -170,8 +170,8 @@ def invert_through_channels(model: nn.Module, x: torch.Tensor, channels: list[di
     modules, pairs = dict(model.named_modules()), conv_bn_pairs(model)
     peaks: list[torch.Tensor] = []
 
-    def hook(channel: int):
-        return lambda module, inputs, out: peaks.append(out[:, channel].amax(dim=(1, 2)).mean())
+    def hook(channel: int):  # a copy: VGG / MobileNet apply an in-place ReLU to this very output
+        return lambda module, inputs, out: peaks.append(out[:, channel].clone().amax(dim=(1, 2)).mean())
 
     def objective(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         loss = -torch.stack(peaks).sum()

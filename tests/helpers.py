@@ -9,10 +9,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    """Width-1/8 ResNet-18 whose BN statistics come from 'real' structured images."""
+def tiny_model(seed: int = 0, arch: str = "resnet18") -> nn.Module:
+    """Width-1/8 ``arch`` whose BN statistics come from 'real' structured images."""
     torch.manual_seed(seed)
-    model = build_model("resnet18", num_classes=4, width=0.125, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = build_model(arch, num_classes=4, width=0.125, mean=(0.5,) * 3, std=(0.25,) * 3)
     g = torch.Generator().manual_seed(seed)
     model.train()
     with torch.no_grad():

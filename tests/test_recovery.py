@@ -108,8 +108,9 @@ def test_feature_loss_is_relative_error_over_shared_bn_layers():
         feature_loss({"x": torch.ones(1)}, t)
 
 
-def test_feature_distillation_pulls_the_student_towards_the_teacher():
-    teacher = tiny_model()
+@pytest.mark.parametrize("arch", ["resnet18", "vgg19_bn"])
+def test_feature_distillation_pulls_the_student_towards_the_teacher(arch):
+    teacher = tiny_model(arch=arch)
     x, y, _ = synthesize(teacher, FAST_SYNTH, progress=False)
     student = copy.deepcopy(teacher)
     with torch.no_grad():
@@ -273,12 +274,13 @@ def test_measure_before_and_after_on_real_style_data():
     assert measure(tiny_model(0), tiny_model(1)) == dict.fromkeys(m)
 
 
-def test_channel_outliers_and_inversion_find_a_planted_backdoor_channel():
+@pytest.mark.parametrize("arch", ["resnet18", "vgg19_bn"])  # VGG: an in-place ReLU follows the BN
+def test_channel_outliers_and_inversion_find_a_planted_backdoor_channel(arch):
     """A channel made to outlie (scaled filter) and wired to class 2 only: the scan flags it and
     the inverted trigger lands every synthetic image in class 2."""
     from cc_core.scan import InversionConfig, channel_outliers, inversion_report
 
-    model = tiny_model().eval()
+    model = tiny_model(arch=arch).eval()
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels >= 8]
     name, conv = convs[-1]
     with torch.no_grad():
