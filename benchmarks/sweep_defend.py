@@ -36,7 +36,8 @@ PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
-         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {}), "channel": ({}, {}), "unlearn": ({}, {})}
+         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {}), "channel": ({}, {}), "unlearn": ({}, {}),
+         "allocation": (ENERGY, {}), "architecture": ({}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -117,6 +118,17 @@ GRIDS = {
         ("cpu preset", {}, {"unlearn_weight": 0.0}),
         ("+ inverted trigger unlearned", {}, {"unlearn_weight": 1.0}),
         ("+ inverted trigger unlearned, no channel clean", {"channel_u": None}, {"unlearn_weight": 1.0}))],
+    "allocation": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
+        ("energy rank allocation", {}),
+        ("sensitivity rank allocation (256 calibration images)", {"compact": {"rank_strategy": "sensitivity"}}))],
+    # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
+    "architecture": [("cpu preset", 2.0, {}, {}),
+                     ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),
+                     ("channel u 2", 2.0, {"channel_u": 2.0}, {}),
+                     ("tau 3", 2.0, {"tau": 3.0}, {}),
+                     ("tau 2", 2.0, {"tau": 2.0}, {}),
+                     ("paper C&C (no channel clean), tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
+                     ("synthetic images of the suspected class kept", 2.0, {"exclude_suspected_target": False}, {})],
 }
 
 

@@ -64,6 +64,8 @@ class DefendConfig:
     # only when the scan finds one that flips each class to its own class, "any" whenever the
     # universal inversion fires.
     unlearn_scope: str = "all-to-all"
+    # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
+    calibration_samples: int = 256
     device: str = "auto"
     threads: int | None = None
 
@@ -81,6 +83,15 @@ class DefendConfig:
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
+            raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
+        if self.needs_calibration and self.synth_model != "original":
+            raise ConfigError("rank_strategy 'sensitivity' measures the layers on synthetic images made before "
+                              "compaction: it needs synth_model='original'")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.compact.get("rank_strategy") == "sensitivity"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,30 +213,37 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     original = copy.deepcopy(model).eval().to(device)
     spec = original.cc_spec
 
+    def make_synthetic(source: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        start = time.perf_counter()
+        if synthetic is not None:
+            x, y = (t.to(device) for t in synthetic)
+            made = {"bn_loss": [float("nan")], "ce_loss": [float("nan")], "reused": True}
+        else:
+            x, y, made = synthesize(source, cfg.synth, device=device, progress=progress)
+        timings["synthesize"] = time.perf_counter() - start
+        log(f"[defend] synthesized {len(y)} images in {timings['synthesize']:.1f} s "
+            f"(final BN loss {made['bn_loss'][-1]:.3f})")
+        return x, y, made
+
+    if cfg.synth_model == "original":
+        x_syn, y_syn, synth_log = make_synthetic(original)
     start = time.perf_counter()
     cleaned, channel_info = channel_clean(original.cpu(), cfg)
     timings["channel_clean"] = time.perf_counter() - start
-    new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer, **cfg.compact)
+    calibration = x_syn[:cfg.calibration_samples].cpu() if cfg.needs_calibration else None
+    new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
+                              calibration=calibration, **cfg.compact)
     timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
     original.to(device)
     new = new.to(device).eval()
     log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
-        f"in {sum(timings.values()):.1f} s")
+        f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
     teacher = distillation_teacher(cleaned, cfg)
     teacher = teacher.to(device) if teacher is not None else None
     original.to(device)
-
-    start = time.perf_counter()
-    if synthetic is not None:
-        x_syn, y_syn = (t.to(device) for t in synthetic)
-        synth_log = {"bn_loss": [float("nan")], "ce_loss": [float("nan")], "reused": True}
-    else:
-        source = new if cfg.synth_model == "compact" else original
-        x_syn, y_syn, synth_log = synthesize(source, cfg.synth, device=device, progress=progress)
-    timings["synthesize"] = time.perf_counter() - start
-    log(f"[defend] synthesized {len(y_syn)} images in {timings['synthesize']:.1f} s "
-        f"(final BN loss {synth_log['bn_loss'][-1]:.3f})")
+    if cfg.synth_model == "compact":
+        x_syn, y_syn, synth_log = make_synthetic(new)
 
     start = time.perf_counter()
     scan_before, exclusion, trigger = scan_and_suspect(original, x_syn, y_syn, cfg)

@@ -110,10 +110,13 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
                                     "batch_size": min(128, scan_cfg.n_samples)},
                     {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps},
                     {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device)
-    compacted = steps.compact_task(run, original, cfg)
+    if cfg.synth_model == "original":
+        synthesized = steps.synthesize_task(run, original, cfg)
+    compacted = steps.compact_task(run, original, cfg,
+                                   synthesized["files"]["synthetic"] if cfg.needs_calibration else None)
     compact = compacted["files"]["compact"]
-    synth_source = compact if cfg.synth_model == "compact" else original
-    synthesized = steps.synthesize_task(run, synth_source, cfg)
+    if cfg.synth_model == "compact":
+        synthesized = steps.synthesize_task(run, compact, cfg)
     synthetic = synthesized["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
     adversarial = steps.adversarial_task(run, original, adv_model, synthetic, cfg)

@@ -56,7 +56,7 @@ def _load(args: argparse.Namespace):
 
 def _add_compact_args(p: argparse.ArgumentParser) -> None:
     from cc_core.compact.clip import NORMALIZERS
-    from cc_core.compact.ranks import RANK_STRATEGIES
+    from cc_core.compact.ranks import LEVEL_STRATEGIES
     from cc_core.compact.transform import METHODS
 
     p.add_argument("--ratio", type=float, default=2.0, help="target compression of the whole model (>= 1)")
@@ -65,7 +65,8 @@ def _add_compact_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalizer", choices=list(NORMALIZERS), default="mean",
                    help="per-layer normalizer of singular values")
     p.add_argument("--method", choices=list(METHODS), default="hosvd")
-    p.add_argument("--rank-strategy", choices=list(RANK_STRATEGIES), default="uniform")
+    p.add_argument("--rank-strategy", choices=list(LEVEL_STRATEGIES), default="uniform",
+                   help="data-free rank allocation; 'sensitivity' (measured on synthetic images) is in defend")
     p.add_argument("--rank-multiple", type=int, default=16, help="ranks are multiples of this")
     p.add_argument("--decompose-1x1", choices=["auto", "yes", "no"], default="auto",
                    help="factorize 1x1 convs by SVD (auto: only if KxK convs cannot meet the ratio)")
@@ -452,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=_positive_float, help="clip level of normalized singular values")
     p.add_argument("--no-clip", action="store_true", help="no singular-value clipping (ablation)")
     p.add_argument("--normalizer", choices=["max", "mean", "median", "rms", "none"])
-    p.add_argument("--rank-strategy", choices=["uniform", "energy"],
-                   help="rank allocation across layers: one channel fraction, or one kept-energy fraction")
+    p.add_argument("--rank-strategy", choices=["uniform", "energy", "sensitivity"],
+                   help="rank allocation across layers: one channel fraction, one kept-energy fraction, or "
+                        "where the output change measured on synthetic images per parameter saved is smallest")
     p.add_argument("--channel-u", type=_positive_float,
                    help="clean channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
     p.add_argument("--channel-mode", choices=["zero", "shrink", "mean"],

@@ -155,9 +155,10 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
 
 
 @task(name="clean-compact", **COMPUTE)
-def compact_task(run: RunHandle, model_file: str, cfg) -> dict:
+def compact_task(run: RunHandle, model_file: str, cfg, calibration_file: str | None = None) -> dict:
     """Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the clipped
-    full-rank model the fine-tune distills from."""
+    full-rank model the fine-tune distills from. ``calibration_file``: synthetic images on which
+    the sensitivity rank strategy measures the layers (its first ``cfg.calibration_samples``)."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
     from cc_core.pipeline import channel_clean, distillation_teacher
@@ -167,7 +168,10 @@ def compact_task(run: RunHandle, model_file: str, cfg) -> dict:
         start = time.perf_counter()
         cleaned, channel_info = channel_clean(original, cfg)
         channel_seconds = time.perf_counter() - start
-        new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer, **cfg.compact)
+        calibration = (_load_tensors(calibration_file)["x"][:cfg.calibration_samples]
+                       if calibration_file is not None else None)
+        new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
+                                  calibration=calibration, **cfg.compact)
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
@@ -182,8 +186,9 @@ def compact_task(run: RunHandle, model_file: str, cfg) -> dict:
 
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
-                                   "channel_u": cfg.channel_u,
-                                   "teacher": cfg.finetune.needs_teacher}, compute)
+                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher}
+                  | ({"calibration": calibration_file, "calibration_samples": cfg.calibration_samples}
+                     if calibration_file else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
     log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"]}, "clean.")
     log_metrics(run, out["timings"], "time.")

@@ -7,6 +7,7 @@ from torch import nn
 
 from cc_core import CompactionPlan, build_model, clean_compact, count_params
 from cc_core.compact.layers import SVDConv2d, Tucker2Conv2d, set_submodule
+from cc_core.compact.ranks import Candidate, allocate_by_damage, rank_options
 from cc_core.compact.tucker import hosvd_tucker2, matrix_svd, unfold
 from cc_core.errors import ConfigError, RatioUnreachableError
 from tests.helpers import rel_err
@@ -163,3 +164,50 @@ def test_unreachable_ratio_says_the_limit(small):
 def test_bad_options(small, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         clean_compact(small, **kwargs)
+
+
+def _candidate(name: str, channels: int) -> Candidate:
+    spectra = [torch.linspace(2.0, 0.1, channels)] * 2
+    return Candidate(name, "tucker2", (channels, channels, 3, 3), False, spectra)
+
+
+def test_damage_allocation_cuts_the_layer_whose_damage_per_parameter_is_smallest():
+    cheap, costly = _candidate("cheap", 64), _candidate("costly", 64)
+    options = rank_options(cheap, 16)
+    assert options == sorted(options, key=cheap.factorized_params, reverse=True)
+    assert all(cheap.factorized_params(r) < cheap.dense_params() for r in options)
+    damage = {"cheap": {r: 0.01 * (64 - r[0]) for r in options},
+              "costly": {r: 1.0 * (64 - r[0]) for r in options}}
+    dense = cheap.dense_params() + costly.dense_params()
+    target = int(dense / 1.5)
+    alloc = allocate_by_damage([cheap, costly], 0, target, damage)
+    assert cheap.params(alloc["cheap"]) + costly.params(alloc["costly"]) <= target
+    assert alloc["costly"] is None and alloc["cheap"] is not None
+    # the budget left after the last cut is spent back on the cut layer
+    assert cheap.params(alloc["cheap"]) == max(cheap.params(r) for r in options if cheap.params(r) <= target - costly.dense_params())
+    with pytest.raises(RatioUnreachableError, match="cannot be compressed enough"):
+        allocate_by_damage([cheap, costly], 0, 100, damage)
+
+
+def test_sensitivity_strategy_measures_on_calibration_images_and_beats_energy_on_them():
+    torch.manual_seed(1)
+    model = build_model("resnet18", width=0.25).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.linspace(0.2, 3.0, m.out_channels)[:, None, None, None])
+    with pytest.raises(ConfigError, match="pass calibration="):
+        clean_compact(model, ratio=3, rank_strategy="sensitivity")
+    x = torch.randn(16, 3, 32, 32)
+
+    @torch.no_grad()
+    def damage(new) -> float:
+        q, p = torch.log_softmax(new(x), 1), torch.log_softmax(model(x), 1)
+        return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    energy, _ = clean_compact(model, ratio=3, rank_strategy="energy")
+    new, plan = clean_compact(model, ratio=3, rank_strategy="sensitivity", calibration=x)
+    assert 3 <= plan.ratio_achieved < 3.1 and count_params(new) == plan.params_after
+    assert damage(new.eval()) < damage(energy.eval())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched

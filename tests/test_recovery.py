@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cc_core import build_model, save_model
+from cc_core import build_model, clean_compact, save_model
 from cc_core.adversarial import PGDConfig, concentration, pgd
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
@@ -169,6 +169,26 @@ def test_defend_config_validation():
         DefendConfig(channel_mode="soft")
     with pytest.raises(ConfigError, match="inversion steps must be >= 1"):
         resolve_config("cpu", inversion={"steps": 0})
+    with pytest.raises(ConfigError, match="needs synth_model='original'"):
+        resolve_config("cpu", compact={"rank_strategy": "sensitivity"}, synth_model="compact")
+    with pytest.raises(ConfigError, match="calibration_samples must be a positive integer"):
+        resolve_config("cpu", calibration_samples=0)
+
+
+def test_defend_sensitivity_ranks_are_measured_on_the_synthetic_images(monkeypatch):
+    import cc_core.pipeline as pipeline
+    seen = {}
+
+    def spy(model, **kw):
+        seen["calibration"] = kw.get("calibration")
+        return clean_compact(model, **kw)
+
+    monkeypatch.setattr(pipeline, "clean_compact", spy)
+    cfg = _tiny_cfg(calibration_samples=8).replace(compact={"rank_strategy": "sensitivity"})
+    x, y = torch.rand(32, 3, 32, 32), torch.arange(32) % 4
+    result = defend(tiny_model(), config=cfg, synthetic=(x, y), progress=False, log=lambda *a: None)
+    assert torch.equal(seen["calibration"], x[:8])
+    assert result.report["model"]["compression"] >= 2
 
 
 def test_overrides_merge_into_the_preset():

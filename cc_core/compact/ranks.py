@@ -4,6 +4,11 @@ A strategy maps one scalar ``t`` in [0, 1] to ranks for every candidate layer, m
 (t = 1 is full rank). A binary search finds the largest ``t`` whose model fits the parameter
 budget; a greedy pass then spends what is left of the budget one rank step at a time on the
 layer that keeps the least energy. A layer is factorized only where that makes it smaller.
+
+The "sensitivity" strategy is measured instead of assumed: every layer gets a short list of
+rank options (:func:`rank_options`), the damage of each option is measured on calibration
+images with that layer alone truncated, and :func:`allocate_by_damage` spends the budget where
+the measured damage per parameter saved is smallest (damages are taken as additive).
 """
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ import torch
 
 from cc_core.errors import ConfigError, RatioUnreachableError
 
-RANK_STRATEGIES = ("uniform", "energy")
+LEVEL_STRATEGIES = ("uniform", "energy")
+RANK_STRATEGIES = LEVEL_STRATEGIES + ("sensitivity",)
+UNIFORM_STEPS = 8
+ENERGY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 
 
 @dataclass
@@ -102,8 +110,9 @@ def allocate_ranks(candidates: list[Candidate], fixed_params: int, target_params
     ``fixed_params`` counts every parameter outside the candidates.
     Raises RatioUnreachableError when even the smallest ranks do not fit.
     """
-    if strategy not in RANK_STRATEGIES:
-        raise ConfigError(f"unknown rank strategy {strategy!r}; choose from {RANK_STRATEGIES}")
+    if strategy not in LEVEL_STRATEGIES:
+        raise ConfigError(f"unknown rank strategy {strategy!r}; choose from {LEVEL_STRATEGIES} "
+                          "(sensitivity: allocate_by_damage)")
 
     def at(t: float) -> dict[str, tuple[int, ...] | None]:
         return {c.name: decide(c, ranks_at(c, t, strategy, multiple)) for c in candidates}
@@ -115,13 +124,7 @@ def allocate_ranks(candidates: list[Candidate], fixed_params: int, target_params
     if total(full) <= target_params:
         return full
     lowest = at(0.0)
-    if total(lowest) > target_params:
-        best = (fixed_params + sum(c.dense_params() for c in candidates)) / total(lowest)
-        raise RatioUnreachableError(
-            f"the eligible layers cannot be compressed enough: the requested budget is "
-            f"{target_params:,} parameters but the smallest ranks give {total(lowest):,} "
-            f"(a ratio of at most {best:.2f}); lower the ratio, allow 1x1 convs "
-            "(decompose_1x1=True) or a smaller rank_multiple")
+    _check_reachable(candidates, fixed_params, target_params, total(lowest))
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -131,6 +134,74 @@ def allocate_ranks(candidates: list[Candidate], fixed_params: int, target_params
             hi = mid
     alloc = at(lo)
     return _top_up(candidates, alloc, target_params - total(alloc), multiple)
+
+
+def _check_reachable(candidates: list[Candidate], fixed_params: int, target_params: int, smallest: int) -> None:
+    if smallest > target_params:
+        best = (fixed_params + sum(c.dense_params() for c in candidates)) / smallest
+        raise RatioUnreachableError(
+            f"the eligible layers cannot be compressed enough: the requested budget is "
+            f"{target_params:,} parameters but the smallest ranks give {smallest:,} "
+            f"(a ratio of at most {best:.2f}); lower the ratio, allow 1x1 convs "
+            "(decompose_1x1=True) or a smaller rank_multiple")
+
+
+def rank_options(c: Candidate, multiple: int) -> list[tuple[int, ...]]:
+    """The factorizations worth measuring for ``c``, largest first: the ranks the energy
+    strategy gives at each of :data:`ENERGY_LEVELS`, the uniform ranks at k / UNIFORM_STEPS of
+    the channels, and the smallest ranks; only those that make the layer smaller than dense."""
+    levels = [ranks_at(c, t, "energy", multiple) for t in (0.0,) + ENERGY_LEVELS]
+    levels += [ranks_at(c, k / UNIFORM_STEPS, "uniform", multiple) for k in range(1, UNIFORM_STEPS + 1)]
+    kept = {r for r in levels if decide(c, r) is not None}
+    return sorted(kept, key=lambda r: (-c.factorized_params(r), r))
+
+
+def allocate_by_damage(candidates: list[Candidate], fixed_params: int, target_params: int,
+                       damage: dict[str, dict[tuple[int, ...], float]]) -> dict[str, tuple[int, ...] | None]:
+    """Ranks per candidate (None = dense) with total params <= ``target_params``, chosen by
+    measured damage: ``damage[name][ranks]`` is the loss increase when that layer alone is
+    factorized at ``ranks`` (dense = 0).
+
+    Greedy on the lower convex hull of each layer's (params, damage) curve: from all-dense,
+    repeatedly take the move (one layer to any smaller option) with the least damage added per
+    parameter saved, until the model fits; then spend what the last move left over on the moves
+    back up that remove the most damage per parameter. Raises RatioUnreachableError when even
+    the smallest options do not fit.
+    """
+    def total(alloc: dict) -> int:
+        return fixed_params + sum(c.params(alloc[c.name]) for c in candidates)
+
+    def damage_at(c: Candidate, ranks: tuple[int, ...] | None) -> float:
+        return 0.0 if ranks is None else damage[c.name][ranks]
+
+    alloc: dict[str, tuple[int, ...] | None] = {c.name: None for c in candidates}
+    smallest = {c.name: min(damage[c.name], key=c.factorized_params, default=None) for c in candidates}
+    _check_reachable(candidates, fixed_params, target_params, total(smallest))
+    while total(alloc) > target_params:
+        best = None
+        for c in candidates:
+            here_params, here_damage = c.params(alloc[c.name]), damage_at(c, alloc[c.name])
+            for ranks, d in damage[c.name].items():
+                saved = here_params - c.factorized_params(ranks)
+                if saved > 0:
+                    key = (max(d - here_damage, 0.0) / saved, -saved, c.name)
+                    if best is None or key < best[0]:
+                        best = (key, c.name, ranks)
+        alloc[best[1]] = best[2]
+    while True:
+        spare, best = target_params - total(alloc), None
+        for c in candidates:
+            here_params, here_damage = c.params(alloc[c.name]), damage_at(c, alloc[c.name])
+            for ranks in [None, *damage[c.name]]:
+                cost = c.params(ranks) - here_params
+                gain = here_damage - damage_at(c, ranks)
+                if 0 < cost <= spare and gain > 0:
+                    key = (-gain / cost, c.name)
+                    if best is None or key < best[0]:
+                        best = (key, c.name, ranks)
+        if best is None:
+            return alloc
+        alloc[best[1]] = best[2]
 
 
 def _top_up(candidates: list[Candidate], alloc: dict, budget: int, multiple: int) -> dict:

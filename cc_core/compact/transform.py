@@ -8,12 +8,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cc_core.compact.clip import NORMALIZERS, ClipResult, clip_matrix, clip_tucker2
 from cc_core.compact.layers import FACTORIZED, SVDConv2d, Tucker2Conv2d, model_structure, set_submodule
 from cc_core.compact.plan import CompactionPlan, LayerPlan, _round
-from cc_core.compact.ranks import RANK_STRATEGIES, Candidate, allocate_ranks
+from cc_core.compact.ranks import RANK_STRATEGIES, Candidate, allocate_by_damage, allocate_ranks, rank_options
 from cc_core.compact.tucker import MatrixSVD, Tucker2, hooi_tucker2, hosvd_tucker2, matrix_svd
 from cc_core.errors import ConfigError, RatioUnreachableError
 
@@ -28,8 +29,10 @@ class CompactConfig:
     tau: clip level for normalized singular values; None disables clipping.
     normalizer: per-layer s_sigma, one of max / mean / median / rms / none.
     method: "hosvd" (exact, fast) or "hooi" (tensorly HOOI refinement at the chosen ranks).
-    rank_strategy: "uniform" (one rank fraction of the channels everywhere) or "energy"
-        (one fraction of squared singular values kept everywhere).
+    rank_strategy: "uniform" (one rank fraction of the channels everywhere), "energy"
+        (one fraction of squared singular values kept everywhere) or "sensitivity" (ranks
+        where the measured output change per parameter saved is smallest; needs calibration
+        images, see :func:`clean_compact`).
     rank_multiple: ranks are multiples of this (CPU/GPU kernels prefer multiples of 8 or 16).
     decompose_1x1: factorize 1x1 convs by SVD: True, False, or None = only when the KxK convs
         alone cannot meet the ratio (e.g. MobileNet-V2, whose KxK convs are depthwise).
@@ -156,10 +159,53 @@ def _write_dense(layer: _Layer) -> None:
         layer.conv.weight.copy_(w.reshape(layer.conv.weight.shape))
 
 
+def _log_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([F.log_softmax(model(x[i:i + batch_size].to(device)).float(), 1).cpu()
+                          for i in range(0, len(x), batch_size)])
+
+
+def _truncated_weight(layer: _Layer, ranks: tuple[int, ...]) -> torch.Tensor:
+    d = layer.decomp
+    w = d.truncate(*ranks).to_tensor() if isinstance(d, Tucker2) else d.truncate(ranks[0]).to_matrix()
+    return w.reshape(layer.conv.weight.shape).to(layer.conv.weight.dtype)
+
+
+def measure_damage(model: nn.Module, layers: list[_Layer], candidates: list[Candidate], multiple: int,
+                   calibration: torch.Tensor) -> dict[str, dict[tuple[int, ...], float]]:
+    """damage[layer][ranks] = KL(p || q) averaged over ``calibration`` (N, C, H, W), where p is
+    the output of ``model`` with every decomposed conv at its (clipped) full rank and q the
+    output with that one layer truncated to ``ranks`` (each option of :func:`rank_options`).
+    The convs are left holding their clipped full-rank weights."""
+    by_name = {layer.name: layer for layer in layers}
+    for layer in layers:
+        if layer.decomp is not None:
+            _write_dense(layer)
+    was_training = model.training
+    model.eval()
+    reference = _log_probs(model, calibration)
+    damage = {}
+    for c in candidates:
+        layer = by_name[c.name]
+        full = layer.conv.weight.detach().clone()
+        damage[c.name] = {}
+        for ranks in rank_options(c, multiple):
+            with torch.no_grad():
+                layer.conv.weight.copy_(_truncated_weight(layer, ranks))
+            q = _log_probs(model, calibration)
+            damage[c.name][ranks] = float(F.kl_div(q, reference, log_target=True, reduction="batchmean"))
+        with torch.no_grad():
+            layer.conv.weight.copy_(full)
+    model.train(was_training)
+    return damage
+
+
 def _allocate(layers: list[_Layer], model: nn.Module, cfg: CompactConfig,
-              params_before: int) -> tuple[dict, bool]:
+              params_before: int, calibration: torch.Tensor | None) -> tuple[dict, bool]:
     """Ranks for every decomposed layer; also whether 1x1 convs were factorized."""
     target = int(params_before / cfg.ratio)
+    damage: dict[str, dict] = {}
     options = [cfg.decompose_1x1] if cfg.decompose_1x1 is not None else [False, True]
     for with_1x1 in options:
         if with_1x1:
@@ -173,6 +219,10 @@ def _allocate(layers: list[_Layer], model: nn.Module, cfg: CompactConfig,
                  and not any(fnmatch.fnmatchcase(l.name, p) for p in cfg.exclude)]
         fixed = params_before - sum(c.dense_params() for c in cands)
         try:
+            if cfg.rank_strategy == "sensitivity":
+                new = [c for c in cands if c.name not in damage]
+                damage |= measure_damage(model, layers, new, cfg.rank_multiple, calibration)
+                return allocate_by_damage(cands, fixed, target, damage), with_1x1
             return allocate_ranks(cands, fixed, target, cfg.rank_strategy, cfg.rank_multiple), with_1x1
         except RatioUnreachableError:
             if with_1x1 is options[-1]:
@@ -181,17 +231,22 @@ def _allocate(layers: list[_Layer], model: nn.Module, cfg: CompactConfig,
 
 
 def clean_compact(model: nn.Module, ratio: float = 2.0, tau: float | None = None,
-                  **options) -> tuple[nn.Module, CompactionPlan]:
+                  calibration: torch.Tensor | None = None, **options) -> tuple[nn.Module, CompactionPlan]:
     """Clean (clip normalized singular values at ``tau``) and compact (prune Tucker-2 ranks so
     the whole model has ``1/ratio`` of its parameters) a copy of ``model``.
 
-    Options are the other :class:`CompactConfig` fields. Returns the new model (the input is
-    not modified) and the plan describing every conv's decision.
+    Options are the other :class:`CompactConfig` fields. ``calibration`` (N, C, H, W): the
+    images on which ``rank_strategy="sensitivity"`` measures each layer's damage (synthetic
+    images are enough; no real data is needed); ignored by the other strategies. Returns the
+    new model (the input is not modified) and the plan describing every conv's decision.
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(CompactConfig)}
     if unknown:
         raise ConfigError(f"unknown clean_compact options: {sorted(unknown)}")
     cfg = CompactConfig(ratio=ratio, tau=tau, **options)
+    if cfg.rank_strategy == "sensitivity" and (calibration is None or len(calibration) == 0):
+        raise ConfigError("rank_strategy 'sensitivity' measures each layer on calibration images: "
+                          "pass calibration=<images (N, C, H, W)>, e.g. synthetic ones from cc_core.synth")
     new = copy.deepcopy(model)
     params_before = sum(p.numel() for p in new.parameters())
     timings = {}
@@ -211,7 +266,7 @@ def clean_compact(model: nn.Module, ratio: float = 2.0, tau: float | None = None
     timings["clean"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    alloc, with_1x1 = _allocate(layers, new, cfg, params_before)
+    alloc, with_1x1 = _allocate(layers, new, cfg, params_before, calibration)
     layer_plans = []
     for layer in layers:
         ranks = alloc.get(layer.name)
