@@ -357,6 +357,25 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     assert len(seen["labels"]) == 12 - r["scan"]["synthetic_excluded"]
     assert sorted(set(seen["labels"])) == [c for c in range(4) if c != target]
 
+    cfg = _tiny_cfg(resynthesize_suspected_target=True)
+    r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
+    assert sorted(seen["labels"]) == sorted(synthetic[1].tolist())  # the class is back, as many images
+    assert ("resynthesize" in r["timings_s"]) == (target is not None)
+
+
+def test_resynthesized_class_has_its_label_and_count_and_leaves_the_model_as_it_was():
+    from cc_core.pipeline import resynthesize_class
+
+    model = tiny_model()
+    for p in model.linear.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = resynthesize_class(model, 3, 5, FAST_SYNTH)
+    assert x.shape == (5, 3, 32, 32) and y.tolist() == [3] * 5
+    assert [p.requires_grad for p in model.parameters()][-2:] == [False, False]
+    assert all(p.requires_grad for p in list(model.parameters())[:-2])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 
 class PlantedAllToAll(nn.Module):
     """A classifier with a planted all-to-all trigger. Clean logits: 10 x one-hot of the image's
