@@ -36,8 +36,8 @@ PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
-         "synthesis": ({}, {}), "wanet3": ({}, {}), "target": ({}, {}), "channel": ({}, {}), "unlearn": ({}, {}),
-         "allocation": (ENERGY, {}), "architecture": ({}, {}),
+         "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
+         "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
          "resynthesis": ({"compact": {"rank_strategy": "sensitivity"}}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),

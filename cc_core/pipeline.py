@@ -111,7 +111,8 @@ PRESETS: dict[str, DefendConfig] = {
     # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
     # recovery,clean}.md): the channel clean (u 3) removes the backdoor, clipping below tau 4 only
     # costs ACC (tau 3: -0.5 to -0.9 points, tau 2: -3 to -6, `max` normalizer worse still);
-    # energy rank allocation beats uniform by 1-12 ACC points at the same budget;
+    # energy rank allocation beats uniform by 1-12 ACC points at the same budget, and ranks chosen by
+    # their damage measured on 256 synthetic images beat energy by another 0.5-4.9 (sweep_defend_allocation.md);
     # distillation from the channel-cleaned model (logits or BatchNorm features) carries the WaNet
     # backdoor back (ASR 4-6 -> 10-24%), so it is off; the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
@@ -123,12 +124,12 @@ PRESETS: dict[str, DefendConfig] = {
     # at 2x / 4x for -0.2 / -0.6 ACC points) and not otherwise (sweep_defend_unlearn.md: on the
     # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
     "cpu": DefendConfig(
-        compact={"rank_strategy": "energy"},
+        compact={"rank_strategy": "sensitivity"},
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
     "paper": DefendConfig(
-        compact={"rank_strategy": "energy"},
+        compact={"rank_strategy": "sensitivity"},
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
