@@ -38,7 +38,8 @@ PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean rou
 BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
          "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
          "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
-         "resynthesis": ({"compact": {"rank_strategy": "sensitivity"}}, {})}
+         "resynthesis": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
+         "resynthesis2": ({"compact": {"rank_strategy": "sensitivity"}}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -124,7 +125,9 @@ GRIDS = {
         ("sensitivity rank allocation (256 calibration images)", {"compact": {"rank_strategy": "sensitivity"}}))],
     # Against the allocation grid's sensitivity rows (the same settings without re-synthesis).
     "resynthesis": [("sensitivity ranks, suspected class re-synthesized through the channel-cleaned model", ratio,
-                     {"resynthesize_suspected_target": True}, {}) for ratio in (2.0, 4.0)],
+                     {"resynthesize_suspected_target": "cleaned"}, {}) for ratio in (2.0, 4.0)],
+    "resynthesis2": [("suspected class re-synthesized through the fine-tuned model, fine-tuned again", ratio,
+                      {"resynthesize_suspected_target": "finetuned"}, {}) for ratio in (2.0, 4.0)],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),

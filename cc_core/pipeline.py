@@ -58,8 +58,10 @@ class DefendConfig:
     # of the fine-tune: synthesized through the backdoored model, they carry the trigger, and
     # training on them teaches it back (sweep_defend_target.md).
     exclude_suspected_target: bool = True
-    # ...and put as many images of that class back, made through the channel-cleaned model.
-    resynthesize_suspected_target: bool = False
+    # ...and put as many images of that class back, made again through the channel-cleaned model
+    # ("cleaned", before the fine-tune) or through the fine-tuned model ("finetuned", which is then
+    # fine-tuned a second time with them); None: the class stays out.
+    resynthesize_suspected_target: str | None = None
     # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
     # Which inverted triggers the fine-tune unlearns (finetune.unlearn_weight > 0): "all-to-all"
@@ -85,6 +87,9 @@ class DefendConfig:
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
+        if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned"):
+            raise ConfigError("resynthesize_suspected_target must be None, 'cleaned' or 'finetuned', "
+                              f"got {self.resynthesize_suspected_target!r}")
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
         if self.needs_calibration and self.synth_model != "original":
@@ -253,7 +258,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
-    if cfg.resynthesize_suspected_target and excluded:
+    if cfg.resynthesize_suspected_target == "cleaned" and excluded:
         start = time.perf_counter()
         x_new, y_new = resynthesize_class(cleaned, suspected, excluded, cfg.synth, device, progress)
         x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
@@ -277,6 +282,13 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     start = time.perf_counter()
     history = finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger)
+    if cfg.resynthesize_suspected_target == "finetuned" and excluded:
+        x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
+        exclusion["synthetic_resynthesized"] = len(y_new)
+        x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
+        x_trigger = add_pixel_delta(x_ft, trigger, spec) if trigger is not None else None
+        x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
+        history += finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger)
     timings["finetune"] = time.perf_counter() - start
     log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
 
