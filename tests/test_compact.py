@@ -21,16 +21,20 @@ def resnet18():
     return build_model("resnet18").eval()
 
 
-@pytest.fixture(scope="module")
-def small():
+def spread_resnet18(width: float) -> nn.Module:
+    """A seeded ResNet-18 whose conv weights have a spread of singular values, as trained nets have."""
     torch.manual_seed(1)
-    model = build_model("resnet18", width=0.5).eval()
-    # give the weights a spread of singular values, as trained nets have
+    model = build_model("resnet18", width=width).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.mul_(torch.linspace(0.2, 3.0, m.out_channels)[:, None, None, None])
     return model
+
+
+@pytest.fixture(scope="module")
+def small():
+    return spread_resnet18(0.5)
 
 
 @pytest.mark.parametrize("ratio, paper", [(2, 5.58e6), (3, 3.72e6), (4, 2.79e6)])
@@ -190,12 +194,7 @@ def test_damage_allocation_cuts_the_layer_whose_damage_per_parameter_is_smallest
 
 
 def test_sensitivity_strategy_measures_on_calibration_images_and_beats_energy_on_them():
-    torch.manual_seed(1)
-    model = build_model("resnet18", width=0.25).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.mul_(torch.linspace(0.2, 3.0, m.out_channels)[:, None, None, None])
+    model = spread_resnet18(0.25)
     with pytest.raises(ConfigError, match="pass calibration="):
         clean_compact(model, ratio=3, rank_strategy="sensitivity")
     x = torch.randn(16, 3, 32, 32)
