@@ -325,12 +325,7 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
     first synthesis."""
     labels = torch.full((n,), int(target), dtype=torch.long)
     cfg = dataclasses.replace(synth, seed=synth.seed + 1)
-    was = [p.requires_grad for p in cleaned.parameters()]
-    try:
-        x, y, _ = synthesize(cleaned, cfg, labels=labels, device=device, progress=progress)
-    finally:
-        for p, g in zip(cleaned.parameters(), was):
-            p.requires_grad_(g)
+    x, y, _ = synthesize(cleaned, cfg, labels=labels, device=device, progress=progress)
     return x, y
 
 

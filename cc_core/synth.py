@@ -117,6 +117,7 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
         labels = balanced_labels(cfg.n_samples, spec.num_classes, gen)
     was_training = model.training
     model.eval().to(device)
+    grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     low, high = pixel_bounds(spec.mean, spec.std, device)
@@ -159,7 +160,7 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
     finally:
         stats.remove()
         bar.close()
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
         model.train(was_training)
     return torch.cat(images), labels.to(device), log
