@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from cc_core.compact.plan import CompactionPlan
+from cc_core.errors import ConfigError
 from cc_core.pipeline import DefendConfig, make_report, resolve_config
 from cc_core.scan import InversionConfig
 from tasks import steps
@@ -34,8 +35,16 @@ class ScanSettings:
 
 
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
-    """The resolved DefendConfig of a flow run (validated here, at the edge)."""
-    return resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
+    """The resolved DefendConfig of a flow run (validated here, at the edge).
+
+    ``resynthesize_suspected_target`` is refused: the flow's tasks do not make those images
+    again, and silently leaving the class out would not be what the config asked for (it was
+    measured worse, see benchmarks/results/sweep_defend_resynthesis*.md; ``cc_core.defend`` has it)."""
+    cfg = resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
+    if cfg.resynthesize_suspected_target is not None:
+        raise ConfigError("resynthesize_suspected_target is not supported by the clean-compact flow; "
+                          "use `cleancompact defend` or cc_core.defend for that experiment")
+    return cfg
 
 
 @flow(name="clean-compact", log_prints=True)

@@ -152,6 +152,15 @@ def test_file_source_and_bad_uri(suspect):
         run_flow(suspect, source=f"models:/{suspect['name']}")
 
 
+def test_flow_refuses_options_its_tasks_do_not_carry_out():
+    from cc_core.errors import ConfigError
+    from flows.clean_compact import build_config
+
+    assert build_config("cpu", 3.0, {"tau": 2.5}).ratio == 3.0
+    with pytest.raises(ConfigError, match="resynthesize_suspected_target is not supported by the clean-compact flow"):
+        build_config("cpu", 2.0, {"resynthesize_suspected_target": "cleaned"})
+
+
 def test_audit_scans_due_versions_once_and_cleans_by_policy(suspect):
     from flows.audit import audit_flow
     from tasks.registry import register_suspect
