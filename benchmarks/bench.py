@@ -126,7 +126,7 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
     r = result.report
     return result.model, {"metrics": r["metrics"], "params_after": r["model"]["params_after"], "timings_s": timings,
                           "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
-                          "details": r.get("channel_clean") or r.get("baseline"),
+                          "details": r.get("channel_clean") or r.get("baseline"), "config": r["config"],
                           "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
                                                                   "synthetic_excluded", "flip_rate",
                                                                   "all_to_all_suspected")} if row.defense == "cc" else None}
@@ -256,6 +256,13 @@ def _size_table(done: dict) -> list[str]:
     return lines
 
 
+def _rank_strategy(result: dict) -> str:
+    if result["row"]["defense"] != "cc":
+        return ""
+    config = result.get("config")
+    return "-" if config is None else config["compact_resolved"]["rank_strategy"]
+
+
 def _speed_section() -> list[str]:
     path = RESULTS / "speed_resnet18.md"
     if not path.exists():
@@ -292,7 +299,11 @@ def render() -> Path:
           "C&C's `synthesize` is the run that made the model's shared synthetic images; `scan` is the "
           "suspected target (trigger inversion and adversarial histogram on the synthetic images, which picks the "
           "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",
-          "## Commands\n", "| row | command |", "|---|---|",
-          *[f"| {rid} | `{r['command']}` |" for rid, r in done.items()]]
+          "## Commands\n",
+          "Each row ran at the commit shown; C&C rows name how the ranks were allocated (`sensitivity` is the "
+          "current `cpu` preset; `-` = a row from before the config was recorded, see the README).\n",
+          "| row | commit | ranks | command |", "|---|---|---|---|",
+          *[f"| {rid} | {r['machine'].get('git_commit', '-')} | {_rank_strategy(r)} | `{r['command']}` |"
+            for rid, r in done.items()]]
     RESULTS_MD.write_text("\n".join(md) + "\n")
     return RESULTS_MD
