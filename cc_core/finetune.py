@@ -11,6 +11,11 @@ its outputs on adversarial images may still carry the backdoor. F_l, T_l: the ou
 BatchNorm layer named l in student and teacher (compression keeps BN names), so the feature
 term gives every layer its own target instead of only the logits. Each term is switched off by a
 zero weight; with every term off the model is returned untouched.
+
+When a class is left out of the fine-tune (the suspected backdoor target has no synthetic images
+in x_s), every CE term pushes its logit down on every image and nothing pushes it back up, so the
+fine-tune erodes that class. ``mask_left_out_class`` takes its column out of the CE softmax:
+the three CE terms then only rank the classes that are present.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class FinetuneConfig:
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     feature_weight: float = 0.0
+    mask_left_out_class: bool = False
     freeze_bn: bool = True
     augment: bool = True
     mixed_precision: bool = True
@@ -106,10 +112,11 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
 def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
              x_adv: torch.Tensor | None = None, teacher: nn.Module | None = None,
              cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
-             x_trigger: torch.Tensor | None = None) -> list[dict]:
+             x_trigger: torch.Tensor | None = None, left_out_class: int | None = None) -> list[dict]:
     """Fine-tune ``model`` in place; returns per-epoch mean losses. ``x_adv`` and ``x_trigger``
     (N, C, H, W) are perturbed copies of ``x_syn`` (same order); without ``x_trigger`` (the scan
-    found no trigger) the unlearning term is skipped whatever its weight."""
+    found no trigger) the unlearning term is skipped whatever its weight. ``left_out_class``: the
+    class with no images in ``y_syn``, masked out of the CE terms when ``cfg.mask_left_out_class``."""
     if cfg.adv_weight > 0 and x_adv is None:
         raise ConfigError("adv_weight > 0 needs adversarial synthetic images")
     if x_trigger is None or not cfg.unlearn_weight:
@@ -118,18 +125,28 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
         raise ConfigError("kd_weight > 0 or feature_weight > 0 needs a teacher model")
     if not cfg.active:
         return []
+    if left_out_class is not None and bool((y_syn == left_out_class).any()):
+        raise ConfigError(f"class {left_out_class} is said to be left out, but y_syn has images of it")
+    masked = left_out_class if cfg.mask_left_out_class else None
     student_bn = BNOutputs(model) if cfg.feature_weight else None
     teacher_bn = BNOutputs(teacher) if cfg.feature_weight else None
     try:
-        return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn)
+        return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn, masked)
     finally:
         for rec in (student_bn, teacher_bn):
             if rec is not None:
                 rec.remove()
 
 
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int | None) -> torch.Tensor:
+    """CE of (N, K) ``logits`` over the classes other than ``masked`` (plain CE when None)."""
+    if masked is not None:
+        logits = logits.index_fill(1, torch.tensor([masked], device=logits.device), float("-inf"))
+    return F.cross_entropy(logits, labels)
+
+
 def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, progress: bool,
-           student_bn: BNOutputs | None, teacher_bn: BNOutputs | None) -> list[dict]:
+           student_bn: BNOutputs | None, teacher_bn: BNOutputs | None, masked: int | None) -> list[dict]:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -166,15 +183,15 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                     with torch.no_grad():
                         target = teacher(xs).float()
             if cfg.synth_weight:
-                term = F.cross_entropy(out_s, ys)
+                term = masked_cross_entropy(out_s, ys, masked)
                 sums["syn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.synth_weight * term
             if cfg.adv_weight:
-                term = F.cross_entropy(out_a, ys)
+                term = masked_cross_entropy(out_a, ys, masked)
                 sums["adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.adv_weight * term
             if cfg.unlearn_weight:
-                term = F.cross_entropy(out_t, ys)
+                term = masked_cross_entropy(out_t, ys, masked)
                 sums["unlearn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.unlearn_weight * term
             if cfg.kd_weight:

@@ -281,7 +281,9 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             f"estimated target {scan_before['target_class_estimate']}")
 
     start = time.perf_counter()
-    history = finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger)
+    left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
+    history = finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger,
+                       left_out_class=left_out)
     if cfg.resynthesize_suspected_target == "finetuned" and excluded:
         x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
         exclusion["synthetic_resynthesized"] = len(y_new)

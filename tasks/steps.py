@@ -271,12 +271,13 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
     def compute() -> dict:
         device = _device(cfg)
         t = _load_tensors(synthetic_file)
-        x, y, _ = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
+        x, y, n_excluded = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
         x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
         x_trigger = _load_tensors(trigger_file)["x"].to(device) if trigger_file else None
         teacher = _load(teacher_file).to(device) if teacher_file else None
         model = _load(compact_file).to(device)
-        history = finetune(model, x, y, x_adv, teacher, cfg.finetune, progress=False, x_trigger=x_trigger)
+        history = finetune(model, x, y, x_adv, teacher, cfg.finetune, progress=False, x_trigger=x_trigger,
+                           left_out_class=excluded_class if n_excluded else None)
         path = run.path / "finetuned.safetensors"
         save_model(model.cpu().eval(), path)
         return {"files": {"model": str(path)}, "history": history}

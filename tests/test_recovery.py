@@ -11,7 +11,7 @@ from cc_core.adversarial import PGDConfig, concentration, pgd
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
-from cc_core.finetune import FinetuneConfig, feature_loss, finetune
+from cc_core.finetune import FinetuneConfig, feature_loss, finetune, masked_cross_entropy
 from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
 from flows.cli import main
@@ -98,6 +98,36 @@ def test_finetune_lowers_its_loss_and_keeps_bn_statistics():
     assert torch.equal(model.bn1.running_mean, running)
     with pytest.raises(ConfigError, match="needs a teacher"):
         finetune(model, x, y, x, None, FinetuneConfig(kd_weight=1.0), progress=False)
+
+
+def test_masked_cross_entropy_is_cross_entropy_over_the_other_classes_and_leaves_that_logit_alone():
+    logits = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 3, 3, 1, 0])
+    others = [0, 1, 3]
+    expected = nn.functional.cross_entropy(logits[:, others], torch.tensor([others.index(int(v)) for v in labels]))
+    loss = masked_cross_entropy(logits, labels, 2)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[:, 2] == 0) and torch.all(logits.grad[:, others].abs().sum(1) > 0)
+    assert float(masked_cross_entropy(logits, labels, None)) == pytest.approx(
+        float(nn.functional.cross_entropy(logits, labels)))
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_a_masked_left_out_class_keeps_its_classifier_row(mask):
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("linear"))
+    row = model.linear.weight[2].detach().clone(), model.linear.bias[2].detach().clone()
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.tensor([0, 1, 3, 3] * 8)
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, weight_decay=0.0, adv_weight=0.0,
+                         mask_left_out_class=mask, mixed_precision=False)
+    finetune(model, x, y, None, None, cfg, progress=False, left_out_class=2)
+    kept = torch.equal(model.linear.weight[2], row[0]) and torch.equal(model.linear.bias[2], row[1])
+    assert kept == mask  # unmasked, CE pushes the absent class's logit down on every image
+    with pytest.raises(ConfigError, match="class 1 is said to be left out"):
+        finetune(model, x, y, None, None, cfg, progress=False, left_out_class=1)
 
 
 def test_feature_loss_is_relative_error_over_shared_bn_layers():
@@ -346,6 +376,7 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
 
     def recording_finetune(model, x, y, *args, **kwargs):
         seen["labels"] = y.tolist()
+        seen.setdefault("left_out", []).append(kwargs.get("left_out_class"))
         return real_finetune(model, x, y, *args, **kwargs)
 
     monkeypatch.setattr(scan_module, "flagged_target", lambda *a: target)
@@ -356,11 +387,14 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     assert r["scan"]["synthetic_excluded"] == (3 if target is not None else 0)
     assert len(seen["labels"]) == 12 - r["scan"]["synthetic_excluded"]
     assert sorted(set(seen["labels"])) == [c for c in range(4) if c != target]
+    assert seen["left_out"] == [target]  # the fine-tune is told which class has no images
 
-    for where in ("cleaned", "finetuned"):
+    for where, left_out in (("cleaned", [None]), ("finetuned", [target, None])):
+        seen.clear()
         cfg = _tiny_cfg(resynthesize_suspected_target=where)
         r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
         assert sorted(seen["labels"]) == sorted(synthetic[1].tolist())  # the class is back, as many images
+        assert seen["left_out"] == (left_out if target is not None else [None])
         assert r["scan"].get("synthetic_resynthesized", 0) == r["scan"]["synthetic_excluded"]
 
 
