@@ -275,6 +275,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
                             "feature_weight": args.feature_weight}.items()
           if v is not None}
+    if args.mask_left_out_class is not None:
+        ft["mask_left_out_class"] = args.mask_left_out_class
     for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"),
                       ("no_unlearn", "unlearn_weight"), ("no_kd", "kd_weight")):
         if getattr(args, flag):
@@ -464,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-channel-clean", action="store_true", help="no channel clean: the paper's C&C (ablation)")
     p.add_argument("--keep-target-synthetic", action="store_true",
                    help="fine-tune on every synthetic image, also those of the suspected target class (ablation)")
+    p.add_argument("--mask-left-out-class", action=argparse.BooleanOptionalAction,
+                   help="mask the left-out suspected class's logit out of the fine-tune's CE, so the fine-tune "
+                        "does not push it down on every image (default: the preset's)")
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
     p.add_argument("--method", choices=["cc", "clp", "anp"], default="cc",
                    help="cc: Clean & Compact; clp / anp: baselines pruned to the same parameter budget")

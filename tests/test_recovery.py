@@ -299,6 +299,29 @@ def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, expected", [([], None), (["--mask-left-out-class"], True),
+                                              (["--no-mask-left-out-class"], False)])
+def test_defend_flags_reach_the_fine_tune_config(flags, expected, tiny_file, tmp_path, monkeypatch):
+    import cc_core.pipeline as pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def recording_defend(model, config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "defend", recording_defend)
+    with pytest.raises(Stop):
+        main(["defend", str(tiny_file), "--ratio", "3", "--no-kd", "--out", str(tmp_path / "o"), *flags])
+    ft = seen["config"].finetune
+    expected = resolve_config("cpu").finetune.mask_left_out_class if expected is None else expected
+    assert seen["config"].ratio == 3 and ft.kd_weight == 0 and ft.mask_left_out_class is expected
+    assert not (tmp_path / "o").exists()
+
+
 def test_defend_missing_model(tmp_path, capsys):
     assert main(["defend", str(tmp_path / "none.pt"), "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
     assert "model file not found" in capsys.readouterr().err
