@@ -124,7 +124,8 @@ PRESETS: dict[str, DefendConfig] = {
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
     # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:
     # ASR 2x 2.71 / 8.08 / 26.36 -> 1.51 / 1.61 / 7.72 on BadNet / WaNet / Blended, for -0.3 / -1.5 /
-    # +1.2 ACC points); the scan's universal inverted trigger is unlearned when it is all-to-all
+    # +1.2 ACC points) and its logit stays in the fine-tune's CE (masked out: +0.5-1.3 ACC points
+    # but WaNet 2x ASR 2.29 -> 15.07%, sweep_defend_masked.md); the scan's universal inverted trigger is unlearned when it is all-to-all
     # (sweep_defend_unlearn_gtsrb-resnet18.md: GTSRB BadNet all-to-all ASR 75.1 / 44.6 -> 9.4 / 8.9
     # at 2x / 4x for -0.2 / -0.6 ACC points) and not otherwise (sweep_defend_unlearn.md: on the
     # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
