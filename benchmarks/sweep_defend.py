@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import torch
 
 from benchmarks.bench import RECIPES
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
-from cc_core.data import load_dataset
+from cc_core.data import load_dataset, normalize
 from cc_core.io import load_model
 from cc_core.pipeline import defend, resolve_config
 
@@ -40,7 +41,8 @@ BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "cle
          "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
          "resynthesis": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
          "resynthesis2": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
-         "masked": ({"compact": {"rank_strategy": "sensitivity"}}, {"mask_left_out_class": False})}
+         "masked": ({"compact": {"rank_strategy": "sensitivity"}}, {"mask_left_out_class": False}),
+         "oracle": ({"compact": {"rank_strategy": "sensitivity"}}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -134,6 +136,14 @@ GRIDS = {
     # sensitivity rows: the same settings with its logit masked out of the CE softmax.
     "masked": [("sensitivity ranks, left-out class masked out of the fine-tune's CE", ratio, {},
                 {"mask_left_out_class": True}) for ratio in (2.0, 4.0)],
+    # Diagnostic, not a defense (it uses training data): how much of the ACC drop is the synthetic
+    # data's fault? Real training images (clean, seeded subset) take the synthetic images' place in
+    # every step (rank measurement, scan, fine-tune). Against the allocation grid's sensitivity rows.
+    # Rows are (label, ratio, overrides, fine-tune overrides, number of real images).
+    "oracle": [(label, ratio, overrides, {}, n_real) for ratio in (2.0, 4.0) for label, overrides, n_real in (
+        ("1024 real training images in place of the synthetic ones", {}, 1024),
+        ("1024 real training images, no class left out", {"exclude_suspected_target": False}, 1024))]
+    + [("5120 real training images, no class left out", 4.0, {"exclude_suspected_target": False}, {}, 5120)],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),
@@ -143,6 +153,10 @@ GRIDS = {
                      ("paper C&C (no channel clean), tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
                      ("synthetic images of the suspected class kept", 2.0, {"exclude_suspected_target": False}, {})],
 }
+
+GRID_NOTES = {"oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "
+                        "seeded subset) in place of the synthetic ones, to measure how much of the ACC drop comes "
+                        "from the synthetic data and how much from compression itself."}
 
 
 def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
@@ -155,7 +169,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
         base, base_ft = BASES[grid]
         synthetic = {}  # synthesis config -> (label, x, y, seconds): loaded once per model
-        for label, ratio, overrides, ft in GRIDS[grid]:
+        for label, ratio, overrides, ft, *n_real in GRIDS[grid]:
             compact = base.get("compact", {}) | overrides.get("compact", {})
             cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
                                  **(base | overrides | {"compact": compact}))
@@ -164,6 +178,8 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                 what = f"{cfg.synth.n_samples} images x {cfg.synth.iterations} iterations"
                 synthetic[key] = (what, *shared_synthetic(model_name(name, recipe), model, cfg.synth))
             _, x, y, _ = synthetic[key]
+            if n_real:
+                x, y = real_images(recipe["dataset"], n_real[0], model.cc_spec)
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
             r = result.report
@@ -195,6 +211,8 @@ def markdown(result: dict) -> str:
              "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
              "| model | ratio | setting | channels zeroed | suspected target (images left out) | ACC before | ACC after | drop | target-class ACC before -> after | ASR before | ASR after | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if result["grid"] in GRID_NOTES:
+        lines.insert(2, GRID_NOTES[result["grid"]] + "\n")
     for r in result["rows"]:
         if "acc_after" not in r:
             lines.append(f"| {r['model']} | | {r['setting']} | | | | | | | | | {r['seconds']:.0f} |")
@@ -206,6 +224,14 @@ def markdown(result: dict) -> str:
                      f"{100 * (r['acc_before'] - r['acc_after']):.2f} | {_target_class_acc(r)} | {100 * r['asr_before']:.2f} | "
                      f"{100 * r['asr_after']:.2f} | {r['seconds_excl_synthesis']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def real_images(dataset: str, n: int, spec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random ``n`` of ``dataset``'s clean training images, (n, C, H, W) in the model's
+    normalized input space like synthetic images, and their labels (n,)."""
+    train = load_dataset(dataset, "train")
+    x, y = train.subset(np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))).tensors()
+    return normalize(x.float() / 255, spec.mean, spec.std), y
 
 
 def all_to_one_target(attack) -> int | None:
