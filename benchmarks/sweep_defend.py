@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -250,10 +251,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["badnet", "wanet"])
     parser.add_argument("--grid", choices=list(GRIDS), default="focused")
     parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE)
+    parser.add_argument("--name", help="results file name under benchmarks/results/ (default "
+                        "sweep_defend_<grid>, with _<recipe> for a recipe other than the default); "
+                        "give one to keep another model set's results beside the committed ones")
     args = parser.parse_args()
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name.startswith(".")):
+        parser.error(f"--name must be a plain file name, got {args.name!r}")
     result = run(args.models, args.grid, args.recipe)
+    if args.name:
+        result["command"] += f" --name {args.name}"
     suffix = "" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}"
-    print(*write_results(f"sweep_defend_{args.grid}{suffix}", result, markdown(result)), sep="\n")
+    print(*write_results(args.name or f"sweep_defend_{args.grid}{suffix}", result, markdown(result)), sep="\n")
 
 
 if __name__ == "__main__":
