@@ -14,14 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.bench import RECIPES
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
-from cc_core.data import load_dataset, normalize
+from cc_core.data import ImageData, load_dataset, normalize
 from cc_core.io import load_model
 from cc_core.pipeline import defend, resolve_config
 
@@ -164,12 +163,14 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
     torch.manual_seed(0)
     recipe = RECIPES[recipe_name]
     test = load_dataset(recipe["dataset"], "test")
+    train = None  # loaded by the first row that uses real images
     rows = []
     for name in models:
         directory = ensure_model(name, recipe)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
         base, base_ft = BASES[grid]
         synthetic = {}  # synthesis config -> (label, x, y, seconds): loaded once per model
+        real = {}  # number of real training images -> (x, y), for the oracle grid
         for label, ratio, overrides, ft, *n_real in GRIDS[grid]:
             compact = base.get("compact", {}) | overrides.get("compact", {})
             cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
@@ -180,7 +181,11 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                 synthetic[key] = (what, *shared_synthetic(model_name(name, recipe), model, cfg.synth))
             _, x, y, _ = synthetic[key]
             if n_real:
-                x, y = real_images(recipe["dataset"], n_real[0], model.cc_spec)
+                if n_real[0] not in real:
+                    if train is None:
+                        train = load_dataset(recipe["dataset"], "train")
+                    real[n_real[0]] = real_images(train, n_real[0], model.cc_spec)
+                x, y = real[n_real[0]]
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
             r = result.report
@@ -227,11 +232,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def real_images(dataset: str, n: int, spec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random ``n`` of ``dataset``'s clean training images, (n, C, H, W) in the model's
+def real_images(train: ImageData, n: int, spec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random ``n`` of the clean training images ``train``, (n, C, H, W) in the model's
     normalized input space like synthetic images, and their labels (n,)."""
-    train = load_dataset(dataset, "train")
-    x, y = train.subset(np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))).tensors()
+    x, y = train.sample(n / len(train), seed).tensors()
     return normalize(x.float() / 255, spec.mean, spec.std), y
 
 
