@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cc_core.device import cpu_bf16_is_native
 from cc_core.fileio import atomic_path, git_commit
 from cc_core.synth import SynthConfig, synthesize
 
@@ -26,7 +27,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu_bf16_native": cpu_bf16_is_native(),
+            "python": platform.python_version(),
             "git_commit": git_commit()}
 
 

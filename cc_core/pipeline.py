@@ -23,7 +23,7 @@ from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
 from cc_core.fileio import git_commit
 from cc_core.finetune import FinetuneConfig, finetune
-from cc_core.device import resolve_device
+from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.scan import InversionConfig, add_pixel_delta, all_to_all_suspected, histogram_report, suspected_target
@@ -172,9 +172,11 @@ def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: str | torch.device) -> dict:
+    device = resolve_device(device)
     return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "git_commit": git_commit()}
+            "mixed_precision_dtype": precision(device), "python": platform.python_version(),
+            "git_commit": git_commit()}
 
 
 def measure(before_model: nn.Module, after_model: nn.Module, eval_data=None, attack=None,

@@ -137,6 +137,7 @@ def test_failing_task_marks_run_failed_and_rerun_resumes(suspect, tmp_path):
     result = run_flow(suspect, **fresh)  # same source and config: finished steps are reused
     assert result["status"] == "promoted"
     assert {p.name for p in (work / "steps").glob("*.json")} > finished
+    assert result["report"]["environment"]["mixed_precision_dtype"] in {"float32", "bfloat16"}
     assert result["report"]["timings_s"]["finetune"] == json.loads(
         next((work / "steps").glob("finetune-*.json")).read_text())["seconds"]
 

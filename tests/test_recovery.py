@@ -8,6 +8,7 @@ from torch import nn
 
 from cc_core import build_model, clean_compact, save_model
 from cc_core.adversarial import PGDConfig, concentration, pgd
+from cc_core.device import precision
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
@@ -173,6 +174,7 @@ def test_defend_tiny_model_end_to_end(tmp_path):
     assert set(r["timings_s"]) >= {"decompose", "clean", "compact", "synthesize", "adversarial",
                                    "finetune", "evaluate", "total"}
     assert r["metrics"]["acc_after"] is None  # no eval data given
+    assert r["environment"]["mixed_precision_dtype"] == precision(torch.device("cpu"))
     assert 0 <= r["scan"]["concentration_before"] <= 1
     out = export_package(result, model, tmp_path / "out", latency_batch=8, log=lambda *a: None)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.onnx", "report.json"}
