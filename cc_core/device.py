@@ -17,8 +17,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def cpu_bf16_is_native() -> bool:
     """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 or AMX).
 
-    Without it (an AVX2-only CPU) torch falls back to reference bf16 kernels: a ResNet-18 w0.25
-    training step measured 10x slower than fp32 on such a machine (README, Measured)."""
+    Without it (an AVX2-only CPU) torch falls back to reference bf16 kernels: ResNet-18 w0.25
+    training and input-gradient steps measured 12x slower than fp32 on such a machine
+    (``python -m benchmarks.precision``)."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
