@@ -10,7 +10,8 @@ from pathlib import Path
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEMO_MODEL = "demo-suspect"
-# The demo's model when no zoo model is cached: ~5 min here (quarter-width ResNet-18, BadNet).
+# The demo's model when no zoo model is cached (quarter-width ResNet-18, BadNet): ~5 min on 2 cores
+# with native bf16, 15 min on an AVX2-only CPU (README).
 DEMO_RECIPE = {"arch": "resnet18", "width": 0.25, "attack": "badnet", "epochs": 6, "batch_size": 256,
                "lr": 0.2, "seed": 0}
 
@@ -120,7 +121,8 @@ def _demo_model(data_dir: str | None) -> Path:
         from flows.cli import main as cli_main
 
         r = DEMO_RECIPE
-        print(f"[demo] no cached backdoored model: training one ({r['epochs']} epochs, ~5 min on 2 cores) -> {out}")
+        print(f"[demo] no cached backdoored model: training one ({r['epochs']} epochs, "
+              f"5-15 min on 2 cores) -> {out}")
         argv = ["train-backdoor", "--arch", r["arch"], "--width", str(r["width"]), "--attack", r["attack"],
                 "--dataset", "cifar10", "--epochs", str(r["epochs"]), "--batch-size", str(r["batch_size"]),
                 "--lr", str(r["lr"]), "--seed", str(r["seed"]), "--threads", "2", "--out", str(out)]
