@@ -25,20 +25,23 @@ COMMAND = "python -m benchmarks.precision"
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-def _train_step(model, optimizer, x, y, dtype) -> None:
+def _loss(model, x, y, dtype) -> torch.Tensor:
+    """Cross-entropy of ``model(x)`` with the forward forced to ``dtype`` (None: fp32); unlike
+    ``cc_core.device.autocast``, which picks the dtype from the hardware."""
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = model(x)
-    loss = F.cross_entropy(out.float(), y)
+    return F.cross_entropy(out.float(), y)
+
+
+def _train_step(model, optimizer, x, y, dtype) -> None:
+    loss = _loss(model, x, y, dtype)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
 def _input_gradient_step(model, x, y, dtype) -> None:
-    x = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = model(x)
-    F.cross_entropy(out.float(), y).backward()
+    _loss(model, x.clone().requires_grad_(True), y, dtype).backward()
 
 
 def run(repeats: int = 3, threads: int = 2) -> dict:
