@@ -34,3 +34,11 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def code_version() -> str:
+    """This package's version plus, in a git checkout, its commit: which code computed a result."""
+    from cc_core import __version__
+
+    commit = git_commit()
+    return f"{__version__}+{commit}" if commit else __version__

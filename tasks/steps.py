@@ -20,7 +20,7 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from cc_core.fileio import atomic_path
+from cc_core.fileio import atomic_path, code_version
 from tasks.tracking import RunHandle, log_artifact, log_json, log_metrics, log_params, mlflow_globals
 
 def _transient(task, task_run, state) -> bool:
@@ -423,7 +423,8 @@ def register_task(run: RunHandle, target: str, model_uri: str, model_id: str, so
 
 
 def working_dir(root: str | os.PathLike, source_sha256: str, config: dict) -> Path:
-    """The resumable work directory of (source, config)."""
-    path = Path(root) / f"{source_sha256[:16]}-{digest(config)[:12]}"
+    """The resumable work directory of (source, config, code version): a rerun resumes from the
+    steps it finished, but never reuses steps that another version of cleancompact computed."""
+    path = Path(root) / f"{source_sha256[:16]}-{digest({'config': config, 'code': code_version()})[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path

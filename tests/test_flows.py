@@ -155,6 +155,16 @@ def test_file_source_and_bad_uri(suspect):
         run_flow(suspect, source=f"models:/{suspect['name']}")
 
 
+def test_work_directory_is_not_shared_across_code_versions(tmp_path, monkeypatch):
+    from tasks import steps
+
+    config = {"defend": {"ratio": 2.0}}
+    first = steps.working_dir(tmp_path, "ab" * 32, config)
+    assert steps.working_dir(tmp_path, "ab" * 32, config) == first
+    monkeypatch.setattr(steps, "code_version", lambda: "0.0.0+another")
+    assert steps.working_dir(tmp_path, "ab" * 32, config) != first
+
+
 def test_flow_refuses_options_its_tasks_do_not_carry_out():
     from cc_core.errors import ConfigError
     from flows.clean_compact import build_config
