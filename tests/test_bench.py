@@ -2,8 +2,11 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from benchmarks import bench, zoo
+from cc_core import ModelSpec
 from cc_core.errors import InputError
 from flows.cli import main
 
@@ -107,3 +110,44 @@ def test_a_failed_zoo_training_is_an_input_error_not_a_traceback(tmp_path, monke
     with pytest.raises(InputError, match="training the zoo model badnet failed .exit 2"):
         zoo.ensure_model("badnet", quiet=True, out=out)
     assert not (out / "metrics.json").exists()
+
+
+class PatchDetector(torch.nn.Module):
+    """Predicts the class of a fixed random linear map that ignores the bottom-right 3 x 3 pixels,
+    unless ``responds`` and those pixels are white: then class 0 (all-to-one) or the next class
+    (all-to-all)."""
+
+    def __init__(self, responds: bool, all_to_all: bool):
+        super().__init__()
+        self.cc_spec = ModelSpec("resnet18", 10)
+        self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+        with torch.no_grad():
+            self.linear.weight.view(10, 3, 32, 32)[:, :, 29:, 29:] = 0
+        self.responds, self.all_to_all = responds, all_to_all
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        mean = torch.tensor(self.cc_spec.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.cc_spec.std).view(1, -1, 1, 1)
+        patch = ((x * std + mean)[:, :, 29:, 29:] > 0.999).flatten(1).all(1)
+        if self.responds:
+            label = (logits.argmax(1) + 1) % 10 if self.all_to_all else torch.zeros_like(patch, dtype=torch.long)
+            logits = logits + 1e3 * patch[:, None] * F.one_hot(label, 10)
+        return logits
+
+
+@pytest.mark.parametrize("attack_name", ["badnet", "badnet-a2a"])
+def test_trigger_rate_counts_what_the_true_trigger_sends_to_the_attack_label(attack_name):
+    from benchmarks.trigger_on_synthetic import trigger_rate
+    from cc_core.attacks.base import build_attack
+    from cc_core.data import normalize
+
+    torch.manual_seed(0)
+    attack = build_attack(attack_name, 10)
+    spec = ModelSpec("resnet18", 10)
+    x = normalize(torch.rand(64, 3, 32, 32), spec.mean, spec.std)  # pixels in range: the trigger changes only its patch
+    backdoored = PatchDetector(responds=True, all_to_all=attack.all_to_all)
+    clean = PatchDetector(responds=False, all_to_all=attack.all_to_all)
+    clean.linear.load_state_dict(backdoored.linear.state_dict())
+    assert trigger_rate(backdoored, attack, x) == 1.0
+    assert trigger_rate(clean, attack, x) == 0.0
