@@ -219,13 +219,19 @@ def _target_lines(done: dict, ratio: float, max_drop: float, max_asr: float) -> 
             f"(target <= {max_drop}), max ASR {max(asrs):.2f}% (target <= {100 * max_asr:g}%): {verdict}."]
 
 
+def _precision(result: dict) -> str:
+    """What a row computed in on the CPU: bf16 autocast where the CPU runs bf16 natively, else fp32;
+    rows from before commit 180f6a7 did not record it and always ran bf16 autocast."""
+    return "fp32" if result["machine"].get("cpu_bf16_native") is False else "bf16"
+
+
 def _cost_table(done: dict) -> list[str]:
-    lines = ["| row | total s (excl. evaluation) | per step (s) |", "|---|---|---|"]
+    lines = ["| row | precision | total s (excl. evaluation) | per step (s) |", "|---|---|---|---|"]
     for rid, r in done.items():
         if r["row"]["defense"] == "none":
             continue
         steps = ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items() if k != "evaluate")
-        lines.append(f"| {rid} | {r['defense_s']:.1f} | {steps} |")
+        lines.append(f"| {rid} | {_precision(r)} | {r['defense_s']:.1f} | {steps} |")
     return lines
 
 
@@ -273,8 +279,8 @@ def _speed_section() -> list[str]:
 def render() -> Path:
     """Write benchmarks/RESULTS.md from the rows in benchmarks/results/bench/ (never typed in)."""
     done = load_rows()
-    machines = sorted({f"{r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}"
-                       for r in done.values()})
+    machines = sorted({f"{r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}, "
+                       f"{_precision(r)}" for r in done.values()})
     t2 = [("none", None), ("anp", 2.0), ("clp", 2.0), ("cc", 2.0), ("cc", 3.0), ("cc", 4.0)]
     small = [("none", None), ("clp", 2.0), ("cc", 2.0)]
     md = ["# Results\n",
@@ -295,15 +301,17 @@ def render() -> Path:
           "## Parameters and onnxruntime latency of each defended model (CPU, 2 threads, one process)\n",
           *_size_table(done), "",
           "## Speed-up at full width\n", *_speed_section(), "",
-          "## Cost of the defense (wall time per step on this machine)\n",
+          "## Cost of the defense (wall time per step)\n",
+          "Times depend on the precision the row ran in (bf16 autocast on a CPU with native bf16, else fp32; "
+          "benchmarks/results/precision.md) and are comparable only within one precision.\n",
           "C&C's `synthesize` is the run that made the model's shared synthetic images; `scan` is the "
           "suspected target (trigger inversion and adversarial histogram on the synthetic images, which picks the "
           "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",
           "## Commands\n",
           "Each row ran at the commit shown; C&C rows name how the ranks were allocated (`sensitivity` is the "
           "current `cpu` preset; `-` = a row from before the config was recorded, see the README).\n",
-          "| row | commit | ranks | command |", "|---|---|---|---|",
-          *[f"| {rid} | {r['machine'].get('git_commit', '-')} | {_rank_strategy(r)} | `{r['command']}` |"
+          "| row | commit | precision | ranks | command |", "|---|---|---|---|---|",
+          *[f"| {rid} | {r['machine'].get('git_commit', '-')} | {_precision(r)} | {_rank_strategy(r)} | `{r['command']}` |"
             for rid, r in done.items()]]
     RESULTS_MD.write_text("\n".join(md) + "\n")
     return RESULTS_MD

@@ -68,7 +68,7 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
         if row.attack == "wanet":
             fields["suspicion"] = {"suspected_target": 0, "inversion_concentration": 0.12, "synthetic_excluded": 103}
             fields["config"] = {"compact_resolved": {"rank_strategy": "sensitivity"}}
-            fields["machine"]["git_commit"] = "abc1234"
+            fields["machine"] |= {"git_commit": "abc1234", "cpu_bf16_native": False}
         (tmp_path / "bench" / f"{row.id}.json").write_text(json.dumps(fields))
     text = bench.render().read_text()
     assert "| cifar10-resnet18-w0.25-wanet-cc-2x | 0 | 103 | 0.12 |" in text
@@ -77,9 +77,12 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text
     assert "max ASR 4.00% (target <= 5%): **MISSED**; mean drop over target by 0.50 points." in text
     assert "C&C 4x: no row run yet" in text
-    assert ("| cifar10-resnet18-w0.25-wanet-cc-2x | abc1234 | sensitivity | "
+    assert "Machines: test cpu, 2 cores, torch x, bf16; test cpu, 2 cores, torch x, fp32." in text
+    assert ("| cifar10-resnet18-w0.25-wanet-cc-2x | abc1234 | fp32 | sensitivity | "
             "`cleancompact bench run --recipe cifar10-resnet18 --attacks wanet --defenses cc --ratios 2`") in text
-    assert "| cifar10-resnet18-w0.25-badnet-cc-2x | - | - |" in text  # a row from before commit and config were kept
+    # a row from before commit, config and precision were kept (it ran bf16 autocast)
+    assert "| cifar10-resnet18-w0.25-badnet-cc-2x | - | bf16 | - |" in text
+    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | fp32 | 3.0 | finetune 3.0 |" in text
 
 
 def test_bench_cli_refuses_filters_that_match_nothing(capsys):
