@@ -8,7 +8,7 @@ makes (``--samples`` of them; shared with bench rows and sweeps through the synt
 and 1,000 seeded random test images. For each set, the fraction of images the TRUE trigger sends
 to the attack's label (all-to-one: the target, counting images not already predicted as it;
 all-to-all: the next class), with the model's own predictions as the source labels; then the
-flip rate of the scan's universal inversion on the synthetic images. A trigger that fires on
+flip rate of the scan's universal inversion and the patch probe on the synthetic images. A trigger that fires on
 synthetic images while the inversion flips few of them means the data is there and the trigger
 search is what fails; a trigger that does not fire on them means the synthetic data is the gap.
 """
@@ -31,7 +31,7 @@ from cc_core.adversarial import predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
-from cc_core.scan import InversionConfig, flip_report
+from cc_core.scan import InversionConfig, flip_report, patch_probe
 
 COMMAND = "python -m benchmarks.trigger_on_synthetic"
 REAL_SAMPLES = 1000
@@ -60,11 +60,15 @@ def measure(name: str, directory: Path, samples: int, dataset: str) -> dict:
     x_real = normalize(x_real.float() / 255, model.cc_spec.mean, model.cc_spec.std)
     start = time.perf_counter()
     flip, _ = flip_report(model, x_syn, InversionConfig())
+    inversion_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    probe = patch_probe(model, x_syn)
     return {"model": name, "attack": attack.label, "synthetic_samples": len(x_syn), "real_samples": REAL_SAMPLES,
             "trigger_rate_synthetic": trigger_rate(model, attack, x_syn),
             "trigger_rate_real": trigger_rate(model, attack, x_real),
             "inversion_flip_rate": flip["flip_rate"], "inversion_concentration": flip["concentration"],
-            "inversion_top_class": flip["target_class_estimate"], "inversion_seconds": time.perf_counter() - start}
+            "inversion_top_class": flip["target_class_estimate"], "inversion_seconds": inversion_seconds,
+            "patch_probe": probe, "patch_probe_seconds": time.perf_counter() - start}
 
 
 def markdown(result: dict) -> str:
@@ -74,13 +78,19 @@ def markdown(result: dict) -> str:
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's "
              f"({json.dumps(result['synth'])}) with N samples. Trigger rate: the "
              "fraction the true trigger sends to the attack label of the class the model gives them. Inversion: "
-             "the scan's universal inversion (defaults) on the same synthetic images.\n",
+             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe: the solid 4 x 4 "
+             "stamp (black or white, every 2 px) that changes the most predictions of the first 64 synthetic images "
+             "(`cc_core.scan.patch_probe`), with the median over all stamps.\n",
              "| model | attack | synthetic N | trigger rate, synthetic | trigger rate, real | inversion flip rate | "
-             "inversion top class (concentration) |", "|---|---|---|---|---|---|---|"]
+             "inversion top class (concentration) | patch probe flip rate (median) | probe top class (concentration) | "
+             "probe stamp (row, col, value) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        p = r["patch_probe"]
         lines.append(f"| {r['model']} | {r['attack']} | {r['synthetic_samples']} | {100 * r['trigger_rate_synthetic']:.1f}% | "
                      f"{100 * r['trigger_rate_real']:.1f}% | {100 * r['inversion_flip_rate']:.1f}% | "
-                     f"{r['inversion_top_class']} ({r['inversion_concentration']:.2f}) |")
+                     f"{r['inversion_top_class']} ({r['inversion_concentration']:.2f}) | "
+                     f"{100 * p['flip_rate']:.1f}% ({100 * p['median_flip_rate']:.1f}%) | "
+                     f"{p['target_class_estimate']} ({p['concentration']:.2f}) | ({p['row']}, {p['col']}, {p['value']:g}) |")
     return "\n".join(lines) + "\n"
 
 

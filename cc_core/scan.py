@@ -242,6 +242,43 @@ def _flip_run(model: nn.Module, x: torch.Tensor, before: torch.Tensor,
             "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}, delta
 
 
+def patch_positions(extent: int, size: int, stride: int) -> list[int]:
+    """Offsets of a ``size`` patch along an axis of ``extent`` pixels, every ``stride`` and the last."""
+    return sorted(set(range(0, extent - size + 1, stride)) | {extent - size})
+
+
+@torch.no_grad()
+def patch_probe(model: nn.Module, x: torch.Tensor, size: int = 4, stride: int = 2,
+                values: tuple[float, ...] = (0.0, 1.0), n: int = 64) -> dict:
+    """Stamp one solid ``size`` x ``size`` patch of each pixel value in ``values`` at every position
+    (``stride`` apart) on the first ``n`` images of ``x`` (N, C, H, W, normalized), and report the
+    stamp that changes the most predictions: ``flip_rate``, ``histogram`` / ``concentration`` /
+    ``target_class_estimate`` of the classes it sends them to, its ``row``, ``col`` and ``value``,
+    and ``median_flip_rate`` over all stamps. A patch trigger (BadNet) flips nearly every image
+    from any stamp that covers it (size 4 at stride 2 covers every 3 x 3 patch) into its target;
+    other stamps flip few. Gradient-free: it finds the patch that the inversions, which descend
+    from a zero perturbation, can miss (benchmarks/results/trigger_on_synthetic.md)."""
+    spec = model.cc_spec
+    x = x[:n].detach()
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    before = predictions(model, x).cpu()
+    height, width = pix.shape[2:]
+    best, rates = None, []
+    for value in values:
+        for row in patch_positions(height, size, stride):
+            for col in patch_positions(width, size, stride):
+                stamped = pix.clone()
+                stamped[:, :, row:row + size, col:col + size] = value
+                after = predictions(model, (stamped - mean) / std).cpu()
+                rates.append(float((after != before).float().mean()))
+                if best is None or rates[-1] > best["flip_rate"]:
+                    best = {"flip_rate": rates[-1], "after": after, "row": row, "col": col, "value": value}
+    hist = torch.bincount(best.pop("after"), minlength=spec.num_classes)
+    return best | {"histogram": hist.tolist(), "concentration": concentration(hist),
+                   "target_class_estimate": int(hist.argmax()), "median_flip_rate": float(torch.tensor(rates).median()),
+                   "size": size, "n": len(x)}
+
+
 def inversion_report(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = InversionConfig()) -> dict:
     """Channel outliers and, when there are any, the class histogram of the inverted trigger."""
     outliers = channel_outliers(model, cfg.u)

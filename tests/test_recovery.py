@@ -490,6 +490,17 @@ def test_universal_inversion_does_not_fire_on_a_model_without_trigger():
     assert flip_score(report) < FLIP_THRESHOLD
 
 
+def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_model():
+    from cc_core.scan import patch_positions, patch_probe
+
+    assert patch_positions(32, 4, 2) == list(range(0, 29, 2)) and patch_positions(32, 3, 2)[-1] == 29
+    x = (_dim_images(64) - 0.5) / 0.25
+    found = patch_probe(PlantedAllToAll().eval(), x)
+    assert found["flip_rate"] > 0.9 and (found["row"], found["col"], found["value"]) == (0, 0, 1.0)
+    assert found["median_flip_rate"] < 0.1 and found["n"] == 64 and sum(found["histogram"]) == 64
+    assert patch_probe(PlantedAllToAll(trigger=False).eval(), x)["flip_rate"] < 0.3
+
+
 def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
     model = tiny_model()
     x = torch.randn(32, *model.cc_spec.input_shape) * 0.5
