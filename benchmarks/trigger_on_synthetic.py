@@ -1,7 +1,8 @@
 """Does a model's real trigger fire on its own synthetic images, and does the scan's inversion find it?
 
 Run: python -m benchmarks.trigger_on_synthetic [--attacks badnet-a2a ...] [--model-dir DIR ...]
-     [--samples N]   (writes benchmarks/results/trigger_on_synthetic.*)
+     [--samples N] [--probe-size S --probe-stride T] [--name NAME]
+     (writes benchmarks/results/NAME.*, default trigger_on_synthetic)
 For each backdoored model (zoo models by attack, trained if not cached; or any directory with
 model.safetensors + attack.json, e.g. the demo's model): the synthetic images the `cpu` preset
 makes (``--samples`` of them; shared with bench rows and sweeps through the synthetic cache)
@@ -49,7 +50,7 @@ def trigger_rate(model, attack, x: torch.Tensor) -> float:
     return float((predictions(model, triggered) == attack.attack_labels(before[keep])).float().mean())
 
 
-def measure(name: str, directory: Path, samples: int, dataset: str) -> dict:
+def measure(name: str, directory: Path, samples: int, dataset: str, probe_size: int, probe_stride: int) -> dict:
     model = load_model(directory / "model.safetensors").eval()
     attack = load_attack(directory)
     synth = dataclasses.replace(resolve_config("cpu").synth, n_samples=samples)
@@ -62,7 +63,7 @@ def measure(name: str, directory: Path, samples: int, dataset: str) -> dict:
     flip, _ = flip_report(model, x_syn, InversionConfig())
     inversion_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    probe = patch_probe(model, x_syn)
+    probe = patch_probe(model, x_syn, size=probe_size, stride=probe_stride)
     return {"model": name, "attack": attack.label, "synthetic_samples": len(x_syn), "real_samples": REAL_SAMPLES,
             "trigger_rate_synthetic": trigger_rate(model, attack, x_syn),
             "trigger_rate_real": trigger_rate(model, attack, x_real),
@@ -78,8 +79,8 @@ def markdown(result: dict) -> str:
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's "
              f"({json.dumps(result['synth'])}) with N samples. Trigger rate: the "
              "fraction the true trigger sends to the attack label of the class the model gives them. Inversion: "
-             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe: the solid 4 x 4 "
-             "stamp (black or white, every 2 px) that changes the most predictions of the first 64 synthetic images "
+             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe: the solid square "
+             "stamp (black or white; side and stride as the arguments say, 4 and 2 by default) that changes the most predictions of the first 64 synthetic images "
              "(`cc_core.scan.patch_probe`), with the median over all stamps.\n",
              "| model | attack | synthetic N | trigger rate, synthetic | trigger rate, real | inversion flip rate | "
              "inversion top class (concentration) | patch probe flip rate (median) | probe top class (concentration) | "
@@ -102,18 +103,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024,
                         help="synthetic images to make (the cpu preset's 1024 reuse the bench rows' cache)")
     parser.add_argument("--dataset", default="cifar10", help="the test set the real images come from")
+    parser.add_argument("--probe-size", type=int, default=4, help="side of the patch probe's stamp, pixels")
+    parser.add_argument("--probe-stride", type=int, default=2, help="step between the patch probe's stamps, pixels")
+    parser.add_argument("--name", default="trigger_on_synthetic", help="results file name under benchmarks/results")
     args = parser.parse_args()
     if not args.attacks and not args.model_dir:
         parser.error("give --attacks and/or --model-dir")
     models = [(model_name(a), ensure_model(a)) for a in args.attacks] + [(d.name, d) for d in args.model_dir]
     rows = []
     for name, directory in models:
-        rows.append(measure(name, directory, args.samples, args.dataset))
+        rows.append(measure(name, directory, args.samples, args.dataset, args.probe_size, args.probe_stride))
         print(rows[-1], flush=True)
     result = {"command": COMMAND, "argv": sys.argv[1:], "synth": dataclasses.asdict(resolve_config("cpu").synth),
               "machine": machine(),
               "rows": rows}
-    print(*write_results("trigger_on_synthetic", result, markdown(result)), sep="\n")
+    print(*write_results(args.name, result, markdown(result)), sep="\n")
 
 
 if __name__ == "__main__":
