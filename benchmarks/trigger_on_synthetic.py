@@ -79,8 +79,9 @@ def markdown(result: dict) -> str:
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's "
              f"({json.dumps(result['synth'])}) with N samples. Trigger rate: the "
              "fraction the true trigger sends to the attack label of the class the model gives them. Inversion: "
-             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe: the solid square "
-             "stamp (black or white; side and stride as the arguments say, 4 and 2 by default) that changes the most predictions of the first 64 synthetic images "
+             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe: the solid "
+             f"{result['probe']['size']} x {result['probe']['size']} stamp (black or white, every {result['probe']['stride']} "
+             "px) that changes the most predictions of the first 64 synthetic images "
              "(`cc_core.scan.patch_probe`), with the median over all stamps.\n",
              "| model | attack | synthetic N | trigger rate, synthetic | trigger rate, real | inversion flip rate | "
              "inversion top class (concentration) | patch probe flip rate (median) | probe top class (concentration) | "
@@ -103,8 +104,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024,
                         help="synthetic images to make (the cpu preset's 1024 reuse the bench rows' cache)")
     parser.add_argument("--dataset", default="cifar10", help="the test set the real images come from")
-    parser.add_argument("--probe-size", type=int, default=4, help="side of the patch probe's stamp, pixels")
-    parser.add_argument("--probe-stride", type=int, default=2, help="step between the patch probe's stamps, pixels")
+    parser.add_argument("--probe-size", type=int, default=3, help="side of the patch probe's stamp, pixels")
+    parser.add_argument("--probe-stride", type=int, default=1, help="step between the patch probe's stamps, pixels")
     parser.add_argument("--name", default="trigger_on_synthetic", help="results file name under benchmarks/results")
     args = parser.parse_args()
     if not args.attacks and not args.model_dir:
@@ -115,8 +116,7 @@ def main() -> None:
         rows.append(measure(name, directory, args.samples, args.dataset, args.probe_size, args.probe_stride))
         print(rows[-1], flush=True)
     result = {"command": COMMAND, "argv": sys.argv[1:], "synth": dataclasses.asdict(resolve_config("cpu").synth),
-              "machine": machine(),
-              "rows": rows}
+              "probe": {"size": args.probe_size, "stride": args.probe_stride}, "machine": machine(), "rows": rows}
     print(*write_results(args.name, result, markdown(result)), sep="\n")
 
 
