@@ -28,7 +28,7 @@ import torch
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
-from cc_core.adversarial import predictions
+from cc_core.adversarial import _to_pixels, predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
@@ -42,11 +42,10 @@ def trigger_rate(model, attack, x: torch.Tensor) -> float:
     """Of normalized images ``x`` (N, C, H, W), the fraction the true trigger sends to the attack
     label of the class the model gives them (all-to-one: images already in the target left out)."""
     spec = model.cc_spec
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
     before = predictions(model, x)
     keep = attack.eligible(before)
-    triggered = normalize(attack.apply_trigger((x[keep] * std + mean).clamp(0, 1)).clamp(0, 1), spec.mean, spec.std)
+    pixels, _, _ = _to_pixels(x[keep], spec.mean, spec.std)
+    triggered = normalize(attack.apply_trigger(pixels.clamp(0, 1)).clamp(0, 1), spec.mean, spec.std)
     return float((predictions(model, triggered) == attack.attack_labels(before[keep])).float().mean())
 
 
