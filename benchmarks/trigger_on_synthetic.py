@@ -1,7 +1,7 @@
 """Does a model's real trigger fire on its own synthetic images, and does the scan's inversion find it?
 
 Run: python -m benchmarks.trigger_on_synthetic [--attacks badnet-a2a ...] [--model-dir DIR ...]
-     [--samples N] [--probe-size S --probe-stride T] [--name NAME]
+     [--samples N] [--probe-sizes S ...] [--probe-stride T] [--name NAME]
      (writes benchmarks/results/NAME.*, default trigger_on_synthetic)
 For each backdoored model (zoo models by attack, trained if not cached; or any directory with
 model.safetensors + attack.json, e.g. the demo's model): the synthetic images the `cpu` preset
@@ -32,7 +32,7 @@ from cc_core.adversarial import _to_pixels, predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
-from cc_core.scan import InversionConfig, flip_report, patch_probe
+from cc_core.scan import InversionConfig, PatchProbeConfig, flip_report, patch_probe
 
 COMMAND = "python -m benchmarks.trigger_on_synthetic"
 REAL_SAMPLES = 1000
@@ -49,7 +49,7 @@ def trigger_rate(model, attack, x: torch.Tensor) -> float:
     return float((predictions(model, triggered) == attack.attack_labels(before[keep])).float().mean())
 
 
-def measure(name: str, directory: Path, samples: int, dataset: str, probe_size: int, probe_stride: int) -> dict:
+def measure(name: str, directory: Path, samples: int, dataset: str, probe: PatchProbeConfig) -> dict:
     model = load_model(directory / "model.safetensors").eval()
     attack = load_attack(directory)
     synth = dataclasses.replace(resolve_config("cpu").synth, n_samples=samples)
@@ -62,13 +62,13 @@ def measure(name: str, directory: Path, samples: int, dataset: str, probe_size: 
     flip, _ = flip_report(model, x_syn, InversionConfig())
     inversion_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    probe = patch_probe(model, x_syn, size=probe_size, stride=probe_stride)
+    found = patch_probe(model, x_syn, probe)
     return {"model": name, "attack": attack.label, "synthetic_samples": len(x_syn), "real_samples": REAL_SAMPLES,
             "trigger_rate_synthetic": trigger_rate(model, attack, x_syn),
             "trigger_rate_real": trigger_rate(model, attack, x_real),
             "inversion_flip_rate": flip["flip_rate"], "inversion_concentration": flip["concentration"],
             "inversion_top_class": flip["target_class_estimate"], "inversion_seconds": inversion_seconds,
-            "patch_probe": probe, "patch_probe_seconds": time.perf_counter() - start}
+            "patch_probe": found, "patch_probe_seconds": time.perf_counter() - start}
 
 
 def markdown(result: dict) -> str:
@@ -78,20 +78,21 @@ def markdown(result: dict) -> str:
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's "
              f"({json.dumps(result['synth'])}) with N samples. Trigger rate: the "
              "fraction the true trigger sends to the attack label of the class the model gives them. Inversion: "
-             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe: the solid "
-             f"{result['probe']['size']} x {result['probe']['size']} stamp (black or white, every {result['probe']['stride']} "
-             "px) that changes the most predictions of the first 64 synthetic images "
-             "(`cc_core.scan.patch_probe`), with the median over all stamps.\n",
+             "the scan's universal inversion (defaults) on the same synthetic images. Patch probe "
+             f"(`cc_core.scan.patch_probe`, {json.dumps(result['probe'])}): of the solid square stamps (black or white, "
+             "every size, every stride px), the one that changes the most predictions of the synthetic images, with "
+             "the median stamp's rate on the screening images.\n",
              "| model | attack | synthetic N | trigger rate, synthetic | trigger rate, real | inversion flip rate | "
              "inversion top class (concentration) | patch probe flip rate (median) | probe top class (concentration) | "
-             "probe stamp (row, col, value) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "probe stamp (row, col, size, value) | probe s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         p = r["patch_probe"]
         lines.append(f"| {r['model']} | {r['attack']} | {r['synthetic_samples']} | {100 * r['trigger_rate_synthetic']:.1f}% | "
                      f"{100 * r['trigger_rate_real']:.1f}% | {100 * r['inversion_flip_rate']:.1f}% | "
                      f"{r['inversion_top_class']} ({r['inversion_concentration']:.2f}) | "
-                     f"{100 * p['flip_rate']:.1f}% ({100 * p['median_flip_rate']:.1f}%) | "
-                     f"{p['target_class_estimate']} ({p['concentration']:.2f}) | ({p['row']}, {p['col']}, {p['value']:g}) |")
+                     f"{100 * p['flip_rate']:.1f}% ({100 * p['median_screen_rate']:.1f}%) | "
+                     f"{p['target_class_estimate']} ({p['concentration']:.2f}) | "
+                     f"({p['row']}, {p['col']}, {p['size']}, {p['value']:g}) | {r['patch_probe_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,19 +104,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024,
                         help="synthetic images to make (the cpu preset's 1024 reuse the bench rows' cache)")
     parser.add_argument("--dataset", default="cifar10", help="the test set the real images come from")
-    parser.add_argument("--probe-size", type=int, default=3, help="side of the patch probe's stamp, pixels")
-    parser.add_argument("--probe-stride", type=int, default=1, help="step between the patch probe's stamps, pixels")
+    parser.add_argument("--probe-sizes", type=int, nargs="+", default=list(PatchProbeConfig().sizes),
+                        help="sides of the patch probe's stamps, pixels")
+    parser.add_argument("--probe-stride", type=int, default=PatchProbeConfig().stride,
+                        help="step between the patch probe's stamps, pixels")
     parser.add_argument("--name", default="trigger_on_synthetic", help="results file name under benchmarks/results")
     args = parser.parse_args()
     if not args.attacks and not args.model_dir:
         parser.error("give --attacks and/or --model-dir")
     models = [(model_name(a), ensure_model(a)) for a in args.attacks] + [(d.name, d) for d in args.model_dir]
+    probe = PatchProbeConfig(sizes=tuple(args.probe_sizes), stride=args.probe_stride)
     rows = []
     for name, directory in models:
-        rows.append(measure(name, directory, args.samples, args.dataset, args.probe_size, args.probe_stride))
+        rows.append(measure(name, directory, args.samples, args.dataset, probe))
         print(rows[-1], flush=True)
     result = {"command": COMMAND, "argv": sys.argv[1:], "synth": dataclasses.asdict(resolve_config("cpu").synth),
-              "probe": {"size": args.probe_size, "stride": args.probe_stride}, "machine": machine(), "rows": rows}
+              "probe": probe.to_dict(), "machine": machine(), "rows": rows}
     print(*write_results(args.name, result, markdown(result)), sep="\n")
 
 

@@ -26,11 +26,13 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import InversionConfig, add_pixel_delta, all_to_all_suspected, histogram_report, suspected_target
+from cc_core.scan import (PATCH_THRESHOLD, InversionConfig, PatchProbeConfig, add_pixel_delta, all_to_all_suspected,
+                          histogram_report, patch_score, stamp_delta, stamp_flip_rate, suspected_target)
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
 UNLEARN_SCOPES = ("all-to-all", "any")
+PATCH_UNLEARN = ("residual", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ class DefendConfig:
     # only when the scan finds one that flips each class to its own class, "any" whenever the
     # universal inversion fires.
     unlearn_scope: str = "all-to-all"
+    # The scan's patch probe (cc_core.scan.patch_probe; None: off). A stamp that fires names the
+    # target class (or marks the trigger all-to-all) and, with an unlearning weight, is the trigger
+    # the fine-tune unlearns in place of the universal one, per ``patch_unlearn``: "residual" only
+    # when it still flips the compacted model before the fine-tune (the zoo BadNet's backdoor is
+    # gone after the channel clean, and unlearning there cost 1.5-3.6 ACC points,
+    # sweep_defend_unlearn.md), "always", or "never".
+    patch_probe: PatchProbeConfig | None = PatchProbeConfig()
+    patch_unlearn: str = "residual"
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
     device: str = "auto"
@@ -84,6 +94,10 @@ class DefendConfig:
             raise ConfigError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {self.channel_mode!r}")
         if self.unlearn_scope not in UNLEARN_SCOPES:
             raise ConfigError(f"unlearn_scope must be one of {', '.join(UNLEARN_SCOPES)}, got {self.unlearn_scope!r}")
+        if self.patch_unlearn not in PATCH_UNLEARN:
+            raise ConfigError(f"patch_unlearn must be one of {', '.join(PATCH_UNLEARN)}, got {self.patch_unlearn!r}")
+        if isinstance(self.patch_probe, dict):
+            object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
@@ -104,8 +118,8 @@ class DefendConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
-        for key in ("synth", "pgd", "finetune", "inversion"):
-            if isinstance(changes.get(key), dict):
+        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe"):
+            if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         if "compact" in changes:
             changes["compact"] = self.compact | changes["compact"]
@@ -257,7 +271,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         x_syn, y_syn, synth_log = make_synthetic(new)
 
     start = time.perf_counter()
-    scan_before, exclusion, trigger = scan_and_suspect(original, x_syn, y_syn, cfg)
+    scan_before, exclusion, trigger = scan_and_suspect(original, new, x_syn, y_syn, cfg)
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
@@ -273,8 +287,8 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
             f"of {len(y_syn)} synthetic images left out of the fine-tune; the universal inverted trigger flips "
-            f"{exclusion['flip_rate']:.0%}{' (all-to-all)' if exclusion['all_to_all_suspected'] else ''}"
-            f"{', unlearned' if x_trigger is not None else ''}")
+            f"{exclusion['flip_rate']:.0%}{' (all-to-all suspected)' if exclusion['all_to_all_suspected'] else ''}"
+            f"{patch_summary_text(exclusion['patch'])}{'; a trigger is unlearned' if x_trigger is not None else ''}")
     start = time.perf_counter()
     adv_model = new if cfg.adversarial_model == "compact" else original
     x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
@@ -335,35 +349,59 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
 
 
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,
-                      flip: dict | None = None) -> dict:
-    """The report's record of which synthetic images the fine-tune left out, and of the universal
-    inverted trigger it unlearns (flip rate, consistency, all-to-all verdict)."""
+                      flip: dict | None = None, all_to_all: bool = False, patch: dict | None = None) -> dict:
+    """The report's record of which synthetic images the fine-tune left out, of the universal
+    inverted trigger (flip rate, consistency), of the all-to-all verdict, and of the patch probe's
+    firing stamp (``patch``, None when none fired)."""
     return {"suspected_target": target, "inversion_concentration": inversion_concentration,
             "synthetic_excluded": excluded,
             "flip_rate": flip["flip_rate"] if flip else None,
             "flip_mapping_consistency": flip["mapping_consistency"] if flip else None,
-            "all_to_all_suspected": all_to_all_suspected(flip)}
+            "all_to_all_suspected": all_to_all, "patch": patch}
 
 
-def scan_and_suspect(original: nn.Module, x: torch.Tensor, y: torch.Tensor,
+def patch_summary_text(patch: dict | None) -> str:
+    """The defend log's words for the patch probe's firing stamp ('' when none fired)."""
+    if patch is None:
+        return ""
+    colour = "white" if patch["value"] >= 0.5 else "black"
+    return (f"; a {patch['size']}x{patch['size']} {colour} stamp at ({patch['row']}, {patch['col']}) flips "
+            f"{patch['flip_rate']:.0%} (class {patch['target_class_estimate']} most), "
+            f"{patch['flip_rate_compact']:.0%} after compaction")
+
+
+def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      cfg: DefendConfig) -> tuple[dict | None, dict | None, torch.Tensor | None]:
     """The original model's adversarial histogram report on the synthetic images (None when
     neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
     (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
-    and the universal inverted trigger (1, C, H, W, pixel units) when it fired within
-    ``cfg.unlearn_scope`` (else None). The suspected target class is left out only with
+    and the trigger to unlearn (1, C, H, W, pixel units; else None): the patch probe's firing
+    stamp per ``cfg.patch_unlearn`` (its flip rate on ``compact``, the compacted model before the
+    fine-tune, decides "residual"), else the universal inverted trigger when it fired within
+    ``cfg.unlearn_scope``. The suspected target class is left out only with
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
-    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion)
+    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, cfg.patch_probe)
     # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
     # its images out only costs that class.
-    has_target = cfg.exclude_suspected_target and not all_to_all_suspected(suspicion["flip"])
+    has_target = cfg.exclude_suspected_target and not suspicion["all_to_all"]
     target = suspicion["target"] if has_target else None
     excluded = int((y == target).sum()) if target is not None else 0
-    summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, suspicion["flip"])
-    in_scope = cfg.unlearn_scope == "any" or summary["all_to_all_suspected"]
-    return suspicion["adversarial"], summary, suspicion["trigger"] if in_scope else None
+    flip, patch = suspicion["flip"], suspicion["patch"]
+    trigger = suspicion["trigger"] if cfg.unlearn_scope == "any" or all_to_all_suspected(flip) else None
+    fired = None
+    if patch_score(patch):
+        residual = stamp_flip_rate(compact, x, patch, cfg.patch_probe.n)
+        unlearn = cfg.patch_unlearn == "always" or (cfg.patch_unlearn == "residual" and residual >= PATCH_THRESHOLD)
+        fired = {k: patch[k] for k in ("row", "col", "size", "value", "flip_rate", "target_class_estimate",
+                                       "concentration", "mapping_consistency")} | {
+            "flip_rate_compact": residual, "unlearned": unlearn}
+        if unlearn:
+            trigger = stamp_delta(patch, tuple(x.shape[1:]))
+    summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, flip,
+                                suspicion["all_to_all"], fired)
+    return suspicion["adversarial"], summary, trigger
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:

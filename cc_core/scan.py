@@ -1,4 +1,4 @@
-"""Data-free backdoor scan: four signals, no real data.
+"""Data-free backdoor scan: five signals, no real data.
 
 1. Adversarial histogram (METHOD.md step 6): where untargeted PGD sends synthetic images. Its
    concentration is (p_max - 1/C) / (1 - 1/C); the anomaly index is the robust z-score (median
@@ -17,13 +17,20 @@
    the flips all go to one class the score is 0: consistency is then 1 by construction, and the
    class was as often a sink of a clean decision boundary as the target. This is the signal
    that sees all-to-all triggers, and its perturbation is what the fine-tune unlearns.
+5. Patch probe: solid black or white squares of several sizes stamped at every position, no
+   gradient. A stamp of a patch trigger's size, place and colour flips nearly every image (into
+   its target, or each class to its own place); a clean model's best stamp flips few. It finds
+   a patch trigger the inversions, which descend from a zero perturbation, can miss (the demo's
+   6-epoch BadNet model: benchmarks/results/trigger_on_synthetic_probe3.md). It sees only solid
+   square triggers: a pattern or a blend is what the inversions are for.
 
-The risk score is the largest of three scores in [0, 1]: the channel inversion's concentration
-(0 when no channel is an outlier), the all-to-all score, and the adversarial score
+The risk score is the largest of four scores in [0, 1]: the channel inversion's concentration
+(0 when no channel is an outlier), the all-to-all score, the patch score (the best stamp's flip
+rate once it reaches PATCH_THRESHOLD) and the adversarial score
 ``max(0, 1 - ANOMALY_THRESHOLD / anomaly index)`` (0 up to Neural Cleanse's anomaly threshold of
 2, 0.5 at index 4, towards 1 above). The inversions find patch triggers (BadNet) whose target PGD
 misses; PGD finds a warp trigger's (WaNet) pull that the inversions miss. The target estimate is
-the channel inversion's top class when its concentration reaches ``TARGET_FROM_INVERSION``, else
+the firing patch stamp's class when its flips go to one class, else the channel inversion's top class when its concentration reaches ``TARGET_FROM_INVERSION``, else
 the adversarial histogram's; an all-to-all score >= FLIP_THRESHOLD marks the trigger all-to-all. The L1 penalty matters: at 0.01 the channel inversion paints
 ~40% of the pixel range over every image and sends a CLEAN model's images to one class too; at
 0.3 a clean model's inversion stays near zero while a patch trigger is still found. A warp
@@ -45,6 +52,7 @@ from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentr
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
+from cc_core.device import autocast
 from cc_core.errors import ConfigError
 from cc_core.synth import SynthConfig, synthesize
 
@@ -53,6 +61,7 @@ TARGET_FROM_INVERSION = 0.5
 ANOMALY_THRESHOLD = 2.0
 FLIP_MARGIN = 1.0
 FLIP_THRESHOLD = 0.5
+PATCH_THRESHOLD = 0.5
 
 
 def anomaly_index(hist: torch.Tensor) -> float:
@@ -233,11 +242,9 @@ def _flip_run(model: nn.Module, x: torch.Tensor, before: torch.Tensor,
     flipped = after != before
     n_classes = model.cc_spec.num_classes
     hist = torch.bincount(after, minlength=n_classes)
-    pairs = torch.bincount(before[flipped] * n_classes + after[flipped], minlength=n_classes ** 2)
-    modal = pairs.view(n_classes, n_classes).amax(1).sum()
     return {"flip_rate": float(flipped.float().mean()), "histogram": hist.tolist(),
             "concentration": concentration(hist), "target_class_estimate": int(hist.argmax()),
-            "mapping_consistency": float(modal / flipped.sum()) if flipped.any() else 0.0,
+            "mapping_consistency": mapping_consistency(before, after, n_classes),
             "delta_mean_abs": float(delta.abs().mean()),
             "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}, delta
 
@@ -247,39 +254,154 @@ def patch_positions(extent: int, size: int, stride: int) -> list[int]:
     return sorted(set(range(0, extent - size + 1, stride)) | {extent - size})
 
 
+@dataclass(frozen=True)
+class PatchProbeConfig:
+    """The patch probe: a solid square of each size in ``sizes`` and each pixel value in
+    ``values`` (black 0, white 1) stamped at every position ``stride`` apart. Every stamp is
+    screened on the first ``screen`` images, the ``finalists`` that flip most are measured on
+    the first ``n``; forward passes of ``batch_size`` stamped images, in mixed precision where
+    the device runs it natively."""
+
+    sizes: tuple[int, ...] = (2, 3, 4, 5)
+    stride: int = 1
+    values: tuple[float, ...] = (0.0, 1.0)
+    screen: int = 8
+    finalists: int = 16
+    n: int = 64
+    batch_size: int = 512
+    mixed_precision: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
+        if not self.sizes or min(self.sizes) < 1:
+            raise ConfigError(f"patch probe sizes must be positive, got {self.sizes}")
+        # A stamp is unlearned as an additive pixel delta of -1 / +1, which clamping turns into
+        # exactly black / white; another grey level has no such delta.
+        if not self.values or not set(self.values) <= {0.0, 1.0}:
+            raise ConfigError(f"patch probe values must be 0 (black) and/or 1 (white), got {self.values}")
+        for name in ("stride", "screen", "finalists", "n", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"patch probe {name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def patch_stamps(height: int, width: int, cfg: PatchProbeConfig) -> torch.Tensor:
+    """Every stamp the probe tries, as rows (value, size, row, col): (S, 4) float."""
+    return torch.tensor([(value, size, row, col) for value in cfg.values for size in cfg.sizes if size <= min(height, width)
+                         for row in patch_positions(height, size, cfg.stride)
+                         for col in patch_positions(width, size, cfg.stride)], dtype=torch.float32)
+
+
+def stamp_masks(stamps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boolean masks (S, 1, H, W) of the squares of ``stamps`` (S, 4) rows (value, size, row, col)."""
+    size, row, col = (stamps[:, i, None] for i in (1, 2, 3))
+    rows, cols = torch.arange(height)[None], torch.arange(width)[None]
+    in_rows = (rows >= row) & (rows < row + size)
+    in_cols = (cols >= col) & (cols < col + size)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+def stamp_delta(stamp: dict, shape: tuple[int, ...]) -> torch.Tensor:
+    """The additive pixel delta (1, C, H, W) that, clamped to [0, 1], paints ``stamp`` ({"row",
+    "col", "size", "value"}) on images of ``shape`` (C, H, W): +1 (white) or -1 (black) on its
+    square, 0 elsewhere."""
+    delta = torch.zeros(1, *shape)
+    r, c, k = stamp["row"], stamp["col"], stamp["size"]
+    delta[..., r:r + k, c:c + k] = 1.0 if stamp["value"] >= 0.5 else -1.0
+    return delta
+
+
 @torch.no_grad()
-def patch_probe(model: nn.Module, x: torch.Tensor, size: int = 3, stride: int = 1,
-                values: tuple[float, ...] = (0.0, 1.0), n: int = 64) -> dict:
-    """Stamp one solid ``size`` x ``size`` patch of each pixel value in ``values`` at every position
-    (``stride`` apart) on the first ``n`` images of ``x`` (N, C, H, W, normalized), and report the
-    stamp that changes the most predictions: ``flip_rate``, ``histogram`` / ``concentration`` /
-    ``target_class_estimate`` of the classes it sends them to, its ``row``, ``col`` and ``value``,
-    and ``median_flip_rate`` over all stamps. A stamp of a patch trigger's own size and place flips
-    nearly every image into its target, and other stamps flip few; a larger stamp that covers the
-    trigger need not fire at all (on the demo's BadNet model, 3 x 3 at stride 1 found its patch, 4 x
-    4 at stride 2 flipped no more than on a model without a backdoor:
-    benchmarks/results/trigger_on_synthetic*.md), so probe each size a trigger may have.
-    Gradient-free: it finds the patch that the inversions, which descend from a zero
-    perturbation, miss there."""
+def _stamped_predictions(model: nn.Module, pix: torch.Tensor, stamps: torch.Tensor, mean: torch.Tensor,
+                         std: torch.Tensor, cfg: PatchProbeConfig) -> torch.Tensor:
+    """Predictions (S, N) of ``model`` on the pixel images ``pix`` (N, C, H, W) under each of
+    ``stamps`` (S, 4), ``cfg.batch_size`` stamped images per forward pass."""
+    n, height, width = len(pix), *pix.shape[2:]
+    per_pass = max(1, cfg.batch_size // n)
+    out = []
+    for start in range(0, len(stamps), per_pass):
+        chunk = stamps[start:start + per_pass].to(pix.device)
+        masks = stamp_masks(chunk.cpu(), height, width).to(pix.device)[:, None]  # (s, 1, 1, H, W)
+        values = chunk[:, 0].view(-1, 1, 1, 1, 1)
+        stamped = torch.where(masks, values, pix[None]).flatten(0, 1)  # (s * N, C, H, W)
+        with autocast(pix.device, cfg.mixed_precision):
+            logits = model((stamped - mean) / std)
+        out.append(logits.argmax(1).view(len(chunk), n).cpu())
+    return torch.cat(out)
+
+
+def mapping_consistency(before: torch.Tensor, after: torch.Tensor, n_classes: int) -> float:
+    """Of the images whose class changed from ``before`` (N,) to ``after`` (N,), the fraction that
+    went where most flipped images of their source class went (0 when none changed)."""
+    flipped = after != before
+    if not flipped.any():
+        return 0.0
+    pairs = torch.bincount(before[flipped] * n_classes + after[flipped], minlength=n_classes ** 2)
+    return float(pairs.view(n_classes, n_classes).amax(1).sum() / flipped.sum())
+
+
+@torch.no_grad()
+def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = PatchProbeConfig()) -> dict:
+    """The solid square stamp that changes the most predictions on synthetic images ``x`` (N, C,
+    H, W, normalized), gradient-free: every stamp of ``cfg`` is screened on the first
+    ``cfg.screen`` images, the ``cfg.finalists`` best are measured on the first ``cfg.n``.
+
+    Returns the best finalist: its ``row``, ``col``, ``size``, ``value``, ``flip_rate`` on the
+    ``n`` images, ``histogram`` / ``concentration`` / ``target_class_estimate`` of the classes it
+    sends them to and ``mapping_consistency`` (see :func:`mapping_consistency`); with
+    ``median_screen_rate`` over every stamp, ``best_screen_rate_by_size`` and ``n_stamps``.
+
+    A stamp of a patch trigger's own size, place and colour flips nearly every image, other
+    stamps few; a larger stamp that covers the trigger need not fire at all (on the demo's BadNet
+    model 3 x 3 at stride 1 found its patch, 4 x 4 at stride 2 flipped no more images than on a
+    model without a backdoor: benchmarks/results/trigger_on_synthetic*.md), hence every size.
+    The inversions, which descend from a zero perturbation, missed that patch."""
+    spec = model.cc_spec
+    was_training = model.training
+    model.eval()
+    try:
+        pix, mean, std = _to_pixels(x[:max(cfg.screen, cfg.n)].detach(), spec.mean, spec.std)
+        stamps = patch_stamps(*pix.shape[2:], cfg)
+        screen = pix[:cfg.screen]
+        with autocast(pix.device, cfg.mixed_precision):
+            before_screen = model((screen - mean) / std).argmax(1).cpu()
+        rates = (_stamped_predictions(model, screen, stamps, mean, std, cfg) != before_screen).float().mean(1)
+        finalists = stamps[rates.argsort(descending=True, stable=True)[:cfg.finalists]]
+        measured = pix[:cfg.n]
+        with autocast(pix.device, cfg.mixed_precision):
+            before = model((measured - mean) / std).argmax(1).cpu()
+        after = _stamped_predictions(model, measured, finalists, mean, std, cfg)
+        final_rates = (after != before).float().mean(1)
+        best = int(final_rates.argmax())
+    finally:
+        model.train(was_training)
+    value, size, row, col = finalists[best].tolist()
+    hist = torch.bincount(after[best], minlength=spec.num_classes)
+    by_size = {str(k): float(rates[stamps[:, 1] == k].max()) for k in cfg.sizes if (stamps[:, 1] == k).any()}
+    return {"row": int(row), "col": int(col), "size": int(size), "value": value,
+            "flip_rate": float(final_rates[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
+            "target_class_estimate": int(hist.argmax()),
+            "mapping_consistency": mapping_consistency(before, after[best], spec.num_classes),
+            "n": len(measured), "median_screen_rate": float(rates.median()), "best_screen_rate_by_size": by_size,
+            "n_stamps": len(stamps)}
+
+
+@torch.no_grad()
+def stamp_flip_rate(model: nn.Module, x: torch.Tensor, stamp: dict, n: int = 64) -> float:
+    """The fraction of the first ``n`` images of ``x`` (normalized) whose prediction ``stamp``
+    (a patch_probe result) changes under ``model``: does the found trigger still fire?"""
     spec = model.cc_spec
     x = x[:n].detach()
-    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
-    before = predictions(model, x).cpu()
-    height, width = pix.shape[2:]
-    best, rates = None, []
-    for value in values:
-        for row in patch_positions(height, size, stride):
-            for col in patch_positions(width, size, stride):
-                stamped = pix.clone()
-                stamped[:, :, row:row + size, col:col + size] = value
-                after = predictions(model, (stamped - mean) / std).cpu()
-                rates.append(float((after != before).float().mean()))
-                if best is None or rates[-1] > best["flip_rate"]:
-                    best = {"flip_rate": rates[-1], "after": after, "row": row, "col": col, "value": value}
-    hist = torch.bincount(best.pop("after"), minlength=spec.num_classes)
-    return best | {"histogram": hist.tolist(), "concentration": concentration(hist),
-                   "target_class_estimate": int(hist.argmax()), "median_flip_rate": float(torch.tensor(rates).median()),
-                   "size": size, "n": len(x)}
+    triggered = add_pixel_delta(x, stamp_delta(stamp, tuple(x.shape[1:])), spec)
+    return float((predictions(model, triggered) != predictions(model, x)).float().mean())
+
+
+def patch_score(probe: dict | None) -> float:
+    """The patch probe's risk signal: its best stamp's flip rate once it reaches PATCH_THRESHOLD, else 0."""
+    return probe["flip_rate"] if probe is not None and probe["flip_rate"] >= PATCH_THRESHOLD else 0.0
 
 
 def inversion_report(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = InversionConfig()) -> dict:
@@ -317,16 +439,26 @@ def all_to_all_score(flip: dict) -> float:
 
 
 def all_to_all_suspected(flip: dict | None) -> bool:
-    """The universal inversion fires and spreads its flips over classes: no single target."""
+    """The universal inversion (or a patch probe's stamp) fires and spreads its flips over
+    classes, each source class to one place: no single target."""
     return flip is not None and all_to_all_score(flip) >= FLIP_THRESHOLD
 
 
-def flagged_target(adversarial: dict, inversion: dict) -> int | None:
-    """The target class a signal flags: the channel inversion's top class when its concentration
-    reaches TARGET_FROM_INVERSION, else the adversarial histogram's top class when its anomaly
-    index exceeds ANOMALY_THRESHOLD; None when neither flags one. The universal inversion names
-    no target: when it sends everything to one class, that class is as often a clean model's
-    easiest sink as the target (on the zoo WaNet it named 9, not 0; sweep_defend_unlearn.md)."""
+def trigger_all_to_all(flip: dict | None, patch: dict | None) -> bool:
+    """The universal inversion, or a patch probe stamp that fires (patch_score), looks all-to-all."""
+    return all_to_all_suspected(flip) or (bool(patch_score(patch)) and all_to_all_suspected(patch))
+
+
+def flagged_target(adversarial: dict, inversion: dict, patch: dict | None = None) -> int | None:
+    """The target class a signal flags: the patch probe's top class when its stamp fires
+    (patch_score) into one class (concentration >= TARGET_FROM_INVERSION), else the channel
+    inversion's top class when its concentration reaches TARGET_FROM_INVERSION, else the
+    adversarial histogram's top class when its anomaly index exceeds ANOMALY_THRESHOLD; None when
+    none flags one. The universal inversion names no target: when it sends everything to one
+    class, that class is as often a clean model's easiest sink as the target (on the zoo WaNet it
+    named 9, not 0; sweep_defend_unlearn.md)."""
+    if patch_score(patch) and patch["concentration"] >= TARGET_FROM_INVERSION:
+        return patch["target_class_estimate"]
     if inversion["concentration"] >= TARGET_FROM_INVERSION:
         return inversion["target_class_estimate"]
     if adversarial["anomaly_index"] > ANOMALY_THRESHOLD:
@@ -335,24 +467,30 @@ def flagged_target(adversarial: dict, inversion: dict) -> int | None:
 
 
 def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg: PGDConfig = PGDConfig(),
-                     inversion_cfg: InversionConfig = InversionConfig()) -> dict:
+                     inversion_cfg: InversionConfig = InversionConfig(),
+                     patch_cfg: PatchProbeConfig | None = PatchProbeConfig()) -> dict:
     """{"target": flagged class or None, "adversarial": histogram report, "inversion": channel
     inversion report, "flip": universal inversion report, "trigger": its delta (1, C, H, W, pixel
-    units) when it fires, else None} of ``model`` on synthetic images ``x`` (N, C, H, W) with
-    labels ``y`` (N,)."""
+    units) when it fires, else None, "patch": patch probe report (None without ``patch_cfg``),
+    "all_to_all": whether the flip or the patch looks all-to-all} of ``model`` on synthetic images
+    ``x`` (N, C, H, W) with labels ``y`` (N,)."""
     adversarial = histogram_report(model, x, y, pgd_cfg)
     inversion = inversion_report(model, x, inversion_cfg)
     flip, delta = flip_report(model, x, inversion_cfg)
-    return {"target": flagged_target(adversarial, inversion), "adversarial": adversarial,
-            "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None}
+    patch = patch_probe(model, x, patch_cfg) if patch_cfg is not None else None
+    return {"target": flagged_target(adversarial, inversion, patch), "adversarial": adversarial,
+            "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None,
+            "patch": patch, "all_to_all": trigger_all_to_all(flip, patch)}
 
 
 def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, iterations=100),
          pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True,
-         inversion_cfg: InversionConfig = InversionConfig()) -> dict:
+         inversion_cfg: InversionConfig = InversionConfig(),
+         patch_cfg: PatchProbeConfig | None = PatchProbeConfig()) -> dict:
     """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``,
     ``all_to_all_suspected``, the adversarial histogram's statistics (top level),
-    ``inversion`` (through outlier channels), ``flip`` (universal inversion), spectra, timings."""
+    ``inversion`` (through outlier channels), ``flip`` (universal inversion), ``patch`` (patch
+    probe; None without ``patch_cfg``), spectra, timings."""
     start = time.perf_counter()
     x, y, log = synthesize(model, synth_cfg, device=device, progress=progress)
     t_synth = time.perf_counter() - start
@@ -362,16 +500,20 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
     t_inversion = time.perf_counter() - start - t_synth - t_pgd
     report["flip"], _ = flip_report(model, x, inversion_cfg)
     t_flip = time.perf_counter() - start - t_synth - t_pgd - t_inversion
+    report["patch"] = patch_probe(model, x, patch_cfg) if patch_cfg is not None else None
+    t_patch = time.perf_counter() - start - t_synth - t_pgd - t_inversion - t_flip
     report["risk_signals"] = {"inversion": report["inversion"]["concentration"],
                               "all_to_all": all_to_all_score(report["flip"]),
-                              "adversarial": adversarial_score(report["anomaly_index"])}
+                              "adversarial": adversarial_score(report["anomaly_index"]),
+                              "patch": patch_score(report["patch"])}
     report["risk"] = max(report["risk_signals"].values())
-    report["all_to_all_suspected"] = all_to_all_suspected(report["flip"])
-    flagged = flagged_target(report, report["inversion"])
+    report["all_to_all_suspected"] = trigger_all_to_all(report["flip"], report["patch"])
+    flagged = flagged_target(report, report["inversion"], report["patch"])
     if flagged is not None:
         report["target_class_estimate"] = flagged
     report["spectra"] = spectra(model)
     report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd, "inversion": t_inversion, "flip": t_flip,
-                           "total": time.perf_counter() - start}
-    report["config"] = {"synth": synth_cfg.to_dict(), "pgd": pgd_cfg.to_dict(), "inversion": inversion_cfg.to_dict()}
+                           "patch": t_patch, "total": time.perf_counter() - start}
+    report["config"] = {"synth": synth_cfg.to_dict(), "pgd": pgd_cfg.to_dict(), "inversion": inversion_cfg.to_dict(),
+                        "patch": patch_cfg.to_dict() if patch_cfg is not None else None}
     return report

@@ -128,7 +128,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
         synthesized = steps.synthesize_task(run, compact, cfg)
     synthetic = synthesized["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
-    adversarial = steps.adversarial_task(run, original, adv_model, synthetic, cfg)
+    adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg)
     tuned = steps.finetune_task(run, compact, synthetic, adversarial["files"].get("adversarial"),
                                 compacted["files"].get("teacher"), cfg, adversarial["exclusion"]["suspected_target"],
                                 adversarial["files"].get("trigger"))

@@ -270,6 +270,10 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["exclude_suspected_target"] = False
     if args.unlearn_scope:
         overrides["unlearn_scope"] = args.unlearn_scope
+    if args.patch_unlearn:
+        overrides["patch_unlearn"] = args.patch_unlearn
+    if args.no_patch_probe:
+        overrides["patch_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
@@ -349,18 +353,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
     names = model.cc_spec.class_names
     target = report["target_class_estimate"]
     label = (f"{target} ({names[target]})" if names else str(target)) + (
-        "; the universal inverted trigger sends each class somewhere else (all-to-all)"
+        "; a trigger sends each class somewhere else (all-to-all)"
         if report["all_to_all_suspected"] else "")
     inv, flip = report["inversion"], report["flip"]
     signals = report["risk_signals"]
     print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, all-to-all {signals['all_to_all']:.2f}, "
-          f"adversarial {signals['adversarial']:.2f}), most likely target class {label}")
+          f"patch {signals['patch']:.2f}, adversarial {signals['adversarial']:.2f}), most likely target class {label}")
     print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
           + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
              + " ".join(str(c) for c in inv["histogram"]) if inv["histogram"] else ""))
     print(f"universal inverted trigger: flips {flip['flip_rate']:.0%} of the synthetic images, "
           f"{flip['mapping_consistency']:.0%} of them consistently by source class, "
           f"{flip['delta_pixels_changed']:.1%} of pixels changed by > 0.1")
+    patch = report["patch"]
+    if patch:
+        colour = "white" if patch["value"] >= 0.5 else "black"
+        print(f"patch probe: the best stamp ({patch['size']}x{patch['size']} {colour} at ({patch['row']}, {patch['col']})) "
+              f"flips {patch['flip_rate']:.0%} of {patch['n']} synthetic images (median stamp "
+              f"{patch['median_screen_rate']:.0%}); class histogram: " + " ".join(str(c) for c in patch["histogram"]))
     print(f"adversarial class histogram (concentration {report['concentration']:.2f}, anomaly index "
           f"{report['anomaly_index']:.1f}): " + " ".join(str(c) for c in report["histogram"]))
     top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]
@@ -487,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-unlearn", action="store_true", help="fine-tune without the unlearning term")
     p.add_argument("--unlearn-scope", choices=("all-to-all", "any"),
                    help="unlearn the inverted trigger only when the scan calls it all-to-all (cpu preset), or whenever it fires")
+    p.add_argument("--patch-unlearn", choices=("residual", "always", "never"),
+                   help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
+                        "(cpu preset), whenever it fires, or never")
+    p.add_argument("--no-patch-probe", action="store_true", help="scan without the patch probe")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     p.add_argument("--kd-weight", type=float, help="weight of logit distillation from the channel-cleaned model (presets: 0, measured)")
     p.add_argument("--feature-weight", type=float,

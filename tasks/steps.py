@@ -140,6 +140,7 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
                                                    "all_to_all_suspected")}
                 | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}
                 | {f"flip_{k}": report["flip"][k] for k in ("flip_rate", "mapping_consistency")}
+                | ({"patch_flip_rate": report["patch"]["flip_rate"]} if report["patch"] else {})
                 | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
     out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg},
@@ -215,13 +216,15 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
 
 
 @task(name="adversarial", **COMPUTE)
-def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, synthetic_file: str, cfg) -> dict:
+def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_model_file: str,
+                     synthetic_file: str, cfg) -> dict:
     """The original model's adversarial class histogram on the synthetic images (the 'before'
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
-    out, and, on the images the fine-tune keeps, PGD and the universal inverted trigger (when
-    it fired and the fine-tune unlearns it)."""
+    out, and, on the images the fine-tune keeps, PGD and the trigger the fine-tune unlearns (the
+    patch probe's stamp, kept when it still flips the compacted model, or the universal
+    inverted trigger; see cc_core.pipeline.scan_and_suspect)."""
     from cc_core.adversarial import pgd
-    from cc_core.pipeline import exclude_class, exclusion_summary, scan_and_suspect
+    from cc_core.pipeline import exclude_class, exclusion_summary, patch_summary_text, scan_and_suspect
     from cc_core.scan import add_pixel_delta
 
     def compute() -> dict:
@@ -229,7 +232,7 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
         original = _load(original_file).to(device)
-        before, exclusion, trigger = scan_and_suspect(original, x, y, cfg)
+        before, exclusion, trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg)
         target = exclusion["suspected_target"] if exclusion else None
         x_kept, y_kept, _ = exclude_class(x, y, target)
         files = {}
@@ -241,12 +244,14 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
             files["trigger"] = _save_tensors(run.path / "trigger.safetensors", x=x_trigger)
         return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0)}
 
-    out = _cached(run, "adversarial", {"original": original_file, "adv_model": adv_model_file,
+    out = _cached(run, "adversarial", {"original": original_file, "compact": compact_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
                                        "adv": cfg.finetune.adv_weight > 0,
                                        "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
-                                       "inversion": cfg.inversion.to_dict()}, compute)
+                                       "inversion": cfg.inversion.to_dict(),
+                                       "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
+                                       "patch_unlearn": cfg.patch_unlearn}, compute)
     if out["histogram_before"]:
         log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
     if cfg.exclude_suspected_target:
@@ -254,6 +259,12 @@ def adversarial_task(run: RunHandle, original_file: str, adv_model_file: str, sy
         log_metrics(run, {"synthetic_excluded": e["synthetic_excluded"]}, "scan.")
         get_run_logger().info(f"suspected target class {e['suspected_target']}: {e['synthetic_excluded']} "
                               "synthetic images left out of the fine-tune")
+    patch = out["exclusion"].get("patch")
+    if patch:
+        log_metrics(run, {"patch_flip_rate": patch["flip_rate"], "patch_flip_rate_compact": patch["flip_rate_compact"]},
+                    "scan.")
+        get_run_logger().info("patch probe" + patch_summary_text(patch).removeprefix(";")
+                              + ("; unlearned" if patch["unlearned"] else "; not unlearned"))
     log_metrics(run, {"adversarial": out["seconds"]}, "time.")
     return out
 

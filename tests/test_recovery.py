@@ -162,7 +162,8 @@ def test_macs_of_resnet18():
 def _tiny_cfg(**kw) -> DefendConfig:
     return resolve_config("cpu", ratio=2.0, tau=3.0, compact={"rank_multiple": 4},
                           synth={"n_samples": 32, "batch_size": 32, "iterations": 20},
-                          pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16}, **kw)
+                          pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16},
+                          patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16}, **kw)
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
@@ -490,15 +491,75 @@ def test_universal_inversion_does_not_fire_on_a_model_without_trigger():
     assert flip_score(report) < FLIP_THRESHOLD
 
 
-def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_model():
-    from cc_core.scan import patch_positions, patch_probe
+def test_stamp_masks_and_deltas_paint_exactly_the_stamped_square():
+    from cc_core.adversarial import _to_pixels
+    from cc_core.scan import PatchProbeConfig, add_pixel_delta, patch_positions, patch_stamps, stamp_delta, stamp_masks
 
     assert patch_positions(32, 4, 2) == list(range(0, 29, 2)) and patch_positions(32, 3, 2)[-1] == 29
+    cfg = PatchProbeConfig(sizes=(2, 5), stride=3)
+    stamps = patch_stamps(32, 32, cfg)
+    per_size = len(patch_positions(32, 2, 3)) ** 2 + len(patch_positions(32, 5, 3)) ** 2
+    assert len(stamps) == 2 * per_size
+    masks = stamp_masks(stamps, 32, 32)
+    spec = PlantedAllToAll().cc_spec
+    x = (_dim_images(4) - 0.5) / 0.25
+    for i in torch.randperm(len(stamps), generator=torch.Generator().manual_seed(0))[:20].tolist():
+        value, size, row, col = (int(v) for v in stamps[i].tolist())
+        expected = torch.zeros(32, 32, dtype=torch.bool)
+        expected[row:row + size, col:col + size] = True
+        assert torch.equal(masks[i, 0], expected)
+        painted = add_pixel_delta(x, stamp_delta({"row": row, "col": col, "size": size, "value": value}, (3, 32, 32)), spec)
+        pix, _, _ = _to_pixels(painted, spec.mean, spec.std)
+        assert torch.allclose(pix[:, :, expected], torch.full_like(pix[:, :, expected], float(value)), atol=1e-6)
+        assert torch.allclose(pix[:, :, ~expected], _dim_images(4)[:, :, ~expected], atol=1e-6)
+
+
+def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_model():
+    from cc_core.scan import PatchProbeConfig, all_to_all_suspected, patch_probe, patch_score, stamp_flip_rate
+
     x = (_dim_images(64) - 0.5) / 0.25
-    found = patch_probe(PlantedAllToAll().eval(), x)
+    cfg = PatchProbeConfig(sizes=(2, 3, 4))
+    found = patch_probe(PlantedAllToAll().eval(), x, cfg)
     assert found["flip_rate"] > 0.9 and (found["row"], found["col"], found["value"]) == (0, 0, 1.0)
-    assert found["median_flip_rate"] < 0.1 and found["n"] == 64 and sum(found["histogram"]) == 64
-    assert patch_probe(PlantedAllToAll(trigger=False).eval(), x)["flip_rate"] < 0.3
+    assert found["median_screen_rate"] < 0.1 and found["n"] == 64 and sum(found["histogram"]) == 64
+    assert set(found["best_screen_rate_by_size"]) == {"2", "3", "4"} and found["n_stamps"] == 2 * (31 ** 2 + 30 ** 2 + 29 ** 2)
+    assert all_to_all_suspected(found) and found["mapping_consistency"] == 1.0  # each class to the next
+    assert stamp_flip_rate(PlantedAllToAll().eval(), x, found) == found["flip_rate"]
+    clean = patch_probe(PlantedAllToAll(trigger=False).eval(), x, cfg)
+    assert clean["flip_rate"] < 0.3 and patch_score(clean) == 0.0 and patch_score(found) == found["flip_rate"]
+
+
+def test_patch_probe_config_refuses_what_it_cannot_unlearn():
+    from cc_core.scan import PatchProbeConfig
+
+    for bad in ({"values": (0.5,)}, {"sizes": ()}, {"sizes": (0, 3)}, {"stride": 0}, {"screen": 0}):
+        with pytest.raises(ConfigError):
+            PatchProbeConfig(**bad)
+
+
+def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_model():
+    from cc_core.pipeline import scan_and_suspect
+    from cc_core.scan import stamp_delta
+
+    x = (_dim_images(64) - 0.5) / 0.25
+    original = PlantedAllToAll().eval()
+    y = original(x).argmax(1)
+    cfg = resolve_config("cpu", pgd={"steps": 2}, inversion={"steps": 5, "restarts": 1},
+                         patch_probe={"sizes": (3,), "stride": 2})
+    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg)
+    patch = summary["patch"]
+    assert patch["unlearned"] and patch["flip_rate_compact"] > 0.9 and (patch["row"], patch["col"]) == (0, 0)
+    assert torch.equal(trigger, stamp_delta(patch, (3, 32, 32)))
+    assert summary["all_to_all_suspected"] and summary["suspected_target"] is None  # no class to leave out
+
+    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg)
+    assert not summary["patch"]["unlearned"] and summary["patch"]["flip_rate_compact"] < 0.1
+    assert trigger is None or not torch.equal(trigger, stamp_delta(summary["patch"], (3, 32, 32)))
+    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y,
+                                           cfg.replace(patch_unlearn="always"))
+    assert summary["patch"]["unlearned"] and torch.equal(trigger, stamp_delta(summary["patch"], (3, 32, 32)))
+    _, summary, _ = scan_and_suspect(original, original, x, y, cfg.replace(patch_probe=None))
+    assert summary["patch"] is None
 
 
 def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
