@@ -26,8 +26,8 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import (PATCH_THRESHOLD, InversionConfig, PatchProbeConfig, add_pixel_delta, all_to_all_suspected,
-                          histogram_report, patch_score, stamp_delta, stamp_flip_rate, suspected_target)
+from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, add_pixel_delta, all_to_all_suspected,
+                          histogram_report, patch_probe, patch_score, stamp_delta, stamp_flip_rate, suspected_target)
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -49,6 +49,11 @@ class DefendConfig:
     # What the channel clean does to an outlier channel: "zero" it (CLP), "shrink" its bound to
     # the threshold (its BN scale times (mean + u * std) / bound) or hold it at its "mean" output.
     channel_mode: str = "zero"
+    # Trigger-guided channel clean (cc_core.trigger_clean; None = off): when the patch probe's stamp
+    # fires on the original and still flips >= RESIDUAL_FLIP of the synthetic images after the
+    # channel clean above, zero the channels it excites most (effect z-score > this, per layer).
+    # Needs synthetic images before compaction (synth_model="original").
+    trigger_channel_u: float | None = None
     compact: dict = field(default_factory=dict)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
@@ -71,11 +76,12 @@ class DefendConfig:
     # universal inversion fires.
     unlearn_scope: str = "all-to-all"
     # The scan's patch probe (cc_core.scan.patch_probe; None: off). A stamp that fires names the
-    # target class (or marks the trigger all-to-all) and, with an unlearning weight, is the trigger
-    # the fine-tune unlearns in place of the universal one, per ``patch_unlearn``: "residual" only
-    # when it still flips the compacted model before the fine-tune (the zoo BadNet's backdoor is
-    # gone after the channel clean, and unlearning there cost 1.5-3.6 ACC points,
-    # sweep_defend_unlearn.md), "always", or "never".
+    # target class (or marks the trigger all-to-all), guides the trigger channel clean and, with an
+    # unlearning weight, is the trigger the fine-tune unlearns in place of the universal one, per
+    # ``patch_unlearn``: "residual" only when it still flips >= RESIDUAL_FLIP of the synthetic
+    # images on the compacted model before the fine-tune (on the zoo BadNet the channel clean
+    # already removes the backdoor, and unlearning an inverted trigger there cost 1.5-3.6 ACC
+    # points, sweep_defend_unlearn.md), "always", or "never".
     patch_probe: PatchProbeConfig | None = PatchProbeConfig()
     patch_unlearn: str = "residual"
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
@@ -84,6 +90,8 @@ class DefendConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.patch_probe, dict):
+            object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
         if self.tau is not None and not self.tau > 0:
@@ -96,8 +104,6 @@ class DefendConfig:
             raise ConfigError(f"unlearn_scope must be one of {', '.join(UNLEARN_SCOPES)}, got {self.unlearn_scope!r}")
         if self.patch_unlearn not in PATCH_UNLEARN:
             raise ConfigError(f"patch_unlearn must be one of {', '.join(PATCH_UNLEARN)}, got {self.patch_unlearn!r}")
-        if isinstance(self.patch_probe, dict):
-            object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
@@ -109,6 +115,12 @@ class DefendConfig:
         if self.needs_calibration and self.synth_model != "original":
             raise ConfigError("rank_strategy 'sensitivity' measures the layers on synthetic images made before "
                               "compaction: it needs synth_model='original'")
+        if self.trigger_channel_u is not None:
+            if not self.trigger_channel_u > 0:
+                raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
+            if self.patch_probe is None or self.synth_model != "original":
+                raise ConfigError("trigger_channel_u needs the patch probe and synthetic images made before compaction "
+                                  "(patch_probe set, synth_model='original')")
 
     @property
     def needs_calibration(self) -> bool:
@@ -144,12 +156,12 @@ PRESETS: dict[str, DefendConfig] = {
     # at 2x / 4x for -0.2 / -0.6 ACC points) and not otherwise (sweep_defend_unlearn.md: on the
     # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
     "cpu": DefendConfig(
-        compact={"rank_strategy": "sensitivity"},
+        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
     "paper": DefendConfig(
-        compact={"rank_strategy": "sensitivity"},
+        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
@@ -250,10 +262,18 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             f"(final BN loss {made['bn_loss'][-1]:.3f})")
         return x, y, made
 
+    def probe(x: torch.Tensor) -> dict | None:
+        start = time.perf_counter()
+        found = patch_probe(original, x, cfg.patch_probe) if cfg.patch_probe is not None else None
+        timings["patch_probe"] = time.perf_counter() - start
+        return found
+
+    patch = None
     if cfg.synth_model == "original":
         x_syn, y_syn, synth_log = make_synthetic(original)
+        patch = probe(x_syn)
     start = time.perf_counter()
-    cleaned, channel_info = channel_clean(original.cpu(), cfg)
+    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_syn.cpu() if patch else None, patch)
     timings["channel_clean"] = time.perf_counter() - start
     calibration = x_syn[:cfg.calibration_samples].cpu() if cfg.needs_calibration else None
     new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
@@ -261,7 +281,8 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
     original.to(device)
     new = new.to(device).eval()
-    log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed, "
+    log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed"
+        f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
     teacher = distillation_teacher(cleaned, cfg)
@@ -269,9 +290,10 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     original.to(device)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
+        patch = probe(x_syn)
 
     start = time.perf_counter()
-    scan_before, exclusion, trigger = scan_and_suspect(original, new, x_syn, y_syn, cfg)
+    scan_before, exclusion, trigger = scan_and_suspect(original, new, x_syn, y_syn, cfg, patch)
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
@@ -371,29 +393,30 @@ def patch_summary_text(patch: dict | None) -> str:
 
 
 def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     cfg: DefendConfig) -> tuple[dict | None, dict | None, torch.Tensor | None]:
+                     cfg: DefendConfig, patch: dict | None = None) -> tuple[dict | None, dict | None, torch.Tensor | None]:
     """The original model's adversarial histogram report on the synthetic images (None when
     neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
     (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
     and the trigger to unlearn (1, C, H, W, pixel units; else None): the patch probe's firing
-    stamp per ``cfg.patch_unlearn`` (its flip rate on ``compact``, the compacted model before the
-    fine-tune, decides "residual"), else the universal inverted trigger when it fired within
+    stamp (``patch``, the probe's report on ``original`` and ``x``) per ``cfg.patch_unlearn`` (its
+    flip rate on ``compact``, the compacted model before the fine-tune, decides "residual"), else
+    the universal inverted trigger when it fired within
     ``cfg.unlearn_scope``. The suspected target class is left out only with
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
-    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, cfg.patch_probe)
+    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, patch)
     # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
     # its images out only costs that class.
     has_target = cfg.exclude_suspected_target and not suspicion["all_to_all"]
     target = suspicion["target"] if has_target else None
     excluded = int((y == target).sum()) if target is not None else 0
-    flip, patch = suspicion["flip"], suspicion["patch"]
+    flip = suspicion["flip"]
     trigger = suspicion["trigger"] if cfg.unlearn_scope == "any" or all_to_all_suspected(flip) else None
     fired = None
     if patch_score(patch):
         residual = stamp_flip_rate(compact, x, patch, cfg.patch_probe.n)
-        unlearn = cfg.patch_unlearn == "always" or (cfg.patch_unlearn == "residual" and residual >= PATCH_THRESHOLD)
+        unlearn = cfg.patch_unlearn == "always" or (cfg.patch_unlearn == "residual" and residual >= RESIDUAL_FLIP)
         fired = {k: patch[k] for k in ("row", "col", "size", "value", "flip_rate", "target_class_estimate",
                                        "concentration", "mapping_consistency")} | {
             "flip_rate_compact": residual, "unlearned": unlearn}
@@ -404,14 +427,51 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     return suspicion["adversarial"], summary, trigger
 
 
-def channel_clean(model: nn.Module, cfg: DefendConfig) -> tuple[nn.Module, dict]:
+def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
+                  patch: dict | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed, shrunk or
-    held at their mean (``cfg.channel_mode``; the model itself when off) and {"u", "mode", "pruned": {conv: n}, "n_pruned"}."""
+    held at their mean (``cfg.channel_mode``; the model itself when off), then the trigger channel
+    clean (``trigger_clean``) with the patch probe's report ``patch`` on synthetic images ``x``;
+    and {"u", "mode", "pruned": {conv: n}, "n_pruned", "trigger": trigger_clean's record}."""
     from cc_core.baselines.clp import clp
 
     if cfg.channel_u is None:
-        return model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
-    return clp(model, cfg.channel_u, cfg.channel_mode)
+        cleaned, info = model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
+    else:
+        cleaned, info = clp(model, cfg.channel_u, cfg.channel_mode)
+    cleaned, info["trigger"] = trigger_clean(cleaned, x, patch, cfg)
+    return cleaned, info
+
+
+def trigger_clean(model: nn.Module, x: torch.Tensor | None, patch: dict | None,
+                  cfg: DefendConfig) -> tuple[nn.Module, dict]:
+    """``model`` with the channels the patch probe's firing stamp excites zeroed
+    (cc_core.trigger_clean, z > ``cfg.trigger_channel_u``) when the stamp still flips >=
+    RESIDUAL_FLIP of the first ``cfg.patch_probe.n`` synthetic images ``x`` on ``model``; else
+    ``model`` itself. The record: {"u", "stamp_flip_rate" (on ``model``; None when the stamp did
+    not fire or the clean is off), "stamp_flip_rate_after", "pruned", "n_pruned", "channels"}."""
+    from cc_core.trigger_clean import prune_trigger_channels
+
+    info = {"u": cfg.trigger_channel_u, "stamp_flip_rate": None, "stamp_flip_rate_after": None,
+            "pruned": {}, "n_pruned": 0, "channels": []}
+    if cfg.trigger_channel_u is None or x is None or not patch_score(patch):
+        return model, info
+    info["stamp_flip_rate"] = stamp_flip_rate(model, x, patch, cfg.patch_probe.n)
+    if info["stamp_flip_rate"] < RESIDUAL_FLIP:
+        return model, info
+    x_triggered = add_pixel_delta(x, stamp_delta(patch, tuple(x.shape[1:])), model.cc_spec)
+    pruned, found = prune_trigger_channels(model, x, x_triggered, cfg.trigger_channel_u)
+    return pruned, info | found | {"stamp_flip_rate_after": stamp_flip_rate(pruned, x, patch, cfg.patch_probe.n)}
+
+
+def trigger_clean_text(info: dict) -> str:
+    """The defend log's words for the trigger channel clean ('' when it did not run)."""
+    if info["stamp_flip_rate"] is None:
+        return ""
+    if not info["n_pruned"] and info["stamp_flip_rate_after"] is None:
+        return f" (the probe's stamp flips {info['stamp_flip_rate']:.0%} after them: no trigger channel clean)"
+    return (f", then {info['n_pruned']} channels the probe's stamp excites (it flips {info['stamp_flip_rate']:.0%} "
+            f"-> {info['stamp_flip_rate_after']:.0%})")
 
 
 def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | None:

@@ -62,6 +62,10 @@ ANOMALY_THRESHOLD = 2.0
 FLIP_MARGIN = 1.0
 FLIP_THRESHOLD = 0.5
 PATCH_THRESHOLD = 0.5
+# A found stamp still "fires" on a cleaned or compacted model when it flips this many synthetic
+# images: the demo's BadNet model, 94% before, 23% after the channel clean (real ASR 51.6%), 17%
+# after compaction; a model without a backdoor, 3% for its best stamp.
+RESIDUAL_FLIP = 0.1
 
 
 def anomaly_index(hist: torch.Tensor) -> float:
@@ -467,17 +471,15 @@ def flagged_target(adversarial: dict, inversion: dict, patch: dict | None = None
 
 
 def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg: PGDConfig = PGDConfig(),
-                     inversion_cfg: InversionConfig = InversionConfig(),
-                     patch_cfg: PatchProbeConfig | None = PatchProbeConfig()) -> dict:
+                     inversion_cfg: InversionConfig = InversionConfig(), patch: dict | None = None) -> dict:
     """{"target": flagged class or None, "adversarial": histogram report, "inversion": channel
     inversion report, "flip": universal inversion report, "trigger": its delta (1, C, H, W, pixel
-    units) when it fires, else None, "patch": patch probe report (None without ``patch_cfg``),
-    "all_to_all": whether the flip or the patch looks all-to-all} of ``model`` on synthetic images
-    ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    units) when it fires, else None, "patch": ``patch`` (the patch probe's report on ``model``
+    and ``x``, made beforehand; None when it did not run), "all_to_all": whether the flip or the
+    patch looks all-to-all} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
     adversarial = histogram_report(model, x, y, pgd_cfg)
     inversion = inversion_report(model, x, inversion_cfg)
     flip, delta = flip_report(model, x, inversion_cfg)
-    patch = patch_probe(model, x, patch_cfg) if patch_cfg is not None else None
     return {"target": flagged_target(adversarial, inversion, patch), "adversarial": adversarial,
             "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None,
             "patch": patch, "all_to_all": trigger_all_to_all(flip, patch)}

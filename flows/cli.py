@@ -272,6 +272,10 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["unlearn_scope"] = args.unlearn_scope
     if args.patch_unlearn:
         overrides["patch_unlearn"] = args.patch_unlearn
+    if args.trigger_channel_u is not None:
+        overrides["trigger_channel_u"] = args.trigger_channel_u
+    if args.no_trigger_clean or args.no_patch_probe:
+        overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
         overrides["patch_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
@@ -500,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-unlearn", choices=("residual", "always", "never"),
                    help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
                         "(cpu preset), whenever it fires, or never")
-    p.add_argument("--no-patch-probe", action="store_true", help="scan without the patch probe")
+    p.add_argument("--no-patch-probe", action="store_true",
+                   help="scan without the patch probe (and so without the trigger channel clean)")
+    p.add_argument("--trigger-channel-u", type=float,
+                   help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
+    p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     p.add_argument("--kd-weight", type=float, help="weight of logit distillation from the channel-cleaned model (presets: 0, measured)")
     p.add_argument("--feature-weight", type=float,

@@ -156,21 +156,23 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
 
 
 @task(name="clean-compact", **COMPUTE)
-def compact_task(run: RunHandle, model_file: str, cfg, calibration_file: str | None = None) -> dict:
-    """Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the clipped
-    full-rank model the fine-tune distills from. ``calibration_file``: synthetic images on which
-    the sensitivity rank strategy measures the layers (its first ``cfg.calibration_samples``)."""
+def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | None = None,
+                 patch: dict | None = None) -> dict:
+    """Channel clean, Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the
+    clipped full-rank model the fine-tune distills from. ``synthetic_file``: synthetic images on
+    which the sensitivity rank strategy measures the layers (its first ``cfg.calibration_samples``)
+    and the trigger channel clean measures ``patch``, the patch probe's report (see patch_probe_task)."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import channel_clean, distillation_teacher
+    from cc_core.pipeline import channel_clean, distillation_teacher, trigger_clean_text
 
     def compute() -> dict:
         original = _load(model_file)
         start = time.perf_counter()
-        cleaned, channel_info = channel_clean(original, cfg)
+        x = _load_tensors(synthetic_file)["x"] if synthetic_file is not None else None
+        cleaned, channel_info = channel_clean(original, cfg, x if patch else None, patch)
         channel_seconds = time.perf_counter() - start
-        calibration = (_load_tensors(calibration_file)["x"][:cfg.calibration_samples]
-                       if calibration_file is not None else None)
+        calibration = x[:cfg.calibration_samples] if x is not None and cfg.needs_calibration else None
         new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
                                   calibration=calibration, **cfg.compact)
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
@@ -187,14 +189,18 @@ def compact_task(run: RunHandle, model_file: str, cfg, calibration_file: str | N
 
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
-                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher}
-                  | ({"calibration": calibration_file, "calibration_samples": cfg.calibration_samples}
-                     if calibration_file else {}), compute)
+                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher,
+                                   "trigger_channel_u": cfg.trigger_channel_u, "patch": patch}
+                  | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
+                     if synthetic_file else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
-    log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"]}, "clean.")
+    trigger = out["channel_clean"]["trigger"]
+    log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"], "trigger_channels_zeroed": trigger["n_pruned"]},
+                "clean.")
     log_metrics(run, out["timings"], "time.")
     log_artifact(run, out["files"]["plan"], "compact")
-    get_run_logger().info(f"clean+compact: {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
+    get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
+                          f"{trigger_clean_text(trigger)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
     return out
 
 
@@ -215,9 +221,34 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
     return out
 
 
+@task(name="patch-probe", **COMPUTE)
+def patch_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
+    """The patch probe (cc_core.scan.patch_probe) on the suspect and the fine-tune's synthetic
+    images: {"patch": its report, None when ``cfg.patch_probe`` is off}."""
+    from cc_core.scan import patch_probe
+
+    def compute() -> dict:
+        if cfg.patch_probe is None:
+            return {"patch": None}
+        x = _load_tensors(synthetic_file)["x"].to(_device(cfg))
+        return {"patch": patch_probe(_load(model_file).to(_device(cfg)), x, cfg.patch_probe)}
+
+    out = _cached(run, "patch_probe", {"model": model_file, "synthetic": synthetic_file,
+                                       "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None}, compute)
+    patch = out["patch"]
+    if patch is not None:
+        log_metrics(run, {"patch_flip_rate": patch["flip_rate"], "patch_median_screen_rate": patch["median_screen_rate"]},
+                    "scan.")
+        get_run_logger().info(f"patch probe: best stamp {patch['size']}x{patch['size']} value {patch['value']:g} at "
+                              f"({patch['row']}, {patch['col']}) flips {patch['flip_rate']:.0%} "
+                              f"(class {patch['target_class_estimate']} most)")
+    log_metrics(run, {"patch_probe": out["seconds"]}, "time.")
+    return out
+
+
 @task(name="adversarial", **COMPUTE)
 def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_model_file: str,
-                     synthetic_file: str, cfg) -> dict:
+                     synthetic_file: str, cfg, patch: dict | None = None) -> dict:
     """The original model's adversarial class histogram on the synthetic images (the 'before'
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
     out, and, on the images the fine-tune keeps, PGD and the trigger the fine-tune unlearns (the
@@ -232,7 +263,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
         original = _load(original_file).to(device)
-        before, exclusion, trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg)
+        before, exclusion, trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, patch)
         target = exclusion["suspected_target"] if exclusion else None
         x_kept, y_kept, _ = exclude_class(x, y, target)
         files = {}
@@ -250,8 +281,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
                                        "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
                                        "inversion": cfg.inversion.to_dict(),
-                                       "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
-                                       "patch_unlearn": cfg.patch_unlearn}, compute)
+                                       "patch": patch, "patch_unlearn": cfg.patch_unlearn}, compute)
     if out["histogram_before"]:
         log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
     if cfg.exclude_suspected_target:
@@ -261,8 +291,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
                               "synthetic images left out of the fine-tune")
     patch = out["exclusion"].get("patch")
     if patch:
-        log_metrics(run, {"patch_flip_rate": patch["flip_rate"], "patch_flip_rate_compact": patch["flip_rate_compact"]},
-                    "scan.")
+        log_metrics(run, {"patch_flip_rate_compact": patch["flip_rate_compact"]}, "scan.")
         get_run_logger().info("patch probe" + patch_summary_text(patch).removeprefix(";")
                               + ("; unlearned" if patch["unlearned"] else "; not unlearned"))
     log_metrics(run, {"adversarial": out["seconds"]}, "time.")

@@ -206,6 +206,14 @@ def test_defend_config_validation():
         resolve_config("cpu", compact={"rank_strategy": "sensitivity"}, synth_model="compact")
     with pytest.raises(ConfigError, match="calibration_samples must be a positive integer"):
         resolve_config("cpu", calibration_samples=0)
+    with pytest.raises(ConfigError, match="trigger_channel_u needs the patch probe"):
+        resolve_config("cpu", patch_probe=None)
+    with pytest.raises(ConfigError, match="trigger_channel_u must be > 0"):
+        resolve_config("cpu", trigger_channel_u=0.0)
+    with pytest.raises(ConfigError, match="patch_unlearn must be one of residual, always, never"):
+        resolve_config("cpu", patch_unlearn="sometimes")
+    assert resolve_config("cpu", trigger_channel_u=None, patch_probe=None).patch_probe is None
+    assert resolve_config("cpu", patch_probe={"sizes": [3]}).patch_probe.sizes == (3,)
 
 
 def test_defend_sensitivity_ranks_are_measured_on_the_synthetic_images(monkeypatch):
@@ -235,30 +243,37 @@ def test_overrides_merge_into_the_preset():
 
 
 def test_scan_reports_histogram_and_spectra():
+    from cc_core.scan import PatchProbeConfig
+
     report = scan(tiny_model(), SynthConfig(n_samples=16, batch_size=16, iterations=10),
-                  PGDConfig(steps=2), progress=False)
+                  PGDConfig(steps=2), progress=False, patch_cfg=PatchProbeConfig(sizes=(3,), stride=4, n=16))
     assert sum(report["histogram"]) == 16 and 0 <= report["target_class_estimate"] < 4
+    assert report["patch"]["size"] == 3 and report["patch"]["n_stamps"] == 2 * 9 ** 2  # offsets 0, 4, ..., 28 and 29
     assert report["spectra"] and report["spectra"][0]["max_normalized"] >= 1
     assert report["risk"] == max(report["risk_signals"].values())
     assert report["risk_signals"]["adversarial"] == adversarial_score(report["anomaly_index"])
 
 
-@pytest.mark.parametrize("inversion, flip, anomaly, risk, target, a2a", [
+@pytest.mark.parametrize("inversion, flip, anomaly, risk, target, a2a, patch", [
     # a warp-like trigger: PGD's pull, neither inversion finds it -> PGD's class
-    (0.1, (0.4, 0.5, 0.2), 24.0, 1 - 2 / 24, 1, False),
+    (0.1, (0.4, 0.5, 0.2), 24.0, 1 - 2 / 24, 1, False, (0.1, 0.1, 0.2)),
     # a patch-like trigger through outlier channels: the channel inversion's class
-    (0.9, (0.8, 1.0, 0.9), 1.0, 0.9, 5, False),
+    (0.9, (0.8, 1.0, 0.9), 1.0, 0.9, 5, False, (0.1, 0.1, 0.2)),
+    # a solid patch the inversions miss: the probe's stamp sends everything to its class
+    (0.1, (0.2, 0.5, 0.2), 1.0, 0.8, 7, False, (0.8, 0.9, 1.0)),
+    # ...or each class to its own next class: all-to-all, no target from it
+    (0.1, (0.2, 0.5, 0.2), 1.0, 0.7, 1, True, (0.7, 0.1, 1.0)),
     # a universal perturbation into one class: no all-to-all signal, names nothing
-    (0.1, (0.9, 1.0, 0.9), 1.0, 0.1, 1, False),
+    (0.1, (0.9, 1.0, 0.9), 1.0, 0.1, 1, False, (0.1, 0.1, 0.2)),
     # all-to-all: the universal inversion flips each class consistently, to many classes; it names
     # no target and leaves PGD's standing
-    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, 1, True),
-    (0.0, (0.95, 0.9, 0.02), 1.5, 0.95 * 0.9, 1, True),
-    # nothing: low risk
-    (0.2, (0.3, 0.5, 0.1), 1.5, 0.2, 1, False),
+    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, 1, True, (0.1, 0.1, 0.2)),
+    (0.0, (0.95, 0.9, 0.02), 1.5, 0.95 * 0.9, 1, True, (0.1, 0.1, 0.2)),
+    # nothing: low risk (a stamp below PATCH_THRESHOLD counts for nothing)
+    (0.2, (0.3, 0.5, 0.1), 1.5, 0.2, 1, False, (0.45, 0.9, 1.0)),
 ])
 def test_risk_is_the_largest_signal_and_the_target_follows_the_inversion_only_when_it_fires(
-        monkeypatch, inversion, flip, anomaly, risk, target, a2a):
+        monkeypatch, inversion, flip, anomaly, risk, target, a2a, patch):
     import cc_core.scan as scan_module
 
     flip_rate, consistency, flip_concentration = flip
@@ -269,6 +284,10 @@ def test_risk_is_the_largest_signal_and_the_target_follows_the_inversion_only_wh
     monkeypatch.setattr(scan_module, "flip_report", lambda *a: ({
         "flip_rate": flip_rate, "mapping_consistency": consistency, "concentration": flip_concentration,
         "target_class_estimate": 3}, None))
+    patch_rate, patch_concentration, patch_consistency = patch
+    monkeypatch.setattr(scan_module, "patch_probe", lambda *a: {
+        "flip_rate": patch_rate, "concentration": patch_concentration, "mapping_consistency": patch_consistency,
+        "target_class_estimate": 7})
     report = scan(tiny_model(), SynthConfig(n_samples=8, batch_size=8, iterations=2), progress=False)
     assert report["risk"] == pytest.approx(risk) and report["target_class_estimate"] == target
     assert report["all_to_all_suspected"] is a2a
@@ -539,27 +558,68 @@ def test_patch_probe_config_refuses_what_it_cannot_unlearn():
 
 def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_model():
     from cc_core.pipeline import scan_and_suspect
-    from cc_core.scan import stamp_delta
+    from cc_core.scan import patch_probe, stamp_delta
 
     x = (_dim_images(64) - 0.5) / 0.25
     original = PlantedAllToAll().eval()
     y = original(x).argmax(1)
     cfg = resolve_config("cpu", pgd={"steps": 2}, inversion={"steps": 5, "restarts": 1},
                          patch_probe={"sizes": (3,), "stride": 2})
-    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg)
-    patch = summary["patch"]
-    assert patch["unlearned"] and patch["flip_rate_compact"] > 0.9 and (patch["row"], patch["col"]) == (0, 0)
-    assert torch.equal(trigger, stamp_delta(patch, (3, 32, 32)))
+    patch = patch_probe(original, x, cfg.patch_probe)
+    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg, patch)
+    fired = summary["patch"]
+    assert fired["unlearned"] and fired["flip_rate_compact"] > 0.9 and (fired["row"], fired["col"]) == (0, 0)
+    assert torch.equal(trigger, stamp_delta(fired, (3, 32, 32)))
     assert summary["all_to_all_suspected"] and summary["suspected_target"] is None  # no class to leave out
 
-    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg)
+    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg, patch)
     assert not summary["patch"]["unlearned"] and summary["patch"]["flip_rate_compact"] < 0.1
     assert trigger is None or not torch.equal(trigger, stamp_delta(summary["patch"], (3, 32, 32)))
     _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y,
-                                           cfg.replace(patch_unlearn="always"))
+                                           cfg.replace(patch_unlearn="always"), patch)
     assert summary["patch"]["unlearned"] and torch.equal(trigger, stamp_delta(summary["patch"], (3, 32, 32)))
-    _, summary, _ = scan_and_suspect(original, original, x, y, cfg.replace(patch_probe=None))
+    _, summary, _ = scan_and_suspect(original, original, x, y, cfg, None)
     assert summary["patch"] is None
+
+
+class StampNet(nn.Module):
+    """conv 3 -> 64 (3x3) -> BN -> ReLU -> spatial mean -> linear. Channel 3 detects a white 3x3
+    square (each weight 1/3, bias -6: output 3 on white, 0 below 2/3 mean brightness); the other
+    channels are random and small."""
+
+    def __init__(self) -> None:
+        from cc_core.models.registry import ModelSpec
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.Linear(64, 2)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.05)
+            self.conv.weight[3], self.conv.bias[3] = 1 / 3, -6.0
+        self.cc_spec = ModelSpec(arch="stampnet", num_classes=2, mean=(0.0,) * 3, std=(1.0,) * 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
+    from cc_core.scan import add_pixel_delta, stamp_delta
+    from cc_core.trigger_clean import prune_trigger_channels, trigger_channel_scores
+
+    model = StampNet()
+    x = _dim_images(64)
+    x_triggered = add_pixel_delta(x, stamp_delta({"row": 10, "col": 20, "size": 3, "value": 1.0}, (3, 32, 32)),
+                                  model.cc_spec)
+    scores = trigger_channel_scores(model, x, x_triggered)
+    assert len(scores) == 64 and scores[0][1:] == ("conv", 3) and scores[0][0] > 3 > scores[1][0]
+    pruned, info = prune_trigger_channels(model, x, x_triggered, u=3.0)
+    assert info["n_pruned"] == 1 and info["pruned"] == {"conv": 1} and info["channels"][0]["channel"] == 3
+    assert pruned.conv.weight[3].abs().sum() == 0 and pruned.bn.weight[3] == 0 and pruned.bn.bias[3] == 0
+    keep = torch.arange(64) != 3
+    assert torch.equal(pruned.conv.weight[keep], model.conv.weight[keep]) and model.conv.weight[3].abs().sum() > 0
+    with pytest.raises(ConfigError):
+        prune_trigger_channels(model, x, x_triggered, u=0.0)
 
 
 def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
@@ -596,7 +656,7 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_cla
         "inversion": {"concentration": 0.0},
         "flip": {"flip_rate": 0.95, "mapping_consistency": 0.95, "concentration": concentration,
                  "target_class_estimate": 1},
-        "trigger": delta})
+        "trigger": delta, "patch": None, "all_to_all": concentration < 0.5})
     seen = {}
     real_finetune = pipeline.finetune
 

@@ -43,7 +43,7 @@ def layer_scores(model: nn.Module, pairs: dict[str, str]) -> list[tuple[float, s
                    for k, v in enumerate(_z(lips))), reverse=True)
 
 
-def _prune(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> int:
+def zero_channel(model: nn.Module, pairs: dict[str, str], conv_name: str, channel: int) -> int:
     """Zero the channel: its filter, and its BN scale and shift (output is then exactly 0).
     Returns how many nonzero parameters that removed."""
     modules = dict(model.named_modules())
@@ -113,7 +113,7 @@ def clp(model: nn.Module, u: float = 3.0, mode: str = "zero") -> tuple[nn.Module
     pruned: dict[str, int] = {}
     for name, k, factor in outlier_channels(model, pairs, u):
         if mode == "zero":
-            _prune(model, pairs, name, k)
+            zero_channel(model, pairs, name, k)
         elif mode == "shrink":
             _shrink(model, pairs, name, k, factor)
         else:
@@ -135,7 +135,7 @@ def clp_to_budget(model: nn.Module, ratio: float, u: float = 3.0) -> tuple[nn.Mo
             break
         if z > u:
             continue  # already pruned by CLP
-        current -= _prune(pruned_model, pairs, name, k)
+        current -= zero_channel(pruned_model, pairs, name, k)
         extra += 1
     info |= {"budget_ratio": ratio, "extra_pruned": extra, "nonzero_params": nonzero_params(pruned_model),
              "total_params": total}
