@@ -149,8 +149,9 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]
     target = f"{s['target_class_estimate']}" + (" (all-to-all suspected)" if s["all_to_all_suspected"] else "")
+    patch = f", best patch stamp flips {s['patch_flip_rate']:.0%}" if "patch_flip_rate" in s else ""
     get_run_logger().info(f"scan: risk {s['risk']:.2f} ({s['n_channel_outliers']} outlier channels, inverted trigger "
-                          f"flips {s['flip_flip_rate']:.0%}), adversarial concentration {s['concentration']:.2f}, "
+                          f"flips {s['flip_flip_rate']:.0%}{patch}), adversarial concentration {s['concentration']:.2f}, "
                           f"estimated target class {target}")
     return out
 
