@@ -129,7 +129,7 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
                           "details": r.get("channel_clean") or r.get("baseline"), "config": r["config"],
                           "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
                                                                   "synthetic_excluded", "flip_rate",
-                                                                  "all_to_all_suspected")} if row.defense == "cc" else None}
+                                                                  "all_to_all_suspected", "patch")} if row.defense == "cc" else None}
 
 
 def run_row(row: Row, force: bool = False, log=print) -> dict:
@@ -240,14 +240,40 @@ def _suspicion_table(done: dict) -> list[str]:
     if not rows:
         return ["No C&C row records it yet (rows from before this column was added)."]
     lines = ["| row | suspected target | synthetic images left out | inversion concentration "
-             "| universal inversion flip rate | all-to-all (trigger unlearned) |", "|---|---|---|---|---|---|"]
+             "| universal inversion flip rate | all-to-all (trigger unlearned) | patch probe stamp | trigger channel clean |",
+             "|---|---|---|---|---|---|---|---|"]
     for rid, s in rows:
         conc = "-" if s["inversion_concentration"] is None else f"{s['inversion_concentration']:.2f}"
         target = "none" if s["suspected_target"] is None else str(s["suspected_target"])
         flip = "-" if s.get("flip_rate") is None else f"{s['flip_rate']:.2f}"
         a2a = {None: "-", True: "yes", False: "no"}[s.get("all_to_all_suspected")]
-        lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} | {flip} | {a2a} |")
+        lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} | {flip} | {a2a} | "
+                     f"{_patch_text(s)} | {_trigger_clean_text((done[rid].get('details') or {}).get('trigger'))} |")
     return lines
+
+
+def _patch_text(suspicion: dict) -> str:
+    """The patch probe's firing stamp in the suspicion table ('-' for rows from before the probe)."""
+    if "patch" not in suspicion:
+        return "-"
+    p = suspicion["patch"]
+    if p is None:
+        return "none fires"
+    colour = "white" if p["value"] >= 0.5 else "black"
+    return (f"{p['size']}x{p['size']} {colour} at ({p['row']}, {p['col']}): flips {p['flip_rate']:.2f}, "
+            f"{p['flip_rate_compact']:.2f} after compaction{', unlearned' if p['unlearned'] else ''}")
+
+
+def _trigger_clean_text(info: dict | None) -> str:
+    """What the trigger channel clean did, from the row's channel clean record."""
+    if info is None:
+        return "-"
+    if info["stamp_flip_rate"] is None:
+        return "no stamp fired"
+    if not info["n_pruned"]:
+        return f"stamp flips {info['stamp_flip_rate']:.2f} after CLP: not run"
+    return (f"stamp flips {info['stamp_flip_rate']:.2f} after CLP: {info['n_pruned']} channels zeroed, "
+            f"then {info['stamp_flip_rate_after']:.2f}")
 
 
 def _size_table(done: dict) -> list[str]:
