@@ -31,6 +31,7 @@ from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
+from cc_core.scan import stamp_text
 from cc_core.pipeline import defend, defend_baseline, export_checked_onnx, resolve_config
 
 ROWS_DIR = RESULTS / "bench"
@@ -259,8 +260,7 @@ def _patch_text(suspicion: dict) -> str:
     p = suspicion["patch"]
     if p is None:
         return "none fires"
-    colour = "white" if p["value"] >= 0.5 else "black"
-    return (f"{p['size']}x{p['size']} {colour} at ({p['row']}, {p['col']}): flips {p['flip_rate']:.2f}, "
+    return (f"{stamp_text(p)}: flips {p['flip_rate']:.2f}, "
             f"{p['flip_rate_compact']:.2f} after compaction{', unlearned' if p['unlearned'] else ''}")
 
 

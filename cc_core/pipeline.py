@@ -27,7 +27,8 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, add_pixel_delta, all_to_all_suspected,
-                          histogram_report, patch_probe, patch_score, stamp_delta, stamp_flip_rate, suspected_target)
+                          histogram_report, patch_probe, patch_score, stamp_delta, stamp_flip_rate, stamp_text,
+                          suspected_target)
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -386,8 +387,7 @@ def patch_summary_text(patch: dict | None) -> str:
     """The defend log's words for the patch probe's firing stamp ('' when none fired)."""
     if patch is None:
         return ""
-    colour = "white" if patch["value"] >= 0.5 else "black"
-    return (f"; a {patch['size']}x{patch['size']} {colour} stamp at ({patch['row']}, {patch['col']}) flips "
+    return (f"; the stamp {stamp_text(patch)} flips "
             f"{patch['flip_rate']:.0%} (class {patch['target_class_estimate']} most), "
             f"{patch['flip_rate_compact']:.0%} after compaction")
 

@@ -308,6 +308,12 @@ def stamp_masks(stamps: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
 
 
+def stamp_text(stamp: dict) -> str:
+    """A stamp ({"row", "col", "size", "value"}) in words: '3x3 white at (29, 29)'."""
+    colour = "white" if stamp["value"] >= 0.5 else "black"
+    return f"{stamp['size']}x{stamp['size']} {colour} at ({stamp['row']}, {stamp['col']})"
+
+
 def stamp_delta(stamp: dict, shape: tuple[int, ...]) -> torch.Tensor:
     """The additive pixel delta (1, C, H, W) that, clamped to [0, 1], paints ``stamp`` ({"row",
     "col", "size", "value"}) on images of ``shape`` (C, H, W): +1 (white) or -1 (black) on its

@@ -371,8 +371,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
           f"{flip['delta_pixels_changed']:.1%} of pixels changed by > 0.1")
     patch = report["patch"]
     if patch:
-        colour = "white" if patch["value"] >= 0.5 else "black"
-        print(f"patch probe: the best stamp ({patch['size']}x{patch['size']} {colour} at ({patch['row']}, {patch['col']})) "
+        from cc_core.scan import stamp_text
+
+        print(f"patch probe: the best stamp ({stamp_text(patch)}) "
               f"flips {patch['flip_rate']:.0%} of {patch['n']} synthetic images (median stamp "
               f"{patch['median_screen_rate']:.0%}); class histogram: " + " ".join(str(c) for c in patch["histogram"]))
     print(f"adversarial class histogram (concentration {report['concentration']:.2f}, anomaly index "

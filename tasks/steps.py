@@ -226,7 +226,7 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
 def patch_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
     """The patch probe (cc_core.scan.patch_probe) on the suspect and the fine-tune's synthetic
     images: {"patch": its report, None when ``cfg.patch_probe`` is off}."""
-    from cc_core.scan import patch_probe
+    from cc_core.scan import patch_probe, stamp_text
 
     def compute() -> dict:
         if cfg.patch_probe is None:
@@ -240,8 +240,7 @@ def patch_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) 
     if patch is not None:
         log_metrics(run, {"patch_flip_rate": patch["flip_rate"], "patch_median_screen_rate": patch["median_screen_rate"]},
                     "scan.")
-        get_run_logger().info(f"patch probe: best stamp {patch['size']}x{patch['size']} value {patch['value']:g} at "
-                              f"({patch['row']}, {patch['col']}) flips {patch['flip_rate']:.0%} "
+        get_run_logger().info(f"patch probe: best stamp {stamp_text(patch)} flips {patch['flip_rate']:.0%} "
                               f"(class {patch['target_class_estimate']} most)")
     log_metrics(run, {"patch_probe": out["seconds"]}, "time.")
     return out
