@@ -15,7 +15,11 @@ zero weight; with every term off the model is returned untouched.
 When a class is left out of the fine-tune (the suspected backdoor target has no synthetic images
 in x_s), every CE term pushes its logit down on every image and nothing pushes it back up, so the
 fine-tune erodes that class. ``mask_left_out_class`` takes its column out of the CE softmax:
-the three CE terms then only rank the classes that are present.
+the three CE terms then only rank the classes that are present. ``kd_mask_left_out_class``
+does the same for the distillation term: the teacher's and the student's logits lose that column
+before the softmax, so the teacher (which may still carry the backdoor, and with it a high logit for
+its target class) teaches only how the present classes rank, and the CE terms alone act on the
+left-out class.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ class FinetuneConfig:
     kd_temperature: float = 4.0
     feature_weight: float = 0.0
     mask_left_out_class: bool = False
+    kd_mask_left_out_class: bool = False
     freeze_bn: bool = True
     augment: bool = True
     mixed_precision: bool = True
@@ -99,6 +104,14 @@ class BNOutputs:
             h.remove()
 
 
+def drop_class(logits: torch.Tensor, cls: int | None) -> torch.Tensor:
+    """(N, K) ``logits`` without column ``cls``: (N, K - 1); unchanged when ``cls`` is None."""
+    if cls is None:
+        return logits
+    keep = torch.tensor([k for k in range(logits.shape[1]) if k != cls], device=logits.device)
+    return logits.index_select(1, keep)
+
+
 def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the layers both have of ||s - t||^2 / ||t||^2 (relative squared error)."""
     names = [n for n in teacher if n in student]
@@ -116,7 +129,8 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
     """Fine-tune ``model`` in place; returns per-epoch mean losses. ``x_adv`` and ``x_trigger``
     (N, C, H, W) are perturbed copies of ``x_syn`` (same order); without ``x_trigger`` (the scan
     found no trigger) the unlearning term is skipped whatever its weight. ``left_out_class``: the
-    class with no images in ``y_syn``, masked out of the CE terms when ``cfg.mask_left_out_class``."""
+    class with no images in ``y_syn``, masked out of the CE terms when ``cfg.mask_left_out_class``
+    and out of the distillation term when ``cfg.kd_mask_left_out_class``."""
     if cfg.adv_weight > 0 and x_adv is None:
         raise ConfigError("adv_weight > 0 needs adversarial synthetic images")
     if x_trigger is None or not cfg.unlearn_weight:
@@ -128,10 +142,12 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
     if left_out_class is not None and bool((y_syn == left_out_class).any()):
         raise ConfigError(f"class {left_out_class} is said to be left out, but y_syn has images of it")
     masked = left_out_class if cfg.mask_left_out_class else None
+    kd_dropped = left_out_class if cfg.kd_mask_left_out_class else None
     student_bn = BNOutputs(model) if cfg.feature_weight else None
     teacher_bn = BNOutputs(teacher) if cfg.feature_weight else None
     try:
-        return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn, masked)
+        return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn, masked,
+                      kd_dropped)
     finally:
         for rec in (student_bn, teacher_bn):
             if rec is not None:
@@ -146,7 +162,8 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int
 
 
 def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, progress: bool,
-           student_bn: BNOutputs | None, teacher_bn: BNOutputs | None, masked: int | None) -> list[dict]:
+           student_bn: BNOutputs | None, teacher_bn: BNOutputs | None, masked: int | None,
+           kd_dropped: int | None) -> list[dict]:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -195,7 +212,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                 sums["unlearn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.unlearn_weight * term
             if cfg.kd_weight:
-                term = distillation_loss(out_s, target, cfg.kd_temperature)
+                term = distillation_loss(drop_class(out_s, kd_dropped), drop_class(target, kd_dropped),
+                                         cfg.kd_temperature)
                 sums["kd"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.kd_weight * term
             if cfg.feature_weight:

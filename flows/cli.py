@@ -283,8 +283,9 @@ def cmd_defend(args: argparse.Namespace) -> int:
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
                             "feature_weight": args.feature_weight}.items()
           if v is not None}
-    if args.mask_left_out_class is not None:
-        ft["mask_left_out_class"] = args.mask_left_out_class
+    for key in ("mask_left_out_class", "kd_mask_left_out_class"):
+        if getattr(args, key) is not None:
+            ft[key] = getattr(args, key)
     for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"),
                       ("no_unlearn", "unlearn_weight"), ("no_kd", "kd_weight")):
         if getattr(args, flag):
@@ -512,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     p.add_argument("--kd-weight", type=float, help="weight of logit distillation from the channel-cleaned model (presets: 0, measured)")
+    p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
+                   help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
+                        "still carries the backdoor cannot hold its target class up (default: the preset's)")
     p.add_argument("--feature-weight", type=float,
                    help="weight of BatchNorm-output (feature) distillation from the teacher; 0 turns it off")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")

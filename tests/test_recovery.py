@@ -12,7 +12,7 @@ from cc_core.device import precision
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
-from cc_core.finetune import FinetuneConfig, feature_loss, finetune, masked_cross_entropy
+from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy
 from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
 from flows.cli import main
@@ -129,6 +129,32 @@ def test_a_masked_left_out_class_keeps_its_classifier_row(mask):
     assert kept == mask  # unmasked, CE pushes the absent class's logit down on every image
     with pytest.raises(ConfigError, match="class 1 is said to be left out"):
         finetune(model, x, y, None, None, cfg, progress=False, left_out_class=1)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_distillation_without_the_left_out_class_leaves_its_classifier_row(mask):
+    model = tiny_model()
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher.linear.bias[2] += 5.0  # a teacher that holds the left-out class up, as a backdoor would
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("linear"))
+    row = model.linear.weight[2].detach().clone(), model.linear.bias[2].detach().clone()
+    others = model.linear.weight[[0, 1, 3]].detach().clone()
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.tensor([0, 1, 3, 3] * 8)
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, weight_decay=0.0, synth_weight=0.0, adv_weight=0.0,
+                         kd_weight=1.0, kd_mask_left_out_class=mask, mixed_precision=False)
+    finetune(model, x, y, None, teacher, cfg, progress=False, left_out_class=2)
+    kept = torch.equal(model.linear.weight[2], row[0]) and torch.equal(model.linear.bias[2], row[1])
+    assert kept == mask
+    assert not torch.equal(model.linear.weight[[0, 1, 3]], others)  # the present classes still learn
+
+
+def test_drop_class_removes_one_column():
+    logits = torch.arange(12.0).reshape(3, 4)
+    assert torch.equal(drop_class(logits, 1), logits[:, [0, 2, 3]])
+    assert drop_class(logits, None) is logits
 
 
 def test_feature_loss_is_relative_error_over_shared_bn_layers():
@@ -321,9 +347,9 @@ def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flags, expected", [([], None), (["--mask-left-out-class"], True),
-                                              (["--no-mask-left-out-class"], False)])
-def test_defend_flags_reach_the_fine_tune_config(flags, expected, tiny_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["mask_left_out_class", "kd_mask_left_out_class"])
+@pytest.mark.parametrize("flags, expected", [([], None), (["--{}"], True), (["--no-{}"], False)])
+def test_defend_flags_reach_the_fine_tune_config(field, flags, expected, tiny_file, tmp_path, monkeypatch):
     import cc_core.pipeline as pipeline
 
     class Stop(Exception):
@@ -337,10 +363,11 @@ def test_defend_flags_reach_the_fine_tune_config(flags, expected, tiny_file, tmp
 
     monkeypatch.setattr(pipeline, "defend", recording_defend)
     with pytest.raises(Stop):
-        main(["defend", str(tiny_file), "--ratio", "3", "--no-kd", "--out", str(tmp_path / "o"), *flags])
+        main(["defend", str(tiny_file), "--ratio", "3", "--no-kd", "--out", str(tmp_path / "o"),
+              *(f.format(field.replace("_", "-")) for f in flags)])
     ft = seen["config"].finetune
-    expected = resolve_config("cpu").finetune.mask_left_out_class if expected is None else expected
-    assert seen["config"].ratio == 3 and ft.kd_weight == 0 and ft.mask_left_out_class is expected
+    expected = getattr(resolve_config("cpu").finetune, field) if expected is None else expected
+    assert seen["config"].ratio == 3 and ft.kd_weight == 0 and getattr(ft, field) is expected
     assert not (tmp_path / "o").exists()
 
 
