@@ -128,6 +128,7 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
     return result.model, {"metrics": r["metrics"], "params_after": r["model"]["params_after"], "timings_s": timings,
                           "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
                           "details": r.get("channel_clean") or r.get("baseline"), "config": r["config"],
+                          "distillation": r.get("distillation"),
                           "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
                                                                   "synthetic_excluded", "flip_rate",
                                                                   "all_to_all_suspected", "patch")} if row.defense == "cc" else None}
@@ -241,16 +242,30 @@ def _suspicion_table(done: dict) -> list[str]:
     if not rows:
         return ["No C&C row records it yet (rows from before this column was added)."]
     lines = ["| row | suspected target | synthetic images left out | inversion concentration "
-             "| universal inversion flip rate | all-to-all (trigger unlearned) | patch probe stamp | trigger channel clean |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| universal inversion flip rate | all-to-all (trigger unlearned) | patch probe stamp | trigger channel clean "
+             "| distillation |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rid, s in rows:
         conc = "-" if s["inversion_concentration"] is None else f"{s['inversion_concentration']:.2f}"
         target = "none" if s["suspected_target"] is None else str(s["suspected_target"])
         flip = "-" if s.get("flip_rate") is None else f"{s['flip_rate']:.2f}"
         a2a = {None: "-", True: "yes", False: "no"}[s.get("all_to_all_suspected")]
         lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} | {flip} | {a2a} | "
-                     f"{_patch_text(s)} | {_trigger_clean_text((done[rid].get('details') or {}).get('trigger'))} |")
+                     f"{_patch_text(s)} | {_trigger_clean_text((done[rid].get('details') or {}).get('trigger'))} | "
+                     f"{_distillation_text(done[rid].get('distillation'))} |")
     return lines
+
+
+def _distillation_text(record: dict | None) -> str:
+    """Whether the fine-tune distilled, and why not when its gate closed ('-' for older rows)."""
+    if record is None:
+        return "-"
+    if record["reason"]:
+        return f"no: {record['reason']}"
+    if not record["distill"]:
+        return "off"
+    flip = record["teacher_stamp_flip_rate"]
+    return "yes" if flip is None else f"yes (stamp flips {flip:.2f} on the teacher)"
 
 
 def _patch_text(suspicion: dict) -> str:

@@ -36,15 +36,16 @@ SOFT_PGD = {"pgd": {"eps": 4 / 255, "step": 1 / 255}}
 PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight": 1.0})  # cpu preset before the energy round
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
-BASES = {"focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
-         "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
-         "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
-         "resynthesis": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
-         "resynthesis2": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
-         "masked": ({"compact": {"rank_strategy": "sensitivity"}}, {"mask_left_out_class": False}),
-         "oracle": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
-         "distill": ({"compact": {"rank_strategy": "sensitivity"}}, {}),
-         "distill2": ({"compact": {"rank_strategy": "sensitivity"}}, {})}
+SENSITIVITY = {"compact": {"rank_strategy": "sensitivity"}}
+# Every grid below ran before the preset distilled (kd_weight 1 behind kd_gate "verified"): their
+# default fine-tune is CE only, and a row that asks for distillation gets it ungated.
+BASES = {grid: (base | {"kd_gate": "always"}, NO_KD | ft) for grid, (base, ft) in {
+    "focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
+    "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
+    "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
+    "resynthesis": (SENSITIVITY, {}), "resynthesis2": (SENSITIVITY, {}),
+    "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
+    "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),

@@ -34,6 +34,7 @@ from cc_core.synth import SynthConfig, synthesize
 REPORT_FORMAT = "cleancompact.report/1"
 UNLEARN_SCOPES = ("all-to-all", "any")
 PATCH_UNLEARN = ("residual", "always", "never")
+KD_GATES = ("always", "verified")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ class DefendConfig:
     # points, sweep_defend_unlearn.md), "always", or "never".
     patch_probe: PatchProbeConfig | None = PatchProbeConfig()
     patch_unlearn: str = "residual"
+    # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
+    # teacher: "always", or "verified": only when the patch probe found a trigger and it flips <
+    # RESIDUAL_FLIP of the synthetic images on the teacher. Distillation pins the student to its
+    # teacher, backdoor included: it gave the zoo BadNet (whose teacher the probe verifies clean)
+    # +0.8 / +2.1 ACC points at 2x / 4x, and the zoo WaNet (no trigger found to verify against)
+    # its backdoor back (4x ASR 1.6 -> 84%, sweep_defend_distill{,2}.md).
+    kd_gate: str = "always"
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
     device: str = "auto"
@@ -103,6 +111,8 @@ class DefendConfig:
             raise ConfigError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {self.channel_mode!r}")
         if self.unlearn_scope not in UNLEARN_SCOPES:
             raise ConfigError(f"unlearn_scope must be one of {', '.join(UNLEARN_SCOPES)}, got {self.unlearn_scope!r}")
+        if self.kd_gate not in KD_GATES:
+            raise ConfigError(f"kd_gate must be one of {', '.join(KD_GATES)}, got {self.kd_gate!r}")
         if self.patch_unlearn not in PATCH_UNLEARN:
             raise ConfigError(f"patch_unlearn must be one of {', '.join(PATCH_UNLEARN)}, got {self.patch_unlearn!r}")
         for name in ("adversarial_model", "synth_model"):
@@ -145,8 +155,11 @@ PRESETS: dict[str, DefendConfig] = {
     # costs ACC (tau 3: -0.5 to -0.9 points, tau 2: -3 to -6, `max` normalizer worse still);
     # energy rank allocation beats uniform by 1-12 ACC points at the same budget, and ranks chosen by
     # their damage measured on 256 synthetic images beat energy by another 0.5-4.9 (sweep_defend_allocation.md);
-    # distillation from the channel-cleaned model (logits or BatchNorm features) carries the WaNet
-    # backdoor back (ASR 4-6 -> 10-24%), so it is off; the adversarial term costs ACC for no ASR gain;
+    # logit distillation from the clipped full-rank model carries the WaNet backdoor back (ASR 4-6 ->
+    # 10-24%, and 1.6 -> 84% at 4x under sensitivity ranks, even with the left-out class's logit out
+    # of it: 29%, sweep_defend_distill2.md) but adds 0.8 / 2.1 ACC points on BadNet at 2x / 4x
+    # (sweep_defend_distill.md), whose teacher the patch probe verifies clean, so it runs only when
+    # verified (kd_gate); the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
     # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:
@@ -160,12 +173,14 @@ PRESETS: dict[str, DefendConfig] = {
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
-        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
+        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
+        kd_gate="verified"),
     "paper": DefendConfig(
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
-        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=0.0, adv_weight=0.0, unlearn_weight=1.0)),
+        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
+        kd_gate="verified"),
 }
 
 
@@ -286,8 +301,10 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
-    teacher = distillation_teacher(cleaned, cfg)
+    teacher, distillation = gated_teacher(cleaned, cfg, x_syn.cpu() if patch else None, patch)
     teacher = teacher.to(device) if teacher is not None else None
+    if distillation["reason"]:
+        log(f"[defend] no distillation: {distillation['reason']}")
     original.to(device)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
@@ -322,7 +339,8 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     start = time.perf_counter()
     left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
-    history = finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger,
+    ft_cfg = finetune_config(cfg, teacher)
+    history = finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger,
                        left_out_class=left_out)
     if cfg.resynthesize_suspected_target == "finetuned" and excluded:
         x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
@@ -330,7 +348,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
         x_trigger = add_pixel_delta(x_ft, trigger, spec) if trigger is not None else None
         x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
-        history += finetune(new, x_ft, y_ft, x_adv, teacher, cfg.finetune, progress=progress, x_trigger=x_trigger)
+        history += finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger)
     timings["finetune"] = time.perf_counter() - start
     log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
 
@@ -345,7 +363,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
     report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
-                         history, synth_log, device, channel_info, exclusion)
+                         history, synth_log, device, channel_info, exclusion, distillation)
     timings["total"] = time.perf_counter() - t_start
     return DefendResult(new, report, plan)
 
@@ -474,6 +492,33 @@ def trigger_clean_text(info: dict) -> str:
             f"-> {info['stamp_flip_rate_after']:.0%})")
 
 
+def gated_teacher(cleaned: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
+                  patch: dict | None = None) -> tuple[nn.Module | None, dict]:
+    """The teacher the fine-tune distills from (``distillation_teacher``), or None when there is no
+    distillation or ``cfg.kd_gate`` closes: with "verified", the patch probe's firing stamp
+    (``patch``, measured on the synthetic images ``x``) must flip < RESIDUAL_FLIP of them on the
+    teacher. The record: {"gate", "distill", "teacher_stamp_flip_rate" (None when not measured),
+    "reason" (why there is no distillation although asked for; None otherwise)}."""
+    record = {"gate": cfg.kd_gate, "distill": False, "teacher_stamp_flip_rate": None, "reason": None}
+    if not cfg.finetune.needs_teacher:
+        return None, record
+    if cfg.kd_gate == "verified" and (x is None or not patch_score(patch)):
+        return None, record | {"reason": "the patch probe found no trigger to verify the teacher against"}
+    teacher = distillation_teacher(cleaned, cfg)
+    if cfg.kd_gate == "verified":
+        record["teacher_stamp_flip_rate"] = flip = stamp_flip_rate(teacher, x, patch, cfg.patch_probe.n)
+        if flip >= RESIDUAL_FLIP:
+            return None, record | {"reason": f"the probe's stamp still flips {flip:.0%} of the synthetic images on the teacher"}
+    return teacher, record | {"distill": True}
+
+
+def finetune_config(cfg: DefendConfig, teacher: nn.Module | None) -> FinetuneConfig:
+    """``cfg.finetune``, with its distillation terms off when there is no ``teacher`` (the gate closed)."""
+    if teacher is None and cfg.finetune.needs_teacher:
+        return dataclasses.replace(cfg.finetune, kd_weight=0.0, feature_weight=0.0)
+    return cfg.finetune
+
+
 def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | None:
     """The clean-step-only model KD distills from: ``cleaned`` (the channel-cleaned original)
     with its singular values clipped at full rank; None without KD."""
@@ -485,7 +530,8 @@ def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | N
 
 def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, metrics: dict,
                 scan_before: dict | None, scan_after: dict | None, timings: dict, history: list,
-                synth_log: dict, device, channel_info: dict, exclusion: dict | None = None) -> dict:
+                synth_log: dict, device, channel_info: dict, exclusion: dict | None = None,
+                distillation: dict | None = None) -> dict:
     """The ``cleancompact.report/1`` dict of a C&C run (``onnx`` is filled in by the export)."""
     spec = original.cc_spec
     return {
@@ -495,6 +541,7 @@ def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, me
                   "macs_before": macs(original, spec.input_shape), "macs_after": macs(new, spec.input_shape)},
         "config": cfg.to_dict() | {"compact_resolved": plan.config},
         "channel_clean": channel_info,
+        "distillation": distillation,
         "metrics": metrics,
         "scan": {"target_class_estimate": scan_before["target_class_estimate"] if scan_before else None,
                  "concentration_before": scan_before["concentration"] if scan_before else None,

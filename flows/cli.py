@@ -274,6 +274,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["patch_unlearn"] = args.patch_unlearn
     if args.trigger_channel_u is not None:
         overrides["trigger_channel_u"] = args.trigger_channel_u
+    if args.kd_gate:
+        overrides["kd_gate"] = args.kd_gate
     if args.no_trigger_clean or args.no_patch_probe:
         overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
@@ -512,7 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
     p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
-    p.add_argument("--kd-weight", type=float, help="weight of logit distillation from the channel-cleaned model (presets: 0, measured)")
+    p.add_argument("--kd-weight", type=float,
+                   help="weight of logit distillation from the clipped full-rank model (presets: 1, behind --kd-gate)")
+    p.add_argument("--kd-gate", choices=("always", "verified"),
+                   help="distill always, or only when the patch probe's stamp is verified gone from the teacher "
+                        "(presets: verified)")
     p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
                    help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
                         "still carries the backdoor cannot hold its target class up (default: the preset's)")

@@ -165,7 +165,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     and the trigger channel clean measures ``patch``, the patch probe's report (see patch_probe_task)."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import channel_clean, distillation_teacher, trigger_clean_text
+    from cc_core.pipeline import channel_clean, gated_teacher, trigger_clean_text
 
     def compute() -> dict:
         original = _load(model_file)
@@ -179,18 +179,18 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
-        teacher = distillation_teacher(cleaned, cfg)
+        teacher, distillation = gated_teacher(cleaned, cfg, x if patch else None, patch)
         if teacher is not None:
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])
         timings = {"channel_clean": channel_seconds} | {k: plan.timings_s[k] for k in ("decompose", "clean", "compact")}
-        return {"files": files, "timings": timings, "channel_clean": channel_info,
+        return {"files": files, "timings": timings, "channel_clean": channel_info, "distillation": distillation,
                 "params_after": plan.params_after, "ratio_achieved": plan.ratio_achieved,
                 "compact_resolved": plan.config}
 
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
-                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher,
+                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher, "kd_gate": cfg.kd_gate,
                                    "trigger_channel_u": cfg.trigger_channel_u, "patch": patch}
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {}), compute)
@@ -202,6 +202,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
                           f"{trigger_clean_text(trigger)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
+    if out["distillation"]["reason"]:
+        get_run_logger().info(f"no distillation: {out['distillation']['reason']}")
     return out
 
 
@@ -306,7 +308,7 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
     trigger) data, without the synthetic images labelled ``excluded_class``."""
     from cc_core.finetune import finetune
     from cc_core.io import save_model
-    from cc_core.pipeline import exclude_class
+    from cc_core.pipeline import exclude_class, finetune_config
 
     def compute() -> dict:
         device = _device(cfg)
@@ -316,7 +318,7 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
         x_trigger = _load_tensors(trigger_file)["x"].to(device) if trigger_file else None
         teacher = _load(teacher_file).to(device) if teacher_file else None
         model = _load(compact_file).to(device)
-        history = finetune(model, x, y, x_adv, teacher, cfg.finetune, progress=False, x_trigger=x_trigger,
+        history = finetune(model, x, y, x_adv, teacher, finetune_config(cfg, teacher), progress=False, x_trigger=x_trigger,
                            left_out_class=excluded_class if n_excluded else None)
         path = run.path / "finetuned.safetensors"
         save_model(model.cpu().eval(), path)

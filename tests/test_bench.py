@@ -67,6 +67,8 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
         fields = _fake_row(row, *values)
         if row.attack == "wanet":
             fields["suspicion"] = {"suspected_target": 0, "inversion_concentration": 0.12, "synthetic_excluded": 103}
+            fields["distillation"] = {"gate": "verified", "distill": False, "teacher_stamp_flip_rate": None,
+                                      "reason": "no trigger to verify against"}
             fields["config"] = {"compact_resolved": {"rank_strategy": "sensitivity"}}
             fields["machine"] |= {"git_commit": "abc1234", "cpu_bf16_native": False}
         if row.attack == "badnet" and row.defense == "cc":
@@ -74,11 +76,13 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
                                    "patch": {"size": 3, "value": 1.0, "row": 29, "col": 29, "flip_rate": 0.94,
                                              "flip_rate_compact": 0.0, "unlearned": False}}
             fields["details"] = {"trigger": {"stamp_flip_rate": 0.25, "n_pruned": 13, "stamp_flip_rate_after": 0.0}}
+            fields["distillation"] = {"gate": "verified", "distill": True, "teacher_stamp_flip_rate": 0.0, "reason": None}
         (tmp_path / "bench" / f"{row.id}.json").write_text(json.dumps(fields))
     text = bench.render().read_text()
-    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | 0 | 103 | 0.12 | - | - | - | - |" in text
+    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | 0 | 103 | 0.12 | - | - | - | - | no: no trigger to verify against |" in text
     assert ("| cifar10-resnet18-w0.25-badnet-cc-2x | 0 | 52 | 1.00 | - | - | 3x3 white at (29, 29): flips 0.94, "
-            "0.00 after compaction | stamp flips 0.25 after CLP: 13 channels zeroed, then 0.00 |") in text
+            "0.00 after compaction | stamp flips 0.25 after CLP: 13 channels zeroed, then 0.00 "
+            "| yes (stamp flips 0.00 on the teacher) |") in text
     assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | not run | 84.00 / 3.00 |" in text
     # mean drop (1 + 3) / 2 = 2 points > 1.5: missed by 0.50, over 2 of the 8 settings
     assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text

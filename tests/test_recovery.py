@@ -706,3 +706,31 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_cla
     pixels = seen["x_trigger"] * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
     clean = seen["x"] * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
     assert torch.allclose(pixels, (clean + delta).clamp(0, 1), atol=1e-5)  # the trigger on the kept images
+
+
+def test_distillation_gate_opens_only_on_a_teacher_the_found_stamp_no_longer_flips(monkeypatch):
+    import cc_core.pipeline as pipeline
+    from cc_core.pipeline import finetune_config, gated_teacher
+    from cc_core.scan import patch_probe
+
+    x = (_dim_images(64) - 0.5) / 0.25
+    backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
+    cfg = resolve_config("cpu", patch_probe={"sizes": (3,), "stride": 2})
+    assert cfg.kd_gate == "verified" and cfg.finetune.kd_weight > 0
+    patch = patch_probe(backdoored, x, cfg.patch_probe)
+    for teacher, opens in ((clean, True), (backdoored, False)):
+        monkeypatch.setattr(pipeline, "distillation_teacher", lambda cleaned, cfg, teacher=teacher: teacher)
+        got, record = gated_teacher(None, cfg, x, patch)
+        assert (got is teacher) is opens and record["distill"] is opens
+        assert (record["teacher_stamp_flip_rate"] < 0.1) is opens and (record["reason"] is None) is opens
+        assert finetune_config(cfg, got).kd_weight == (cfg.finetune.kd_weight if opens else 0.0)
+    got, record = gated_teacher(None, cfg, x, None)
+    assert got is None and "found no trigger" in record["reason"] and record["teacher_stamp_flip_rate"] is None
+    got, record = gated_teacher(None, cfg.replace(kd_gate="always"), x, None)
+    assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_stamp_flip_rate": None,
+                                            "reason": None}
+    monkeypatch.undo()
+    got, record = gated_teacher(tiny_model(), cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
+    assert got is None and not record["distill"] and record["reason"] is None  # not asked for: nothing to explain
+    with pytest.raises(ConfigError, match="kd_gate must be one of"):
+        cfg.replace(kd_gate="sometimes")
