@@ -48,6 +48,7 @@ def scan_model(attack: str, seed: int) -> dict:
             "inversion_histogram": inv["histogram"], "adversarial_concentration": report["concentration"],
             "adversarial_target": int(max(range(len(report["histogram"])), key=report["histogram"].__getitem__)),
             "anomaly_index": report["anomaly_index"], "timings_s": report["timings_s"],
+            "best_stamp_flip_rate": report["patch"]["flip_rate"] if report.get("patch") else None,
             "command": f"cleancompact scan <cache>/zoo/{model_name(attack)}/model.safetensors --seed {seed}"}
 
 
@@ -85,18 +86,22 @@ def markdown(result: dict) -> str:
              "PGD eps 8/255, inversion through at most 8 outlier channels with Lipschitz z > 3, L1 penalty "
              f"{InversionConfig().l1}).\n",
              *_kept_lines(result),
-             "Risk = max(inversion concentration, adversarial score); the adversarial score is "
-             "max(0, 1 - 2 / anomaly index) of the PGD class histogram.\n",
-             "| model | seed | risk | inversion score | adversarial score (anomaly index) | target: estimated / true "
+             "Risk = the max of the risk signals: inversion concentration, adversarial score "
+             "(max(0, 1 - 2 / anomaly index) of the PGD class histogram), all-to-all score (universal "
+             "inversion) and patch score (the patch probe's best stamp's flip rate once >= 0.5); '-': a row "
+             "from before that signal.\n",
+             "| model | seed | risk | inversion score | adversarial score (anomaly index) | all-to-all score "
+             "| patch score (best stamp's flip rate) | target: estimated / true "
              "| outlier channels | max z | inversion histogram | PGD top class | scan s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         z = "-" if r["max_channel_z"] is None else f"{r['max_channel_z']:.2f}"
         hist = "-" if r["inversion_histogram"] is None else " ".join(map(str, r["inversion_histogram"]))
         true = "-" if r["true_target"] is None else r["true_target"]
         signals = r["risk_signals"]
         lines.append(f"| {r['model']} | {r['seed']} | {r['risk']:.2f} | {signals['inversion']:.2f} | "
-                     f"{signals['adversarial']:.2f} ({r['anomaly_index']:.1f}) | {r['target_class_estimate']} / {true} | "
+                     f"{signals['adversarial']:.2f} ({r['anomaly_index']:.1f}) | {_signal(signals, 'all_to_all')} | "
+                     f"{_signal(signals, 'patch')}{_best_stamp(r)} | {r['target_class_estimate']} / {true} | "
                      f"{r['n_channel_outliers']} | {z} | {hist} | {r['adversarial_target']} | "
                      f"{r['timings_s']['total']:.0f} |")
     lines += ["\n## Separation\n", "| model | min risk | max risk | target right |", "|---|---|---|---|"]
@@ -114,6 +119,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['l1']:g} | {r['concentration']:.2f} | {r['top_class']} | "
                      f"{r['delta_mean_abs']:.4f} | {100 * r['pixels_changed_over_0.1']:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+def _signal(signals: dict, name: str) -> str:
+    return f"{signals[name]:.2f}" if name in signals else "-"
+
+
+def _best_stamp(row: dict) -> str:
+    return "" if row.get("best_stamp_flip_rate") is None else f" ({row['best_stamp_flip_rate']:.2f})"
 
 
 def kept_from_previous(path: Path, rerun: set[str]) -> tuple[list[dict], list[dict]]:
