@@ -31,7 +31,7 @@ from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import stamp_text
+from cc_core.scan import trigger_text
 from cc_core.pipeline import defend, defend_baseline, export_checked_onnx, resolve_config
 
 ROWS_DIR = RESULTS / "bench"
@@ -242,7 +242,7 @@ def _suspicion_table(done: dict) -> list[str]:
     if not rows:
         return ["No C&C row records it yet (rows from before this column was added)."]
     lines = ["| row | suspected target | synthetic images left out | inversion concentration "
-             "| universal inversion flip rate | all-to-all (trigger unlearned) | patch probe stamp | trigger channel clean "
+             "| universal inversion flip rate | all-to-all (trigger unlearned) | probe's trigger (stamp or warp) | trigger channel clean "
              "| distillation |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rid, s in rows:
@@ -264,31 +264,35 @@ def _distillation_text(record: dict | None) -> str:
         return f"no: {record['reason']}"
     if not record["distill"]:
         return "off"
-    flip = record["teacher_stamp_flip_rate"]
-    return "yes" if flip is None else f"yes (stamp flips {flip:.2f} on the teacher)"
+    flip = record.get("teacher_trigger_flip_rate", record.get("teacher_stamp_flip_rate"))  # rows before the warp probe
+    return "yes" if flip is None else f"yes (the trigger flips {flip:.2f} on the teacher)"
 
 
 def _patch_text(suspicion: dict) -> str:
-    """The patch probe's firing stamp in the suspicion table ('-' for rows from before the probe)."""
-    if "patch" not in suspicion:
+    """The probes' firing trigger in the suspicion table ('-' for rows from before the patch probe;
+    rows from before the warp probe kept it under "patch", a stamp)."""
+    if "trigger" not in suspicion and "patch" not in suspicion:
         return "-"
-    p = suspicion["patch"]
+    p = suspicion.get("trigger", suspicion.get("patch"))
     if p is None:
         return "none fires"
-    return (f"{stamp_text(p)}: flips {p['flip_rate']:.2f}, "
+    return (f"{p.get('kind', 'patch')} {trigger_text(p)}: flips {p['flip_rate']:.2f}, "
             f"{p['flip_rate_compact']:.2f} after compaction{', unlearned' if p['unlearned'] else ''}")
 
 
 def _trigger_clean_text(info: dict | None) -> str:
-    """What the trigger channel clean did, from the row's channel clean record."""
+    """What the trigger channel clean did, from the row's channel clean record (rows before the warp
+    probe name the rate stamp_flip_rate)."""
     if info is None:
         return "-"
-    if info["stamp_flip_rate"] is None:
-        return "no stamp fired"
+    kind = info.get("kind") or "stamp"
+    before = info.get("trigger_flip_rate", info.get("stamp_flip_rate"))
+    after = info.get("trigger_flip_rate_after", info.get("stamp_flip_rate_after"))
+    if before is None:
+        return "no trigger fired"
     if not info["n_pruned"]:
-        return f"stamp flips {info['stamp_flip_rate']:.2f} after CLP: not run"
-    return (f"stamp flips {info['stamp_flip_rate']:.2f} after CLP: {info['n_pruned']} channels zeroed, "
-            f"then {info['stamp_flip_rate_after']:.2f}")
+        return f"{kind} flips {before:.2f} after CLP: not run"
+    return f"{kind} flips {before:.2f} after CLP: {info['n_pruned']} channels zeroed, then {after:.2f}"
 
 
 def _size_table(done: dict) -> list[str]:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,9 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, add_pixel_delta, all_to_all_suspected,
-                          histogram_report, patch_probe, patch_score, stamp_delta, stamp_flip_rate, stamp_text,
-                          suspected_target)
+from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
+                          all_to_all_suspected, apply_found_trigger, found_trigger, histogram_report, patch_probe,
+                          patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
 from cc_core.synth import SynthConfig, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -51,8 +52,8 @@ class DefendConfig:
     # What the channel clean does to an outlier channel: "zero" it (CLP), "shrink" its bound to
     # the threshold (its BN scale times (mean + u * std) / bound) or hold it at its "mean" output.
     channel_mode: str = "zero"
-    # Trigger-guided channel clean (cc_core.trigger_clean; None = off): when the patch probe's stamp
-    # fires on the original and still flips >= RESIDUAL_FLIP of the synthetic images after the
+    # Trigger-guided channel clean (cc_core.trigger_clean; None = off): when a probe's trigger (the
+    # patch probe's stamp or the warp probe's field) fires on the original and still flips >= RESIDUAL_FLIP of the synthetic images after the
     # channel clean above, zero the channels it excites most (effect z-score > this, per layer).
     # Needs synthetic images before compaction (synth_model="original").
     trigger_channel_u: float | None = None
@@ -85,9 +86,14 @@ class DefendConfig:
     # already removes the backdoor, and unlearning an inverted trigger there cost 1.5-3.6 ACC
     # points, sweep_defend_unlearn.md), "always", or "never".
     patch_probe: PatchProbeConfig | None = PatchProbeConfig()
+    # The scan's warp probe (cc_core.scan.warp_probe; None: off), run when no stamp fires: a smooth
+    # field under a pixel of shift that moves the synthetic images into one class is a warp
+    # trigger (WaNet). A field that fires is used as a firing stamp is (target class, trigger
+    # channel clean, distillation gate, unlearning per ``patch_unlearn``).
+    warp_probe: WarpProbeConfig | None = WarpProbeConfig()
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
-    # teacher: "always", or "verified": only when the patch probe found a trigger and it flips <
+    # teacher: "always", or "verified": only when a probe found a trigger and it flips <
     # RESIDUAL_FLIP of the synthetic images on the teacher. Distillation pins the student to its
     # teacher, backdoor included: it gave the zoo BadNet (whose teacher the probe verifies clean)
     # +0.8 / +2.1 ACC points at 2x / 4x, and the zoo WaNet (no trigger found to verify against)
@@ -101,6 +107,8 @@ class DefendConfig:
     def __post_init__(self) -> None:
         if isinstance(self.patch_probe, dict):
             object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
+        if isinstance(self.warp_probe, dict):
+            object.__setattr__(self, "warp_probe", WarpProbeConfig(**self.warp_probe))
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
         if self.tau is not None and not self.tau > 0:
@@ -129,9 +137,9 @@ class DefendConfig:
         if self.trigger_channel_u is not None:
             if not self.trigger_channel_u > 0:
                 raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
-            if self.patch_probe is None or self.synth_model != "original":
-                raise ConfigError("trigger_channel_u needs the patch probe and synthetic images made before compaction "
-                                  "(patch_probe set, synth_model='original')")
+            if (self.patch_probe is None and self.warp_probe is None) or self.synth_model != "original":
+                raise ConfigError("trigger_channel_u needs a trigger probe and synthetic images made before compaction "
+                                  "(patch_probe or warp_probe set, synth_model='original')")
 
     @property
     def needs_calibration(self) -> bool:
@@ -141,7 +149,7 @@ class DefendConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
-        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe"):
+        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe"):
             if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         if "compact" in changes:
@@ -280,16 +288,20 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     def probe(x: torch.Tensor) -> dict | None:
         start = time.perf_counter()
-        found = patch_probe(original, x, cfg.patch_probe) if cfg.patch_probe is not None else None
-        timings["patch_probe"] = time.perf_counter() - start
+        probes = probe_triggers(original, x, cfg)
+        timings["trigger_probe"] = time.perf_counter() - start
+        found = found_trigger(probes["patch"], probes["warp"])
+        if found is not None:
+            log(f"[defend] the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
+                f"of the synthetic images (class {found['target_class_estimate']} most)")
         return found
 
-    patch = None
+    found = None
     if cfg.synth_model == "original":
         x_syn, y_syn, synth_log = make_synthetic(original)
-        patch = probe(x_syn)
+        found = probe(x_syn)
     start = time.perf_counter()
-    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_syn.cpu() if patch else None, patch)
+    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_syn.cpu() if found else None, found)
     timings["channel_clean"] = time.perf_counter() - start
     calibration = x_syn[:cfg.calibration_samples].cpu() if cfg.needs_calibration else None
     new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
@@ -301,17 +313,17 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
-    teacher, distillation = gated_teacher(cleaned, cfg, x_syn.cpu() if patch else None, patch)
+    teacher, distillation = gated_teacher(cleaned, cfg, x_syn.cpu() if found else None, found)
     teacher = teacher.to(device) if teacher is not None else None
     if distillation["reason"]:
         log(f"[defend] no distillation: {distillation['reason']}")
     original.to(device)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
-        patch = probe(x_syn)
+        found = probe(x_syn)
 
     start = time.perf_counter()
-    scan_before, exclusion, trigger = scan_and_suspect(original, new, x_syn, y_syn, cfg, patch)
+    scan_before, exclusion, unlearn = scan_and_suspect(original, new, x_syn, y_syn, cfg, found)
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
@@ -323,12 +335,12 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         timings["resynthesize"] = time.perf_counter() - start
         log(f"[defend] {excluded} synthetic images of class {suspected} made again through the channel-cleaned "
             f"model in {timings['resynthesize']:.1f} s")
-    x_trigger = add_pixel_delta(x_ft, trigger, spec) if trigger is not None else None
+    x_trigger = unlearn(x_ft) if unlearn is not None else None
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
             f"of {len(y_syn)} synthetic images left out of the fine-tune; the universal inverted trigger flips "
             f"{exclusion['flip_rate']:.0%}{' (all-to-all suspected)' if exclusion['all_to_all_suspected'] else ''}"
-            f"{patch_summary_text(exclusion['patch'])}{'; a trigger is unlearned' if x_trigger is not None else ''}")
+            f"{found_summary_text(exclusion['trigger'])}{'; a trigger is unlearned' if x_trigger is not None else ''}")
     start = time.perf_counter()
     adv_model = new if cfg.adversarial_model == "compact" else original
     x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
@@ -346,7 +358,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
         exclusion["synthetic_resynthesized"] = len(y_new)
         x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-        x_trigger = add_pixel_delta(x_ft, trigger, spec) if trigger is not None else None
+        x_trigger = unlearn(x_ft) if unlearn is not None else None
         x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
         history += finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger)
     timings["finetune"] = time.perf_counter() - start
@@ -389,67 +401,82 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
     return x, y
 
 
+def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:
+    """{"patch": the patch probe's report, "warp": the warp probe's} of ``model`` on synthetic
+    images ``x``; a probe that is off (``cfg``) gives None, and the warp probe runs only when no
+    stamp fires (found_trigger takes the stamp first)."""
+    patch = patch_probe(model, x, cfg.patch_probe) if cfg.patch_probe is not None else None
+    run_warp = cfg.warp_probe is not None and not patch_score(patch)
+    return {"patch": patch, "warp": warp_probe(model, x, cfg.warp_probe) if run_warp else None}
+
+
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,
-                      flip: dict | None = None, all_to_all: bool = False, patch: dict | None = None) -> dict:
+                      flip: dict | None = None, all_to_all: bool = False, trigger: dict | None = None) -> dict:
     """The report's record of which synthetic images the fine-tune left out, of the universal
-    inverted trigger (flip rate, consistency), of the all-to-all verdict, and of the patch probe's
-    firing stamp (``patch``, None when none fired)."""
+    inverted trigger (flip rate, consistency), of the all-to-all verdict, and of the probes'
+    firing trigger (``trigger``, None when none fired)."""
     return {"suspected_target": target, "inversion_concentration": inversion_concentration,
             "synthetic_excluded": excluded,
             "flip_rate": flip["flip_rate"] if flip else None,
             "flip_mapping_consistency": flip["mapping_consistency"] if flip else None,
-            "all_to_all_suspected": all_to_all, "patch": patch}
+            "all_to_all_suspected": all_to_all, "trigger": trigger}
 
 
-def patch_summary_text(patch: dict | None) -> str:
-    """The defend log's words for the patch probe's firing stamp ('' when none fired)."""
-    if patch is None:
+def found_summary_text(trigger: dict | None) -> str:
+    """The defend log's words for the probes' firing trigger ('' when none fired)."""
+    if trigger is None:
         return ""
-    return (f"; the stamp {stamp_text(patch)} flips "
-            f"{patch['flip_rate']:.0%} (class {patch['target_class_estimate']} most), "
-            f"{patch['flip_rate_compact']:.0%} after compaction")
+    return (f"; the {trigger['kind']} probe's trigger ({trigger_text(trigger)}) flips "
+            f"{trigger['flip_rate']:.0%} (class {trigger['target_class_estimate']} most), "
+            f"{trigger['flip_rate_compact']:.0%} after compaction")
 
 
 def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     cfg: DefendConfig, patch: dict | None = None) -> tuple[dict | None, dict | None, torch.Tensor | None]:
+                     cfg: DefendConfig, found: dict | None = None) -> tuple[dict | None, dict | None, Callable | None]:
     """The original model's adversarial histogram report on the synthetic images (None when
     neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
     (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
-    and the trigger to unlearn (1, C, H, W, pixel units; else None): the patch probe's firing
-    stamp (``patch``, the probe's report on ``original`` and ``x``) per ``cfg.patch_unlearn`` (its
-    flip rate on ``compact``, the compacted model before the fine-tune, decides "residual"), else
-    the universal inverted trigger when it fired within
+    and the trigger to unlearn, as a function from normalized images to triggered ones (else None):
+    the probes' firing trigger (``found``, a patch or warp probe report on ``original`` and ``x``)
+    per ``cfg.patch_unlearn`` (its flip rate on ``compact``, the compacted model before the
+    fine-tune, decides "residual"), else the universal inverted trigger when it fired within
     ``cfg.unlearn_scope``. The suspected target class is left out only with
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
-    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, patch)
+    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, found)
     # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
     # its images out only costs that class.
     has_target = cfg.exclude_suspected_target and not suspicion["all_to_all"]
     target = suspicion["target"] if has_target else None
     excluded = int((y == target).sum()) if target is not None else 0
     flip = suspicion["flip"]
-    trigger = suspicion["trigger"] if cfg.unlearn_scope == "any" or all_to_all_suspected(flip) else None
+    spec = original.cc_spec
+    delta = suspicion["trigger"] if cfg.unlearn_scope == "any" or all_to_all_suspected(flip) else None
+    unlearn = (lambda images: add_pixel_delta(images, delta, spec)) if delta is not None else None
     fired = None
-    if patch_score(patch):
-        residual = stamp_flip_rate(compact, x, patch, cfg.patch_probe.n)
-        unlearn = cfg.patch_unlearn == "always" or (cfg.patch_unlearn == "residual" and residual >= RESIDUAL_FLIP)
-        fired = {k: patch[k] for k in ("row", "col", "size", "value", "flip_rate", "target_class_estimate",
-                                       "concentration", "mapping_consistency")} | {
-            "flip_rate_compact": residual, "unlearned": unlearn}
-        if unlearn:
-            trigger = stamp_delta(patch, tuple(x.shape[1:]))
+    if trigger_score(found):
+        residual = trigger_flip_rate(compact, x, found, found["n"])
+        unlearned = cfg.patch_unlearn == "always" or (cfg.patch_unlearn == "residual" and residual >= RESIDUAL_FLIP)
+        fired = {k: v for k, v in found.items() if k in TRIGGER_RECORD_KEYS} | {
+            "flip_rate_compact": residual, "unlearned": unlearned}
+        if unlearned:
+            unlearn = lambda images: apply_found_trigger(images, found, spec)  # noqa: E731
     summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, flip,
                                 suspicion["all_to_all"], fired)
-    return suspicion["adversarial"], summary, trigger
+    return suspicion["adversarial"], summary, unlearn
+
+
+# What the report keeps of a probe's firing trigger: enough to apply it again (stamp or field) and its statistics.
+TRIGGER_RECORD_KEYS = ("kind", "row", "col", "size", "value", "shift", "pull_class", "max_shift_used", "n", "flip_rate",
+                       "target_class_estimate", "concentration", "mapping_consistency")
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
-                  patch: dict | None = None) -> tuple[nn.Module, dict]:
+                  found: dict | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed, shrunk or
     held at their mean (``cfg.channel_mode``; the model itself when off), then the trigger channel
-    clean (``trigger_clean``) with the patch probe's report ``patch`` on synthetic images ``x``;
+    clean (``trigger_clean``) with the probes' firing trigger ``found`` on synthetic images ``x``;
     and {"u", "mode", "pruned": {conv: n}, "n_pruned", "trigger": trigger_clean's record}."""
     from cc_core.baselines.clp import clp
 
@@ -457,58 +484,59 @@ def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = 
         cleaned, info = model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
     else:
         cleaned, info = clp(model, cfg.channel_u, cfg.channel_mode)
-    cleaned, info["trigger"] = trigger_clean(cleaned, x, patch, cfg)
+    cleaned, info["trigger"] = trigger_clean(cleaned, x, found, cfg)
     return cleaned, info
 
 
-def trigger_clean(model: nn.Module, x: torch.Tensor | None, patch: dict | None,
+def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
                   cfg: DefendConfig) -> tuple[nn.Module, dict]:
-    """``model`` with the channels the patch probe's firing stamp excites zeroed
-    (cc_core.trigger_clean, z > ``cfg.trigger_channel_u``) when the stamp still flips >=
-    RESIDUAL_FLIP of the first ``cfg.patch_probe.n`` synthetic images ``x`` on ``model``; else
-    ``model`` itself. The record: {"u", "stamp_flip_rate" (on ``model``; None when the stamp did
-    not fire or the clean is off), "stamp_flip_rate_after", "pruned", "n_pruned", "channels"}."""
+    """``model`` with the channels the probes' firing trigger ``found`` (a stamp or a warp) excites
+    zeroed (cc_core.trigger_clean, z > ``cfg.trigger_channel_u``) when it still flips >=
+    RESIDUAL_FLIP of the first ``found["n"]`` synthetic images ``x`` on ``model``; else ``model``
+    itself. The record: {"u", "kind" (the trigger's), "trigger_flip_rate" (on ``model``; None when
+    no trigger fired or the clean is off), "trigger_flip_rate_after", "pruned", "n_pruned", "channels"}."""
     from cc_core.trigger_clean import prune_trigger_channels
 
-    info = {"u": cfg.trigger_channel_u, "stamp_flip_rate": None, "stamp_flip_rate_after": None,
+    info = {"u": cfg.trigger_channel_u, "kind": None, "trigger_flip_rate": None, "trigger_flip_rate_after": None,
             "pruned": {}, "n_pruned": 0, "channels": []}
-    if cfg.trigger_channel_u is None or x is None or not patch_score(patch):
+    if cfg.trigger_channel_u is None or x is None or not trigger_score(found):
         return model, info
-    info["stamp_flip_rate"] = stamp_flip_rate(model, x, patch, cfg.patch_probe.n)
-    if info["stamp_flip_rate"] < RESIDUAL_FLIP:
+    info["kind"] = found["kind"]
+    info["trigger_flip_rate"] = trigger_flip_rate(model, x, found, found["n"])
+    if info["trigger_flip_rate"] < RESIDUAL_FLIP:
         return model, info
-    x_triggered = add_pixel_delta(x, stamp_delta(patch, tuple(x.shape[1:])), model.cc_spec)
-    pruned, found = prune_trigger_channels(model, x, x_triggered, cfg.trigger_channel_u)
-    return pruned, info | found | {"stamp_flip_rate_after": stamp_flip_rate(pruned, x, patch, cfg.patch_probe.n)}
+    pruned, channels = prune_trigger_channels(model, x, apply_found_trigger(x, found, model.cc_spec), cfg.trigger_channel_u)
+    return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}
 
 
 def trigger_clean_text(info: dict) -> str:
     """The defend log's words for the trigger channel clean ('' when it did not run)."""
-    if info["stamp_flip_rate"] is None:
+    if info["trigger_flip_rate"] is None:
         return ""
-    if not info["n_pruned"] and info["stamp_flip_rate_after"] is None:
-        return f" (the probe's stamp flips {info['stamp_flip_rate']:.0%} after them: no trigger channel clean)"
-    return (f", then {info['n_pruned']} channels the probe's stamp excites (it flips {info['stamp_flip_rate']:.0%} "
-            f"-> {info['stamp_flip_rate_after']:.0%})")
+    if not info["n_pruned"] and info["trigger_flip_rate_after"] is None:
+        return f" (the probe's {info['kind']} flips {info['trigger_flip_rate']:.0%} after them: no trigger channel clean)"
+    return (f", then {info['n_pruned']} channels the probe's {info['kind']} excites (it flips "
+            f"{info['trigger_flip_rate']:.0%} -> {info['trigger_flip_rate_after']:.0%})")
 
 
 def gated_teacher(cleaned: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
-                  patch: dict | None = None) -> tuple[nn.Module | None, dict]:
+                  found: dict | None = None) -> tuple[nn.Module | None, dict]:
     """The teacher the fine-tune distills from (``distillation_teacher``), or None when there is no
-    distillation or ``cfg.kd_gate`` closes: with "verified", the patch probe's firing stamp
-    (``patch``, measured on the synthetic images ``x``) must flip < RESIDUAL_FLIP of them on the
-    teacher. The record: {"gate", "distill", "teacher_stamp_flip_rate" (None when not measured),
-    "reason" (why there is no distillation although asked for; None otherwise)}."""
-    record = {"gate": cfg.kd_gate, "distill": False, "teacher_stamp_flip_rate": None, "reason": None}
+    distillation or ``cfg.kd_gate`` closes: with "verified", the probes' firing trigger (``found``,
+    a stamp or a warp measured on the synthetic images ``x``) must flip < RESIDUAL_FLIP of them on
+    the teacher. The record: {"gate", "distill", "teacher_trigger_flip_rate" (None when not
+    measured), "reason" (why there is no distillation although asked for; None otherwise)}."""
+    record = {"gate": cfg.kd_gate, "distill": False, "teacher_trigger_flip_rate": None, "reason": None}
     if not cfg.finetune.needs_teacher:
         return None, record
-    if cfg.kd_gate == "verified" and (x is None or not patch_score(patch)):
-        return None, record | {"reason": "the patch probe found no trigger to verify the teacher against"}
+    if cfg.kd_gate == "verified" and (x is None or not trigger_score(found)):
+        return None, record | {"reason": "the probes found no trigger to verify the teacher against"}
     teacher = distillation_teacher(cleaned, cfg)
     if cfg.kd_gate == "verified":
-        record["teacher_stamp_flip_rate"] = flip = stamp_flip_rate(teacher, x, patch, cfg.patch_probe.n)
+        record["teacher_trigger_flip_rate"] = flip = trigger_flip_rate(teacher, x, found, found["n"])
         if flip >= RESIDUAL_FLIP:
-            return None, record | {"reason": f"the probe's stamp still flips {flip:.0%} of the synthetic images on the teacher"}
+            return None, record | {"reason": f"the probe's {found['kind']} still flips {flip:.0%} of the synthetic "
+                                             "images on the teacher"}
     return teacher, record | {"distill": True}
 
 

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentration, pgd, predictions
@@ -62,6 +63,8 @@ ANOMALY_THRESHOLD = 2.0
 FLIP_MARGIN = 1.0
 FLIP_THRESHOLD = 0.5
 PATCH_THRESHOLD = 0.5
+# The zoo WaNet's pull field into its target moves 50% of the probe's images; a clean model's best, 0-7%.
+WARP_THRESHOLD = 0.25
 # A found stamp still "fires" on a cleaned or compacted model when it flips this many synthetic
 # images: the demo's BadNet model, 94% before, 23% after the channel clean (real ASR 51.6%), 17%
 # after compaction; a model without a backdoor, 3% for its best stamp.
@@ -391,7 +394,7 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
     value, size, row, col = finalists[best].tolist()
     hist = torch.bincount(after[best], minlength=spec.num_classes)
     by_size = {str(k): float(rates[stamps[:, 1] == k].max()) for k in cfg.sizes if (stamps[:, 1] == k).any()}
-    return {"row": int(row), "col": int(col), "size": int(size), "value": value,
+    return {"kind": "patch", "row": int(row), "col": int(col), "size": int(size), "value": value,
             "flip_rate": float(final_rates[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
             "target_class_estimate": int(hist.argmax()),
             "mapping_consistency": mapping_consistency(before, after[best], spec.num_classes),
@@ -400,13 +403,176 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
 
 
 @torch.no_grad()
-def stamp_flip_rate(model: nn.Module, x: torch.Tensor, stamp: dict, n: int = 64) -> float:
-    """The fraction of the first ``n`` images of ``x`` (normalized) whose prediction ``stamp``
-    (a patch_probe result) changes under ``model``: does the found trigger still fire?"""
-    spec = model.cc_spec
+def trigger_flip_rate(model: nn.Module, x: torch.Tensor, found: dict, n: int = 64) -> float:
+    """The fraction of the first ``n`` images of ``x`` (normalized) whose prediction the probe's
+    trigger ``found`` (a patch_probe or warp_probe result) changes under ``model``: does the found
+    trigger still fire?"""
     x = x[:n].detach()
-    triggered = add_pixel_delta(x, stamp_delta(stamp, tuple(x.shape[1:])), spec)
+    triggered = apply_found_trigger(x, found, model.cc_spec)
     return float((predictions(model, triggered) != predictions(model, x)).float().mean())
+
+
+@dataclass(frozen=True)
+class WarpProbeConfig:
+    """The warp probe: a smooth displacement field (``grid`` x ``grid`` control points, upsampled
+    bicubic; each point moves at most ``max_shift`` pixels, via tanh) optimized by ``steps`` Adam
+    steps (``lr``) on batches of ``batch_size`` of the first ``n`` synthetic images: one field per
+    class, pulling the images into it (a logit margin floored at ``margin``), and one untargeted
+    field pushing them out of their own class; flip rates measured on the ``n`` images."""
+
+    grid: int = 4
+    max_shift: float = 0.75
+    steps: int = 100
+    lr: float = 0.1
+    n: int = 64
+    batch_size: int = 32
+    margin: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("grid", "steps", "n", "batch_size"):
+            if getattr(self, name) < (2 if name == "grid" else 1):
+                raise ConfigError(f"warp probe {name} must be >= {2 if name == 'grid' else 1}, got {getattr(self, name)}")
+        for name in ("max_shift", "lr", "margin"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"warp probe {name} must be > 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def warp_grid(shift: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Sampling grids (T, H, W, 2) for grid_sample(align_corners=True): the identity plus the
+    control-point shifts ``shift`` (T, 2, k, k; x then y, in pixels) upsampled bicubic to H x W,
+    clamped to the image."""
+    field = F.interpolate(shift, size=(height, width), mode="bicubic", align_corners=True)
+    scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=shift.device, dtype=shift.dtype)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height, device=shift.device, dtype=shift.dtype),
+                            torch.linspace(-1, 1, width, device=shift.device, dtype=shift.dtype), indexing="ij")
+    identity = torch.stack((xs, ys), -1)[None]
+    return (identity + field.permute(0, 2, 3, 1) * scale).clamp(-1, 1)
+
+
+def warp_pixels(pix: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Pixel images ``pix`` (N, C, H, W) warped by each field of ``shift`` (T, 2, k, k, pixels):
+    (T * N, C, H, W), field-major."""
+    t, (n, c, h, w) = len(shift), pix.shape
+    grid = warp_grid(shift, h, w)[:, None].expand(t, n, h, w, 2).reshape(t * n, h, w, 2)
+    return F.grid_sample(pix[None].expand(t, n, c, h, w).reshape(t * n, c, h, w), grid, align_corners=True)
+
+
+def warp_images(x: torch.Tensor, shift: torch.Tensor, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) warped by one field ``shift`` (2, k, k, pixels)."""
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    return (warp_pixels(pix, shift[None].to(x.device, x.dtype)) - mean) / std
+
+
+def _warp_margins(logits: torch.Tensor, classes: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
+    """Per image: for a pull, the runner-up's logit margin over ``classes`` (the image's target:
+    falls as it moves in); for a push (``pull`` False, ``classes`` its own class), the class's
+    margin over the runner-up (falls as it moves out)."""
+    own = logits.gather(1, classes[:, None]).squeeze(1)
+    other = logits.scatter(1, classes[:, None], float("-inf")).amax(1)
+    return torch.where(pull, other - own, own - other)
+
+
+def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpProbeConfig()) -> dict:
+    """The smooth warp that changes the most predictions on synthetic images ``x`` (N, C, H, W,
+    normalized): one field per class pulling the first ``cfg.n`` images into that class (those
+    already in it left out) and one pushing them out of their own, optimized together.
+
+    Returns the best field: ``kind`` "warp", ``shift`` (2, k, k pixel shifts of its control
+    points, as nested lists), ``pull_class`` (None for the push), ``flip_rate`` on the ``n``
+    images, ``histogram`` / ``concentration`` / ``target_class_estimate`` / ``mapping_consistency``
+    as the patch probe gives them, ``class_rates`` (each pull field's rate of moving images into its
+    class), ``max_shift_used`` and ``n``.
+
+    A warp trigger (WaNet) is a fixed smooth field under a pixel of shift that a backdoored model
+    learned to map to its target; a clean model's predictions barely move under such a warp.
+    Neither the additive inversions nor the patch probe can express it (on the zoo WaNet the pull
+    field into class 0 moves 50% of 32 synthetic images, a clean model's best field 0%:
+    benchmarks/results/warp_probe.md)."""
+    spec, n_classes = model.cc_spec, model.cc_spec.num_classes
+    pix, mean, std = _to_pixels(x[:cfg.n].detach(), spec.mean, spec.std)
+    n = len(pix)
+    before = predictions(model, x[:n]).to(pix.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fields = n_classes + 1
+    theta = (0.1 * torch.randn(fields, 2, cfg.grid, cfg.grid, generator=gen)).to(pix.device).requires_grad_(True)
+    pull = torch.arange(fields, device=pix.device) < n_classes
+    opt = torch.optim.Adam([theta], lr=cfg.lr)
+    was_training = model.training
+    model.eval()
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(cfg.steps):
+            idx = torch.randperm(n, generator=gen)[:cfg.batch_size].to(pix.device)
+            b = len(idx)
+            classes = torch.where(pull[:, None], torch.arange(fields, device=pix.device)[:, None].clamp_max(n_classes - 1),
+                                  before[idx][None]).reshape(-1)
+            eligible = (~pull[:, None] | (before[idx][None] != torch.arange(fields, device=pix.device)[:, None])).reshape(-1)
+            logits = model((warp_pixels(pix[idx], cfg.max_shift * torch.tanh(theta)) - mean) / std).float()
+            margins = _warp_margins(logits, classes, pull[:, None].expand(fields, b).reshape(-1)).clamp_min(-cfg.margin)
+            loss = (margins * eligible).view(fields, b).sum(1) / eligible.view(fields, b).sum(1).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+        with torch.no_grad():
+            shift = cfg.max_shift * torch.tanh(theta)
+            after = torch.cat([predictions(model, (warp_pixels(pix, shift[i:i + 1]) - mean) / std)[None]
+                               for i in range(fields)]).cpu()
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+    before = before.cpu()
+    flips = (after != before[None]).float().mean(1)
+    class_rates = [float(((after[c] == c) & (before != c)).sum() / max(int((before != c).sum()), 1))
+                   for c in range(n_classes)]
+    best = int(flips.argmax())
+    hist = torch.bincount(after[best], minlength=n_classes)
+    return {"kind": "warp", "shift": shift[best].cpu().tolist(), "pull_class": best if best < n_classes else None,
+            "flip_rate": float(flips[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
+            "target_class_estimate": int(hist.argmax()),
+            "mapping_consistency": mapping_consistency(before, after[best], n_classes),
+            "class_rates": class_rates, "push_flip_rate": float(flips[-1]),
+            "max_shift_used": float(shift[best].abs().max()), "n": n}
+
+
+def warp_score(probe: dict | None) -> float:
+    """The warp probe's risk signal: its best field's flip rate once it reaches WARP_THRESHOLD, else 0."""
+    return probe["flip_rate"] if probe is not None and probe["flip_rate"] >= WARP_THRESHOLD else 0.0
+
+
+def trigger_score(found: dict | None) -> float:
+    """The risk signal of a probe's report: patch_score for a stamp, warp_score for a warp."""
+    if found is None:
+        return 0.0
+    return warp_score(found) if found.get("kind") == "warp" else patch_score(found)
+
+
+def found_trigger(patch: dict | None, warp: dict | None) -> dict | None:
+    """The probe report of the trigger that fires: the patch probe's stamp when it fires, else the
+    warp probe's field when it fires, else None."""
+    return next((found for found in (patch, warp) if trigger_score(found)), None)
+
+
+def apply_found_trigger(x: torch.Tensor, found: dict, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) with a probe's trigger applied: its stamp painted on, or
+    its field's warp."""
+    if found.get("kind") == "warp":
+        return warp_images(x, torch.tensor(found["shift"]), spec)
+    return add_pixel_delta(x, stamp_delta(found, tuple(x.shape[1:])), spec)
+
+
+def trigger_text(found: dict) -> str:
+    """A probe's trigger in words: '3x3 white at (29, 29)' or 'a 4x4-point warp (max 0.62 px)'."""
+    if found.get("kind") == "warp":
+        k = len(found["shift"][0])
+        return f"a {k}x{k}-point warp (max {found['max_shift_used']:.2f} px)"
+    return stamp_text(found)
 
 
 def patch_score(probe: dict | None) -> float:
@@ -454,21 +620,21 @@ def all_to_all_suspected(flip: dict | None) -> bool:
     return flip is not None and all_to_all_score(flip) >= FLIP_THRESHOLD
 
 
-def trigger_all_to_all(flip: dict | None, patch: dict | None) -> bool:
-    """The universal inversion, or a patch probe stamp that fires (patch_score), looks all-to-all."""
-    return all_to_all_suspected(flip) or (bool(patch_score(patch)) and all_to_all_suspected(patch))
+def trigger_all_to_all(flip: dict | None, found: dict | None) -> bool:
+    """The universal inversion, or a probe's trigger that fires (trigger_score), looks all-to-all."""
+    return all_to_all_suspected(flip) or (bool(trigger_score(found)) and all_to_all_suspected(found))
 
 
-def flagged_target(adversarial: dict, inversion: dict, patch: dict | None = None) -> int | None:
-    """The target class a signal flags: the patch probe's top class when its stamp fires
-    (patch_score) into one class (concentration >= TARGET_FROM_INVERSION), else the channel
+def flagged_target(adversarial: dict, inversion: dict, found: dict | None = None) -> int | None:
+    """The target class a signal flags: a probe's top class when its trigger (stamp or warp) fires
+    (trigger_score) into one class (concentration >= TARGET_FROM_INVERSION), else the channel
     inversion's top class when its concentration reaches TARGET_FROM_INVERSION, else the
     adversarial histogram's top class when its anomaly index exceeds ANOMALY_THRESHOLD; None when
     none flags one. The universal inversion names no target: when it sends everything to one
     class, that class is as often a clean model's easiest sink as the target (on the zoo WaNet it
     named 9, not 0; sweep_defend_unlearn.md)."""
-    if patch_score(patch) and patch["concentration"] >= TARGET_FROM_INVERSION:
-        return patch["target_class_estimate"]
+    if trigger_score(found) and found["concentration"] >= TARGET_FROM_INVERSION:
+        return found["target_class_estimate"]
     if inversion["concentration"] >= TARGET_FROM_INVERSION:
         return inversion["target_class_estimate"]
     if adversarial["anomaly_index"] > ANOMALY_THRESHOLD:
@@ -477,28 +643,30 @@ def flagged_target(adversarial: dict, inversion: dict, patch: dict | None = None
 
 
 def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg: PGDConfig = PGDConfig(),
-                     inversion_cfg: InversionConfig = InversionConfig(), patch: dict | None = None) -> dict:
+                     inversion_cfg: InversionConfig = InversionConfig(), found: dict | None = None) -> dict:
     """{"target": flagged class or None, "adversarial": histogram report, "inversion": channel
     inversion report, "flip": universal inversion report, "trigger": its delta (1, C, H, W, pixel
-    units) when it fires, else None, "patch": ``patch`` (the patch probe's report on ``model``
-    and ``x``, made beforehand; None when it did not run), "all_to_all": whether the flip or the
-    patch looks all-to-all} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    units) when it fires, else None, "found": ``found`` (a probe's report on ``model`` and ``x``,
+    made beforehand; None when none fired), "all_to_all": whether the flip or the
+    found trigger looks all-to-all} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
     adversarial = histogram_report(model, x, y, pgd_cfg)
     inversion = inversion_report(model, x, inversion_cfg)
     flip, delta = flip_report(model, x, inversion_cfg)
-    return {"target": flagged_target(adversarial, inversion, patch), "adversarial": adversarial,
+    return {"target": flagged_target(adversarial, inversion, found), "adversarial": adversarial,
             "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None,
-            "patch": patch, "all_to_all": trigger_all_to_all(flip, patch)}
+            "found": found, "all_to_all": trigger_all_to_all(flip, found)}
 
 
 def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, iterations=100),
          pgd_cfg: PGDConfig = PGDConfig(), device=None, progress: bool = True,
          inversion_cfg: InversionConfig = InversionConfig(),
-         patch_cfg: PatchProbeConfig | None = PatchProbeConfig()) -> dict:
+         patch_cfg: PatchProbeConfig | None = PatchProbeConfig(),
+         warp_cfg: WarpProbeConfig | None = WarpProbeConfig()) -> dict:
     """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``,
     ``all_to_all_suspected``, the adversarial histogram's statistics (top level),
     ``inversion`` (through outlier channels), ``flip`` (universal inversion), ``patch`` (patch
-    probe; None without ``patch_cfg``), spectra, timings."""
+    probe; None without ``patch_cfg``), ``warp`` (warp probe; None without ``warp_cfg``), spectra,
+    timings."""
     start = time.perf_counter()
     x, y, log = synthesize(model, synth_cfg, device=device, progress=progress)
     t_synth = time.perf_counter() - start
@@ -510,18 +678,22 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
     t_flip = time.perf_counter() - start - t_synth - t_pgd - t_inversion
     report["patch"] = patch_probe(model, x, patch_cfg) if patch_cfg is not None else None
     t_patch = time.perf_counter() - start - t_synth - t_pgd - t_inversion - t_flip
+    report["warp"] = warp_probe(model, x, warp_cfg) if warp_cfg is not None else None
+    t_warp = time.perf_counter() - start - t_synth - t_pgd - t_inversion - t_flip - t_patch
     report["risk_signals"] = {"inversion": report["inversion"]["concentration"],
                               "all_to_all": all_to_all_score(report["flip"]),
                               "adversarial": adversarial_score(report["anomaly_index"]),
-                              "patch": patch_score(report["patch"])}
+                              "patch": patch_score(report["patch"]), "warp": warp_score(report["warp"])}
     report["risk"] = max(report["risk_signals"].values())
-    report["all_to_all_suspected"] = trigger_all_to_all(report["flip"], report["patch"])
-    flagged = flagged_target(report, report["inversion"], report["patch"])
+    found = found_trigger(report["patch"], report["warp"])
+    report["all_to_all_suspected"] = trigger_all_to_all(report["flip"], found)
+    flagged = flagged_target(report, report["inversion"], found)
     if flagged is not None:
         report["target_class_estimate"] = flagged
     report["spectra"] = spectra(model)
     report["timings_s"] = {"synthesize": t_synth, "adversarial": t_pgd, "inversion": t_inversion, "flip": t_flip,
-                           "patch": t_patch, "total": time.perf_counter() - start}
+                           "patch": t_patch, "warp": t_warp, "total": time.perf_counter() - start}
     report["config"] = {"synth": synth_cfg.to_dict(), "pgd": pgd_cfg.to_dict(), "inversion": inversion_cfg.to_dict(),
-                        "patch": patch_cfg.to_dict() if patch_cfg is not None else None}
+                        "patch": patch_cfg.to_dict() if patch_cfg is not None else None,
+                        "warp": warp_cfg.to_dict() if warp_cfg is not None else None}
     return report

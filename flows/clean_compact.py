@@ -121,17 +121,17 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
                     {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device)
     if cfg.synth_model == "original":
         synthesized = steps.synthesize_task(run, original, cfg)
-        probed = steps.patch_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
-        compacted = steps.compact_task(run, original, cfg, synthesized["files"]["synthetic"], probed["patch"])
+        probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
+        compacted = steps.compact_task(run, original, cfg, synthesized["files"]["synthetic"], probed["trigger"])
     else:
         compacted = steps.compact_task(run, original, cfg)
     compact = compacted["files"]["compact"]
     if cfg.synth_model == "compact":
         synthesized = steps.synthesize_task(run, compact, cfg)
-        probed = steps.patch_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
+        probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
     synthetic = synthesized["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
-    adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["patch"])
+    adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"])
     tuned = steps.finetune_task(run, compact, synthetic, adversarial["files"].get("adversarial"),
                                 compacted["files"].get("teacher"), cfg, adversarial["exclusion"]["suspected_target"],
                                 adversarial["files"].get("trigger"))
@@ -145,7 +145,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     metrics = {f"{k}_{when}": by_step.get(step, {}).get(k) for k in ("acc", "asr", "ra", "per_class_acc")
                for when, step in (("before", "original"), ("after", "fine-tuned"))}
     timings = dict(compacted["timings"])
-    for name, out in (("synthesize", synthesized), ("patch_probe", probed), ("adversarial", adversarial), ("finetune", tuned),
+    for name, out in (("synthesize", synthesized), ("trigger_probe", probed), ("adversarial", adversarial), ("finetune", tuned),
                       ("evaluate", evaluated), ("export", exported)):
         timings[name] = out["seconds"]
     timings["total"] = time.perf_counter() - t0  # wall time of this run (finished steps reused count ~0)

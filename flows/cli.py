@@ -276,10 +276,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["trigger_channel_u"] = args.trigger_channel_u
     if args.kd_gate:
         overrides["kd_gate"] = args.kd_gate
-    if args.no_trigger_clean or args.no_patch_probe:
+    if args.no_trigger_clean or (args.no_patch_probe and args.no_warp_probe):
         overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
         overrides["patch_probe"] = None
+    if args.no_warp_probe:
+        overrides["warp_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
@@ -343,12 +345,14 @@ def _clean_subset(args: argparse.Namespace):
 def cmd_scan(args: argparse.Namespace) -> int:
     """Data-free backdoor risk report of a model."""
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import scan
+    from cc_core.scan import WarpProbeConfig, scan
     from cc_core.synth import SynthConfig
 
     model = _load(args)
+
     report = scan(model, SynthConfig(n_samples=args.samples, iterations=args.iterations, seed=args.seed),
-                  PGDConfig(seed=args.seed), device=args.device, progress=not args.quiet)
+                  PGDConfig(seed=args.seed), device=args.device, progress=not args.quiet,
+                  warp_cfg=None if args.no_warp_probe else WarpProbeConfig(seed=args.seed))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -365,7 +369,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     inv, flip = report["inversion"], report["flip"]
     signals = report["risk_signals"]
     print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, all-to-all {signals['all_to_all']:.2f}, "
-          f"patch {signals['patch']:.2f}, adversarial {signals['adversarial']:.2f}), most likely target class {label}")
+          f"patch {signals['patch']:.2f}, warp {signals.get('warp', 0.0):.2f}, adversarial {signals['adversarial']:.2f}), most likely target class {label}")
     print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
           + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
              + " ".join(str(c) for c in inv["histogram"]) if inv["histogram"] else ""))
@@ -379,6 +383,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"patch probe: the best stamp ({stamp_text(patch)}) "
               f"flips {patch['flip_rate']:.0%} of {patch['n']} synthetic images (median stamp "
               f"{patch['median_screen_rate']:.0%}); class histogram: " + " ".join(str(c) for c in patch["histogram"]))
+    warp = report.get("warp")
+    if warp:
+        pulled = "pushing images out of their class" if warp["pull_class"] is None else f"pulling into class {warp['pull_class']}"
+        print(f"warp probe: the best smooth warp ({pulled}, max shift {warp['max_shift_used']:.2f} px) flips "
+              f"{warp['flip_rate']:.0%} of {warp['n']} synthetic images; class histogram: "
+              + " ".join(str(c) for c in warp["histogram"]))
     print(f"adversarial class histogram (concentration {report['concentration']:.2f}, anomaly index "
           f"{report['anomaly_index']:.1f}): " + " ".join(str(c) for c in report["histogram"]))
     top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]
@@ -509,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
                         "(cpu preset), whenever it fires, or never")
     p.add_argument("--no-patch-probe", action="store_true",
-                   help="scan without the patch probe (and so without the trigger channel clean)")
+                   help="scan without the patch probe (the trigger channel clean then needs the warp probe)")
+    p.add_argument("--no-warp-probe", action="store_true",
+                   help="scan without the warp probe (with --no-patch-probe: no trigger channel clean)")
     p.add_argument("--trigger-channel-u", type=float,
                    help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
     p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")
@@ -541,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the full report (with spectra) as JSON")
+    p.add_argument("--no-warp-probe", action="store_true", help="skip the warp probe (~40 s on 2 CPU cores)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_scan)

@@ -141,6 +141,7 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
                 | {k: report["inversion"][k] for k in ("n_channel_outliers", "max_channel_z")}
                 | {f"flip_{k}": report["flip"][k] for k in ("flip_rate", "mapping_consistency")}
                 | ({"patch_flip_rate": report["patch"]["flip_rate"]} if report["patch"] else {})
+                | ({"warp_flip_rate": report["warp"]["flip_rate"]} if report.get("warp") else {})
                 | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
     out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg},
@@ -150,6 +151,7 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
     s = out["summary"]
     target = f"{s['target_class_estimate']}" + (" (all-to-all suspected)" if s["all_to_all_suspected"] else "")
     patch = f", best patch stamp flips {s['patch_flip_rate']:.0%}" if "patch_flip_rate" in s else ""
+    patch += f", best warp flips {s['warp_flip_rate']:.0%}" if "warp_flip_rate" in s else ""
     get_run_logger().info(f"scan: risk {s['risk']:.2f} ({s['n_channel_outliers']} outlier channels, inverted trigger "
                           f"flips {s['flip_flip_rate']:.0%}{patch}), adversarial concentration {s['concentration']:.2f}, "
                           f"estimated target class {target}")
@@ -158,11 +160,12 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
 
 @task(name="clean-compact", **COMPUTE)
 def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | None = None,
-                 patch: dict | None = None) -> dict:
+                 trigger: dict | None = None) -> dict:
     """Channel clean, Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the
     clipped full-rank model the fine-tune distills from. ``synthetic_file``: synthetic images on
     which the sensitivity rank strategy measures the layers (its first ``cfg.calibration_samples``)
-    and the trigger channel clean measures ``patch``, the patch probe's report (see patch_probe_task)."""
+    and the trigger channel clean and the distillation gate measure ``trigger``, the probes' firing
+    trigger (see trigger_probe_task)."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
     from cc_core.pipeline import channel_clean, gated_teacher, trigger_clean_text
@@ -171,7 +174,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         original = _load(model_file)
         start = time.perf_counter()
         x = _load_tensors(synthetic_file)["x"] if synthetic_file is not None else None
-        cleaned, channel_info = channel_clean(original, cfg, x if patch else None, patch)
+        cleaned, channel_info = channel_clean(original, cfg, x if trigger else None, trigger)
         channel_seconds = time.perf_counter() - start
         calibration = x[:cfg.calibration_samples] if x is not None and cfg.needs_calibration else None
         new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
@@ -179,7 +182,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
-        teacher, distillation = gated_teacher(cleaned, cfg, x if patch else None, patch)
+        teacher, distillation = gated_teacher(cleaned, cfg, x if trigger else None, trigger)
         if teacher is not None:
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])
@@ -191,17 +194,17 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
                                    "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher, "kd_gate": cfg.kd_gate,
-                                   "trigger_channel_u": cfg.trigger_channel_u, "patch": patch}
+                                   "trigger_channel_u": cfg.trigger_channel_u, "trigger": trigger}
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
-    trigger = out["channel_clean"]["trigger"]
-    log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"], "trigger_channels_zeroed": trigger["n_pruned"]},
+    trigger_info = out["channel_clean"]["trigger"]
+    log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"], "trigger_channels_zeroed": trigger_info["n_pruned"]},
                 "clean.")
     log_metrics(run, out["timings"], "time.")
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
-                          f"{trigger_clean_text(trigger)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
+                          f"{trigger_clean_text(trigger_info)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
     if out["distillation"]["reason"]:
         get_run_logger().info(f"no distillation: {out['distillation']['reason']}")
     return out
@@ -224,57 +227,58 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
     return out
 
 
-@task(name="patch-probe", **COMPUTE)
-def patch_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
-    """The patch probe (cc_core.scan.patch_probe) on the suspect and the fine-tune's synthetic
-    images: {"patch": its report, None when ``cfg.patch_probe`` is off}."""
-    from cc_core.scan import patch_probe, stamp_text
+@task(name="trigger-probe", **COMPUTE)
+def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
+    """The trigger probes (cc_core.pipeline.probe_triggers: the patch probe, then the warp probe when
+    no stamp fires) on the suspect and the fine-tune's synthetic images: {"patch", "warp": their
+    reports (None when off or not run), "trigger": the one that fires (None when neither)}."""
+    from cc_core.pipeline import probe_triggers
+    from cc_core.scan import found_trigger, trigger_text
 
     def compute() -> dict:
-        if cfg.patch_probe is None:
-            return {"patch": None}
         x = _load_tensors(synthetic_file)["x"].to(_device(cfg))
-        return {"patch": patch_probe(_load(model_file).to(_device(cfg)), x, cfg.patch_probe)}
+        probes = probe_triggers(_load(model_file).to(_device(cfg)), x, cfg)
+        return probes | {"trigger": found_trigger(probes["patch"], probes["warp"])}
 
-    out = _cached(run, "patch_probe", {"model": model_file, "synthetic": synthetic_file,
-                                       "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None}, compute)
-    patch = out["patch"]
-    if patch is not None:
-        log_metrics(run, {"patch_flip_rate": patch["flip_rate"], "patch_median_screen_rate": patch["median_screen_rate"]},
-                    "scan.")
-        get_run_logger().info(f"patch probe: best stamp {stamp_text(patch)} flips {patch['flip_rate']:.0%} "
-                              f"(class {patch['target_class_estimate']} most)")
-    log_metrics(run, {"patch_probe": out["seconds"]}, "time.")
+    out = _cached(run, "trigger_probe", {"model": model_file, "synthetic": synthetic_file,
+                                         "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
+                                         "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None}, compute)
+    for kind in ("patch", "warp"):
+        if out[kind] is not None:
+            log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")
+    found = out["trigger"]
+    if found is not None:
+        get_run_logger().info(f"{found['kind']} probe: {trigger_text(found)} flips {found['flip_rate']:.0%} "
+                              f"(class {found['target_class_estimate']} most)")
+    log_metrics(run, {"trigger_probes": out["seconds"]}, "time.")
     return out
 
 
 @task(name="adversarial", **COMPUTE)
 def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_model_file: str,
-                     synthetic_file: str, cfg, patch: dict | None = None) -> dict:
+                     synthetic_file: str, cfg, trigger: dict | None = None) -> dict:
     """The original model's adversarial class histogram on the synthetic images (the 'before'
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
     out, and, on the images the fine-tune keeps, PGD and the trigger the fine-tune unlearns (the
-    patch probe's stamp, kept when it still flips the compacted model, or the universal
+    probes' firing ``trigger``, kept when it still flips the compacted model, or the universal
     inverted trigger; see cc_core.pipeline.scan_and_suspect)."""
     from cc_core.adversarial import pgd
-    from cc_core.pipeline import exclude_class, exclusion_summary, patch_summary_text, scan_and_suspect
-    from cc_core.scan import add_pixel_delta
+    from cc_core.pipeline import exclude_class, exclusion_summary, found_summary_text, scan_and_suspect
 
     def compute() -> dict:
         t = _load_tensors(synthetic_file)
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
         original = _load(original_file).to(device)
-        before, exclusion, trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, patch)
+        before, exclusion, unlearn = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger)
         target = exclusion["suspected_target"] if exclusion else None
         x_kept, y_kept, _ = exclude_class(x, y, target)
         files = {}
         if cfg.finetune.adv_weight > 0:
             x_adv = pgd(_load(adv_model_file).to(device), x_kept, y_kept, cfg.pgd)
             files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
-        if trigger is not None and cfg.finetune.unlearn_weight > 0:
-            x_trigger = add_pixel_delta(x_kept, trigger, original.cc_spec)
-            files["trigger"] = _save_tensors(run.path / "trigger.safetensors", x=x_trigger)
+        if unlearn is not None and cfg.finetune.unlearn_weight > 0:
+            files["trigger"] = _save_tensors(run.path / "trigger.safetensors", x=unlearn(x_kept))
         return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0)}
 
     out = _cached(run, "adversarial", {"original": original_file, "compact": compact_file, "adv_model": adv_model_file,
@@ -283,7 +287,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
                                        "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
                                        "inversion": cfg.inversion.to_dict(),
-                                       "patch": patch, "patch_unlearn": cfg.patch_unlearn}, compute)
+                                       "trigger": trigger, "patch_unlearn": cfg.patch_unlearn}, compute)
     if out["histogram_before"]:
         log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
     if cfg.exclude_suspected_target:
@@ -291,11 +295,11 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
         log_metrics(run, {"synthetic_excluded": e["synthetic_excluded"]}, "scan.")
         get_run_logger().info(f"suspected target class {e['suspected_target']}: {e['synthetic_excluded']} "
                               "synthetic images left out of the fine-tune")
-    patch = out["exclusion"].get("patch")
-    if patch:
-        log_metrics(run, {"patch_flip_rate_compact": patch["flip_rate_compact"]}, "scan.")
-        get_run_logger().info("patch probe" + patch_summary_text(patch).removeprefix(";")
-                              + ("; unlearned" if patch["unlearned"] else "; not unlearned"))
+    fired = out["exclusion"].get("trigger")
+    if fired:
+        log_metrics(run, {"trigger_flip_rate_compact": fired["flip_rate_compact"]}, "scan.")
+        get_run_logger().info(found_summary_text(fired).removeprefix("; ")
+                              + ("; unlearned" if fired["unlearned"] else "; not unlearned"))
     log_metrics(run, {"adversarial": out["seconds"]}, "time.")
     return out
 

@@ -66,9 +66,14 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     for row, *values in written:
         fields = _fake_row(row, *values)
         if row.attack == "wanet":
-            fields["suspicion"] = {"suspected_target": 0, "inversion_concentration": 0.12, "synthetic_excluded": 103}
-            fields["distillation"] = {"gate": "verified", "distill": False, "teacher_stamp_flip_rate": None,
-                                      "reason": "no trigger to verify against"}
+            warp = {"kind": "warp", "shift": [[[0.5] * 4] * 4] * 2, "pull_class": 0, "max_shift_used": 0.5,
+                    "flip_rate": 0.5, "flip_rate_compact": 0.3, "unlearned": True}
+            fields["suspicion"] = {"suspected_target": 0, "inversion_concentration": 0.12, "synthetic_excluded": 103,
+                                   "trigger": warp}
+            fields["details"] = {"trigger": {"kind": "warp", "trigger_flip_rate": 0.33, "n_pruned": 18,
+                                             "trigger_flip_rate_after": 0.06}}
+            fields["distillation"] = {"gate": "verified", "distill": False, "teacher_trigger_flip_rate": 0.2,
+                                      "reason": "the probe's warp still flips 20% of the synthetic images on the teacher"}
             fields["config"] = {"compact_resolved": {"rank_strategy": "sensitivity"}}
             fields["machine"] |= {"git_commit": "abc1234", "cpu_bf16_native": False}
         if row.attack == "badnet" and row.defense == "cc":
@@ -79,10 +84,13 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
             fields["distillation"] = {"gate": "verified", "distill": True, "teacher_stamp_flip_rate": 0.0, "reason": None}
         (tmp_path / "bench" / f"{row.id}.json").write_text(json.dumps(fields))
     text = bench.render().read_text()
-    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | 0 | 103 | 0.12 | - | - | - | - | no: no trigger to verify against |" in text
-    assert ("| cifar10-resnet18-w0.25-badnet-cc-2x | 0 | 52 | 1.00 | - | - | 3x3 white at (29, 29): flips 0.94, "
+    assert ("| cifar10-resnet18-w0.25-wanet-cc-2x | 0 | 103 | 0.12 | - | - | warp a 4x4-point warp (max 0.50 px): "
+            "flips 0.50, 0.30 after compaction, unlearned | warp flips 0.33 after CLP: 18 channels zeroed, then 0.06 | "
+            "no: the probe's warp still flips 20% of the synthetic images on the teacher |") in text
+    # a row from before the warp probe: its stamp under "patch", stamp_flip_rate keys
+    assert ("| cifar10-resnet18-w0.25-badnet-cc-2x | 0 | 52 | 1.00 | - | - | patch 3x3 white at (29, 29): flips 0.94, "
             "0.00 after compaction | stamp flips 0.25 after CLP: 13 channels zeroed, then 0.00 "
-            "| yes (stamp flips 0.00 on the teacher) |") in text
+            "| yes (the trigger flips 0.00 on the teacher) |") in text
     assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | not run | 84.00 / 3.00 |" in text
     # mean drop (1 + 3) / 2 = 2 points > 1.5: missed by 0.50, over 2 of the 8 settings
     assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text

@@ -232,8 +232,11 @@ def test_defend_config_validation():
         resolve_config("cpu", compact={"rank_strategy": "sensitivity"}, synth_model="compact")
     with pytest.raises(ConfigError, match="calibration_samples must be a positive integer"):
         resolve_config("cpu", calibration_samples=0)
-    with pytest.raises(ConfigError, match="trigger_channel_u needs the patch probe"):
-        resolve_config("cpu", patch_probe=None)
+    with pytest.raises(ConfigError, match="trigger_channel_u needs a trigger probe"):
+        resolve_config("cpu", patch_probe=None, warp_probe=None)
+    assert resolve_config("cpu", patch_probe=None).warp_probe is not None  # the warp probe alone guides the clean
+    with pytest.raises(ConfigError, match="warp probe max_shift must be > 0"):
+        resolve_config("cpu", warp_probe={"max_shift": 0})
     with pytest.raises(ConfigError, match="trigger_channel_u must be > 0"):
         resolve_config("cpu", trigger_channel_u=0.0)
     with pytest.raises(ConfigError, match="patch_unlearn must be one of residual, always, never"):
@@ -280,26 +283,31 @@ def test_scan_reports_histogram_and_spectra():
     assert report["risk_signals"]["adversarial"] == adversarial_score(report["anomaly_index"])
 
 
-@pytest.mark.parametrize("inversion, flip, anomaly, risk, target, a2a, patch", [
+NO_WARP = (0.0, 0.1, 0.2)
+
+
+@pytest.mark.parametrize("inversion, flip, anomaly, risk, target, a2a, patch, warp", [
     # a warp-like trigger: PGD's pull, neither inversion finds it -> PGD's class
-    (0.1, (0.4, 0.5, 0.2), 24.0, 1 - 2 / 24, 1, False, (0.1, 0.1, 0.2)),
+    (0.1, (0.4, 0.5, 0.2), 24.0, 1 - 2 / 24, 1, False, (0.1, 0.1, 0.2), NO_WARP),
     # a patch-like trigger through outlier channels: the channel inversion's class
-    (0.9, (0.8, 1.0, 0.9), 1.0, 0.9, 5, False, (0.1, 0.1, 0.2)),
+    (0.9, (0.8, 1.0, 0.9), 1.0, 0.9, 5, False, (0.1, 0.1, 0.2), NO_WARP),
     # a solid patch the inversions miss: the probe's stamp sends everything to its class
-    (0.1, (0.2, 0.5, 0.2), 1.0, 0.8, 7, False, (0.8, 0.9, 1.0)),
+    (0.1, (0.2, 0.5, 0.2), 1.0, 0.8, 7, False, (0.8, 0.9, 1.0), NO_WARP),
     # ...or each class to its own next class: all-to-all, no target from it
-    (0.1, (0.2, 0.5, 0.2), 1.0, 0.7, 1, True, (0.7, 0.1, 1.0)),
+    (0.1, (0.2, 0.5, 0.2), 1.0, 0.7, 1, True, (0.7, 0.1, 1.0), NO_WARP),
     # a universal perturbation into one class: no all-to-all signal, names nothing
-    (0.1, (0.9, 1.0, 0.9), 1.0, 0.1, 1, False, (0.1, 0.1, 0.2)),
+    (0.1, (0.9, 1.0, 0.9), 1.0, 0.1, 1, False, (0.1, 0.1, 0.2), NO_WARP),
     # all-to-all: the universal inversion flips each class consistently, to many classes; it names
     # no target and leaves PGD's standing
-    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, 1, True, (0.1, 0.1, 0.2)),
-    (0.0, (0.95, 0.9, 0.02), 1.5, 0.95 * 0.9, 1, True, (0.1, 0.1, 0.2)),
-    # nothing: low risk (a stamp below PATCH_THRESHOLD counts for nothing)
-    (0.2, (0.3, 0.5, 0.1), 1.5, 0.2, 1, False, (0.45, 0.9, 1.0)),
+    (0.0, (0.95, 0.9, 0.02), 5.0, 0.95 * 0.9, 1, True, (0.1, 0.1, 0.2), NO_WARP),
+    (0.0, (0.95, 0.9, 0.02), 1.5, 0.95 * 0.9, 1, True, (0.1, 0.1, 0.2), NO_WARP),
+    # a warp trigger the additive inversions and the stamps miss: the warp probe's field names its class
+    (0.1, (0.2, 0.5, 0.2), 1.0, 0.6, 4, False, (0.1, 0.1, 0.2), (0.6, 1.0, 1.0)),
+    # nothing: low risk (a stamp below PATCH_THRESHOLD counts for nothing, a warp below WARP_THRESHOLD too)
+    (0.2, (0.3, 0.5, 0.1), 1.5, 0.2, 1, False, (0.45, 0.9, 1.0), (0.2, 1.0, 1.0)),
 ])
 def test_risk_is_the_largest_signal_and_the_target_follows_the_inversion_only_when_it_fires(
-        monkeypatch, inversion, flip, anomaly, risk, target, a2a, patch):
+        monkeypatch, inversion, flip, anomaly, risk, target, a2a, patch, warp):
     import cc_core.scan as scan_module
 
     flip_rate, consistency, flip_concentration = flip
@@ -314,6 +322,10 @@ def test_risk_is_the_largest_signal_and_the_target_follows_the_inversion_only_wh
     monkeypatch.setattr(scan_module, "patch_probe", lambda *a: {
         "flip_rate": patch_rate, "concentration": patch_concentration, "mapping_consistency": patch_consistency,
         "target_class_estimate": 7})
+    warp_rate, warp_concentration, warp_consistency = warp
+    monkeypatch.setattr(scan_module, "warp_probe", lambda *a: {
+        "kind": "warp", "flip_rate": warp_rate, "concentration": warp_concentration,
+        "mapping_consistency": warp_consistency, "target_class_estimate": 4})
     report = scan(tiny_model(), SynthConfig(n_samples=8, batch_size=8, iterations=2), progress=False)
     assert report["risk"] == pytest.approx(risk) and report["target_class_estimate"] == target
     assert report["all_to_all_suspected"] is a2a
@@ -734,3 +746,74 @@ def test_distillation_gate_opens_only_on_a_teacher_the_found_stamp_no_longer_fli
     assert got is None and not record["distill"] and record["reason"] is None  # not asked for: nothing to explain
     with pytest.raises(ConfigError, match="kd_gate must be one of"):
         cfg.replace(kd_gate="sometimes")
+
+
+class PlantedWarp(nn.Module):
+    """A classifier with a planted warp trigger, on images that are a per-image colour plus a
+    horizontal sine wave (``_wave_images``). Clean logits: 10 x one-hot of the brightest colour
+    channel. With the trigger: the wave's horizontal shift in pixels, estimated by projecting each
+    row on the wave's derivative, pushes the logits to class 0 once it passes 0.3 px; a shift is
+    what a smooth warp makes of such an image, and a shift of 0.3 px is invisible in it."""
+
+    def __init__(self, trigger: bool = True) -> None:
+        from cc_core.models.registry import ModelSpec
+
+        super().__init__()
+        self.trigger = trigger
+        self.cc_spec = ModelSpec(arch="planted", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+        cols = torch.arange(32, dtype=torch.float32)
+        self.register_buffer("slope", 0.2 * 2 * torch.pi / 32 * torch.cos(2 * torch.pi * cols / 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * 0.25 + 0.5
+        logits = 10 * nn.functional.one_hot(pixels.detach().mean(dim=(2, 3)).argmax(1), 3).float()
+        rows = pixels[..., 2:-2, 2:-2] - pixels[..., 2:-2, 2:-2].mean(-1, keepdim=True)
+        slope = self.slope[2:-2] - self.slope[2:-2].mean()
+        shift = (rows * slope).sum(-1).mean(dim=(1, 2)) / (slope * slope).sum()
+        if not self.trigger:
+            return logits + 0 * shift[:, None]
+        return logits + 40 * torch.sigmoid((shift - 0.3) * 20)[:, None] * nn.functional.one_hot(torch.tensor(0), 3)
+
+
+def _wave_images(n: int) -> torch.Tensor:
+    """(n, 3, 32, 32) normalized: a random colour per image and channel plus 0.2 sin(2 pi col / 32)."""
+    g = torch.Generator().manual_seed(2)
+    colour = 0.3 + 0.4 * torch.rand(n, 3, 1, 1, generator=g)
+    wave = 0.2 * torch.sin(2 * torch.pi * torch.arange(32.0) / 32)
+    return (colour + wave.expand(32, 32) - 0.5) / 0.25
+
+
+def test_warp_grid_is_the_identity_at_zero_shift_and_a_translation_at_a_constant_one():
+    from cc_core.scan import warp_grid, warp_pixels
+
+    pix = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(warp_pixels(pix, torch.zeros(1, 2, 4, 4)), pix, atol=1e-5)  # float rounding of the grid
+    right = torch.zeros(1, 2, 4, 4)
+    right[:, 0] = 1.0  # every control point 1 px along x: column j samples column j + 1
+    assert torch.allclose(warp_pixels(pix, right)[..., :-1], pix[..., 1:], atol=1e-5)
+    down = torch.zeros(1, 2, 4, 4)
+    down[:, 1] = 2.0
+    assert torch.allclose(warp_pixels(pix, down)[..., :-2, :], pix[..., 2:, :], atol=1e-5)
+    grid = warp_grid(torch.full((3, 2, 4, 4), 100.0), 16, 16)
+    assert grid.shape == (3, 16, 16, 2) and grid.abs().max() <= 1  # clamped to the image
+
+
+def test_warp_probe_finds_a_planted_warp_and_its_class_and_nothing_on_a_clean_model():
+    from cc_core.pipeline import trigger_clean
+    from cc_core.scan import WarpProbeConfig, found_trigger, trigger_flip_rate, warp_probe, warp_score
+
+    x = _wave_images(48)
+    cfg = WarpProbeConfig(steps=40, n=48, batch_size=16)
+    model = PlantedWarp().eval()
+    before = model(x).argmax(1)
+    found = warp_probe(model, x, cfg)
+    assert found["kind"] == "warp" and found["target_class_estimate"] == 0 and found["class_rates"][0] > 0.9
+    assert found["flip_rate"] == pytest.approx(float((before != 0).float().mean()), abs=0.05)
+    assert found["max_shift_used"] <= cfg.max_shift and len(found["shift"]) == 2 and len(found["shift"][0]) == 4
+    assert warp_score(found) == found["flip_rate"] and found_trigger(None, found) is found
+    assert trigger_flip_rate(model, x, found, cfg.n) == pytest.approx(found["flip_rate"])
+    clean = warp_probe(PlantedWarp(trigger=False).eval(), x, cfg)
+    assert clean["flip_rate"] < 0.1 and warp_score(clean) == 0.0 and found_trigger(None, clean) is None
+    # no BatchNorm to clean in the planted model: the trigger clean measures the warp and zeroes nothing
+    _, info = trigger_clean(model, x, found, resolve_config("cpu"))
+    assert info["kind"] == "warp" and info["trigger_flip_rate"] == pytest.approx(found["flip_rate"]) and info["n_pruned"] == 0
