@@ -131,7 +131,7 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
                           "distillation": r.get("distillation"),
                           "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
                                                                   "synthetic_excluded", "flip_rate",
-                                                                  "all_to_all_suspected", "patch")} if row.defense == "cc" else None}
+                                                                  "all_to_all_suspected", "trigger")} if row.defense == "cc" else None}
 
 
 def run_row(row: Row, force: bool = False, log=print) -> dict:

@@ -49,6 +49,7 @@ def scan_model(attack: str, seed: int) -> dict:
             "adversarial_target": int(max(range(len(report["histogram"])), key=report["histogram"].__getitem__)),
             "anomaly_index": report["anomaly_index"], "timings_s": report["timings_s"],
             "best_stamp_flip_rate": report["patch"]["flip_rate"] if report.get("patch") else None,
+            "best_warp_flip_rate": report["warp"]["flip_rate"] if report.get("warp") else None,
             "command": f"cleancompact scan <cache>/zoo/{model_name(attack)}/model.safetensors --seed {seed}"}
 
 
@@ -88,12 +89,12 @@ def markdown(result: dict) -> str:
              *_kept_lines(result),
              "Risk = the max of the risk signals: inversion concentration, adversarial score "
              "(max(0, 1 - 2 / anomaly index) of the PGD class histogram), all-to-all score (universal "
-             "inversion) and patch score (the patch probe's best stamp's flip rate once >= 0.5); '-': a row "
-             "from before that signal.\n",
+             "inversion), patch score (the patch probe's best stamp's flip rate once >= 0.5) and warp score "
+             "(the warp probe's best field's flip rate once >= 0.25); '-': a row from before that signal.\n",
              "| model | seed | risk | inversion score | adversarial score (anomaly index) | all-to-all score "
-             "| patch score (best stamp's flip rate) | target: estimated / true "
+             "| patch score (best stamp's flip rate) | warp score (best field's flip rate) | target: estimated / true "
              "| outlier channels | max z | inversion histogram | PGD top class | scan s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         z = "-" if r["max_channel_z"] is None else f"{r['max_channel_z']:.2f}"
         hist = "-" if r["inversion_histogram"] is None else " ".join(map(str, r["inversion_histogram"]))
@@ -101,7 +102,8 @@ def markdown(result: dict) -> str:
         signals = r["risk_signals"]
         lines.append(f"| {r['model']} | {r['seed']} | {r['risk']:.2f} | {signals['inversion']:.2f} | "
                      f"{signals['adversarial']:.2f} ({r['anomaly_index']:.1f}) | {_signal(signals, 'all_to_all')} | "
-                     f"{_signal(signals, 'patch')}{_best_stamp(r)} | {r['target_class_estimate']} / {true} | "
+                     f"{_signal(signals, 'patch')}{_best(r, 'best_stamp_flip_rate')} | "
+                     f"{_signal(signals, 'warp')}{_best(r, 'best_warp_flip_rate')} | {r['target_class_estimate']} / {true} | "
                      f"{r['n_channel_outliers']} | {z} | {hist} | {r['adversarial_target']} | "
                      f"{r['timings_s']['total']:.0f} |")
     lines += ["\n## Separation\n", "| model | min risk | max risk | target right |", "|---|---|---|---|"]
@@ -125,8 +127,8 @@ def _signal(signals: dict, name: str) -> str:
     return f"{signals[name]:.2f}" if name in signals else "-"
 
 
-def _best_stamp(row: dict) -> str:
-    return "" if row.get("best_stamp_flip_rate") is None else f" ({row['best_stamp_flip_rate']:.2f})"
+def _best(row: dict, key: str) -> str:
+    return "" if row.get(key) is None else f" ({row[key]:.2f})"
 
 
 def kept_from_previous(path: Path, rerun: set[str]) -> tuple[list[dict], list[dict]]:

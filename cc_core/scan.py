@@ -23,18 +23,24 @@
    a patch trigger the inversions, which descend from a zero perturbation, can miss (the demo's
    6-epoch BadNet model: benchmarks/results/trigger_on_synthetic_probe3.md). It sees only solid
    square triggers: a pattern or a blend is what the inversions are for.
+6. Warp probe: a smooth displacement field (4 x 4 control points, at most 0.75 px) optimized to
+   pull the synthetic images into each class in turn (and one to push them out of their own). A
+   warp trigger (WaNet) is such a field, fixed, that the model learned to map to its target; a
+   clean model's predictions barely move under it. The additive inversions cannot express a warp.
 
-The risk score is the largest of four scores in [0, 1]: the channel inversion's concentration
+The risk score is the largest of five scores in [0, 1]: the channel inversion's concentration
 (0 when no channel is an outlier), the all-to-all score, the patch score (the best stamp's flip
-rate once it reaches PATCH_THRESHOLD) and the adversarial score
+rate once it reaches PATCH_THRESHOLD), the warp score (the best field's, from WARP_THRESHOLD)
+and the adversarial score
 ``max(0, 1 - ANOMALY_THRESHOLD / anomaly index)`` (0 up to Neural Cleanse's anomaly threshold of
 2, 0.5 at index 4, towards 1 above). The inversions find patch triggers (BadNet) whose target PGD
 misses; PGD finds a warp trigger's (WaNet) pull that the inversions miss. The target estimate is
-the firing patch stamp's class when its flips go to one class, else the channel inversion's top class when its concentration reaches ``TARGET_FROM_INVERSION``, else
+the firing patch stamp's (else warp field's) class when its flips go to one class, else the channel inversion's top class when its concentration reaches ``TARGET_FROM_INVERSION``, else
 the adversarial histogram's; an all-to-all score >= FLIP_THRESHOLD marks the trigger all-to-all. The L1 penalty matters: at 0.01 the channel inversion paints
 ~40% of the pixel range over every image and sends a CLEAN model's images to one class too; at
 0.3 a clean model's inversion stays near zero while a patch trigger is still found. A warp
-trigger (WaNet) is not a sparse additive pattern and is not found by the inversions. All signals
+trigger (WaNet) is not a sparse additive pattern and is not found by the inversions; the warp probe
+is what finds it. All signals
 depend on the synthetic images (the seed): on the zoo the channel inversion found the BadNet
 patch for two of three seeds (benchmarks/results/scan.md); the universal inversion is the best of
 ``restarts`` seeds (benchmarks/results/flip_zoo.md).
