@@ -129,9 +129,14 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
                           "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
                           "details": r.get("channel_clean") or r.get("baseline"), "config": r["config"],
                           "distillation": r.get("distillation"),
-                          "suspicion": {k: r["scan"][k] for k in ("suspected_target", "inversion_concentration",
-                                                                  "synthetic_excluded", "flip_rate",
-                                                                  "all_to_all_suspected", "trigger")} if row.defense == "cc" else None}
+                          "suspicion": suspicion_record(r) if row.defense == "cc" else None}
+
+
+def suspicion_record(report: dict) -> dict:
+    """What a C&C row keeps of its report's scan: the suspected target, the images left out, the
+    inversions' statistics, the all-to-all verdict and the probes' firing trigger."""
+    return {k: report["scan"][k] for k in ("suspected_target", "inversion_concentration", "synthetic_excluded",
+                                           "flip_rate", "all_to_all_suspected", "trigger")}
 
 
 def run_row(row: Row, force: bool = False, log=print) -> dict:

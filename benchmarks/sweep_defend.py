@@ -37,15 +37,17 @@ PRE_ENERGY = ({"compact": {"rank_strategy": "uniform"}, "tau": 3.0}, {"kd_weight
 NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 SENSITIVITY = {"compact": {"rank_strategy": "sensitivity"}}
-# Every grid below ran before the preset distilled (kd_weight 1 behind kd_gate "verified"): their
-# default fine-tune is CE only, and a row that asks for distillation gets it ungated.
-BASES = {grid: (base | {"kd_gate": "always"}, NO_KD | ft) for grid, (base, ft) in {
+# Every grid below ran before the preset distilled (kd_weight 1 behind kd_gate "verified") and had a
+# warp probe: their default fine-tune is CE only, a row that asks for distillation gets it ungated,
+# and no warp is probed for.
+BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None}, NO_KD | ft) for grid, (base, ft) in {
     "focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
     "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
     "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
     "resynthesis": (SENSITIVITY, {}), "resynthesis2": (SENSITIVITY, {}),
     "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
-    "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()}
+    "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()} | {
+    "warp": ({}, {})}  # the cpu preset as it is (warp probe, trigger channel clean, gated distillation)
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -160,6 +162,14 @@ GRIDS = {
     "distill2": [(label, ratio, {}, ft) for ratio in (4.0, 2.0) for label, ft in (
         ("+ logit distillation from the clipped model", {"kd_weight": 1.0}),
         ("+ logit distillation, the left-out class's logit out of it", {"kd_weight": 1.0, "kd_mask_left_out_class": True}))],
+    # What the warp probe's field does in the pipeline (WaNet: the trigger channel clean, the gate, unlearning).
+    "warp": [(label, 2.0, overrides, ft) for label, overrides, ft in (
+        ("cpu preset (warp probe: trigger channel clean u 3, distillation when verified)", {}, {}),
+        ("no warp probe (the preset before it)", {"warp_probe": None}, {}),
+        ("warp probe, no trigger channel clean", {"trigger_channel_u": None}, {}),
+        ("warp probe, trigger channel clean, no distillation", {}, {"kd_weight": 0.0}),
+        ("warp probe, trigger channel clean u 4", {"trigger_channel_u": 4.0}, {}),
+        ("warp probe, trigger channel clean, suspected class kept", {"exclude_suspected_target": False}, {}))],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),

@@ -15,6 +15,7 @@ from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy
 from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
+from benchmarks.bench import suspicion_record
 from flows.cli import main
 from tests.helpers import tiny_model
 
@@ -189,7 +190,8 @@ def _tiny_cfg(**kw) -> DefendConfig:
     return resolve_config("cpu", ratio=2.0, tau=3.0, compact={"rank_multiple": 4},
                           synth={"n_samples": 32, "batch_size": 32, "iterations": 20},
                           pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16},
-                          patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16}, **kw)
+                          patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
+                          warp_probe={"steps": 5, "n": 16, "batch_size": 8}, **kw)
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
@@ -197,6 +199,7 @@ def test_defend_tiny_model_end_to_end(tmp_path):
     result = defend(model, config=_tiny_cfg(), progress=False, log=lambda *a: None)
     r = result.report
     assert r["format"] == "cleancompact.report/1"
+    assert set(suspicion_record(r)) >= {"suspected_target", "trigger"}  # what a bench row keeps of it
     assert r["model"]["compression"] >= 2 and r["model"]["macs_after"] < r["model"]["macs_before"]
     assert set(r["timings_s"]) >= {"decompose", "clean", "compact", "synthesize", "adversarial",
                                    "finetune", "evaluate", "total"}
