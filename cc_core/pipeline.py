@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, pgd
+from cc_core.adversarial import PGDConfig, pgd, predictions
 from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
@@ -36,6 +36,11 @@ REPORT_FORMAT = "cleancompact.report/1"
 UNLEARN_SCOPES = ("all-to-all", "any")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
+# The "verified" gate's fidelity bar: on the synthetic images, the zoo BadNet's clipped teacher
+# agrees with the original on 100%, the zoo WaNet's (CLP and the warp's trigger channels zeroed,
+# real ACC 73.9 against 85.5) on 95.1%; distilling from that one cost WaNet 5.1 ACC points at 2x
+# (sweep_defend_warp.md).
+TEACHER_AGREEMENT = 0.99
 
 
 @dataclass(frozen=True)
@@ -313,7 +318,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
-    teacher, distillation = gated_teacher(cleaned, cfg, x_syn.cpu() if found else None, found)
+    teacher, distillation = gated_teacher(cleaned, original, cfg, x_syn if found else None, found)
     teacher = teacher.to(device) if teacher is not None else None
     if distillation["reason"]:
         log(f"[defend] no distillation: {distillation['reason']}")
@@ -519,24 +524,32 @@ def trigger_clean_text(info: dict) -> str:
             f"{info['trigger_flip_rate']:.0%} -> {info['trigger_flip_rate_after']:.0%})")
 
 
-def gated_teacher(cleaned: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
+def gated_teacher(cleaned: nn.Module, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
                   found: dict | None = None) -> tuple[nn.Module | None, dict]:
     """The teacher the fine-tune distills from (``distillation_teacher``), or None when there is no
-    distillation or ``cfg.kd_gate`` closes: with "verified", the probes' firing trigger (``found``,
-    a stamp or a warp measured on the synthetic images ``x``) must flip < RESIDUAL_FLIP of them on
-    the teacher. The record: {"gate", "distill", "teacher_trigger_flip_rate" (None when not
+    distillation or ``cfg.kd_gate`` closes. With "verified" the teacher must be clean and faithful:
+    the probes' firing trigger (``found``, a stamp or a warp measured on the synthetic images ``x``)
+    must flip < RESIDUAL_FLIP of them on it, and it must give >= TEACHER_AGREEMENT of them the class
+    ``original`` gives them (a teacher the cleaning cost accuracy pulls the student down with it).
+    The record: {"gate", "distill", "teacher_trigger_flip_rate", "teacher_agreement" (None when not
     measured), "reason" (why there is no distillation although asked for; None otherwise)}."""
-    record = {"gate": cfg.kd_gate, "distill": False, "teacher_trigger_flip_rate": None, "reason": None}
+    record = {"gate": cfg.kd_gate, "distill": False, "teacher_trigger_flip_rate": None, "teacher_agreement": None,
+              "reason": None}
     if not cfg.finetune.needs_teacher:
         return None, record
     if cfg.kd_gate == "verified" and (x is None or not trigger_score(found)):
         return None, record | {"reason": "the probes found no trigger to verify the teacher against"}
     teacher = distillation_teacher(cleaned, cfg)
     if cfg.kd_gate == "verified":
+        teacher = teacher.to(x.device)
         record["teacher_trigger_flip_rate"] = flip = trigger_flip_rate(teacher, x, found, found["n"])
         if flip >= RESIDUAL_FLIP:
             return None, record | {"reason": f"the probe's {found['kind']} still flips {flip:.0%} of the synthetic "
                                              "images on the teacher"}
+        record["teacher_agreement"] = agreement = float((predictions(teacher, x) == predictions(original, x)).float().mean())
+        if agreement < TEACHER_AGREEMENT:
+            return None, record | {"reason": f"the teacher gives only {agreement:.1%} of the synthetic images the "
+                                             f"original's class (< {TEACHER_AGREEMENT:.0%})"}
     return teacher, record | {"distill": True}
 
 

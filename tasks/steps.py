@@ -182,7 +182,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
-        teacher, distillation = gated_teacher(cleaned, cfg, x if trigger else None, trigger)
+        teacher, distillation = gated_teacher(cleaned, original, cfg, x if trigger else None, trigger)
         if teacher is not None:
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])

@@ -723,29 +723,44 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_cla
     assert torch.allclose(pixels, (clean + delta).clamp(0, 1), atol=1e-5)  # the trigger on the kept images
 
 
-def test_distillation_gate_opens_only_on_a_teacher_the_found_stamp_no_longer_flips(monkeypatch):
+class ConstantClassifier(nn.Module):
+    """Gives every image class ``label``."""
+
+    def __init__(self, spec, label: int) -> None:
+        super().__init__()
+        self.cc_spec, self.label = spec, label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(torch.full((len(x),), self.label), self.cc_spec.num_classes).float()
+
+
+def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_longer_flips(monkeypatch):
     import cc_core.pipeline as pipeline
     from cc_core.pipeline import finetune_config, gated_teacher
     from cc_core.scan import patch_probe
 
     x = (_dim_images(64) - 0.5) / 0.25
     backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
+    unfaithful = ConstantClassifier(clean.cc_spec, 2)  # no trigger, but most images' class lost
     cfg = resolve_config("cpu", patch_probe={"sizes": (3,), "stride": 2})
     assert cfg.kd_gate == "verified" and cfg.finetune.kd_weight > 0
     patch = patch_probe(backdoored, x, cfg.patch_probe)
-    for teacher, opens in ((clean, True), (backdoored, False)):
+    for teacher, opens, why in ((clean, True, None), (unfaithful, False, "gives only"), (backdoored, False, "still flips")):
         monkeypatch.setattr(pipeline, "distillation_teacher", lambda cleaned, cfg, teacher=teacher: teacher)
-        got, record = gated_teacher(None, cfg, x, patch)
+        got, record = gated_teacher(None, backdoored, cfg, x, patch)
         assert (got is teacher) is opens and record["distill"] is opens
-        assert (record["teacher_stamp_flip_rate"] < 0.1) is opens and (record["reason"] is None) is opens
+        assert (record["reason"] is None) if opens else (why in record["reason"])
         assert finetune_config(cfg, got).kd_weight == (cfg.finetune.kd_weight if opens else 0.0)
-    got, record = gated_teacher(None, cfg, x, None)
-    assert got is None and "found no trigger" in record["reason"] and record["teacher_stamp_flip_rate"] is None
-    got, record = gated_teacher(None, cfg.replace(kd_gate="always"), x, None)
-    assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_stamp_flip_rate": None,
-                                            "reason": None}
+        if teacher is not backdoored:
+            assert record["teacher_trigger_flip_rate"] < 0.1
+            assert (record["teacher_agreement"] == 1.0) is opens  # the clean model agrees away from the trigger
+    got, record = gated_teacher(None, backdoored, cfg, x, None)
+    assert got is None and "found no trigger" in record["reason"] and record["teacher_trigger_flip_rate"] is None
+    got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always"), x, None)
+    assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_trigger_flip_rate": None,
+                                            "teacher_agreement": None, "reason": None}
     monkeypatch.undo()
-    got, record = gated_teacher(tiny_model(), cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
+    got, record = gated_teacher(tiny_model(), backdoored, cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
     assert got is None and not record["distill"] and record["reason"] is None  # not asked for: nothing to explain
     with pytest.raises(ConfigError, match="kd_gate must be one of"):
         cfg.replace(kd_gate="sometimes")
