@@ -270,7 +270,10 @@ def _distillation_text(record: dict | None) -> str:
     if not record["distill"]:
         return "off"
     flip = record.get("teacher_trigger_flip_rate", record.get("teacher_stamp_flip_rate"))  # rows before the warp probe
-    return "yes" if flip is None else f"yes (the trigger flips {flip:.2f} on the teacher)"
+    agreement = record.get("teacher_agreement")
+    return "yes" if flip is None else (f"yes (the trigger flips {flip:.2f} on the teacher"
+                                       + ("" if agreement is None else f", it agrees with the original on {agreement:.1%}")
+                                       + ")")
 
 
 def _patch_text(suspicion: dict) -> str:

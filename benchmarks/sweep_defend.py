@@ -47,7 +47,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None}, NO_KD | ft) fo
     "resynthesis": (SENSITIVITY, {}), "resynthesis2": (SENSITIVITY, {}),
     "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
     "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()} | {
-    "warp": ({}, {})}  # the cpu preset as it is (warp probe, trigger channel clean, gated distillation)
+    "warp": ({"warp_probe": {}}, {})}  # the cpu preset with the warp probe on, as it was at 8d1d710
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -164,7 +164,7 @@ GRIDS = {
         ("+ logit distillation, the left-out class's logit out of it", {"kd_weight": 1.0, "kd_mask_left_out_class": True}))],
     # What the warp probe's field does in the pipeline (WaNet: the trigger channel clean, the gate, unlearning).
     "warp": [(label, 2.0, overrides, ft) for label, overrides, ft in (
-        ("cpu preset (warp probe: trigger channel clean u 3, distillation when verified)", {}, {}),
+        ("cpu preset (warp probe: trigger channel clean u 3, distillation when verified)", {}, {}),  # at 8d1d710
         ("no warp probe (the preset before it)", {"warp_probe": None}, {}),
         ("warp probe, no trigger channel clean", {"trigger_channel_u": None}, {}),
         ("warp probe, trigger channel clean, no distillation", {}, {"kd_weight": 0.0}),

@@ -37,9 +37,9 @@ UNLEARN_SCOPES = ("all-to-all", "any")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
 # The "verified" gate's fidelity bar: on the synthetic images, the zoo BadNet's clipped teacher
-# agrees with the original on 100%, the zoo WaNet's (CLP and the warp's trigger channels zeroed,
-# real ACC 73.9 against 85.5) on 95.1%; distilling from that one cost WaNet 5.1 ACC points at 2x
-# (sweep_defend_warp.md).
+# agrees with the original on 100%, the zoo WaNet's (CLP and the warp probe's trigger channels
+# zeroed) on 95.1% (benchmarks/results/warp_probe_bench.md); distilling from that one cost WaNet
+# 5.1 ACC points at 2x (sweep_defend_warp.md).
 TEACHER_AGREEMENT = 0.99
 
 
@@ -94,8 +94,12 @@ class DefendConfig:
     # The scan's warp probe (cc_core.scan.warp_probe; None: off), run when no stamp fires: a smooth
     # field under a pixel of shift that moves the synthetic images into one class is a warp
     # trigger (WaNet). A field that fires is used as a firing stamp is (target class, trigger
-    # channel clean, distillation gate, unlearning per ``patch_unlearn``).
-    warp_probe: WarpProbeConfig | None = WarpProbeConfig()
+    # channel clean, distillation gate, unlearning per ``patch_unlearn``). Off in the presets: on
+    # the zoo WaNet it finds the warp (class 0) and its trigger channel clean takes ASR to 1.52 /
+    # 0.21% at 2x / 4x, but for 80.78 / 69.38 ACC against 80.77 / 73.38 without it (the fine-tune
+    # already removes that backdoor: 2.29 / 1.59%), and its teacher fails the gate's fidelity bar
+    # (benchmarks/results/warp_probe_bench.md, sweep_defend_warp.md). `scan` keeps it on.
+    warp_probe: WarpProbeConfig | None = None
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
     # teacher: "always", or "verified": only when a probe found a trigger and it flips <

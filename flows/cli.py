@@ -276,12 +276,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["trigger_channel_u"] = args.trigger_channel_u
     if args.kd_gate:
         overrides["kd_gate"] = args.kd_gate
-    if args.no_trigger_clean or (args.no_patch_probe and args.no_warp_probe):
+    if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe):
         overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
         overrides["patch_probe"] = None
-    if args.no_warp_probe:
-        overrides["warp_probe"] = None
+    if args.warp_probe:
+        overrides["warp_probe"] = {}
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
@@ -519,9 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
                         "(cpu preset), whenever it fires, or never")
     p.add_argument("--no-patch-probe", action="store_true",
-                   help="scan without the patch probe (the trigger channel clean then needs the warp probe)")
-    p.add_argument("--no-warp-probe", action="store_true",
-                   help="scan without the warp probe (with --no-patch-probe: no trigger channel clean)")
+                   help="scan without the patch probe (and so, without --warp-probe, without the trigger channel clean)")
+    p.add_argument("--warp-probe", action="store_true",
+                   help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
+                        "(off in the presets: on the zoo WaNet it cost ACC at 4x; README)")
     p.add_argument("--trigger-channel-u", type=float,
                    help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
     p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")

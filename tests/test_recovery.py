@@ -237,7 +237,7 @@ def test_defend_config_validation():
         resolve_config("cpu", calibration_samples=0)
     with pytest.raises(ConfigError, match="trigger_channel_u needs a trigger probe"):
         resolve_config("cpu", patch_probe=None, warp_probe=None)
-    assert resolve_config("cpu", patch_probe=None).warp_probe is not None  # the warp probe alone guides the clean
+    assert resolve_config("cpu", patch_probe=None, warp_probe={}).warp_probe.grid == 4  # the warp probe alone guides it
     with pytest.raises(ConfigError, match="warp probe max_shift must be > 0"):
         resolve_config("cpu", warp_probe={"max_shift": 0})
     with pytest.raises(ConfigError, match="trigger_channel_u must be > 0"):
