@@ -576,7 +576,7 @@ def test_stamp_masks_and_deltas_paint_exactly_the_stamped_square():
 
 
 def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_model():
-    from cc_core.scan import PatchProbeConfig, all_to_all_suspected, patch_probe, patch_score, stamp_flip_rate
+    from cc_core.scan import PatchProbeConfig, all_to_all_suspected, patch_probe, patch_score, trigger_flip_rate
 
     x = (_dim_images(64) - 0.5) / 0.25
     cfg = PatchProbeConfig(sizes=(2, 3, 4))
@@ -585,7 +585,7 @@ def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_mo
     assert found["median_screen_rate"] < 0.1 and found["n"] == 64 and sum(found["histogram"]) == 64
     assert set(found["best_screen_rate_by_size"]) == {"2", "3", "4"} and found["n_stamps"] == 2 * (31 ** 2 + 30 ** 2 + 29 ** 2)
     assert all_to_all_suspected(found) and found["mapping_consistency"] == 1.0  # each class to the next
-    assert stamp_flip_rate(PlantedAllToAll().eval(), x, found) == found["flip_rate"]
+    assert found["kind"] == "patch" and trigger_flip_rate(PlantedAllToAll().eval(), x, found) == found["flip_rate"]
     clean = patch_probe(PlantedAllToAll(trigger=False).eval(), x, cfg)
     assert clean["flip_rate"] < 0.3 and patch_score(clean) == 0.0 and patch_score(found) == found["flip_rate"]
 
@@ -600,7 +600,7 @@ def test_patch_probe_config_refuses_what_it_cannot_unlearn():
 
 def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_model():
     from cc_core.pipeline import scan_and_suspect
-    from cc_core.scan import patch_probe, stamp_delta
+    from cc_core.scan import add_pixel_delta, patch_probe, stamp_delta
 
     x = (_dim_images(64) - 0.5) / 0.25
     original = PlantedAllToAll().eval()
@@ -608,20 +608,24 @@ def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_mode
     cfg = resolve_config("cpu", pgd={"steps": 2}, inversion={"steps": 5, "restarts": 1},
                          patch_probe={"sizes": (3,), "stride": 2})
     patch = patch_probe(original, x, cfg.patch_probe)
-    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg, patch)
-    fired = summary["patch"]
-    assert fired["unlearned"] and fired["flip_rate_compact"] > 0.9 and (fired["row"], fired["col"]) == (0, 0)
-    assert torch.equal(trigger, stamp_delta(fired, (3, 32, 32)))
+
+    def stamped(fired: dict) -> torch.Tensor:
+        return add_pixel_delta(x, stamp_delta(fired, (3, 32, 32)), original.cc_spec)
+
+    _, summary, unlearn = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg, patch)
+    fired = summary["trigger"]
+    assert fired["unlearned"] and fired["flip_rate_compact"] > 0.9 and (fired["kind"], fired["row"], fired["col"]) == ("patch", 0, 0)
+    assert torch.equal(unlearn(x), stamped(fired))
     assert summary["all_to_all_suspected"] and summary["suspected_target"] is None  # no class to leave out
 
-    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg, patch)
-    assert not summary["patch"]["unlearned"] and summary["patch"]["flip_rate_compact"] < 0.1
-    assert trigger is None or not torch.equal(trigger, stamp_delta(summary["patch"], (3, 32, 32)))
-    _, summary, trigger = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y,
+    _, summary, unlearn = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg, patch)
+    assert not summary["trigger"]["unlearned"] and summary["trigger"]["flip_rate_compact"] < 0.1
+    assert unlearn is None or not torch.equal(unlearn(x), stamped(summary["trigger"]))
+    _, summary, unlearn = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y,
                                            cfg.replace(patch_unlearn="always"), patch)
-    assert summary["patch"]["unlearned"] and torch.equal(trigger, stamp_delta(summary["patch"], (3, 32, 32)))
+    assert summary["trigger"]["unlearned"] and torch.equal(unlearn(x), stamped(summary["trigger"]))
     _, summary, _ = scan_and_suspect(original, original, x, y, cfg, None)
-    assert summary["patch"] is None
+    assert summary["trigger"] is None
 
 
 class StampNet(nn.Module):
