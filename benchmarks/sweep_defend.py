@@ -47,7 +47,8 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None}, NO_KD | ft) fo
     "resynthesis": (SENSITIVITY, {}), "resynthesis2": (SENSITIVITY, {}),
     "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
     "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()} | {
-    "warp": ({"warp_probe": {}}, {})}  # the cpu preset with the warp probe on, as it was at 8d1d710
+    "warp": ({"warp_probe": {}}, {}),  # the cpu preset with the warp probe on, as it was at 8d1d710
+    "teacher": ({"warp_probe": None}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -170,6 +171,10 @@ GRIDS = {
         ("warp probe, trigger channel clean, no distillation", {}, {"kd_weight": 0.0}),
         ("warp probe, trigger channel clean u 4", {"trigger_channel_u": 4.0}, {}),
         ("warp probe, trigger channel clean, suspected class kept", {"exclude_suspected_target": False}, {}))],
+    # A teacher the gate cannot verify (WaNet: no trigger found), fine-tuned with the student's recipe
+    # before the student distills from it.
+    "teacher": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
+        ("teacher fine-tuned first, then distilled from (ungated)", {"kd_gate": "always", "teacher_finetune": True}),)],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),

@@ -108,6 +108,10 @@ class DefendConfig:
     # +0.8 / +2.1 ACC points at 2x / 4x, and the zoo WaNet (no trigger found to verify against)
     # its backdoor back (4x ASR 1.6 -> 84%, sweep_defend_distill{,2}.md).
     kd_gate: str = "always"
+    # Fine-tune the teacher before the student distills from it: the same recipe as the student's
+    # (the same images, class left out and unlearning; no distillation), so a teacher whose
+    # backdoor the gate cannot verify gone has been through what removes it from the student.
+    teacher_finetune: bool = False
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
     device: str = "auto"
@@ -358,8 +362,15 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         log(f"[defend] adversarial histogram before: concentration {scan_before['concentration']:.2f}, "
             f"estimated target {scan_before['target_class_estimate']}")
 
-    start = time.perf_counter()
     left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
+    if teacher is not None and cfg.teacher_finetune:
+        start = time.perf_counter()
+        finetune(teacher, x_ft, y_ft, x_adv, None, finetune_config(cfg, None), progress=progress,
+                 x_trigger=x_trigger, left_out_class=left_out)
+        timings["teacher_finetune"] = time.perf_counter() - start
+        log(f"[defend] teacher fine-tuned in {timings['teacher_finetune']:.1f} s")
+
+    start = time.perf_counter()
     ft_cfg = finetune_config(cfg, teacher)
     history = finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger,
                        left_out_class=left_out)
