@@ -108,10 +108,11 @@ class DefendConfig:
     # +0.8 / +2.1 ACC points at 2x / 4x, and the zoo WaNet (no trigger found to verify against)
     # its backdoor back (4x ASR 1.6 -> 84%, sweep_defend_distill{,2}.md).
     kd_gate: str = "always"
-    # Fine-tune the teacher before the student distills from it: the same recipe as the student's
-    # (the same images, class left out and unlearning; no distillation), so a teacher whose
-    # backdoor the gate cannot verify gone has been through what removes it from the student.
-    teacher_finetune: bool = False
+    # Fine-tune the teacher before the student distills from it (None: off): the student's recipe
+    # (the same images, class left out and unlearning; no distillation) with these fine-tune
+    # overrides ({}: as is), so a teacher whose backdoor the gate cannot verify gone has been through
+    # what removes it from the student (sweep_defend_teacher.md).
+    teacher_finetune: dict | None = None
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
     device: str = "auto"
@@ -142,6 +143,11 @@ class DefendConfig:
         if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned"):
             raise ConfigError("resynthesize_suspected_target must be None, 'cleaned' or 'finetuned', "
                               f"got {self.resynthesize_suspected_target!r}")
+        if self.teacher_finetune is not None:
+            try:
+                dataclasses.replace(self.finetune, **self.teacher_finetune)
+            except TypeError as e:
+                raise ConfigError(f"teacher_finetune takes fine-tune settings: {e}") from None
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
         if self.needs_calibration and self.synth_model != "original":
@@ -301,9 +307,8 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     def probe(x: torch.Tensor) -> dict | None:
         start = time.perf_counter()
-        probes = probe_triggers(original, x, cfg)
+        found = probe_triggers(original, x, cfg)["trigger"]
         timings["trigger_probe"] = time.perf_counter() - start
-        found = found_trigger(probes["patch"], probes["warp"])
         if found is not None:
             log(f"[defend] the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
                 f"of the synthetic images (class {found['target_class_estimate']} most)")
@@ -363,12 +368,17 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             f"estimated target {scan_before['target_class_estimate']}")
 
     left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
-    if teacher is not None and cfg.teacher_finetune:
+    if teacher is not None and cfg.teacher_finetune is not None:
         start = time.perf_counter()
-        finetune(teacher, x_ft, y_ft, x_adv, None, finetune_config(cfg, None), progress=progress,
-                 x_trigger=x_trigger, left_out_class=left_out)
+        teacher_before = copy.deepcopy(teacher) if eval_data is not None else None
+        finetune(teacher, x_ft, y_ft, x_adv, None, dataclasses.replace(finetune_config(cfg, None), **cfg.teacher_finetune),
+                 progress=progress, x_trigger=x_trigger, left_out_class=left_out)
         timings["teacher_finetune"] = time.perf_counter() - start
         log(f"[defend] teacher fine-tuned in {timings['teacher_finetune']:.1f} s")
+        if teacher_before is not None:
+            start = time.perf_counter()
+            distillation["teacher_metrics"] = measure(teacher_before, teacher, eval_data, attack, device)
+            timings["evaluate"] = time.perf_counter() - start
 
     start = time.perf_counter()
     ft_cfg = finetune_config(cfg, teacher)
@@ -390,7 +400,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     start = time.perf_counter()
     metrics = measure(original, new, eval_data, attack, device)
-    timings["evaluate"] = time.perf_counter() - start
+    timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - start
 
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
@@ -422,12 +432,13 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
 
 
 def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:
-    """{"patch": the patch probe's report, "warp": the warp probe's} of ``model`` on synthetic
-    images ``x``; a probe that is off (``cfg``) gives None, and the warp probe runs only when no
-    stamp fires (found_trigger takes the stamp first)."""
+    """{"patch": the patch probe's report, "warp": the warp probe's, "trigger": the one that fires
+    (found_trigger; None when neither)} of ``model`` on synthetic images ``x``; a probe that is off
+    (``cfg``) gives None, and the warp probe runs only when no stamp fires (the stamp comes first)."""
     patch = patch_probe(model, x, cfg.patch_probe) if cfg.patch_probe is not None else None
     run_warp = cfg.warp_probe is not None and not patch_score(patch)
-    return {"patch": patch, "warp": warp_probe(model, x, cfg.warp_probe) if run_warp else None}
+    warp = warp_probe(model, x, cfg.warp_probe) if run_warp else None
+    return {"patch": patch, "warp": warp, "trigger": found_trigger(patch, warp)}
 
 
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,

@@ -106,6 +106,20 @@ def spectra(model: nn.Module, normalizer: str = "mean") -> list[dict]:
     return rows
 
 
+def require_at_least(config, prefix: str, names: tuple[str, ...], minimum: int = 1) -> None:
+    """ConfigError unless each field ``names`` of ``config`` is >= ``minimum``."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{prefix} {name} must be >= {minimum}, got {getattr(config, name)}")
+
+
+def require_positive(config, prefix: str, names: tuple[str, ...]) -> None:
+    """ConfigError unless each field ``names`` of ``config`` is > 0."""
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{prefix} {name} must be > 0, got {getattr(config, name)}")
+
+
 @dataclass(frozen=True)
 class InversionConfig:
     """Trigger inversion through outlier channels: ``u`` flags channels, at most ``max_channels``
@@ -125,12 +139,8 @@ class InversionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_channels", "steps", "batch_size", "restarts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"inversion {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("u", "lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"inversion {name} must be > 0, got {getattr(self, name)}")
+        require_at_least(self, "inversion", ("max_channels", "steps", "batch_size", "restarts"))
+        require_positive(self, "inversion", ("u", "lr"))
         if self.l1 < 0:
             raise ConfigError(f"inversion l1 must be >= 0, got {self.l1}")
 
@@ -295,9 +305,7 @@ class PatchProbeConfig:
         # exactly black / white; another grey level has no such delta.
         if not self.values or not set(self.values) <= {0.0, 1.0}:
             raise ConfigError(f"patch probe values must be 0 (black) and/or 1 (white), got {self.values}")
-        for name in ("stride", "screen", "finalists", "n", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"patch probe {name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, "patch probe", ("stride", "screen", "finalists", "n", "batch_size"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -438,12 +446,9 @@ class WarpProbeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("grid", "steps", "n", "batch_size"):
-            if getattr(self, name) < (2 if name == "grid" else 1):
-                raise ConfigError(f"warp probe {name} must be >= {2 if name == 'grid' else 1}, got {getattr(self, name)}")
-        for name in ("max_shift", "lr", "margin"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"warp probe {name} must be > 0, got {getattr(self, name)}")
+        require_at_least(self, "warp probe", ("grid",), 2)  # bicubic upsampling needs 2 control points a side
+        require_at_least(self, "warp probe", ("steps", "n", "batch_size"))
+        require_positive(self, "warp probe", ("max_shift", "lr", "margin"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

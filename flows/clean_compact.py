@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from cc_core.compact.plan import CompactionPlan
 from cc_core.errors import ConfigError
 from cc_core.pipeline import DefendConfig, make_report, resolve_config
-from cc_core.scan import InversionConfig
+from cc_core.scan import InversionConfig, WarpProbeConfig
 from tasks import steps
 from tasks.gates import GateConfig, evaluate_gates, gates_passed
 from tasks.registry import CLEANED_SUFFIX, cleaned_versions
@@ -26,12 +26,21 @@ from tasks.tracking import (RunHandle, cc_home, client, default_tracking_uri, en
 
 @dataclasses.dataclass(frozen=True)
 class ScanSettings:
-    """The data-free pre-scan of the suspect (smaller than the fine-tune's synthesis)."""
+    """The data-free pre-scan of the suspect (smaller than the fine-tune's synthesis). ``warp_probe``:
+    also run the warp probe (~60 s on 2 CPU cores). Off for the clean-compact flow's pre-scan, like
+    the defend preset's: on the scan's synthetic images it has not fired on any zoo model
+    (benchmarks/results/scan.md); the audit flow, the scheduled `cleancompact scan`, turns it on."""
 
     n_samples: int = 256
     iterations: int = 100
     pgd_steps: int = 10
     inversion_steps: int = InversionConfig().steps
+    warp_probe: bool = False
+
+    @property
+    def warp_cfg(self) -> dict | None:
+        """The scan task's warp probe settings (None: off)."""
+        return WarpProbeConfig().to_dict() if self.warp_probe else None
 
 
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
@@ -118,7 +127,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     steps.scan_task(run, original, {"n_samples": scan_cfg.n_samples, "iterations": scan_cfg.iterations,
                                     "batch_size": min(128, scan_cfg.n_samples)},
                     {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps},
-                    {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device)
+                    {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device, scan_cfg.warp_cfg)
     if cfg.synth_model == "original":
         synthesized = steps.synthesize_task(run, original, cfg)
         probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)

@@ -124,15 +124,17 @@ def load_task(run: RunHandle, source: dict, arch: str | None = None, num_classes
 
 @task(name="scan", **COMPUTE)
 def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, inversion_cfg: dict,
-              device: str = "auto") -> dict:
-    """Data-free risk report of the suspect: risk score, adversarial histogram, inversion, spectra."""
+              device: str = "auto", warp_cfg: dict | None = None) -> dict:
+    """Data-free risk report of the suspect: risk score, adversarial histogram, inversion, patch
+    probe, warp probe (only with ``warp_cfg``), spectra."""
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import InversionConfig, scan
+    from cc_core.scan import InversionConfig, WarpProbeConfig, scan
     from cc_core.synth import SynthConfig
 
     def compute() -> dict:
         report = scan(_load(model_file), SynthConfig(**synth_cfg), PGDConfig(**pgd_cfg), device=device,
-                      progress=False, inversion_cfg=InversionConfig(**inversion_cfg))
+                      progress=False, inversion_cfg=InversionConfig(**inversion_cfg),
+                      warp_cfg=WarpProbeConfig(**warp_cfg) if warp_cfg is not None else None)
         path = run.path / "scan.json"
         path.write_text(json.dumps(report, indent=1))
         return {"files": {"scan": str(path)},
@@ -144,8 +146,8 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
                 | ({"warp_flip_rate": report["warp"]["flip_rate"]} if report.get("warp") else {})
                 | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
-    out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg},
-                  compute)
+    out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg,
+                                "warp": warp_cfg}, compute)
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]
@@ -233,12 +235,11 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     no stamp fires) on the suspect and the fine-tune's synthetic images: {"patch", "warp": their
     reports (None when off or not run), "trigger": the one that fires (None when neither)}."""
     from cc_core.pipeline import probe_triggers
-    from cc_core.scan import found_trigger, trigger_text
+    from cc_core.scan import trigger_text
 
     def compute() -> dict:
         x = _load_tensors(synthetic_file)["x"].to(_device(cfg))
-        probes = probe_triggers(_load(model_file).to(_device(cfg)), x, cfg)
-        return probes | {"trigger": found_trigger(probes["patch"], probes["warp"])}
+        return probe_triggers(_load(model_file).to(_device(cfg)), x, cfg)
 
     out = _cached(run, "trigger_probe", {"model": model_file, "synthetic": synthetic_file,
                                          "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
