@@ -48,7 +48,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None}, NO_KD | ft) fo
     "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
     "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()} | {
     "warp": ({"warp_probe": {}}, {}),  # the cpu preset with the warp probe on, as it was at 8d1d710
-    "teacher": ({"warp_probe": None}, {})}
+    "teacher": ({"warp_probe": None}, {}), "teacher2": ({"warp_probe": None}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -178,6 +178,14 @@ GRIDS = {
                     ("teacher fine-tuned first, then distilled from (ungated)", {}),
                     ("teacher fine-tuned first for 3 epochs", {"epochs": 3}),
                     ("teacher fine-tuned first at lr 0.0003", {"lr": 3e-4}))],
+    # ...gentler still, and with the suspected class's logit out of the distillation.
+    "teacher2": [(label, ratio, {"kd_gate": "always", "teacher_finetune": teacher_ft}, ft) for ratio in (2.0, 4.0)
+                 for label, teacher_ft, ft in (
+                     ("teacher fine-tuned first at lr 0.0001", {"lr": 1e-4}, {}),
+                     ("teacher fine-tuned first at lr 0.0003, the left-out class's logit out of the distillation",
+                      {"lr": 3e-4, "kd_mask_left_out_class": False}, {"kd_mask_left_out_class": True}),
+                     ("teacher fine-tuned first at lr 0.0001, the left-out class's logit out of the distillation",
+                      {"lr": 1e-4, "kd_mask_left_out_class": False}, {"kd_mask_left_out_class": True}))],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),
