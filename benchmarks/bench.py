@@ -265,6 +265,8 @@ def _distillation_text(record: dict | None) -> str:
     """Whether the fine-tune distilled, and why not when its gate closed ('-' for older rows)."""
     if record is None:
         return "-"
+    if record.get("teacher_finetune"):
+        return "yes, from the teacher fine-tuned first" + (f" ({record['reason']})" if record["reason"] else "")
     if record["reason"]:
         return f"no: {record['reason']}"
     if not record["distill"]:

@@ -38,17 +38,20 @@ NO_KD = {"kd_weight": 0.0}
 PRE_TAU4 = (ENERGY | {"tau": 3.0}, NO_KD)  # the cpu preset before the clean round moved tau to 4
 SENSITIVITY = {"compact": {"rank_strategy": "sensitivity"}}
 # Every grid below ran before the preset distilled (kd_weight 1 behind kd_gate "verified") and had a
-# warp probe: their default fine-tune is CE only, a row that asks for distillation gets it ungated,
-# and no warp is probed for.
-BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None}, NO_KD | ft) for grid, (base, ft) in {
+# warp probe or a teacher fine-tune: their default fine-tune is CE only, a row that asks for
+# distillation gets it ungated from the clipped teacher as is, and no warp is probed for.
+BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetune": None}, NO_KD | ft)
+         for grid, (base, ft) in {
     "focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
     "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
     "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
     "resynthesis": (SENSITIVITY, {}), "resynthesis2": (SENSITIVITY, {}),
     "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
     "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()} | {
-    "warp": ({"warp_probe": {}}, {}),  # the cpu preset with the warp probe on, as it was at 8d1d710
-    "teacher": ({"warp_probe": None}, {}), "teacher2": ({"warp_probe": None}, {})}
+    # the cpu preset as it was at 8d1d710 (warp probe on) and at c223e6d (no teacher fine-tune)
+    "warp": ({"warp_probe": {}, "teacher_finetune": None}, {}),
+    "teacher": ({"warp_probe": None, "teacher_finetune": None}, {}),
+    "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {})}
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),

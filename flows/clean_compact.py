@@ -141,9 +141,13 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     synthetic = synthesized["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
     adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"])
-    tuned = steps.finetune_task(run, compact, synthetic, adversarial["files"].get("adversarial"),
-                                compacted["files"].get("teacher"), cfg, adversarial["exclusion"]["suspected_target"],
-                                adversarial["files"].get("trigger"))
+    finetune_data = (synthetic, adversarial["files"].get("adversarial"))
+    suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
+    teacher, teacher_tuned = compacted["files"].get("teacher"), None
+    if compacted["distillation"]["teacher_finetune"]:
+        teacher_tuned = steps.teacher_finetune_task(run, teacher, *finetune_data, cfg, suspected, trigger_file)
+        teacher = teacher_tuned["files"]["teacher"]
+    tuned = steps.finetune_task(run, compact, *finetune_data, teacher, cfg, suspected, trigger_file)
     final = tuned["files"]["model"]
     evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
                                     synthetic, cfg, eval_data, data_dir, attack_dir)
@@ -157,6 +161,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     for name, out in (("synthesize", synthesized), ("trigger_probe", probed), ("adversarial", adversarial), ("finetune", tuned),
                       ("evaluate", evaluated), ("export", exported)):
         timings[name] = out["seconds"]
+    if teacher_tuned is not None:
+        timings["teacher_finetune"] = teacher_tuned["seconds"]
     timings["total"] = time.perf_counter() - t0  # wall time of this run (finished steps reused count ~0)
     plan = CompactionPlan.from_dict(json.loads(Path(compacted["files"]["plan"]).read_text()))
     synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}

@@ -276,6 +276,10 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["trigger_channel_u"] = args.trigger_channel_u
     if args.kd_gate:
         overrides["kd_gate"] = args.kd_gate
+    if args.teacher_finetune_lr is not None:
+        overrides["teacher_finetune"] = {"lr": args.teacher_finetune_lr}
+    if args.no_teacher_finetune:
+        overrides["teacher_finetune"] = None
     if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe):
         overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
@@ -530,8 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-weight", type=float,
                    help="weight of logit distillation from the clipped full-rank model (presets: 1, behind --kd-gate)")
     p.add_argument("--kd-gate", choices=("always", "verified"),
-                   help="distill always, or only when the patch probe's stamp is verified gone from the teacher "
-                        "(presets: verified)")
+                   help="distill from the teacher always, or as is only when the probes' trigger is verified gone "
+                        "from it (else fine-tuned first, see --teacher-finetune-lr; presets: verified)")
+    p.add_argument("--teacher-finetune-lr", type=float,
+                   help="fine-tune a teacher the gate does not verify at this learning rate, with the student's "
+                        "recipe, before distilling from it (default: the preset's)")
+    p.add_argument("--no-teacher-finetune", action="store_true",
+                   help="never fine-tune the teacher: under --kd-gate verified an unverified teacher is not used")
     p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
                    help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
                         "still carries the backdoor cannot hold its target class up (default: the preset's)")

@@ -170,7 +170,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     trigger (see trigger_probe_task)."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import channel_clean, gated_teacher, trigger_clean_text
+    from cc_core.pipeline import channel_clean, distillation_text, gated_teacher, trigger_clean_text
 
     def compute() -> dict:
         original = _load(model_file)
@@ -196,6 +196,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
                                    "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher, "kd_gate": cfg.kd_gate,
+                                   "teacher_finetune": cfg.teacher_finetune,
                                    "trigger_channel_u": cfg.trigger_channel_u, "trigger": trigger}
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {}), compute)
@@ -207,8 +208,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
                           f"{trigger_clean_text(trigger_info)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
-    if out["distillation"]["reason"]:
-        get_run_logger().info(f"no distillation: {out['distillation']['reason']}")
+    if distillation_text(out["distillation"]):
+        get_run_logger().info(distillation_text(out["distillation"]))
     return out
 
 
@@ -305,6 +306,48 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
     return out
 
 
+def _finetune_data(synthetic_file: str, adversarial_file: str | None, trigger_file: str | None,
+                   excluded_class: int | None, device) -> tuple:
+    """The fine-tune's (x, y, x_adv, x_trigger, left-out class) from the step files, without the
+    synthetic images labelled ``excluded_class`` (the left-out class is None when there were none)."""
+    from cc_core.pipeline import exclude_class
+
+    t = _load_tensors(synthetic_file)
+    x, y, n_excluded = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
+    x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
+    x_trigger = _load_tensors(trigger_file)["x"].to(device) if trigger_file else None
+    return x, y, x_adv, x_trigger, excluded_class if n_excluded else None
+
+
+@task(name="teacher-finetune", **COMPUTE)
+def teacher_finetune_task(run: RunHandle, teacher_file: str, synthetic_file: str, adversarial_file: str | None,
+                          cfg, excluded_class: int | None = None, trigger_file: str | None = None) -> dict:
+    """The distillation teacher the gate did not verify, fine-tuned on the student's fine-tune data
+    (cc_core.pipeline.finetune_teacher) before the student distills from it."""
+    from cc_core.io import save_model
+    from cc_core.pipeline import finetune_teacher, teacher_finetune_config
+
+    def compute() -> dict:
+        device = _device(cfg)
+        x, y, x_adv, x_trigger, left_out = _finetune_data(synthetic_file, adversarial_file, trigger_file,
+                                                          excluded_class, device)
+        teacher = _load(teacher_file).to(device)
+        history = finetune_teacher(teacher, x, y, x_adv, cfg, x_trigger, left_out)
+        path = run.path / "teacher_finetuned.safetensors"
+        save_model(teacher.cpu().eval(), path)
+        return {"files": {"teacher": str(path)}, "history": history}
+
+    out = _cached(run, "teacher_finetune", {"teacher": teacher_file, "synthetic": synthetic_file,
+                                            "adversarial": adversarial_file, "trigger": trigger_file,
+                                            "finetune": teacher_finetune_config(cfg).to_dict(),
+                                            "excluded_class": excluded_class}, compute)
+    for epoch, row in enumerate(out["history"]):
+        log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, "teacher_finetune.", step=epoch)
+    log_metrics(run, {"teacher_finetune": out["seconds"]}, "time.")
+    get_run_logger().info(f"teacher fine-tuned in {out['seconds']:.1f} s")
+    return out
+
+
 @task(name="finetune", **COMPUTE)
 def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, adversarial_file: str | None,
                   teacher_file: str | None, cfg, excluded_class: int | None = None,
@@ -313,18 +356,16 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
     trigger) data, without the synthetic images labelled ``excluded_class``."""
     from cc_core.finetune import finetune
     from cc_core.io import save_model
-    from cc_core.pipeline import exclude_class, finetune_config
+    from cc_core.pipeline import finetune_config
 
     def compute() -> dict:
         device = _device(cfg)
-        t = _load_tensors(synthetic_file)
-        x, y, n_excluded = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
-        x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
-        x_trigger = _load_tensors(trigger_file)["x"].to(device) if trigger_file else None
+        x, y, x_adv, x_trigger, left_out = _finetune_data(synthetic_file, adversarial_file, trigger_file,
+                                                          excluded_class, device)
         teacher = _load(teacher_file).to(device) if teacher_file else None
         model = _load(compact_file).to(device)
         history = finetune(model, x, y, x_adv, teacher, finetune_config(cfg, teacher), progress=False, x_trigger=x_trigger,
-                           left_out_class=excluded_class if n_excluded else None)
+                           left_out_class=left_out)
         path = run.path / "finetuned.safetensors"
         save_model(model.cpu().eval(), path)
         return {"files": {"model": str(path)}, "history": history}

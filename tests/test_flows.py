@@ -73,6 +73,7 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     for key in ("model.params_before", "model.params_after", "scan.concentration", "scan.concentration_before",
                 "scan.concentration_after", "onnx.max_abs_diff", "onnx.speedup", "time.finetune", "synth.bn_loss"):
         assert key in run.data.metrics, key
+    assert "scan.warp_flip_rate" not in run.data.metrics  # the pre-scan's warp probe is off by default
     assert run.data.params["cfg.tau"] == "3.0"
 
     def listing(path=None):
@@ -184,6 +185,8 @@ def test_audit_scans_due_versions_once_and_cleans_by_policy(suspect):
     rows = audit_flow(policy="clean-all", **common)
     assert [(r["name"], r["version"]) for r in rows] == [(suspect["name"], 1), (suspect["name"], 2)]
     assert all(r["clean_status"] == "promoted" for r in rows)
+    audit_run = registry(suspect).get_run(rows[0]["audit_run_id"])
+    assert "scan.warp_flip_rate" in audit_run.data.metrics  # the audit scans as `cleancompact scan` does
     tags = registry(suspect).get_model_version(suspect["name"], "1").tags
     assert tags["cc.audit.verdict"] in ("flagged", "clear") and float(tags["cc.audit.concentration"]) >= 0
     assert audit_flow(policy="clean-all", **common) == []  # audited recently, outputs never audited

@@ -386,6 +386,27 @@ def test_defend_flags_reach_the_fine_tune_config(field, flags, expected, tiny_fi
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags, expected", [([], "preset"), (["--teacher-finetune-lr", "0.0002"], {"lr": 0.0002}),
+                                             (["--no-teacher-finetune"], None)])
+def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
+    import cc_core.pipeline as pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def recording_defend(model, config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "defend", recording_defend)
+    with pytest.raises(Stop):
+        main(["defend", str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags])
+    expected = resolve_config("cpu").teacher_finetune if expected == "preset" else expected
+    assert seen["config"].teacher_finetune == expected
+
+
 def test_defend_missing_model(tmp_path, capsys):
     assert main(["defend", str(tmp_path / "none.pt"), "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
     assert "model file not found" in capsys.readouterr().err
@@ -746,7 +767,7 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
     x = (_dim_images(64) - 0.5) / 0.25
     backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
     unfaithful = ConstantClassifier(clean.cc_spec, 2)  # no trigger, but most images' class lost
-    cfg = resolve_config("cpu", patch_probe={"sizes": (3,), "stride": 2})
+    cfg = resolve_config("cpu", patch_probe={"sizes": (3,), "stride": 2}, teacher_finetune=None)
     assert cfg.kd_gate == "verified" and cfg.finetune.kd_weight > 0
     patch = patch_probe(backdoored, x, cfg.patch_probe)
     for teacher, opens, why in ((clean, True, None), (unfaithful, False, "gives only"), (backdoored, False, "still flips")):
@@ -758,16 +779,59 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
         if teacher is not backdoored:
             assert record["teacher_trigger_flip_rate"] < 0.1
             assert (record["teacher_agreement"] == 1.0) is opens  # the clean model agrees away from the trigger
+        # With a teacher fine-tune, an unverified teacher is fine-tuned first; a verified one is used as is.
+        got, record = gated_teacher(None, backdoored, cfg.replace(teacher_finetune={"lr": 3e-4}), x, patch)
+        assert got is teacher and record["distill"] and record["teacher_finetune"] is not opens
+        assert (record["reason"] is None) if opens else (why in record["reason"])
     got, record = gated_teacher(None, backdoored, cfg, x, None)
     assert got is None and "found no trigger" in record["reason"] and record["teacher_trigger_flip_rate"] is None
+    got, record = gated_teacher(None, backdoored, cfg.replace(teacher_finetune={}), x, None)
+    assert got is backdoored and record["teacher_finetune"] and "found no trigger" in record["reason"]
     got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always"), x, None)
-    assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_trigger_flip_rate": None,
-                                            "teacher_agreement": None, "reason": None}
+    assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_finetune": False,
+                                            "teacher_trigger_flip_rate": None, "teacher_agreement": None, "reason": None}
+    got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always", teacher_finetune={}), x, None)
+    assert got is backdoored and record["teacher_finetune"] and record["reason"] is None
     monkeypatch.undo()
     got, record = gated_teacher(tiny_model(), backdoored, cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
     assert got is None and not record["distill"] and record["reason"] is None  # not asked for: nothing to explain
     with pytest.raises(ConfigError, match="kd_gate must be one of"):
         cfg.replace(kd_gate="sometimes")
+
+
+def test_teacher_finetune_fine_tunes_the_teacher_with_the_students_recipe_before_the_student_distills(monkeypatch):
+    import numpy as np
+
+    import cc_core.pipeline as pipeline
+    from cc_core.attacks import build_attack
+    from cc_core.data import ImageData
+
+    calls = []
+    real_finetune = pipeline.finetune
+
+    def recording_finetune(model, x, y, x_adv, teacher, cfg, **kwargs):
+        calls.append({"model": model, "teacher": teacher, "cfg": cfg, "n": len(y),
+                      "left_out": kwargs.get("left_out_class"), "weights": copy.deepcopy(model.state_dict())})
+        return real_finetune(model, x, y, x_adv, teacher, cfg, **kwargs)
+
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    rng = np.random.default_rng(0)
+    data = ImageData(rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8), np.arange(40) % 4, ["a", "b", "c", "d"])
+    cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1})
+    assert cfg.finetune.kd_weight > 0
+    r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, eval_data=data,
+               attack=build_attack("badnet", 4)).report
+    teacher_call, student_call = calls
+    assert student_call["teacher"] is teacher_call["model"] and teacher_call["teacher"] is None
+    assert teacher_call["cfg"].epochs == 1 and teacher_call["cfg"].kd_weight == 0.0 and student_call["cfg"].epochs == 2
+    assert teacher_call["n"] == student_call["n"] and teacher_call["left_out"] == student_call["left_out"]
+    changed = [not torch.equal(v, teacher_call["model"].state_dict()[k]) for k, v in teacher_call["weights"].items()]
+    assert any(changed)  # the teacher the student distills from is the fine-tuned one
+    teacher_metrics = r["distillation"]["teacher_metrics"]
+    assert 0 <= teacher_metrics["acc_before"] <= 1 and 0 <= teacher_metrics["asr_after"] <= 1
+    assert "teacher_finetune" in r["timings_s"]
+    with pytest.raises(ConfigError, match="teacher_finetune takes fine-tune settings"):
+        cfg.replace(teacher_finetune={"epoch": 1})
 
 
 class PlantedWarp(nn.Module):
