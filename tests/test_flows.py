@@ -74,6 +74,8 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
                 "scan.concentration_after", "onnx.max_abs_diff", "onnx.speedup", "time.finetune", "synth.bn_loss"):
         assert key in run.data.metrics, key
     assert "scan.warp_flip_rate" not in run.data.metrics  # the pre-scan's warp probe is off by default
+    # No trigger fires on the tiny model, so the gate cannot verify its teacher: it is fine-tuned first.
+    assert "time.teacher_finetune" in run.data.metrics and "teacher_finetune.syn" in run.data.metrics
     assert run.data.params["cfg.tau"] == "3.0"
 
     def listing(path=None):
@@ -88,6 +90,7 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     report = json.loads(open(c.download_artifacts(run.info.run_id, "report.json", str(tmp_path))).read())
     assert report["format"] == "cleancompact.report/1" and report["model"]["compression"] >= 2
     assert report["onnx"]["max_abs_diff"] < 1e-3
+    assert report["distillation"]["teacher_finetune"] and report["timings_s"]["teacher_finetune"] > 0
     assert "<img src=\"data:image/png;base64," in open(c.download_artifacts(run.info.run_id, "summary.html",
                                                                               str(tmp_path))).read()
     import mlflow.tracking._model_registry.utils as registry_utils
