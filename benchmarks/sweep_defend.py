@@ -51,7 +51,8 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     # the cpu preset as it was at 8d1d710 (warp probe on) and at c223e6d (no teacher fine-tune)
     "warp": ({"warp_probe": {}, "teacher_finetune": None}, {}),
     "teacher": ({"warp_probe": None, "teacher_finetune": None}, {}),
-    "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {})}
+    "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
+    "teacher3": ({"warp_probe": None}, {})}  # the cpu preset at 7d7da14 (teacher fine-tuned at lr 0.0003)
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -189,6 +190,12 @@ GRIDS = {
                       {"lr": 3e-4, "kd_mask_left_out_class": False}, {"kd_mask_left_out_class": True}),
                      ("teacher fine-tuned first at lr 0.0001, the left-out class's logit out of the distillation",
                       {"lr": 1e-4, "kd_mask_left_out_class": False}, {"kd_mask_left_out_class": True}))],
+    # Around the preset's teacher fine-tune: its learning rate between the two measured, and more of the
+    # fine-tuned teacher in the student (feature distillation, a heavier logit distillation).
+    "teacher3": [(label, ratio, overrides, ft) for ratio in (2.0, 4.0) for label, overrides, ft in (
+        ("teacher fine-tuned at lr 0.0002", {"teacher_finetune": {"lr": 2e-4}}, {}),
+        ("+ feature distillation (weight 1) from the fine-tuned teacher", {}, {"feature_weight": 1.0}),
+        ("logit distillation weight 2", {}, {"kd_weight": 2.0}))],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),
