@@ -52,7 +52,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "warp": ({"warp_probe": {}, "teacher_finetune": None}, {}),
     "teacher": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
-    "teacher3": ({"warp_probe": None}, {})}  # the cpu preset at 7d7da14 (teacher fine-tuned at lr 0.0003)
+    "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {})}  # the cpu preset at 7d7da14
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
