@@ -362,49 +362,40 @@ def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, 
     assert not out.exists()
 
 
+def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
+    """The DefendConfig `cleancompact defend ARGS` hands to cc_core.defend (which is not run)."""
+    import cc_core.pipeline as pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def recording_defend(model, config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "defend", recording_defend)
+    with pytest.raises(Stop):
+        main(["defend", *args])
+    return seen["config"]
+
+
 @pytest.mark.parametrize("field", ["mask_left_out_class", "kd_mask_left_out_class"])
 @pytest.mark.parametrize("flags, expected", [([], None), (["--{}"], True), (["--no-{}"], False)])
 def test_defend_flags_reach_the_fine_tune_config(field, flags, expected, tiny_file, tmp_path, monkeypatch):
-    import cc_core.pipeline as pipeline
-
-    class Stop(Exception):
-        pass
-
-    seen = {}
-
-    def recording_defend(model, config, **kwargs):
-        seen["config"] = config
-        raise Stop
-
-    monkeypatch.setattr(pipeline, "defend", recording_defend)
-    with pytest.raises(Stop):
-        main(["defend", str(tiny_file), "--ratio", "3", "--no-kd", "--out", str(tmp_path / "o"),
-              *(f.format(field.replace("_", "-")) for f in flags)])
-    ft = seen["config"].finetune
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "3", "--no-kd", "--out", str(tmp_path / "o"),
+                                  *(f.format(field.replace("_", "-")) for f in flags)], monkeypatch)
     expected = getattr(resolve_config("cpu").finetune, field) if expected is None else expected
-    assert seen["config"].ratio == 3 and ft.kd_weight == 0 and getattr(ft, field) is expected
+    assert cfg.ratio == 3 and cfg.finetune.kd_weight == 0 and getattr(cfg.finetune, field) is expected
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flags, expected", [([], "preset"), (["--teacher-finetune-lr", "0.0002"], {"lr": 0.0002}),
+@pytest.mark.parametrize("flags, expected", [([], "preset"), (["--teacher-finetune-lr", "0.0001"], {"lr": 0.0001}),
                                              (["--no-teacher-finetune"], None)])
 def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
-    import cc_core.pipeline as pipeline
-
-    class Stop(Exception):
-        pass
-
-    seen = {}
-
-    def recording_defend(model, config, **kwargs):
-        seen["config"] = config
-        raise Stop
-
-    monkeypatch.setattr(pipeline, "defend", recording_defend)
-    with pytest.raises(Stop):
-        main(["defend", str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags])
-    expected = resolve_config("cpu").teacher_finetune if expected == "preset" else expected
-    assert seen["config"].teacher_finetune == expected
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert cfg.teacher_finetune == (resolve_config("cpu").teacher_finetune if expected == "preset" else expected)
 
 
 def test_defend_missing_model(tmp_path, capsys):
