@@ -12,6 +12,11 @@ BatchNorm layer named l in student and teacher (compression keeps BN names), so 
 term gives every layer its own target instead of only the logits. Each term is switched off by a
 zero weight; with every term off the model is returned untouched.
 
+With ``mixup_alpha`` > 0 the clean synthetic branch (the synthetic CE, both distillation terms)
+sees mixup images x = lam x_i + (1 - lam) x_j, lam ~ Beta(alpha, alpha) per batch: the CE goes
+towards lam y_i + (1 - lam) y_j and the teacher is asked about the mixed image itself, so a
+thousand synthetic images give the distillation a new set of inputs every epoch.
+
 When a class is left out of the fine-tune (the suspected backdoor target has no synthetic images
 in x_s), every CE term pushes its logit down on every image and nothing pushes it back up, so the
 fine-tune erodes that class. ``mask_left_out_class`` takes its column out of the CE softmax:
@@ -24,6 +29,7 @@ left-out class.
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 from dataclasses import dataclass
 
@@ -53,6 +59,7 @@ class FinetuneConfig:
     kd_mask_left_out_class: bool = False
     freeze_bn: bool = True
     augment: bool = True
+    mixup_alpha: float = 0.0
     mixed_precision: bool = True
     seed: int = 0
 
@@ -61,6 +68,8 @@ class FinetuneConfig:
             raise ConfigError("fine-tune needs epochs >= 0, batch_size >= 1 and lr > 0")
         if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
+        if not self.mixup_alpha >= 0:
+            raise ConfigError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha!r}")
 
     @property
     def active(self) -> bool:
@@ -161,12 +170,18 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int
     return F.cross_entropy(logits, labels)
 
 
+def mixup_pairs(n: int, alpha: float, rng: random.Random, generator: torch.Generator) -> tuple[float, torch.Tensor]:
+    """One mixing weight lam ~ Beta(alpha, alpha) and a partner index per sample: (n,) permutation."""
+    return rng.betavariate(alpha, alpha), torch.randperm(n, generator=generator)
+
+
 def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, progress: bool,
            student_bn: BNOutputs | None, teacher_bn: BNOutputs | None, masked: int | None,
            kd_dropped: int | None) -> list[dict]:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    mix_rng = random.Random(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=True)
     n = len(y_syn)
@@ -190,6 +205,10 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
             if cfg.augment:
                 xs, xa, xt = (random_hflip(random_crop(v, 2, gen), gen) if v is not None else None
                               for v in (xs, xa, xt))
+            mix = mixup_pairs(len(idx), cfg.mixup_alpha, mix_rng, gen) if cfg.mixup_alpha else None
+            if mix is not None:
+                lam, partner = mix
+                xs = lam * xs + (1 - lam) * xs[partner]
             loss = torch.zeros((), device=xs.device)
             with autocast(xs.device, cfg.mixed_precision):
                 out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight) else None
@@ -201,6 +220,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                         target = teacher(xs).float()
             if cfg.synth_weight:
                 term = masked_cross_entropy(out_s, ys, masked)
+                if mix is not None:
+                    term = lam * term + (1 - lam) * masked_cross_entropy(out_s, ys[partner], masked)
                 sums["syn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.synth_weight * term
             if cfg.adv_weight:

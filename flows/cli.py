@@ -289,7 +289,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
-                            "feature_weight": args.feature_weight}.items()
+                            "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha}.items()
           if v is not None}
     for key in ("mask_left_out_class", "kd_mask_left_out_class"):
         if getattr(args, key) is not None:
@@ -546,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "still carries the backdoor cannot hold its target class up (default: the preset's)")
     p.add_argument("--feature-weight", type=float,
                    help="weight of BatchNorm-output (feature) distillation from the teacher; 0 turns it off")
+    p.add_argument("--mixup-alpha", type=float,
+                   help="fine-tune the synthetic CE and the distillation on mixup images, Beta(a, a) weights; "
+                        "0 turns it off (default: the preset's)")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
     p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
     p.add_argument("--data-dir")

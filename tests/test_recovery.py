@@ -12,7 +12,7 @@ from cc_core.device import precision
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
-from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy
+from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
 from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
 from benchmarks.bench import suspicion_record
@@ -179,6 +179,41 @@ def test_feature_distillation_pulls_the_student_towards_the_teacher(arch):
     history = finetune(student, x, y, None, teacher, cfg, progress=False)
     assert history[-1]["feat"] < 0.7 * history[0]["feat"]
     assert not any(m._forward_hooks for model in (student, teacher) for m in model.modules())
+
+
+class _InputRecorder(nn.Module):
+    """A teacher that records every batch it is asked about."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_mixup_asks_the_teacher_about_mixed_images_and_the_mixing_is_convex(alpha):
+    model = tiny_model()
+    x, y = torch.rand(32, 3, 32, 32), torch.arange(32) % 4
+    teacher = _InputRecorder(copy.deepcopy(model))
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.001, adv_weight=0.0, kd_weight=1.0, mixup_alpha=alpha, augment=False,
+                         mixed_precision=False)
+    history = finetune(model, x, y, None, teacher, cfg, progress=False)
+    assert len(history) == 2 and len(teacher.seen) == 4
+    seen = torch.cat(teacher.seen)
+    is_synthetic = (seen[:, None] - x[None]).flatten(2).abs().amax(2).amin(1) < 1e-6
+    assert bool(is_synthetic.all()) == (alpha == 0)
+    assert float(seen.min()) >= 0 and float(seen.max()) <= 1  # convex combinations stay in the image range
+
+
+def test_mixup_pairs_is_a_permutation_with_a_weight_in_the_unit_interval():
+    import random
+    lam, partner = mixup_pairs(64, 0.4, random.Random(0), torch.Generator().manual_seed(0))
+    assert 0 <= lam <= 1 and sorted(partner.tolist()) == list(range(64))
+    with pytest.raises(ConfigError, match="mixup_alpha"):
+        FinetuneConfig(mixup_alpha=-1.0)
 
 
 def test_macs_of_resnet18():
@@ -380,6 +415,15 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
     with pytest.raises(Stop):
         main(["defend", *args])
     return seen["config"]
+
+
+def test_defend_mixup_flag(tiny_file, tmp_path, monkeypatch, capsys):
+    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
+    assert defend_config_from_cli(args, monkeypatch).finetune.mixup_alpha == resolve_config("cpu").finetune.mixup_alpha
+    assert defend_config_from_cli([*args, "--mixup-alpha", "0.4"], monkeypatch).finetune.mixup_alpha == 0.4
+    assert main(["defend", *args, "--mixup-alpha", "-1"]) == 2
+    assert "mixup_alpha must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("field", ["mask_left_out_class", "kd_mask_left_out_class"])
