@@ -339,8 +339,8 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
     teacher, distillation = gated_teacher(cleaned, original, cfg, x_syn if found else None, found)
     teacher = teacher.to(device) if teacher is not None else None
-    if distillation_text(distillation):
-        log(f"[defend] {distillation_text(distillation)}")
+    if text := distillation_text(distillation):
+        log(f"[defend] {text}")
     original.to(device)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)

@@ -208,8 +208,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
                           f"{trigger_clean_text(trigger_info)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
-    if distillation_text(out["distillation"]):
-        get_run_logger().info(distillation_text(out["distillation"]))
+    if text := distillation_text(out["distillation"]):
+        get_run_logger().info(text)
     return out
 
 
