@@ -535,12 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of logit distillation from the clipped full-rank model (presets: 1, behind --kd-gate)")
     p.add_argument("--kd-gate", choices=("always", "verified"),
                    help="distill from the teacher always, or as is only when the probes' trigger is verified gone "
-                        "from it (else fine-tuned first, see --teacher-finetune-lr; presets: verified)")
+                        "from it (else not used, or fine-tuned first with --teacher-finetune-lr; presets: verified)")
     p.add_argument("--teacher-finetune-lr", type=float,
                    help="fine-tune a teacher the gate does not verify at this learning rate, with the student's "
-                        "recipe, before distilling from it (default: the preset's)")
+                        "recipe, before distilling from it (off in the presets: it helps WaNet but hands Blended's "
+                        "backdoor back; README)")
     p.add_argument("--no-teacher-finetune", action="store_true",
-                   help="never fine-tune the teacher: under --kd-gate verified an unverified teacher is not used")
+                   help="never fine-tune the teacher (the presets' default): under --kd-gate verified an unverified "
+                        "teacher is not used")
     p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
                    help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
                         "still carries the backdoor cannot hold its target class up (default: the preset's)")
