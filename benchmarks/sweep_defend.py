@@ -53,9 +53,9 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
-    "mixup": ({"warp_probe": None}, {"mixup_alpha": 0.0}),  # the cpu preset at 0911a44
-    "blended": ({"warp_probe": None}, {"mixup_alpha": 0.0})}
-PRESET_TEACHER_FINETUNE = {"lr": 2e-4, "mixup_alpha": 0.0}
+    # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
+    **dict.fromkeys(("mixup", "blended"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
+TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -201,8 +201,8 @@ GRIDS = {
         ("logit distillation weight 2", {}, {"kd_weight": 2.0}))],
     # More inputs for the distillation from the same thousand synthetic images (mixup), and the left-out
     # class's logit out of the distillation, so a fine-tuned teacher that still carries some backdoor (Blended:
-    # ASR 38% after its fine-tune) cannot teach its target class; the teacher's own fine-tune is the preset's.
-    "mixup": [(label, ratio, {"teacher_finetune": PRESET_TEACHER_FINETUNE}, ft) for ratio in (2.0, 4.0)
+    # ASR 38% after its fine-tune) cannot teach its target class; the teacher's own fine-tune is the preset's at 0911a44.
+    "mixup": [(label, ratio, {"teacher_finetune": TEACHER_FINETUNE_0911A44}, ft) for ratio in (2.0, 4.0)
               for label, ft in (("mixup alpha 1 in the student's fine-tune", {"mixup_alpha": 1.0}),
                                 ("left-out class's logit out of the distillation", {"kd_mask_left_out_class": True}),
                                 ("mixup alpha 1 + left-out logit out of the distillation",
