@@ -54,7 +54,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
-    **dict.fromkeys(("mixup", "blended"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
+    **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
@@ -214,6 +214,10 @@ GRIDS = {
         ("teacher fine-tuned at lr 0.001, left-out logit out of the distillation", {"lr": 1e-3, "mixup_alpha": 0.0},
          {"kd_mask_left_out_class": True}),
         ("no teacher fine-tune (an unverified teacher is not used)", None, {}))],
+    # Distill from the fine-tuned teacher, then keep that student only if the universal inversion does not
+    # flip markedly more on it than on one fine-tuned without distillation (student_signals.md).
+    "distill_check": [("teacher fine-tuned at lr 0.0002, distillation check", ratio,
+                       {"teacher_finetune": TEACHER_FINETUNE_0911A44, "distill_check": True}, {}) for ratio in (2.0, 4.0)],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),
@@ -268,6 +272,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                          "flip_rate": r["scan"]["flip_rate"], "all_to_all_suspected": r["scan"]["all_to_all_suspected"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
                          "teacher_metrics": (r["distillation"] or {}).get("teacher_metrics"),
+                         "distill_check": (r["distillation"] or {}).get("check"),
                          "seconds_excl_synthesis": r["timings_s"]["total"]})
             m = r["metrics"]
             print(f"{name} {ratio}x {label}: ACC {m['acc_after']:.4f} ASR {m['asr_after']:.4f} "
@@ -315,12 +320,14 @@ def all_to_one_target(attack) -> int | None:
 
 
 def _teacher_text(row: dict) -> str:
-    """What the teacher's own fine-tune did (rows that fine-tune the teacher), for the setting column."""
-    t = row.get("teacher_metrics")
-    if not t:
-        return ""
-    return (f" (teacher ACC {100 * t['acc_before']:.2f} -> {100 * t['acc_after']:.2f}, "
-            f"ASR {100 * t['asr_before']:.2f} -> {100 * t['asr_after']:.2f})")
+    """What the teacher's own fine-tune and the distillation check did (rows that have them), for the setting column."""
+    t, check = row.get("teacher_metrics"), row.get("distill_check")
+    text = "" if not t else (f" (teacher ACC {100 * t['acc_before']:.2f} -> {100 * t['acc_after']:.2f}, "
+                             f"ASR {100 * t['asr_before']:.2f} -> {100 * t['asr_after']:.2f})")
+    if check:
+        text += (f"; the inversion flips {check['flip_rate_distilled']:.2f} / {check['flip_rate_undistilled']:.2f} "
+                 f"with / without distillation: the {'distilled' if check['kept'] else 'undistilled'} student is kept")
+    return text
 
 
 def _target_class_acc(row: dict) -> str:

@@ -28,7 +28,7 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
-                          all_to_all_suspected, apply_found_trigger, found_trigger, histogram_report, patch_probe,
+                          all_to_all_suspected, apply_found_trigger, flip_report, found_trigger, histogram_report, patch_probe,
                           patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
 from cc_core.synth import SynthConfig, synthesize
 
@@ -41,6 +41,13 @@ KD_GATES = ("always", "verified")
 # zeroed) on 95.1% (benchmarks/results/warp_probe_bench.md); distilling from that one cost WaNet
 # 5.1 ACC points at 2x (sweep_defend_warp.md).
 TEACHER_AGREEMENT = 0.99
+# The distillation check (DefendConfig.distill_check): the distilled student is kept when the
+# universal inversion flips at most this much more of the synthetic images on it than on the
+# undistilled one. On the zoo at 2x (benchmarks/results/student_signals.md), distilling from the
+# teacher fine-tuned at lr 0.0002 moved the flip rate 0.56 -> 0.43 on WaNet (real ASR 2.29 ->
+# 3.90) and 0.40 -> 0.76 on Blended (8.18 -> 32.39); the margin lies between.
+DISTILL_FLIP_MARGIN = 0.1
+DISTILL_CHECK_SAMPLES = 512
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,12 @@ class DefendConfig:
     # "always". The fine-tune takes from the teacher what it takes from the student, the backdoor,
     # and gives back what the clean step cost it (sweep_defend_teacher*.md).
     teacher_finetune: dict | None = None
+    # With a teacher the gate does not verify (fine-tuned first, or any under "always"), also
+    # fine-tune the student without distillation, and keep the distilled student only when the
+    # scan's universal inversion flips at most DISTILL_FLIP_MARGIN more of the synthetic images on
+    # it than on the undistilled one: a backdoor the teacher hands on shows there. It does not see
+    # a trigger the additive inversion cannot express (a warp).
+    distill_check: bool = False
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
     device: str = "auto"
@@ -144,6 +157,9 @@ class DefendConfig:
         if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned"):
             raise ConfigError("resynthesize_suspected_target must be None, 'cleaned' or 'finetuned', "
                               f"got {self.resynthesize_suspected_target!r}")
+        if self.distill_check and self.resynthesize_suspected_target == "finetuned":
+            raise ConfigError("distill_check compares one fine-tune with and without distillation; "
+                              "resynthesize_suspected_target='finetuned' fine-tunes twice")
         if self.teacher_finetune is not None:
             try:
                 dataclasses.replace(self.finetune, **self.teacher_finetune)
@@ -387,6 +403,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 
     start = time.perf_counter()
     ft_cfg = finetune_config(cfg, teacher)
+    undistilled = copy.deepcopy(new) if needs_distill_check(cfg, distillation) else None
     history = finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger,
                        left_out_class=left_out)
     if cfg.resynthesize_suspected_target == "finetuned" and excluded:
@@ -398,6 +415,15 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         history += finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger)
     timings["finetune"] = time.perf_counter() - start
     log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
+    if undistilled is not None:
+        start = time.perf_counter()
+        undistilled_history = finetune(undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None),
+                                       progress=progress, x_trigger=x_trigger, left_out_class=left_out)
+        distillation["check"] = check = distill_check(new, undistilled, x_syn, cfg.inversion)
+        if not check["kept"]:
+            new, history = undistilled, undistilled_history
+        timings["distill_check"] = time.perf_counter() - start
+        log(f"[defend] {distill_check_text(check)} ({timings['distill_check']:.1f} s)")
 
     start = time.perf_counter()
     scan_after = histogram_report(new, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
@@ -566,9 +592,10 @@ def gated_teacher(cleaned: nn.Module, original: nn.Module, cfg: DefendConfig, x:
     ``cfg.teacher_finetune`` is set (finetune_teacher) and otherwise, under "verified", not used.
     The record: {"gate", "distill", "teacher_finetune" (the teacher is to be fine-tuned first),
     "teacher_trigger_flip_rate", "teacher_agreement" (None when not measured), "reason" (why
-    "verified" did not verify the teacher; None otherwise)}."""
+    "verified" did not verify the teacher; None otherwise), "check" (distill_check's record, filled
+    in after the fine-tune when it runs)}."""
     record = {"gate": cfg.kd_gate, "distill": False, "teacher_finetune": False, "teacher_trigger_flip_rate": None,
-              "teacher_agreement": None, "reason": None}
+              "teacher_agreement": None, "reason": None, "check": None}
     if not cfg.finetune.needs_teacher:
         return None, record
     if cfg.kd_gate == "verified" and cfg.teacher_finetune is None and (x is None or not trigger_score(found)):
@@ -598,6 +625,34 @@ def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tens
         return out | {"reason": f"the teacher gives only {agreement:.1%} of the synthetic images the original's class "
                                 f"(< {TEACHER_AGREEMENT:.0%})"}
     return out
+
+
+def needs_distill_check(cfg: DefendConfig, record: dict) -> bool:
+    """Whether the fine-tune distills from a teacher the gate did not verify and ``cfg`` asks for
+    the distillation check (gated_teacher's ``record``)."""
+    return cfg.distill_check and record["distill"] and (cfg.kd_gate == "always" or record["reason"] is not None)
+
+
+def distill_check(distilled: nn.Module, undistilled: nn.Module, x: torch.Tensor,
+                  cfg: InversionConfig = InversionConfig()) -> dict:
+    """The universal inversion's flip rate (scan.flip_report with ``cfg``) on the first
+    DISTILL_CHECK_SAMPLES synthetic images of ``x`` (N, C, H, W) for two students fine-tuned the
+    same way but for distillation; the distilled one is kept when its flip rate exceeds the
+    undistilled one's by at most DISTILL_FLIP_MARGIN: {"flip_rate_distilled",
+    "flip_rate_undistilled", "margin", "kept"}."""
+    x = x[:DISTILL_CHECK_SAMPLES]
+    distilled_flip = flip_report(distilled.eval(), x, cfg)[0]["flip_rate"]
+    undistilled_flip = flip_report(undistilled.eval(), x, cfg)[0]["flip_rate"]
+    return {"flip_rate_distilled": distilled_flip, "flip_rate_undistilled": undistilled_flip,
+            "margin": DISTILL_FLIP_MARGIN, "kept": distilled_flip <= undistilled_flip + DISTILL_FLIP_MARGIN}
+
+
+def distill_check_text(check: dict) -> str:
+    """The defend log's words for the distillation check's verdict."""
+    kept = "distilled" if check["kept"] else "undistilled"
+    return (f"distillation check: the universal inversion flips {check['flip_rate_distilled']:.0%} of the synthetic "
+            f"images on the distilled student, {check['flip_rate_undistilled']:.0%} on the undistilled one: "
+            f"the {kept} student is kept")
 
 
 def distillation_text(record: dict) -> str:

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from cc_core.compact.plan import CompactionPlan
 from cc_core.errors import ConfigError
-from cc_core.pipeline import DefendConfig, make_report, resolve_config
+from cc_core.pipeline import DefendConfig, make_report, needs_distill_check, resolve_config
 from cc_core.scan import InversionConfig, WarpProbeConfig
 from tasks import steps
 from tasks.gates import GateConfig, evaluate_gates, gates_passed
@@ -148,7 +148,15 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
         teacher_tuned = steps.teacher_finetune_task(run, teacher, *finetune_data, cfg, suspected, trigger_file)
         teacher = teacher_tuned["files"]["teacher"]
     tuned = steps.finetune_task(run, compact, *finetune_data, teacher, cfg, suspected, trigger_file)
-    final = tuned["files"]["model"]
+    distillation, checked, student = dict(compacted["distillation"]), None, tuned
+    if needs_distill_check(cfg, distillation):
+        undistilled = steps.finetune_task(run, compact, *finetune_data, None, cfg, suspected, trigger_file,
+                                          variant="undistilled")
+        checked = steps.distill_check_task(run, tuned["files"]["model"], undistilled["files"]["model"], synthetic, cfg)
+        distillation["check"] = checked["check"]
+        checked["seconds"] += undistilled["seconds"]
+        student = tuned if checked["check"]["kept"] else undistilled
+    final = student["files"]["model"]
     evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
                                     synthetic, cfg, eval_data, data_dir, attack_dir)
     exported = steps.export_task(run, final, original, threads, latency_batch)
@@ -163,12 +171,14 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
         timings[name] = out["seconds"]
     if teacher_tuned is not None:
         timings["teacher_finetune"] = teacher_tuned["seconds"]
+    if checked is not None:
+        timings["distill_check"] = checked["seconds"]
     timings["total"] = time.perf_counter() - t0  # wall time of this run (finished steps reused count ~0)
     plan = CompactionPlan.from_dict(json.loads(Path(compacted["files"]["plan"]).read_text()))
     synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
     report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
-                         evaluated["histogram_after"], timings, tuned["history"], synth_log, cfg.device,
-                         compacted["channel_clean"], adversarial["exclusion"], compacted["distillation"])
+                         evaluated["histogram_after"], timings, student["history"], synth_log, cfg.device,
+                         compacted["channel_clean"], adversarial["exclusion"], distillation)
     report["onnx"] = exported["onnx"]
     report["steps"] = evaluated["steps"]
     report["source"] = source

@@ -280,6 +280,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["teacher_finetune"] = {"lr": args.teacher_finetune_lr}
     if args.no_teacher_finetune:
         overrides["teacher_finetune"] = None
+    if args.distill_check is not None:
+        overrides["distill_check"] = args.distill_check
     if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe):
         overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
@@ -543,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-teacher-finetune", action="store_true",
                    help="never fine-tune the teacher (the presets' default): under --kd-gate verified an unverified "
                         "teacher is not used")
+    p.add_argument("--distill-check", action=argparse.BooleanOptionalAction,
+                   help="with a teacher the gate does not verify, fine-tune the student with and without "
+                        "distillation and keep the distilled one only if the universal inversion flips at most "
+                        "10 points more of the synthetic images on it (default: the preset's, off)")
     p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
                    help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
                         "still carries the backdoor cannot hold its target class up (default: the preset's)")

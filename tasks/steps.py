@@ -351,9 +351,11 @@ def teacher_finetune_task(run: RunHandle, teacher_file: str, synthetic_file: str
 @task(name="finetune", **COMPUTE)
 def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, adversarial_file: str | None,
                   teacher_file: str | None, cfg, excluded_class: int | None = None,
-                  trigger_file: str | None = None) -> dict:
+                  trigger_file: str | None = None, variant: str | None = None) -> dict:
     """Recovery fine-tune of the compact model on synthetic (+ adversarial synthetic, + inverted
-    trigger) data, without the synthetic images labelled ``excluded_class``."""
+    trigger) data, without the synthetic images labelled ``excluded_class``. A ``variant`` (e.g.
+    "undistilled", the distillation check's other student) keeps its file, step record and metrics
+    apart: <work dir>/<variant>/finetuned.safetensors, metrics finetune_<variant>.*."""
     from cc_core.finetune import finetune
     from cc_core.io import save_model
     from cc_core.pipeline import finetune_config
@@ -366,17 +368,42 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
         model = _load(compact_file).to(device)
         history = finetune(model, x, y, x_adv, teacher, finetune_config(cfg, teacher), progress=False, x_trigger=x_trigger,
                            left_out_class=left_out)
-        path = run.path / "finetuned.safetensors"
+        path = (run.path / variant if variant else run.path) / "finetuned.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_model(model.cpu().eval(), path)
         return {"files": {"model": str(path)}, "history": history}
 
-    out = _cached(run, "finetune", {"compact": compact_file, "synthetic": synthetic_file,
+    step = f"finetune_{variant}" if variant else "finetune"
+    out = _cached(run, step, {"compact": compact_file, "synthetic": synthetic_file,
                                     "adversarial": adversarial_file, "trigger": trigger_file, "teacher": teacher_file,
                                     "finetune": cfg.finetune.to_dict(), "excluded_class": excluded_class}, compute)
     for epoch, row in enumerate(out["history"]):
-        log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, "finetune.", step=epoch)
-    log_metrics(run, {"finetune": out["seconds"]}, "time.")
-    get_run_logger().info(f"fine-tuned in {out['seconds']:.1f} s")
+        log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, f"{step}.", step=epoch)
+    log_metrics(run, {step: out["seconds"]}, "time.")
+    get_run_logger().info(f"fine-tuned{f' ({variant})' if variant else ''} in {out['seconds']:.1f} s")
+    return out
+
+
+@task(name="distill-check", **COMPUTE)
+def distill_check_task(run: RunHandle, distilled_file: str, undistilled_file: str, synthetic_file: str, cfg) -> dict:
+    """cc_core.pipeline.distill_check on the two students: ``check`` (its record) and ``files.model``,
+    the student kept."""
+    from cc_core.pipeline import distill_check, distill_check_text
+
+    def compute() -> dict:
+        device = _device(cfg)
+        x = _load_tensors(synthetic_file)["x"].to(device)
+        check = distill_check(_load(distilled_file).to(device), _load(undistilled_file).to(device), x, cfg.inversion)
+        return {"check": check, "files": {"model": distilled_file if check["kept"] else undistilled_file}}
+
+    out = _cached(run, "distill_check", {"distilled": distilled_file, "undistilled": undistilled_file,
+                                         "synthetic": synthetic_file, "inversion": cfg.inversion.to_dict()}, compute)
+    check = out["check"]
+    log_metrics(run, {"flip_rate_distilled": check["flip_rate_distilled"],
+                      "flip_rate_undistilled": check["flip_rate_undistilled"],
+                      "distilled_kept": float(check["kept"])}, "distill_check.")
+    log_metrics(run, {"distill_check": out["seconds"]}, "time.")
+    get_run_logger().info(distill_check_text(check))
     return out
 
 

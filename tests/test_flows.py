@@ -58,7 +58,7 @@ def registry(suspect):
 def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_path):
     import mlflow.onnx
 
-    result = run_flow(suspect, overrides=TINY | {"teacher_finetune": {"lr": 2e-4}})
+    result = run_flow(suspect, overrides=TINY | {"teacher_finetune": {"lr": 2e-4}, "distill_check": True})
     assert result["status"] == "promoted" and result["registered"]["created"]
     c, target = registry(suspect), suspect["name"] + "-cc"
     version = str(result["registered"]["version"])
@@ -76,6 +76,9 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     assert "scan.warp_flip_rate" not in run.data.metrics  # the pre-scan's warp probe is off by default
     # No trigger fires on the tiny model, so the gate cannot verify its teacher: asked to, the flow fine-tunes it first.
     assert "time.teacher_finetune" in run.data.metrics and "teacher_finetune.syn" in run.data.metrics
+    # ...and, asked to, checks the distilled student against one fine-tuned without the teacher.
+    for key in ("time.distill_check", "distill_check.flip_rate_distilled", "finetune_undistilled.syn"):
+        assert key in run.data.metrics, key
     assert run.data.params["cfg.tau"] == "3.0"
 
     def listing(path=None):
@@ -91,6 +94,9 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     assert report["format"] == "cleancompact.report/1" and report["model"]["compression"] >= 2
     assert report["onnx"]["max_abs_diff"] < 1e-3
     assert report["distillation"]["teacher_finetune"] and report["timings_s"]["teacher_finetune"] > 0
+    check = report["distillation"]["check"]
+    assert set(check) == {"flip_rate_distilled", "flip_rate_undistilled", "margin", "kept"}
+    assert report["timings_s"]["distill_check"] > 0
     assert "<img src=\"data:image/png;base64," in open(c.download_artifacts(run.info.run_id, "summary.html",
                                                                               str(tmp_path))).read()
     import mlflow.tracking._model_registry.utils as registry_utils

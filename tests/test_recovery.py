@@ -443,6 +443,12 @@ def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, mon
     assert cfg.teacher_finetune == (resolve_config("cpu").teacher_finetune if expected == "preset" else expected)
 
 
+@pytest.mark.parametrize("flags, expected", [([], False), (["--distill-check"], True), (["--no-distill-check"], False)])
+def test_defend_distill_check_flag(flags, expected, tiny_file, tmp_path, monkeypatch):
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert cfg.distill_check is expected
+
+
 def test_defend_missing_model(tmp_path, capsys):
     assert main(["defend", str(tmp_path / "none.pt"), "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
     assert "model file not found" in capsys.readouterr().err
@@ -828,7 +834,8 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
     assert got is backdoored and record["teacher_finetune"] and "found no trigger" in record["reason"]
     got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always"), x, None)
     assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_finetune": False,
-                                            "teacher_trigger_flip_rate": None, "teacher_agreement": None, "reason": None}
+                                            "teacher_trigger_flip_rate": None, "teacher_agreement": None, "reason": None,
+                                            "check": None}
     got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always", teacher_finetune={}), x, None)
     assert got is backdoored and record["teacher_finetune"] and record["reason"] is None
     monkeypatch.undo()
@@ -942,3 +949,73 @@ def test_warp_probe_finds_a_planted_warp_and_its_class_and_nothing_on_a_clean_mo
     # no BatchNorm to clean in the planted model: the trigger clean measures the warp and zeroes nothing
     _, info = trigger_clean(model, x, found, resolve_config("cpu"))
     assert info["kind"] == "warp" and info["trigger_flip_rate"] == pytest.approx(found["flip_rate"]) and info["n_pruned"] == 0
+
+
+def test_distill_check_keeps_the_distilled_student_unless_the_inversion_flips_more_on_it(monkeypatch):
+    import cc_core.pipeline as pipeline
+
+    distilled, undistilled = tiny_model(0), tiny_model(1)
+    x = torch.randn(600, 3, 32, 32)
+    seen = []
+
+    def fake_flip_report(model, images, cfg):
+        seen.append(len(images))
+        return {"flip_rate": rates[model]}, None
+
+    monkeypatch.setattr(pipeline, "flip_report", fake_flip_report)
+    for d, u, kept in ((0.43, 0.56, True), (0.5, 0.4, True), (0.76, 0.40, False), (0.31, 0.2, False)):
+        rates = {distilled: d, undistilled: u}
+        check = pipeline.distill_check(distilled, undistilled, x)
+        assert check == {"flip_rate_distilled": d, "flip_rate_undistilled": u,
+                         "margin": pipeline.DISTILL_FLIP_MARGIN, "kept": kept}
+        assert ("distilled student is kept" if kept else "undistilled student is kept") in pipeline.distill_check_text(check)
+    assert set(seen) == {pipeline.DISTILL_CHECK_SAMPLES}
+    monkeypatch.undo()
+    same = pipeline.distill_check(distilled, copy.deepcopy(distilled), x[:64])  # the real inversion
+    assert 0 <= same["flip_rate_distilled"] <= 1 and same["flip_rate_distilled"] == same["flip_rate_undistilled"]
+    assert same["kept"]
+
+
+def test_distill_check_runs_only_for_a_teacher_the_gate_did_not_verify():
+    from cc_core.pipeline import needs_distill_check
+
+    cfg = resolve_config("cpu", distill_check=True)
+    unverified = {"distill": True, "reason": "the probes found no trigger to verify the teacher against"}
+    assert needs_distill_check(cfg, unverified)
+    assert not needs_distill_check(cfg.replace(distill_check=False), unverified)
+    assert not needs_distill_check(cfg, {"distill": True, "reason": None})  # verified: distilled from as is
+    assert not needs_distill_check(cfg, {"distill": False, "reason": unverified["reason"]})  # no teacher
+    assert needs_distill_check(cfg.replace(kd_gate="always"), {"distill": True, "reason": None})
+    with pytest.raises(ConfigError, match="distill_check compares one fine-tune"):
+        cfg.replace(resynthesize_suspected_target="finetuned")
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypatch):
+    import cc_core.pipeline as pipeline
+
+    students = []
+    real_finetune = pipeline.finetune
+
+    def recording_finetune(model, x, y, x_adv, teacher, cfg, **kwargs):
+        students.append((model, teacher))
+        return real_finetune(model, x, y, x_adv, teacher, cfg, **kwargs)
+
+    real_check = pipeline.distill_check
+
+    def forced_check(distilled, undistilled, x, cfg):
+        return real_check(distilled, undistilled, x, cfg) | {"kept": kept}
+
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(pipeline, "distill_check", forced_check)
+    cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check=True)
+    result = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None)
+    (teacher, _), (distilled, used_teacher), (undistilled, no_teacher) = students
+    assert used_teacher is teacher and no_teacher is None
+    chosen = distilled if kept else undistilled
+    assert all(torch.equal(v, chosen.state_dict()[k].cpu()) for k, v in result.model.state_dict().items())
+    check = result.report["distillation"]["check"]
+    assert check["kept"] is kept and 0 <= check["flip_rate_undistilled"] <= 1
+    assert result.report["timings_s"]["distill_check"] > 0
+    no_check = defend(tiny_model(), config=cfg.replace(distill_check=False), progress=False, log=lambda *a: None)
+    assert no_check.report["distillation"]["check"] is None and "distill_check" not in no_check.report["timings_s"]
