@@ -262,20 +262,27 @@ def _suspicion_table(done: dict) -> list[str]:
 
 
 def _distillation_text(record: dict | None) -> str:
-    """Whether the fine-tune distilled, and why not when its gate closed ('-' for older rows)."""
+    """Whether the fine-tune distilled, why not when its gate closed, and the distillation check's
+    verdict when it ran ('-' for older rows)."""
     if record is None:
         return "-"
+    check = record.get("check")
+    flips = "" if not check else (f"the inversion flips {check['flip_rate_distilled']:.2f} / "
+                                  f"{check['flip_rate_undistilled']:.2f} with / without distillation")
+    if check and not check["kept"]:
+        return f"no: the distillation check kept the undistilled student ({flips})"
+    checked = f"; the check kept it ({flips})" if check else ""
     if record.get("teacher_finetune"):
-        return "yes, from the teacher fine-tuned first" + (f" ({record['reason']})" if record["reason"] else "")
+        return "yes, from the teacher fine-tuned first" + (f" ({record['reason']})" if record["reason"] else "") + checked
     if record["reason"]:
         return f"no: {record['reason']}"
     if not record["distill"]:
         return "off"
     flip = record.get("teacher_trigger_flip_rate", record.get("teacher_stamp_flip_rate"))  # rows before the warp probe
     agreement = record.get("teacher_agreement")
-    return "yes" if flip is None else (f"yes (the trigger flips {flip:.2f} on the teacher"
-                                       + ("" if agreement is None else f", it agrees with the original on {agreement:.1%}")
-                                       + ")")
+    return ("yes" if flip is None else (f"yes (the trigger flips {flip:.2f} on the teacher"
+                                        + ("" if agreement is None else f", it agrees with the original on {agreement:.1%}")
+                                        + ")")) + checked
 
 
 def _patch_text(suspicion: dict) -> str:

@@ -104,6 +104,22 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     assert "| cifar10-resnet18-w0.25-wanet-cc-2x | fp32 | 3.0 | finetune 3.0 |" in text
 
 
+def test_distillation_column_says_what_the_distillation_check_kept():
+    from benchmarks.bench import _distillation_text
+
+    unverified = {"gate": "verified", "distill": True, "teacher_finetune": True,
+                  "reason": "the probes found no trigger to verify the teacher against"}
+    check = {"flip_rate_distilled": 0.76, "flip_rate_undistilled": 0.4, "margin": 0.1, "kept": False}
+    assert _distillation_text(unverified | {"check": check}) == (
+        "no: the distillation check kept the undistilled student (the inversion flips 0.76 / 0.40 with / without "
+        "distillation)")
+    assert _distillation_text(unverified | {"check": check | {"flip_rate_distilled": 0.43, "kept": True}}).endswith(
+        "(the probes found no trigger to verify the teacher against); the check kept it (the inversion flips "
+        "0.43 / 0.40 with / without distillation)")
+    assert _distillation_text(unverified | {"check": None}) == (
+        "yes, from the teacher fine-tuned first (the probes found no trigger to verify the teacher against)")
+
+
 def test_bench_cli_refuses_filters_that_match_nothing(capsys):
     assert main(["bench", "list", "--table", "table5", "--attacks", "wanet"]) == 2
     assert "no benchmark row matches" in capsys.readouterr().err
