@@ -261,14 +261,19 @@ def _suspicion_table(done: dict) -> list[str]:
     return lines
 
 
+def distill_check_flips(check: dict) -> str:
+    """The distillation check's two flip rates, in words (bench and sweep tables)."""
+    return (f"the inversion flips {check['flip_rate_distilled']:.2f} / {check['flip_rate_undistilled']:.2f} "
+            "with / without distillation")
+
+
 def _distillation_text(record: dict | None) -> str:
     """Whether the fine-tune distilled, why not when its gate closed, and the distillation check's
     verdict when it ran ('-' for older rows)."""
     if record is None:
         return "-"
     check = record.get("check")
-    flips = "" if not check else (f"the inversion flips {check['flip_rate_distilled']:.2f} / "
-                                  f"{check['flip_rate_undistilled']:.2f} with / without distillation")
+    flips = distill_check_flips(check) if check else ""
     if check and not check["kept"]:
         return f"no: the distillation check kept the undistilled student ({flips})"
     checked = f"; the check kept it ({flips})" if check else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import RECIPES
+from benchmarks.bench import RECIPES, distill_check_flips
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
@@ -325,8 +325,7 @@ def _teacher_text(row: dict) -> str:
     text = "" if not t else (f" (teacher ACC {100 * t['acc_before']:.2f} -> {100 * t['acc_after']:.2f}, "
                              f"ASR {100 * t['asr_before']:.2f} -> {100 * t['asr_after']:.2f})")
     if check:
-        text += (f"; the inversion flips {check['flip_rate_distilled']:.2f} / {check['flip_rate_undistilled']:.2f} "
-                 f"with / without distillation: the {'distilled' if check['kept'] else 'undistilled'} student is kept")
+        text += f"; {distill_check_flips(check)}: the {'distilled' if check['kept'] else 'undistilled'} student is kept"
     return text
 
 
