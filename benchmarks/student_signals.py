@@ -81,19 +81,25 @@ def signals(model: nn.Module, x: torch.Tensor, target: int) -> dict:
             "flip_top_class": flip["target_class_estimate"]}
 
 
-def run(models: list[str], ratio: float) -> dict:
-    torch.manual_seed(0)
+def students(name: str, ratio: float):
+    """The zoo model ``name`` defended at ``ratio`` under each of SETTINGS, from the same cached
+    synthetic images: yields (setting label, DefendResult, synthetic images x)."""
     recipe = RECIPES[RECIPE]
     test = load_dataset(recipe["dataset"], "test")
+    directory = ensure_model(name, recipe)
+    model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
+    for label, overrides in SETTINGS:
+        cfg = resolve_config("cpu", ratio=ratio, scan_before=False, **overrides)
+        x, y, _ = shared_synthetic(model_name(name, recipe), model, cfg.synth)
+        yield label, defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
+                            log=lambda *a: None, synthetic=(x, y)), x
+
+
+def run(models: list[str], ratio: float) -> dict:
+    torch.manual_seed(0)
     rows = []
     for name in models:
-        directory = ensure_model(name, recipe)
-        model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
-        for label, overrides in SETTINGS:
-            cfg = resolve_config("cpu", ratio=ratio, scan_before=False, **overrides)
-            x, y, _ = shared_synthetic(model_name(name, recipe), model, cfg.synth)
-            result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
-                            log=lambda *a: None, synthetic=(x, y))
+        for label, result, x in students(name, ratio):
             r = result.report
             target = r["scan"]["suspected_target"]
             row = {"model": name, "ratio": ratio, "setting": label, "suspected_target": target,
