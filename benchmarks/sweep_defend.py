@@ -55,6 +55,9 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
+# ...and every one before the presets ran the distillation check (a row that wants it sets it).
+BASES = {grid: (base | {"distill_check": None}, ft) for grid, (base, ft) in BASES.items()}
+CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
@@ -217,7 +220,7 @@ GRIDS = {
     # Distill from the fine-tuned teacher, then keep that student only if the universal inversion does not
     # flip markedly more on it than on one fine-tuned without distillation (student_signals.md).
     "distill_check": [("teacher fine-tuned at lr 0.0002, distillation check", ratio,
-                       {"teacher_finetune": TEACHER_FINETUNE_0911A44, "distill_check": True}, {}) for ratio in (2.0, 4.0)],
+                       {"teacher_finetune": TEACHER_FINETUNE_0911A44, "distill_check": CHECK_INVERSION_639AF7D}, {}) for ratio in (2.0, 4.0)],
     # The clean step on other architectures (Table 5's VGG-19-BN kept ASR 93% under the preset).
     "architecture": [("cpu preset", 2.0, {}, {}),
                      ("channel u 2.5", 2.0, {"channel_u": 2.5}, {}),

@@ -48,6 +48,29 @@ TEACHER_AGREEMENT = 0.99
 # 3.90) and 0.40 -> 0.76 on Blended (8.18 -> 32.39); the margin lies between.
 DISTILL_FLIP_MARGIN = 0.1
 DISTILL_CHECK_SAMPLES = 512
+# The check's inversion (what ``distill_check=True`` means): one run of 50 steps. On the zoo WaNet,
+# Blended and Blended all-to-all students at 2x and 4x it gives the verdict of the scan's 3 x 100
+# steps in about a fifth of the time (benchmarks/results/distill_check_cost.md). More restarts do
+# not help the check: flip_report keeps the run whose flips scatter most (the scan's all-to-all
+# criterion), which can be one that flips fewer images.
+DISTILL_CHECK_INVERSION = InversionConfig(steps=50, restarts=1)
+
+
+def check_inversion(value) -> InversionConfig | None:
+    """DefendConfig.distill_check from what a flag, a file or the caller gives: None / False (off),
+    True (DISTILL_CHECK_INVERSION), a dict (overrides of it) or an InversionConfig."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DISTILL_CHECK_INVERSION
+    if isinstance(value, dict):
+        try:
+            return dataclasses.replace(DISTILL_CHECK_INVERSION, **value)
+        except TypeError as e:
+            raise ConfigError(f"distill_check takes inversion settings: {e}") from None
+    if isinstance(value, InversionConfig):
+        return value
+    raise ConfigError(f"distill_check must be true, false, inversion settings or None, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -123,10 +146,11 @@ class DefendConfig:
     teacher_finetune: dict | None = None
     # With a teacher the gate does not verify (fine-tuned first, or any under "always"), also
     # fine-tune the student without distillation, and keep the distilled student only when the
-    # scan's universal inversion flips at most DISTILL_FLIP_MARGIN more of the synthetic images on
-    # it than on the undistilled one: a backdoor the teacher hands on shows there. It does not see
-    # a trigger the additive inversion cannot express (a warp).
-    distill_check: bool = False
+    # scan's universal inversion (these settings; None: no check) flips at most DISTILL_FLIP_MARGIN
+    # more of the synthetic images on it than on the undistilled one: a backdoor the teacher hands
+    # on shows there. It does not see a trigger the additive inversion cannot express (a warp).
+    # True / False (from a flag or a file) mean DISTILL_CHECK_INVERSION / None; a dict overrides it.
+    distill_check: InversionConfig | None = None
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
     device: str = "auto"
@@ -137,6 +161,7 @@ class DefendConfig:
             object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
         if isinstance(self.warp_probe, dict):
             object.__setattr__(self, "warp_probe", WarpProbeConfig(**self.warp_probe))
+        object.__setattr__(self, "distill_check", check_inversion(self.distill_check))
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
         if self.tau is not None and not self.tau > 0:
@@ -157,7 +182,7 @@ class DefendConfig:
         if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned"):
             raise ConfigError("resynthesize_suspected_target must be None, 'cleaned' or 'finetuned', "
                               f"got {self.resynthesize_suspected_target!r}")
-        if self.distill_check and self.resynthesize_suspected_target == "finetuned":
+        if self.distill_check is not None and self.resynthesize_suspected_target == "finetuned":
             raise ConfigError("distill_check compares one fine-tune with and without distillation; "
                               "resynthesize_suspected_target='finetuned' fine-tunes twice")
         if self.teacher_finetune is not None:
@@ -185,7 +210,7 @@ class DefendConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
-        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe"):
+        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe", "distill_check"):
             if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         if "compact" in changes:
@@ -203,11 +228,14 @@ PRESETS: dict[str, DefendConfig] = {
     # 10-24%, and 1.6 -> 84% at 4x under sensitivity ranks, even with the left-out class's logit out
     # of it: 29%, sweep_defend_distill2.md) but adds 0.8 / 2.1 ACC points on BadNet at 2x / 4x
     # (sweep_defend_distill.md), whose teacher the patch probe verifies clean, so it runs as is only
-    # when verified (kd_gate); a teacher nothing verifies is not used. Fine-tuning such a teacher first
-    # (teacher_finetune, opt-in) helps WaNet at lr 0.0002 (82.54 / 3.90 at 2x, 77.27 / 4.64 at 4x, against
-    # 80.77 / 2.29 and 73.38 / 1.59 undistilled; sweep_defend_teacher{,2,3}.md) but hands the Blended
-    # student its teacher's backdoor (82.39 / 32.39 at 2x against 81.23 / 8.18 undistilled; at lr 0.001
-    # 81.71 / 8.32, and WaNet then 79.95 / 1.64; sweep_defend_blended.md, bench rows at 0911a44);
+    # when verified (kd_gate); a teacher nothing verifies is fine-tuned first (teacher_finetune, lr
+    # 0.0002), which helps WaNet (82.54 / 3.90 at 2x, 77.27 / 4.64 at 4x, against 80.77 / 2.29 and
+    # 73.38 / 1.59 undistilled; sweep_defend_teacher{,2,3}.md) but hands the Blended student its
+    # teacher's backdoor (82.39 / 32.39 at 2x against 81.23 / 8.18 undistilled; at lr 0.001 81.71 /
+    # 8.32, and WaNet then 79.95 / 1.64; sweep_defend_blended.md), so the distillation check picks
+    # between the distilled and the undistilled student (WaNet: distilled, Blended: undistilled at 2x
+    # and 4x; sweep_defend_distill_check.md, with its inversion cut to DISTILL_CHECK_INVERSION by
+    # distill_check_cost.md);
     # the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
@@ -223,13 +251,13 @@ PRESETS: dict[str, DefendConfig] = {
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified"),
+        kd_gate="verified", teacher_finetune={"lr": 2e-4}, distill_check=DISTILL_CHECK_INVERSION),
     "paper": DefendConfig(
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified"),
+        kd_gate="verified", teacher_finetune={"lr": 2e-4}, distill_check=DISTILL_CHECK_INVERSION),
 }
 
 
@@ -419,7 +447,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         start = time.perf_counter()
         undistilled_history = finetune(undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None),
                                        progress=progress, x_trigger=x_trigger, left_out_class=left_out)
-        distillation["check"] = check = distill_check(new, undistilled, x_syn, cfg.inversion)
+        distillation["check"] = check = distill_check(new, undistilled, x_syn, cfg.distill_check)
         if not check["kept"]:
             new, history = undistilled, undistilled_history
         timings["distill_check"] = time.perf_counter() - start
@@ -630,11 +658,11 @@ def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tens
 def needs_distill_check(cfg: DefendConfig, record: dict) -> bool:
     """Whether the fine-tune distills from a teacher the gate did not verify and ``cfg`` asks for
     the distillation check (gated_teacher's ``record``)."""
-    return cfg.distill_check and record["distill"] and (cfg.kd_gate == "always" or record["reason"] is not None)
+    return cfg.distill_check is not None and record["distill"] and (cfg.kd_gate == "always" or record["reason"] is not None)
 
 
 def distill_check(distilled: nn.Module, undistilled: nn.Module, x: torch.Tensor,
-                  cfg: InversionConfig = InversionConfig()) -> dict:
+                  cfg: InversionConfig = DISTILL_CHECK_INVERSION) -> dict:
     """The universal inversion's flip rate (scan.flip_report with ``cfg``) on the first
     DISTILL_CHECK_SAMPLES synthetic images of ``x`` (N, C, H, W) for two students fine-tuned the
     same way but for distillation; the distilled one is kept when its flip rate exceeds the

@@ -393,11 +393,11 @@ def distill_check_task(run: RunHandle, distilled_file: str, undistilled_file: st
     def compute() -> dict:
         device = _device(cfg)
         x = _load_tensors(synthetic_file)["x"].to(device)
-        check = distill_check(_load(distilled_file).to(device), _load(undistilled_file).to(device), x, cfg.inversion)
+        check = distill_check(_load(distilled_file).to(device), _load(undistilled_file).to(device), x, cfg.distill_check)
         return {"check": check, "files": {"model": distilled_file if check["kept"] else undistilled_file}}
 
     out = _cached(run, "distill_check", {"distilled": distilled_file, "undistilled": undistilled_file,
-                                         "synthetic": synthetic_file, "inversion": cfg.inversion.to_dict()}, compute)
+                                         "synthetic": synthetic_file, "inversion": cfg.distill_check.to_dict()}, compute)
     check = out["check"]
     log_metrics(run, {"flip_rate_distilled": check["flip_rate_distilled"],
                       "flip_rate_undistilled": check["flip_rate_undistilled"],

@@ -1,5 +1,6 @@
 """Synthesis, PGD, fine-tune, scan, defend and ONNX export on tiny models (seconds each)."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -222,11 +223,12 @@ def test_macs_of_resnet18():
 
 
 def _tiny_cfg(**kw) -> DefendConfig:
-    return resolve_config("cpu", ratio=2.0, tau=3.0, compact={"rank_multiple": 4},
-                          synth={"n_samples": 32, "batch_size": 32, "iterations": 20},
-                          pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16},
-                          patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
-                          warp_probe={"steps": 5, "n": 16, "batch_size": 8}, **kw)
+    return resolve_config("cpu", **{"ratio": 2.0, "tau": 3.0, "compact": {"rank_multiple": 4},
+                                    "synth": {"n_samples": 32, "batch_size": 32, "iterations": 20},
+                                    "pgd": {"steps": 3}, "finetune": {"epochs": 2, "batch_size": 16},
+                                    "patch_probe": {"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
+                                    "warp_probe": {"steps": 5, "n": 16, "batch_size": 8},
+                                    "distill_check": {"steps": 5, "batch_size": 16}} | kw)
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
@@ -239,7 +241,8 @@ def test_defend_tiny_model_end_to_end(tmp_path):
     assert set(r["timings_s"]) >= {"decompose", "clean", "compact", "synthesize", "adversarial",
                                    "finetune", "evaluate", "total"}
     assert r["metrics"]["acc_after"] is None  # no eval data given
-    assert r["distillation"]["check"] is None and "distill_check" not in r["timings_s"]  # not asked for
+    checked = r["distillation"]["reason"] is not None  # the preset checks a student of a teacher it did not verify
+    assert (r["distillation"]["check"] is not None) == checked == ("distill_check" in r["timings_s"])
     assert r["environment"]["mixed_precision_dtype"] == precision(torch.device("cpu"))
     assert 0 <= r["scan"]["concentration_before"] <= 1
     out = export_package(result, model, tmp_path / "out", latency_batch=8, log=lambda *a: None)
@@ -444,10 +447,13 @@ def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, mon
     assert cfg.teacher_finetune == (resolve_config("cpu").teacher_finetune if expected == "preset" else expected)
 
 
-@pytest.mark.parametrize("flags, expected", [([], False), (["--distill-check"], True), (["--no-distill-check"], False)])
+@pytest.mark.parametrize("flags, expected", [([], "preset"), (["--distill-check"], "default"), (["--no-distill-check"], None)])
 def test_defend_distill_check_flag(flags, expected, tiny_file, tmp_path, monkeypatch):
+    from cc_core.pipeline import DISTILL_CHECK_INVERSION
+
     cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert cfg.distill_check is expected
+    wanted = {"preset": resolve_config("cpu").distill_check, "default": DISTILL_CHECK_INVERSION, None: None}[expected]
+    assert cfg.distill_check == wanted
 
 
 def test_defend_missing_model(tmp_path, capsys):
@@ -864,7 +870,7 @@ def test_teacher_finetune_fine_tunes_the_teacher_with_the_students_recipe_before
     monkeypatch.setattr(pipeline, "finetune", recording_finetune)
     rng = np.random.default_rng(0)
     data = ImageData(rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8), np.arange(40) % 4, ["a", "b", "c", "d"])
-    cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1})
+    cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check=None)
     assert cfg.finetune.kd_weight > 0
     r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, eval_data=data,
                attack=build_attack("badnet", 4)).report
@@ -980,6 +986,25 @@ def test_distill_check_keeps_the_distilled_student_unless_the_inversion_flips_mo
     assert same["kept"]
 
 
+def test_distill_check_settings_from_a_flag_a_file_or_overrides():
+    from cc_core.pipeline import DISTILL_CHECK_INVERSION
+    from cc_core.scan import InversionConfig
+
+    assert resolve_config("cpu", distill_check=True).distill_check == DISTILL_CHECK_INVERSION
+    assert resolve_config("cpu", distill_check=False).distill_check is None
+    tuned = resolve_config("cpu", distill_check=None).replace(distill_check={"steps": 7})
+    assert tuned.distill_check == dataclasses.replace(DISTILL_CHECK_INVERSION, steps=7)
+    assert tuned.replace(distill_check={"restarts": 2}).distill_check.steps == 7  # nested: on top of the current one
+    assert resolve_config("cpu", distill_check=tuned.to_dict()["distill_check"]).distill_check == tuned.distill_check
+    assert resolve_config("cpu", distill_check=InversionConfig(steps=3)).distill_check.steps == 3
+    with pytest.raises(ConfigError, match="distill_check takes inversion settings"):
+        resolve_config("cpu", distill_check=None).replace(distill_check={"stepz": 3})
+    with pytest.raises(ConfigError, match="distill_check must be"):
+        resolve_config("cpu", distill_check="yes")
+    with pytest.raises(ConfigError, match="inversion steps must be >= 1"):
+        resolve_config("cpu", distill_check=None).replace(distill_check={"steps": 0})
+
+
 def test_distill_check_runs_only_for_a_teacher_the_gate_did_not_verify():
     from cc_core.pipeline import needs_distill_check
 
@@ -1012,7 +1037,7 @@ def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypat
 
     monkeypatch.setattr(pipeline, "finetune", recording_finetune)
     monkeypatch.setattr(pipeline, "distill_check", forced_check)
-    cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check=True,
+    cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check={"steps": 5, "batch_size": 16},
                     inversion={"steps": 5, "restarts": 1, "batch_size": 16}).replace(warp_probe=None)
     result = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None)
     (teacher, _), (distilled, used_teacher), (undistilled, no_teacher) = students
