@@ -55,7 +55,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
-# ...and every one before the presets ran the distillation check (a row that wants it sets it).
+# ...and every one without the distillation check (a row that wants it sets it).
 BASES = {grid: (base | {"distill_check": None}, ft) for grid, (base, ft) in BASES.items()}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44

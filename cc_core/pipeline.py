@@ -228,14 +228,13 @@ PRESETS: dict[str, DefendConfig] = {
     # 10-24%, and 1.6 -> 84% at 4x under sensitivity ranks, even with the left-out class's logit out
     # of it: 29%, sweep_defend_distill2.md) but adds 0.8 / 2.1 ACC points on BadNet at 2x / 4x
     # (sweep_defend_distill.md), whose teacher the patch probe verifies clean, so it runs as is only
-    # when verified (kd_gate); a teacher nothing verifies is fine-tuned first (teacher_finetune, lr
-    # 0.0002), which helps WaNet (82.54 / 3.90 at 2x, 77.27 / 4.64 at 4x, against 80.77 / 2.29 and
-    # 73.38 / 1.59 undistilled; sweep_defend_teacher{,2,3}.md) but hands the Blended student its
-    # teacher's backdoor (82.39 / 32.39 at 2x against 81.23 / 8.18 undistilled; at lr 0.001 81.71 /
-    # 8.32, and WaNet then 79.95 / 1.64; sweep_defend_blended.md), so the distillation check picks
-    # between the distilled and the undistilled student (WaNet: distilled, Blended: undistilled at 2x
-    # and 4x; sweep_defend_distill_check.md, with its inversion cut to DISTILL_CHECK_INVERSION by
-    # distill_check_cost.md);
+    # when verified (kd_gate); a teacher nothing verifies is not used. Fine-tuning such a teacher first
+    # (teacher_finetune, opt-in) helps WaNet at lr 0.0002 (82.54 / 3.90 at 2x, 77.27 / 4.64 at 4x, against
+    # 80.77 / 2.29 and 73.38 / 1.59 undistilled; sweep_defend_teacher{,2,3}.md) but hands the Blended
+    # student its teacher's backdoor (82.39 / 32.39 at 2x against 81.23 / 8.18 undistilled); the
+    # distillation check (distill_check, opt-in) catches that one, but not GTSRB Input-Aware's, whose
+    # input-specific trigger the inversion cannot express: with both in the preset its ASR went 17.93 ->
+    # 42.56% (bench_614903b/);
     # the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
@@ -251,13 +250,13 @@ PRESETS: dict[str, DefendConfig] = {
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified", teacher_finetune={"lr": 2e-4}, distill_check=DISTILL_CHECK_INVERSION),
+        kd_gate="verified"),
     "paper": DefendConfig(
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified", teacher_finetune={"lr": 2e-4}, distill_check=DISTILL_CHECK_INVERSION),
+        kd_gate="verified"),
 }
 
 

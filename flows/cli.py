@@ -540,14 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "from it (else not used, or fine-tuned first with --teacher-finetune-lr; presets: verified)")
     p.add_argument("--teacher-finetune-lr", type=float,
                    help="fine-tune a teacher the gate does not verify at this learning rate, with the student's "
-                        "recipe, before distilling from it (presets: 0.0002; it helps WaNet but hands Blended's "
-                        "backdoor back, which the distillation check catches; README)")
+                        "recipe, before distilling from it (off in the presets: at 0.0002 it helps WaNet but hands Blended's "
+                        "and GTSRB Input-Aware's backdoor back; README)")
     p.add_argument("--no-teacher-finetune", action="store_true",
-                   help="never fine-tune the teacher: under --kd-gate verified an unverified teacher is not used")
+                   help="never fine-tune the teacher (the presets' default): under --kd-gate verified an unverified "
+                        "teacher is not used")
     p.add_argument("--distill-check", action=argparse.BooleanOptionalAction,
                    help="with a teacher the gate does not verify, fine-tune the student with and without "
                         "distillation and keep the distilled one only if the universal inversion flips at most "
-                        "10 points more of the synthetic images on it (default: the preset's, on)")
+                        "10 points more of the synthetic images on it (default: the preset's, off)")
     p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
                    help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
                         "still carries the backdoor cannot hold its target class up (default: the preset's)")

@@ -14,8 +14,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 TINY = {"tau": 3.0, "compact": {"rank_multiple": 4},
         "synth": {"n_samples": 32, "batch_size": 32, "iterations": 10},
-        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5},
-        "distill_check": {"steps": 5}}
+        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5}}
 TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2, "inversion_steps": 5}
 OPEN_GATES = {"min_speedup": None, "max_concentration": None}
 
@@ -59,7 +58,7 @@ def registry(suspect):
 def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_path):
     import mlflow.onnx
 
-    result = run_flow(suspect, overrides=TINY)  # the preset's teacher fine-tune and distillation check
+    result = run_flow(suspect, overrides=TINY | {"teacher_finetune": {"lr": 2e-4}, "distill_check": {"steps": 5}})
     assert result["status"] == "promoted" and result["registered"]["created"]
     c, target = registry(suspect), suspect["name"] + "-cc"
     version = str(result["registered"]["version"])
