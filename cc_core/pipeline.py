@@ -148,7 +148,8 @@ class DefendConfig:
     # fine-tune the student without distillation, and keep the distilled student only when the
     # scan's universal inversion (these settings; None: no check) flips at most DISTILL_FLIP_MARGIN
     # more of the synthetic images on it than on the undistilled one: a backdoor the teacher hands
-    # on shows there. It does not see a trigger the additive inversion cannot express (a warp).
+    # on shows there. It does not see a trigger the additive inversion cannot express (a warp, an
+    # input-specific one: GTSRB Input-Aware's student kept 42.56% ASR past it, bench_614903b/).
     # True / False (from a flag or a file) mean DISTILL_CHECK_INVERSION / None; a dict overrides it.
     distill_check: InversionConfig | None = None
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
