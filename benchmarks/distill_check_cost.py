@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import machine, write_results
 from benchmarks.student_signals import students
 from cc_core.pipeline import DISTILL_CHECK_SAMPLES, DISTILL_FLIP_MARGIN
-from cc_core.scan import InversionConfig, all_to_all_score, flip_report, flip_score
+from cc_core.scan import InversionConfig, flip_report, restart_rank
 
 COMMAND = "python -m benchmarks.distill_check_cost"
 STEPS = (25, 50, 100)
@@ -44,7 +44,7 @@ def seed_runs(model: torch.nn.Module, x: torch.Tensor, steps: int) -> list[dict]
 
 def best_of(runs: list[dict], k: int) -> dict:
     """What flip_report with ``k`` restarts returns: the best of the first ``k`` runs."""
-    return max(runs[:k], key=lambda r: (all_to_all_score(r), flip_score(r)))
+    return max(runs[:k], key=restart_rank)
 
 
 def student_flips(model: torch.nn.Module, x: torch.Tensor) -> dict:

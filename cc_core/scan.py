@@ -254,7 +254,7 @@ def flip_report(model: nn.Module, x: torch.Tensor,
     perturbation instead of the trigger, depending on the batches it draws."""
     before = predictions(model, x).cpu()
     runs = [_flip_run(model, x, before, dataclasses.replace(cfg, seed=cfg.seed + i)) for i in range(cfg.restarts)]
-    best = max(runs, key=lambda run: (all_to_all_score(run[0]), flip_score(run[0])))
+    best = max(runs, key=lambda run: restart_rank(run[0]))
     best[0]["restart_scores"] = [round(all_to_all_score(r), 4) for r, _ in runs]
     return best
 
@@ -626,6 +626,11 @@ def all_to_all_score(flip: dict) -> float:
     """The scan's all-to-all signal: the flip score when the flips spread over classes, else 0
     (all into one class, consistency is 1 by construction and says nothing)."""
     return flip_score(flip) if flip["concentration"] < TARGET_FROM_INVERSION else 0.0
+
+
+def restart_rank(flip: dict) -> tuple[float, float]:
+    """How flip_report ranks its restarts, best highest: all_to_all_score, then flip_score."""
+    return all_to_all_score(flip), flip_score(flip)
 
 
 def all_to_all_suspected(flip: dict | None) -> bool:

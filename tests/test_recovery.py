@@ -223,11 +223,11 @@ def test_macs_of_resnet18():
 
 
 def _tiny_cfg(**kw) -> DefendConfig:
-    return resolve_config("cpu", **{"ratio": 2.0, "tau": 3.0, "compact": {"rank_multiple": 4},
-                                    "synth": {"n_samples": 32, "batch_size": 32, "iterations": 20},
-                                    "pgd": {"steps": 3}, "finetune": {"epochs": 2, "batch_size": 16},
-                                    "patch_probe": {"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
-                                    "warp_probe": {"steps": 5, "n": 16, "batch_size": 8}} | kw)
+    return resolve_config("cpu", ratio=2.0, tau=3.0, compact={"rank_multiple": 4},
+                          synth={"n_samples": 32, "batch_size": 32, "iterations": 20},
+                          pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16},
+                          patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
+                          warp_probe={"steps": 5, "n": 16, "batch_size": 8}, **kw)
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
