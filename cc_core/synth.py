@@ -1,11 +1,12 @@
 """Data-free synthetic inputs from a model's own BatchNorm statistics (METHOD.md step 5).
 
-  min_x  sum_j ||mu_j(x) - mu_j||^2 + ||sigma_j(x) - sigma_j||^2  +  w_ce * CE(F(x), y)
+  min_x  sum_j a_j (||mu_j(x) - mu_j||^2 + ||sigma_j(x) - sigma_j||^2)  +  w_ce * CE(F(x), y)
          (+ optional total-variation and L2 image priors)
 where mu_j / sigma_j are the running mean / std of BatchNorm layer j and mu_j(x) / sigma_j(x)
 the per-channel statistics of that layer's INPUT on the synthetic batch (hooking BN inputs,
-not conv outputs, keeps pre-activation nets right). Squared norms are averaged over channels,
-so wide and narrow layers weigh alike. Images live in the model's normalized input space and
+not conv outputs, keeps pre-activation nets right); a_j is ``first_bn_weight`` for the first
+layer the forward pass reaches (the image's low-level statistics) and 1 for the others. Squared
+norms are averaged over channels, so wide and narrow layers weigh alike. Images live in the model's normalized input space and
 are kept inside the valid pixel range.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SynthConfig:
     lr: float = 0.1
     ce_weight: float = 1.0
     bn_weight: float = 1.0
+    first_bn_weight: float = 1.0
     tv_weight: float = 1e-4
     l2_weight: float = 0.0
     jitter: int = 2
@@ -49,6 +51,8 @@ class SynthConfig:
                 raise ConfigError(f"synthesis {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"synthesis lr must be > 0, got {self.lr}")
+        if not self.first_bn_weight >= 0:
+            raise ConfigError(f"synthesis first_bn_weight must be >= 0, got {self.first_bn_weight}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,10 +79,14 @@ class BNStatsLoss:
                            + F.mse_loss((var + module.eps).sqrt(),
                                         (module.running_var.float() + module.eps).sqrt(), reduction="mean"))
 
-    def pop(self) -> torch.Tensor:
-        total = torch.stack(self.losses).sum()
+    def pop(self, first_weight: float = 1.0) -> torch.Tensor:
+        """The loss summed over the layers since the last pop, the first one the forward pass
+        reached weighted by ``first_weight``."""
+        losses = torch.stack(self.losses)
         self.losses = []
-        return total
+        weights = torch.ones_like(losses)
+        weights[0] = first_weight
+        return (weights * losses).sum()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -141,7 +149,7 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
                     inp = inp.flip(3)
                 with autocast(device, cfg.mixed_precision):
                     out = model(inp)
-                bn = stats.pop()
+                bn = stats.pop(cfg.first_bn_weight)
                 ce = F.cross_entropy(out.float(), y)
                 loss = cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_weight * total_variation(x)
                 if cfg.l2_weight:

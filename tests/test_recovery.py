@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cc_core import build_model, clean_compact, save_model
@@ -52,6 +53,39 @@ def test_bn_matching_loss_falls_and_statistics_get_close():
     # stays in the valid pixel range
     pixels = x * 0.25 + 0.5
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+
+
+class _LateFirst(nn.Module):
+    """Registers the BN the forward pass reaches second before the one it reaches first."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.BatchNorm2d(4)
+        self.early = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        for bn in (self.late, self.early):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.late(self.conv(self.early(x)))
+
+
+def test_first_bn_weight_multiplies_the_first_layer_the_forward_pass_reaches():
+    model, x = _LateFirst().eval(), torch.randn(8, 3, 6, 6)
+    stats = BNStatsLoss(model)
+    losses = {}
+    for w in (1.0, 4.0):
+        with torch.no_grad():
+            model(x)
+        losses[w] = float(stats.pop(w))
+    stats.remove()
+    bn = model.early
+    first = (F.mse_loss(x.mean(dim=(0, 2, 3)), bn.running_mean)
+             + F.mse_loss((x.var(dim=(0, 2, 3), unbiased=False) + bn.eps).sqrt(), (bn.running_var + bn.eps).sqrt()))
+    assert losses[4.0] - losses[1.0] == pytest.approx(3 * float(first), rel=1e-5)
+    with pytest.raises(ConfigError, match="first_bn_weight"):
+        SynthConfig(first_bn_weight=-1)
 
 
 def test_synthesis_needs_batchnorm():
