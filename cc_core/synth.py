@@ -6,8 +6,8 @@ where mu_j / sigma_j are the running mean / std of BatchNorm layer j and mu_j(x)
 the per-channel statistics of that layer's INPUT on the synthetic batch (hooking BN inputs,
 not conv outputs, keeps pre-activation nets right); a_j is ``first_bn_weight`` for the first
 layer the forward pass reaches (the image's low-level statistics) and 1 for the others. Squared
-norms are averaged over channels, so wide and narrow layers weigh alike. Images live in the model's normalized input space and
-are kept inside the valid pixel range.
+norms are averaged over channels, so wide and narrow layers weigh alike. Images live in the
+model's normalized input space and are kept inside the valid pixel range.
 """
 from __future__ import annotations
 
