@@ -16,6 +16,7 @@ from torch import nn
 
 from cc_core.device import autocast
 from cc_core.errors import ConfigError
+from cc_core.evalmode import eval_mode
 
 
 @dataclass(frozen=True)
@@ -55,38 +56,33 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGD
     mean = spec.mean if mean is None else mean
     std = spec.std if std is None else std
     gen = torch.Generator().manual_seed(cfg.seed)
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, len(x), cfg.batch_size):
-        xb, yb = x[start:start + cfg.batch_size].detach(), y[start:start + cfg.batch_size]
-        pix, m, s = _to_pixels(xb, mean, std)
-        delta = torch.zeros_like(pix)
-        if cfg.random_start:
-            delta = (torch.rand(pix.shape, generator=gen).to(pix.device) * 2 - 1) * cfg.eps
-        delta = ((pix + delta).clamp(0, 1) - pix).requires_grad_(True)
-        for _ in range(cfg.steps):
-            with autocast(pix.device, cfg.mixed_precision):
-                logits = model((pix + delta - m) / s)
-            loss = F.cross_entropy(logits.float(), yb)
-            grad, = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta += cfg.step * grad.sign()
-                delta.clamp_(-cfg.eps, cfg.eps)
-                delta.copy_((pix + delta).clamp(0, 1) - pix)
-        out.append(((pix + delta.detach() - m) / s))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(x), cfg.batch_size):
+            xb, yb = x[start:start + cfg.batch_size].detach(), y[start:start + cfg.batch_size]
+            pix, m, s = _to_pixels(xb, mean, std)
+            delta = torch.zeros_like(pix)
+            if cfg.random_start:
+                delta = (torch.rand(pix.shape, generator=gen).to(pix.device) * 2 - 1) * cfg.eps
+            delta = ((pix + delta).clamp(0, 1) - pix).requires_grad_(True)
+            for _ in range(cfg.steps):
+                with autocast(pix.device, cfg.mixed_precision):
+                    logits = model((pix + delta - m) / s)
+                loss = F.cross_entropy(logits.float(), yb)
+                grad, = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    delta += cfg.step * grad.sign()
+                    delta.clamp_(-cfg.eps, cfg.eps)
+                    delta.copy_((pix + delta).clamp(0, 1) - pix)
+            out.append(((pix + delta.detach() - m) / s))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted classes (N,) of normalized inputs ``x`` (N, C, H, W), in eval mode."""
-    was_training = model.training
-    model.eval()
-    preds = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return preds
+    with eval_mode(model):
+        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 def class_histogram(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

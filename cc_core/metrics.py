@@ -13,6 +13,7 @@ from torch import nn
 from cc_core.data import ImageData, normalize
 from cc_core.device import resolve_device
 from cc_core.errors import InputError
+from cc_core.evalmode import eval_mode
 
 
 @torch.inference_mode()
@@ -22,16 +23,15 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, mean, std, batch_size: int 
     """Predicted labels (N,) for uint8 images (N, 3, H, W); ``transform`` acts on [0, 1] pixels
     before normalization (e.g. an attack's trigger)."""
     device = resolve_device(device)
-    was_training = model.training
-    model.eval().to(device)
+    model.to(device)
     preds = []
-    for start in range(0, len(x_uint8), batch_size):
-        xb = x_uint8[start:start + batch_size].to(device).float().div_(255)
-        if transform is not None:
-            xb = transform(xb).clamp_(0, 1)
-        xb = normalize(xb, mean, std).contiguous(memory_format=torch.channels_last)
-        preds.append(model(xb).argmax(1).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(x_uint8), batch_size):
+            xb = x_uint8[start:start + batch_size].to(device).float().div_(255)
+            if transform is not None:
+                xb = transform(xb).clamp_(0, 1)
+            xb = normalize(xb, mean, std).contiguous(memory_format=torch.channels_last)
+            preds.append(model(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 

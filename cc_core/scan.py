@@ -61,6 +61,7 @@ from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
 from cc_core.device import autocast
 from cc_core.errors import ConfigError
+from cc_core.evalmode import eval_mode
 from cc_core.synth import SynthConfig, synthesize
 
 
@@ -175,12 +176,7 @@ def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,
     gen = torch.Generator().manual_seed(cfg.seed)
     delta = torch.zeros(1, *pix.shape[1:], device=pix.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    was_training = model.training
-    model.eval()
-    grads = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with eval_mode(model, freeze=True):
         for _ in range(cfg.steps):
             idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(pix.device)
             logits = model(((pix[idx] + delta).clamp(0, 1) - mean) / std)
@@ -188,10 +184,6 @@ def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        model.train(was_training)
     with torch.no_grad():
         return add_pixel_delta(x.detach(), delta, spec), delta.detach()
 
@@ -389,9 +381,7 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
     model without a backdoor: benchmarks/results/trigger_on_synthetic*.md), hence every size.
     The inversions, which descend from a zero perturbation, missed that patch."""
     spec = model.cc_spec
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         pix, mean, std = _to_pixels(x[:max(cfg.screen, cfg.n)].detach(), spec.mean, spec.std)
         stamps = patch_stamps(*pix.shape[2:], cfg)
         screen = pix[:cfg.screen]
@@ -405,8 +395,6 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
         after = _stamped_predictions(model, measured, finalists, mean, std, cfg)
         final_rates = (after != before).float().mean(1)
         best = int(final_rates.argmax())
-    finally:
-        model.train(was_training)
     value, size, row, col = finalists[best].tolist()
     hist = torch.bincount(after[best], minlength=spec.num_classes)
     by_size = {str(k): float(rates[stamps[:, 1] == k].max()) for k in cfg.sizes if (stamps[:, 1] == k).any()}
@@ -515,12 +503,7 @@ def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpPro
     theta = (0.1 * torch.randn(fields, 2, cfg.grid, cfg.grid, generator=gen)).to(pix.device).requires_grad_(True)
     pull = torch.arange(fields, device=pix.device) < n_classes
     opt = torch.optim.Adam([theta], lr=cfg.lr)
-    was_training = model.training
-    model.eval()
-    grads = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with eval_mode(model, freeze=True):
         for _ in range(cfg.steps):
             idx = torch.randperm(n, generator=gen)[:cfg.batch_size].to(pix.device)
             b = len(idx)
@@ -537,10 +520,6 @@ def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpPro
             shift = cfg.max_shift * torch.tanh(theta)
             after = torch.cat([predictions(model, (warp_pixels(pix, shift[i:i + 1]) - mean) / std)[None]
                                for i in range(fields)]).cpu()
-    finally:
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        model.train(was_training)
     before = before.cpu()
     flips = (after != before[None]).float().mean(1)
     class_rates = [float(((after[c] == c) & (before != c)).sum() / max(int((before != c).sum()), 1))

@@ -21,6 +21,7 @@ from torch import nn
 
 from cc_core.errors import ConfigError, InputError
 from cc_core.device import autocast, resolve_device
+from cc_core.evalmode import eval_mode
 
 
 class NoBatchNormError(InputError):
@@ -123,52 +124,58 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
     gen = torch.Generator().manual_seed(cfg.seed)
     if labels is None:
         labels = balanced_labels(cfg.n_samples, spec.num_classes, gen)
-    was_training = model.training
-    model.eval().to(device)
-    grads = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.to(device)
     low, high = pixel_bounds(spec.mean, spec.std, device)
     stats = BNStatsLoss(model)
     images, log = [], {"bn_loss": [], "ce_loss": []}
     batches = range(0, len(labels), cfg.batch_size)
     bar = tqdm(total=len(batches) * cfg.iterations, desc="synthesize", disable=not progress,
                file=sys.stderr, leave=False)
-    try:
-        for start in batches:
-            y = labels[start:start + cfg.batch_size].to(device)
-            x = torch.randn((len(y), *spec.input_shape), generator=gen).to(device).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
-            for _ in range(cfg.iterations):
-                inp = x
-                if cfg.jitter:
-                    dy, dx = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
-                    inp = torch.roll(inp, shifts=(dy, dx), dims=(2, 3))
-                if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
-                    inp = inp.flip(3)
-                with autocast(device, cfg.mixed_precision):
-                    out = model(inp)
-                bn = stats.pop(cfg.first_bn_weight)
-                ce = F.cross_entropy(out.float(), y)
-                loss = cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_weight * total_variation(x)
-                if cfg.l2_weight:
-                    loss = loss + cfg.l2_weight * x.pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, high), low))
-                bar.update(1)
-                bar.set_postfix(bn=f"{float(bn.detach()):.3f}", ce=f"{float(ce.detach()):.3f}")
-            log["bn_loss"].append(float(bn.detach()))
-            log["ce_loss"].append(float(ce.detach()))
-            images.append(x.detach())
-    finally:
-        stats.remove()
-        bar.close()
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        model.train(was_training)
+    with eval_mode(model, freeze=True):
+        try:
+            for start in batches:
+                y = labels[start:start + cfg.batch_size].to(device)
+                x, bn, ce = optimize_batch(model, stats, y, cfg, gen, (low, high), bar)
+                log["bn_loss"].append(bn)
+                log["ce_loss"].append(ce)
+                images.append(x)
+        finally:
+            stats.remove()
+            bar.close()
     return torch.cat(images), labels.to(device), log
+
+
+def optimize_batch(model: nn.Module, stats: BNStatsLoss, y: torch.Tensor, cfg: SynthConfig,
+                   gen: torch.Generator, bounds: tuple[torch.Tensor, torch.Tensor], bar
+                   ) -> tuple[torch.Tensor, float, float]:
+    """One batch of synthetic images (len(y), C, H, W) for labels ``y``, from Gaussian noise in
+    ``cfg.iterations`` Adam steps on the loss of the module docstring, kept inside ``bounds``
+    (low, high); returns them with the last step's BN and CE losses. ``model`` is frozen."""
+    low, high = bounds
+    device = y.device
+    x = torch.randn((len(y), *model.cc_spec.input_shape), generator=gen).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
+    for _ in range(cfg.iterations):
+        inp = x
+        if cfg.jitter:
+            dy, dx = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
+            inp = torch.roll(inp, shifts=(dy, dx), dims=(2, 3))
+        if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
+            inp = inp.flip(3)
+        with autocast(device, cfg.mixed_precision):
+            out = model(inp)
+        bn = stats.pop(cfg.first_bn_weight)
+        ce = F.cross_entropy(out.float(), y)
+        loss = cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_weight * total_variation(x)
+        if cfg.l2_weight:
+            loss = loss + cfg.l2_weight * x.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, high), low))
+        bar.update(1)
+        bar.set_postfix(bn=f"{float(bn.detach()):.3f}", ce=f"{float(ce.detach()):.3f}")
+    return x.detach(), float(bn.detach()), float(ce.detach())

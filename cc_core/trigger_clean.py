@@ -26,6 +26,7 @@ from torch import nn
 from cc_core.baselines.clp import zero_channel
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.errors import ConfigError
+from cc_core.evalmode import eval_mode
 
 
 @torch.no_grad()
@@ -38,15 +39,13 @@ def channel_means(model: nn.Module, x: torch.Tensor, pairs: dict[str, str], batc
         return lambda module, inputs, out: means[name].append(out.detach().clamp_min(0).mean(dim=(2, 3)).float().cpu())
 
     handles = [modules[bn].register_forward_hook(hook(conv)) for conv, bn in pairs.items()]
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, len(x), batch_size):
-            model(x[start:start + batch_size])
+        with eval_mode(model):
+            for start in range(0, len(x), batch_size):
+                model(x[start:start + batch_size])
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {name: torch.cat(v) for name, v in means.items()}
 
 

@@ -94,6 +94,26 @@ def test_synthesis_needs_batchnorm():
         BNStatsLoss(model)
 
 
+def test_eval_mode_restores_every_modules_flag_and_every_parameters_grad_even_on_error():
+    from cc_core.evalmode import eval_mode
+
+    model = tiny_model().train()
+    model.bn1.eval()  # a fine-tune's frozen BatchNorm inside a training model
+    model.linear.weight.requires_grad_(False)
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model, freeze=True):
+            assert not any(m.training for m in model.modules())
+            assert not any(p.requires_grad for p in model.parameters())
+            raise RuntimeError("inside")
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
+    with eval_mode(model):
+        assert all(p.requires_grad == grads[name] for name, p in model.named_parameters())
+    assert not model.bn1.training and model.layer1.training
+
+
 def test_pgd_stays_inside_eps_and_raises_the_loss():
     model = tiny_model()
     x = (torch.rand(16, 3, 32, 32) - 0.5) / 0.25

@@ -17,6 +17,7 @@ from cc_core.compact.plan import CompactionPlan, LayerPlan, _round
 from cc_core.compact.ranks import RANK_STRATEGIES, Candidate, allocate_by_damage, allocate_ranks, rank_options
 from cc_core.compact.tucker import MatrixSVD, Tucker2, hooi_tucker2, hosvd_tucker2, matrix_svd
 from cc_core.errors import ConfigError, RatioUnreachableError
+from cc_core.evalmode import eval_mode
 
 METHODS = ("hosvd", "hooi")
 
@@ -182,22 +183,20 @@ def measure_damage(model: nn.Module, layers: list[_Layer], candidates: list[Cand
     for layer in layers:
         if layer.decomp is not None:
             _write_dense(layer)
-    was_training = model.training
-    model.eval()
-    reference = _log_probs(model, calibration)
     damage = {}
-    for c in candidates:
-        layer = by_name[c.name]
-        full = layer.conv.weight.detach().clone()
-        damage[c.name] = {}
-        for ranks in rank_options(c, multiple):
+    with eval_mode(model):
+        reference = _log_probs(model, calibration)
+        for c in candidates:
+            layer = by_name[c.name]
+            full = layer.conv.weight.detach().clone()
+            damage[c.name] = {}
+            for ranks in rank_options(c, multiple):
+                with torch.no_grad():
+                    layer.conv.weight.copy_(_truncated_weight(layer, ranks))
+                q = _log_probs(model, calibration)
+                damage[c.name][ranks] = float(F.kl_div(q, reference, log_target=True, reduction="batchmean"))
             with torch.no_grad():
-                layer.conv.weight.copy_(_truncated_weight(layer, ranks))
-            q = _log_probs(model, calibration)
-            damage[c.name][ranks] = float(F.kl_div(q, reference, log_target=True, reduction="batchmean"))
-        with torch.no_grad():
-            layer.conv.weight.copy_(full)
-    model.train(was_training)
+                layer.conv.weight.copy_(full)
     return damage
 
 
