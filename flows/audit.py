@@ -52,7 +52,7 @@ def audit_flow(policy: str = "clean-flagged", max_age_hours: float = 24 * 7, fla
     tracking_uri = tracking_uri or default_tracking_uri()
     c = client(tracking_uri)
     work_root = Path(work_root) if work_root else cc_home() / "work"
-    scan_cfg = ScanSettings(**({"warp_probe": True} | (scan or {})))
+    scan_cfg = ScanSettings.from_dict({"warp_probe": True} | (scan or {}))
     due = due_versions(c, max_age_hours, names)[:limit]
     log.info(f"{len(due)} model version(s) due for audit (policy {policy})")
     experiment_id = ensure_experiment(tracking_uri, "cleancompact-audit")
@@ -91,7 +91,7 @@ def _scan_version(c, tracking_uri: str, experiment_id: str, uri: str, work_root:
                                "batch_size": min(128, scan_cfg.n_samples)},
                               {**PGDConfig().to_dict(), "steps": scan_cfg.pgd_steps},
                               {**InversionConfig().to_dict(), "steps": scan_cfg.inversion_steps},
-                              warp_cfg=scan_cfg.warp_cfg)
+                              warp_cfg=scan_cfg.warp_cfg, patch_cfg=scan_cfg.patch_cfg)
     except BaseException as e:
         fail_run(run, e)
         raise

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from cc_core.compact.plan import CompactionPlan
 from cc_core.errors import ConfigError
 from cc_core.pipeline import DefendConfig, make_report, needs_distill_check, resolve_config
-from cc_core.scan import InversionConfig, WarpProbeConfig
+from cc_core.scan import InversionConfig, PatchProbeConfig, WarpProbeConfig
 from tasks import steps
 from tasks.gates import GateConfig, evaluate_gates, gates_passed
 from tasks.registry import CLEANED_SUFFIX, cleaned_versions
@@ -29,18 +29,42 @@ class ScanSettings:
     """The data-free pre-scan of the suspect (smaller than the fine-tune's synthesis). ``warp_probe``:
     also run the warp probe (~60 s on 2 CPU cores). Off for the clean-compact flow's pre-scan, like
     the defend preset's: on the scan's synthetic images it has not fired on any zoo model
-    (benchmarks/results/scan.md); the audit flow, the scheduled `cleancompact scan`, turns it on."""
+    (benchmarks/results/scan.md); the audit flow, the scheduled `cleancompact scan`, turns it on.
+    ``patch_probe``: the patch probe's settings (PatchProbeConfig fields; {} its defaults, None off)."""
 
     n_samples: int = 256
     iterations: int = 100
     pgd_steps: int = 10
     inversion_steps: int = InversionConfig().steps
     warp_probe: bool = False
+    patch_probe: dict | None = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.patch_probe is not None and not isinstance(self.patch_probe, dict):
+            raise ConfigError(f"scan patch_probe must be a dict of patch probe settings or None, got {self.patch_probe!r}")
+        self.patch_cfg  # noqa: B018 (validated here, at the edge)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "ScanSettings":
+        try:
+            return cls(**(values or {}))
+        except TypeError as e:
+            raise ConfigError(f"scan settings: {e}") from None
 
     @property
     def warp_cfg(self) -> dict | None:
         """The scan task's warp probe settings (None: off)."""
         return WarpProbeConfig().to_dict() if self.warp_probe else None
+
+    @property
+    def patch_cfg(self) -> dict | None:
+        """The scan task's patch probe settings (None: off)."""
+        if self.patch_probe is None:
+            return None
+        try:
+            return PatchProbeConfig(**self.patch_probe).to_dict()
+        except TypeError as e:
+            raise ConfigError(f"scan patch_probe takes patch probe settings: {e}") from None
 
 
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
@@ -75,7 +99,7 @@ def clean_compact_flow(source: str, ratio: float = 2.0, preset: str = "cpu", ove
     tracking_uri = tracking_uri or default_tracking_uri()
     cfg = build_config(preset, ratio, overrides)
     gate_cfg = GateConfig.from_dict(gates)
-    scan_cfg = ScanSettings(**(scan or {}))
+    scan_cfg = ScanSettings.from_dict(scan)
     if threads:
         torch.set_num_threads(threads)
     work_root = Path(work_root) if work_root else cc_home() / "work"
@@ -127,7 +151,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     steps.scan_task(run, original, {"n_samples": scan_cfg.n_samples, "iterations": scan_cfg.iterations,
                                     "batch_size": min(128, scan_cfg.n_samples)},
                     {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps},
-                    {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device, scan_cfg.warp_cfg)
+                    {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device, scan_cfg.warp_cfg,
+                    scan_cfg.patch_cfg)
     if cfg.synth_model == "original":
         synthesized = steps.synthesize_task(run, original, cfg)
         probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)

@@ -124,17 +124,18 @@ def load_task(run: RunHandle, source: dict, arch: str | None = None, num_classes
 
 @task(name="scan", **COMPUTE)
 def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, inversion_cfg: dict,
-              device: str = "auto", warp_cfg: dict | None = None) -> dict:
+              device: str = "auto", warp_cfg: dict | None = None, patch_cfg: dict | None = None) -> dict:
     """Data-free risk report of the suspect: risk score, adversarial histogram, inversion, patch
-    probe, warp probe (only with ``warp_cfg``), spectra."""
+    probe (only with ``patch_cfg``), warp probe (only with ``warp_cfg``), spectra."""
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import InversionConfig, WarpProbeConfig, scan
+    from cc_core.scan import InversionConfig, PatchProbeConfig, WarpProbeConfig, scan
     from cc_core.synth import SynthConfig
 
     def compute() -> dict:
         report = scan(_load(model_file), SynthConfig(**synth_cfg), PGDConfig(**pgd_cfg), device=device,
                       progress=False, inversion_cfg=InversionConfig(**inversion_cfg),
-                      warp_cfg=WarpProbeConfig(**warp_cfg) if warp_cfg is not None else None)
+                      warp_cfg=WarpProbeConfig(**warp_cfg) if warp_cfg is not None else None,
+                      patch_cfg=PatchProbeConfig(**patch_cfg) if patch_cfg is not None else None)
         path = run.path / "scan.json"
         path.write_text(json.dumps(report, indent=1))
         return {"files": {"scan": str(path)},
@@ -147,7 +148,7 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
                 | {f"risk_{k}": v for k, v in report["risk_signals"].items()}}
 
     out = _cached(run, "scan", {"model": model_file, "synth": synth_cfg, "pgd": pgd_cfg, "inversion": inversion_cfg,
-                                "warp": warp_cfg}, compute)
+                                "warp": warp_cfg, "patch": patch_cfg}, compute)
     log_metrics(run, out["summary"] | {"seconds": out["seconds"]}, "scan.")
     log_artifact(run, out["files"]["scan"], "scan")
     s = out["summary"]

@@ -12,10 +12,12 @@ from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
+TINY_PATCH_PROBE = {"sizes": [3], "stride": 4, "screen": 4, "finalists": 2, "n": 16}
 TINY = {"tau": 3.0, "compact": {"rank_multiple": 4},
         "synth": {"n_samples": 32, "batch_size": 32, "iterations": 10},
-        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5}}
-TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2, "inversion_steps": 5}
+        "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5},
+        "patch_probe": TINY_PATCH_PROBE}
+TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2, "inversion_steps": 5, "patch_probe": TINY_PATCH_PROBE}
 OPEN_GATES = {"min_speedup": None, "max_concentration": None}
 
 
@@ -71,7 +73,8 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     run = c.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["cc.status"] == "promoted"
     for key in ("model.params_before", "model.params_after", "scan.concentration", "scan.concentration_before",
-                "scan.concentration_after", "onnx.max_abs_diff", "onnx.speedup", "time.finetune", "synth.bn_loss"):
+                "scan.concentration_after", "onnx.max_abs_diff", "onnx.speedup", "time.finetune", "synth.bn_loss",
+                "scan.patch_flip_rate"):
         assert key in run.data.metrics, key
     assert "scan.warp_flip_rate" not in run.data.metrics  # the pre-scan's warp probe is off by default
     # No trigger fires on the tiny model, so the gate cannot verify its teacher: asked to, the flow fine-tunes it first.
@@ -182,6 +185,21 @@ def test_flow_refuses_options_its_tasks_do_not_carry_out():
     assert build_config("cpu", 3.0, {"tau": 2.5}).ratio == 3.0
     with pytest.raises(ConfigError, match="resynthesize_suspected_target is not supported by the clean-compact flow"):
         build_config("cpu", 2.0, {"resynthesize_suspected_target": "cleaned"})
+
+
+def test_scan_settings_are_validated_at_the_edge():
+    from cc_core.errors import ConfigError
+    from flows.clean_compact import ScanSettings
+
+    assert ScanSettings.from_dict(None).patch_cfg["sizes"] == (2, 3, 4, 5)  # the probe's defaults
+    assert ScanSettings.from_dict({"patch_probe": None}).patch_cfg is None
+    assert ScanSettings.from_dict({"patch_probe": {"sizes": [3]}}).patch_cfg["sizes"] == (3,)
+    with pytest.raises(ConfigError, match="patch probe settings"):
+        ScanSettings.from_dict({"patch_probe": {"size": 3}})
+    with pytest.raises(ConfigError, match="patch probe values"):
+        ScanSettings.from_dict({"patch_probe": {"values": [0.5]}})
+    with pytest.raises(ConfigError, match="scan settings"):
+        ScanSettings.from_dict({"warp": True})
 
 
 def test_audit_scans_due_versions_once_and_cleans_by_policy(suspect):
