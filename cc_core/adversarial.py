@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cc_core.device import autocast
+from cc_core.device import autocast, channels_last
 from cc_core.errors import ConfigError
 from cc_core.evalmode import eval_mode
 
@@ -57,7 +57,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGD
     std = spec.std if std is None else std
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
-    with eval_mode(model):
+    with eval_mode(model), channels_last(model):
         for start in range(0, len(x), cfg.batch_size):
             xb, yb = x[start:start + cfg.batch_size].detach(), y[start:start + cfg.batch_size]
             pix, m, s = _to_pixels(xb, mean, std)
@@ -81,7 +81,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGD
 @torch.no_grad()
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted classes (N,) of normalized inputs ``x`` (N, C, H, W), in eval mode."""
-    with eval_mode(model):
+    with eval_mode(model), channels_last(model):
         return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -40,3 +43,23 @@ def autocast(device: torch.device, enabled: bool = True):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16, enabled=dtype == "float16")
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+@contextmanager
+def channels_last(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``'s 4-D parameters and buffers in channels_last memory format inside the block,
+    contiguous again after it (also on error); values, shapes and Parameter objects unchanged.
+
+    Convolutions then run in oneDNN's native NHWC layout whatever the input's layout: on ResNet-18
+    w0.25 and its compactions, forward + backward to the input ran 1.3x faster and a training step
+    1.2-1.6x, in fp32 on 2 CPU cores (``python -m benchmarks.memory_format``). Nested blocks convert
+    nothing twice."""
+    converted = [t for t in (*model.parameters(), *model.buffers())
+                 if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last)]
+    for t in converted:
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        for t in converted:
+            t.data = t.data.contiguous()

@@ -28,6 +28,7 @@ left-out class.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import sys
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cc_core.data import random_crop, random_hflip
-from cc_core.device import autocast
+from cc_core.device import autocast, channels_last
 from cc_core.errors import ConfigError
 
 
@@ -155,8 +156,9 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
     student_bn = BNOutputs(model) if cfg.feature_weight else None
     teacher_bn = BNOutputs(teacher) if cfg.feature_weight else None
     try:
-        return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn, masked,
-                      kd_dropped)
+        with channels_last(model), (channels_last(teacher) if teacher is not None else contextlib.nullcontext()):
+            return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn,
+                          masked, kd_dropped)
     finally:
         for rec in (student_bn, teacher_bn):
             if rec is not None:

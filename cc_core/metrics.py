@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cc_core.data import ImageData, normalize
-from cc_core.device import resolve_device
+from cc_core.device import channels_last, resolve_device
 from cc_core.errors import InputError
 from cc_core.evalmode import eval_mode
 
@@ -25,12 +25,12 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, mean, std, batch_size: int 
     device = resolve_device(device)
     model.to(device)
     preds = []
-    with eval_mode(model):
+    with eval_mode(model), channels_last(model):
         for start in range(0, len(x_uint8), batch_size):
             xb = x_uint8[start:start + batch_size].to(device).float().div_(255)
             if transform is not None:
                 xb = transform(xb).clamp_(0, 1)
-            xb = normalize(xb, mean, std).contiguous(memory_format=torch.channels_last)
+            xb = normalize(xb, mean, std)
             preds.append(model(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 

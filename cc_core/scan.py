@@ -59,7 +59,7 @@ from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentr
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
-from cc_core.device import autocast
+from cc_core.device import autocast, channels_last
 from cc_core.errors import ConfigError
 from cc_core.evalmode import eval_mode
 from cc_core.synth import SynthConfig, synthesize
@@ -176,7 +176,7 @@ def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,
     gen = torch.Generator().manual_seed(cfg.seed)
     delta = torch.zeros(1, *pix.shape[1:], device=pix.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    with eval_mode(model, freeze=True):
+    with eval_mode(model, freeze=True), channels_last(model):
         for _ in range(cfg.steps):
             idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(pix.device)
             logits = model(((pix[idx] + delta).clamp(0, 1) - mean) / std)
@@ -381,7 +381,7 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
     model without a backdoor: benchmarks/results/trigger_on_synthetic*.md), hence every size.
     The inversions, which descend from a zero perturbation, missed that patch."""
     spec = model.cc_spec
-    with eval_mode(model):
+    with eval_mode(model), channels_last(model):
         pix, mean, std = _to_pixels(x[:max(cfg.screen, cfg.n)].detach(), spec.mean, spec.std)
         stamps = patch_stamps(*pix.shape[2:], cfg)
         screen = pix[:cfg.screen]
@@ -503,7 +503,7 @@ def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpPro
     theta = (0.1 * torch.randn(fields, 2, cfg.grid, cfg.grid, generator=gen)).to(pix.device).requires_grad_(True)
     pull = torch.arange(fields, device=pix.device) < n_classes
     opt = torch.optim.Adam([theta], lr=cfg.lr)
-    with eval_mode(model, freeze=True):
+    with eval_mode(model, freeze=True), channels_last(model):
         for _ in range(cfg.steps):
             idx = torch.randperm(n, generator=gen)[:cfg.batch_size].to(pix.device)
             b = len(idx)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cc_core.errors import ConfigError, InputError
-from cc_core.device import autocast, resolve_device
+from cc_core.device import autocast, channels_last, resolve_device
 from cc_core.evalmode import eval_mode
 
 
@@ -131,7 +131,7 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
     batches = range(0, len(labels), cfg.batch_size)
     bar = tqdm(total=len(batches) * cfg.iterations, desc="synthesize", disable=not progress,
                file=sys.stderr, leave=False)
-    with eval_mode(model, freeze=True):
+    with eval_mode(model, freeze=True), channels_last(model):
         try:
             for start in batches:
                 y = labels[start:start + cfg.batch_size].to(device)

@@ -26,6 +26,7 @@ from torch import nn
 from cc_core.baselines.clp import zero_channel
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.errors import ConfigError
+from cc_core.device import channels_last
 from cc_core.evalmode import eval_mode
 
 
@@ -40,7 +41,7 @@ def channel_means(model: nn.Module, x: torch.Tensor, pairs: dict[str, str], batc
 
     handles = [modules[bn].register_forward_hook(hook(conv)) for conv, bn in pairs.items()]
     try:
-        with eval_mode(model):
+        with eval_mode(model), channels_last(model):
             for start in range(0, len(x), batch_size):
                 model(x[start:start + batch_size])
     finally:

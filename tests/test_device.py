@@ -24,3 +24,29 @@ def test_mixed_precision_off_is_float32_everywhere(monkeypatch):
     with device_mod.autocast(torch.device("cpu"), enabled=False):
         assert nn.Linear(2, 2)(torch.randn(1, 2)).dtype == torch.float32
     assert device_mod.precision(torch.device("cuda")) == "float16"
+
+
+def test_channels_last_changes_the_weights_layout_only_inside_the_block_and_nothing_else():
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    params = {n: p for n, p in model.named_parameters()}
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    convs = [p for p in params.values() if p.dim() == 4 and p.shape[2:] != (1, 1)]
+    assert convs and all(p.is_contiguous() for p in convs)
+    with device_mod.channels_last(model):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+        with device_mod.channels_last(model):  # nested: converts nothing, restores nothing
+            pass
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.state_dict().values())
+    assert {n: p for n, p in model.named_parameters()} == params  # the same Parameter objects
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    with pytest.raises(RuntimeError, match="inside"):
+        with device_mod.channels_last(model):
+            raise RuntimeError("inside")
+    assert all(p.is_contiguous() for p in convs)

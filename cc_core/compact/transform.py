@@ -17,6 +17,7 @@ from cc_core.compact.plan import CompactionPlan, LayerPlan, _round
 from cc_core.compact.ranks import RANK_STRATEGIES, Candidate, allocate_by_damage, allocate_ranks, rank_options
 from cc_core.compact.tucker import MatrixSVD, Tucker2, hooi_tucker2, hosvd_tucker2, matrix_svd
 from cc_core.errors import ConfigError, RatioUnreachableError
+from cc_core.device import channels_last
 from cc_core.evalmode import eval_mode
 
 METHODS = ("hosvd", "hooi")
@@ -184,7 +185,7 @@ def measure_damage(model: nn.Module, layers: list[_Layer], candidates: list[Cand
         if layer.decomp is not None:
             _write_dense(layer)
     damage = {}
-    with eval_mode(model):
+    with eval_mode(model), channels_last(model):
         reference = _log_probs(model, calibration)
         for c in candidates:
             layer = by_name[c.name]
