@@ -51,8 +51,8 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     contiguous again after it (also on error); values, shapes and Parameter objects unchanged.
 
     Convolutions then run in oneDNN's native NHWC layout whatever the input's layout: on ResNet-18
-    w0.25 and its compactions, forward + backward to the input ran 1.3x faster and a training step
-    1.2-1.6x, in fp32 on 2 CPU cores (``python -m benchmarks.memory_format``). Nested blocks convert
+    w0.25 and its compactions, forward + backward to the input ran 1.2-1.3x faster and a training
+    step 1.1-1.4x, in fp32 on 2 CPU cores (``python -m benchmarks.memory_format``). Nested blocks convert
     nothing twice."""
     converted = [t for t in (*model.parameters(), *model.buffers())
                  if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last)]
