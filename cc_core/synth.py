@@ -59,8 +59,24 @@ class SynthConfig:
         return dataclasses.asdict(self)
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance (C,) of ``x`` (N, C, H, W), as var = E[x^2] - E[x]^2:
+    one elementwise pass and two reductions, which forward + backward ran 1.3-2.3x faster than
+    ``mean`` + ``var`` on BatchNorm inputs of ResNet-18 w0.25 (fp32, 2 CPU cores). A channels_last
+    ``x`` is reduced as the (N*H*W, C) matrix it is in memory (reducing it over dims (0, 2, 3)
+    took twice as long)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        x, dims = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), (0,)
+    else:
+        dims = (0, 2, 3)
+    mean = x.mean(dim=dims)
+    return mean, ((x * x).mean(dim=dims) - mean * mean).clamp_min(0)
+
+
 class BNStatsLoss:
     """Forward pre-hooks on every BatchNorm2d that accumulate the statistics-matching loss."""
+
+    moments = staticmethod(channel_moments)
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
@@ -73,9 +89,7 @@ class BNStatsLoss:
         self.handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
-        x = inputs[0].float()
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
+        mean, var = self.moments(inputs[0].float())
         self.losses.append(F.mse_loss(mean, module.running_mean.float(), reduction="mean")
                            + F.mse_loss((var + module.eps).sqrt(),
                                         (module.running_var.float() + module.eps).sqrt(), reduction="mean"))

@@ -88,6 +88,23 @@ def test_first_bn_weight_multiplies_the_first_layer_the_forward_pass_reaches():
         SynthConfig(first_bn_weight=-1)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_moments_are_the_per_channel_mean_and_biased_variance_with_their_gradients(layout):
+    from cc_core.synth import channel_moments
+
+    g = torch.Generator().manual_seed(0)
+    x = (3 + 2 * torch.randn(8, 5, 6, 7, generator=g)).contiguous(memory_format=layout)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    mean, var = channel_moments(a)
+    torch.testing.assert_close(mean, b.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, b.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-5)
+    w = torch.randn(2, 5, generator=g)
+    (w[0] @ mean + w[1] @ var).backward()
+    (w[0] @ b.mean(dim=(0, 2, 3)) + w[1] @ b.var(dim=(0, 2, 3), unbiased=False)).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert channel_moments(torch.full((4, 2, 3, 3), 1e3))[1].min() >= 0  # no negative variance from rounding
+
+
 def test_synthesis_needs_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(NoBatchNormError, match="no BatchNorm layers"):

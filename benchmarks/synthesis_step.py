@@ -1,0 +1,98 @@
+"""The synthesis step (``cc_core.synth.optimize_batch``): how its BatchNorm statistics are
+computed and the weights' memory layout.
+
+Run: python -m benchmarks.synthesis_step   (writes benchmarks/results/synthesis_step.*)
+Four variants of the same Adam step on a batch of 128 images through the zoo's ResNet-18 w0.25
+(seeded random weights; speed does not depend on training), in the precision the pipeline picks on
+this machine: BN statistics as ``mean`` + ``var`` (two passes, what synthesis did up to commit 5963ada)
+or ``cc_core.synth.channel_moments`` (E[x^2] - E[x]^2), with contiguous or channels_last weights
+(``cc_core.device.channels_last``). They run interleaved in one process: median seconds per step
+over ``--repeats`` batches of ``--iterations`` steps, after a warm-up batch.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.common import machine, write_results
+from cc_core import build_model
+from cc_core.device import channels_last
+from cc_core.synth import BNStatsLoss, SynthConfig, optimize_batch, pixel_bounds
+
+COMMAND = "python -m benchmarks.synthesis_step"
+
+
+class TwoPassStatsLoss(BNStatsLoss):
+    """The statistics-matching loss with mean and variance computed the textbook way."""
+
+    moments = staticmethod(lambda x: (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)))
+
+
+VARIANTS = {("mean + var", "contiguous"): (TwoPassStatsLoss, False),
+            ("mean + var", "channels_last"): (TwoPassStatsLoss, True),
+            ("E[x^2] - E[x]^2", "contiguous"): (BNStatsLoss, False),
+            ("E[x^2] - E[x]^2", "channels_last"): (BNStatsLoss, True)}
+
+
+def _seconds_per_step(model, stats_cls, layout_cl: bool, cfg: SynthConfig, y: torch.Tensor) -> float:
+    stats = stats_cls(model)
+    bounds = pixel_bounds(model.cc_spec.mean, model.cc_spec.std, y.device)
+    bar = tqdm(disable=True)
+    try:
+        with channels_last(model) if layout_cl else contextlib.nullcontext():
+            start = time.perf_counter()
+            optimize_batch(model, stats, y, cfg, torch.Generator().manual_seed(0), bounds, bar)
+            return (time.perf_counter() - start) / cfg.iterations
+    finally:
+        stats.remove()
+
+
+def run(repeats: int = 4, iterations: int = 10, threads: int = 2, batch: int = 128) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 0.25).eval().requires_grad_(False)
+    cfg = SynthConfig(n_samples=batch, batch_size=batch, iterations=iterations)
+    y = torch.arange(batch) % 10
+    for stats_cls, layout_cl in VARIANTS.values():
+        _seconds_per_step(model, stats_cls, layout_cl, cfg, y)  # warm-up
+    seconds = {key: [] for key in VARIANTS}
+    for _ in range(repeats):
+        for key, (stats_cls, layout_cl) in VARIANTS.items():
+            seconds[key].append(_seconds_per_step(model, stats_cls, layout_cl, cfg, y))
+    baseline = statistics.median(seconds[("mean + var", "contiguous")])
+    rows = [{"statistics": stats, "weights": layout, "seconds_per_step": statistics.median(v),
+             "speedup": baseline / statistics.median(v)} for (stats, layout), v in seconds.items()]
+    for r in rows:
+        print(r, flush=True)
+    return {"command": COMMAND, "repeats": repeats, "iterations": iterations, "batch": batch,
+            "machine": machine(), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# The synthesis step: BN statistics and weight layout\n",
+             f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
+             f"native bf16: {'yes' if m['cpu_bf16_native'] else 'no'}), commit {m['git_commit']}. One Adam step of "
+             f"`cc_core.synth.optimize_batch` on {result['batch']} images through ResNet-18 w0.25 (seeded random "
+             f"weights); median over {result['repeats']} interleaved batches of {result['iterations']} steps. "
+             "Speed-up against mean + var with contiguous weights (the pipeline before).\n",
+             "| BN statistics | weights | s / step | speed-up |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['statistics']} | {r['weights']} | {r['seconds_per_step']:.3f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    result = run(args.repeats, args.iterations, args.threads, args.batch)
+    print(*write_results("synthesis_step", result, markdown(result)), sep="\n")
