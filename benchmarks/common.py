@@ -32,6 +32,14 @@ def machine() -> dict:
             "git_commit": git_commit()}
 
 
+def provenance(result: dict) -> str:
+    """'`COMMAND` on CPU (cores, torch, threads, native bf16), commit C' for a result with
+    ``command`` and ``machine`` (see :func:`machine`)."""
+    m = result["machine"]
+    return (f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
+            f"native bf16: {'yes' if m['cpu_bf16_native'] else 'no'}), commit {m['git_commit']}")
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine, provenance, write_results
 from cc_core import build_model, clean_compact
 from cc_core.device import autocast
 
@@ -89,10 +89,8 @@ def _channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = ["# Contiguous vs channels_last on this CPU\n",
-             f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
-             f"native bf16: {'yes' if m['cpu_bf16_native'] else 'no'}), commit {m['git_commit']}; median of "
+             f"{provenance(result)}; median of "
              f"{result['repeats']} interleaved runs in one process. Batch {result['batch']}, seeded random weights of "
              "ResNet-18 w0.25 and its energy-rank compactions; input gradient: forward + backward to the input "
              "with frozen weights; fine-tune step: one SGD step of the weights.\n",

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine, provenance, write_results
 from cc_core import build_model
 
 COMMAND = "python -m benchmarks.precision"
@@ -74,10 +74,8 @@ def run(repeats: int = 3, threads: int = 2) -> dict:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = ["# fp32 vs bf16 autocast on this CPU\n",
-             f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
-             f"native bf16: {'yes' if m['cpu_bf16_native'] else 'no'}), commit {m['git_commit']}; median of "
+             f"{provenance(result)}; median of "
              f"{result['repeats']} interleaved runs in one process. ResNet-18 w0.25, seeded random weights.\n",
              "| workload | fp32 s | bf16 s | bf16 / fp32 |", "|---|---|---|---|"]
     for r in result["rows"]:

@@ -19,7 +19,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine, provenance, write_results
 from cc_core import build_model
 from cc_core.device import channels_last
 from cc_core.synth import BNStatsLoss, SynthConfig, optimize_batch, pixel_bounds
@@ -74,10 +74,8 @@ def run(repeats: int = 4, iterations: int = 10, threads: int = 2, batch: int = 1
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = ["# The synthesis step: BN statistics and weight layout\n",
-             f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
-             f"native bf16: {'yes' if m['cpu_bf16_native'] else 'no'}), commit {m['git_commit']}. One Adam step of "
+             f"{provenance(result)}. One Adam step of "
              f"`cc_core.synth.optimize_batch` on {result['batch']} images through ResNet-18 w0.25 (seeded random "
              f"weights); median over {result['repeats']} interleaved batches of {result['iterations']} steps. "
              "Speed-up against mean + var with contiguous weights (the pipeline before).\n",
