@@ -5,7 +5,9 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +32,20 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "cpu_bf16_native": cpu_bf16_is_native(),
             "python": platform.python_version(),
             "git_commit": git_commit()}
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each variant's call: one warm-up call each, then ``repeats`` rounds
+    calling every variant in turn (machine drift hits all of them alike)."""
+    for call in variants.values():
+        call()
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, call in variants.items():
+            start = time.perf_counter()
+            call()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in seconds.items()}
 
 
 def provenance(result: dict) -> str:

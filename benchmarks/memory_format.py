@@ -14,18 +14,16 @@ interleaved in one process, median of ``--repeats`` after a warm-up; weights are
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, provenance, write_results
+from benchmarks.common import interleaved_medians, machine, provenance, write_results
 from cc_core import build_model, clean_compact
 from cc_core.device import autocast
 
 COMMAND = "python -m benchmarks.memory_format"
-LAYOUTS = ("contiguous", "channels_last")
 
 
 def _loss(model, x, y) -> torch.Tensor:
@@ -67,15 +65,8 @@ def run(repeats: int = 5, threads: int = 2, batch: int = 128) -> dict:
     for name, model in _models().items():
         variants = {"contiguous": model, "channels_last": _channels_last_copy(model)}
         for workload, step in WORKLOADS.items():
-            for m in variants.values():
-                step(m, x, y)  # warm-up
-            seconds = {layout: [] for layout in LAYOUTS}
-            for _ in range(repeats):
-                for layout, m in variants.items():
-                    start = time.perf_counter()
-                    step(m, x, y)
-                    seconds[layout].append(time.perf_counter() - start)
-            medians = {layout: statistics.median(v) for layout, v in seconds.items()}
+            medians = interleaved_medians({layout: functools.partial(step, m, x, y) for layout, m in variants.items()},
+                                          repeats)
             rows.append({"model": name, "workload": workload, "seconds": medians,
                          "speedup": medians["contiguous"] / medians["channels_last"]})
             print(rows[-1], flush=True)

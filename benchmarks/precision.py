@@ -12,13 +12,12 @@ is what ``cc_core.device`` decides from: with it off, the pipeline computes in f
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, provenance, write_results
+from benchmarks.common import interleaved_medians, machine, provenance, write_results
 from cc_core import build_model
 
 COMMAND = "python -m benchmarks.precision"
@@ -59,15 +58,7 @@ def run(repeats: int = 3, threads: int = 2) -> dict:
     }
     rows = []
     for name, step in workloads.items():
-        seconds = {p: [] for p in PRECISIONS}
-        for dtype in PRECISIONS.values():
-            step(dtype)  # warm-up
-        for _ in range(repeats):
-            for p, dtype in PRECISIONS.items():
-                start = time.perf_counter()
-                step(dtype)
-                seconds[p].append(time.perf_counter() - start)
-        medians = {p: statistics.median(v) for p, v in seconds.items()}
+        medians = interleaved_medians({p: functools.partial(step, dtype) for p, dtype in PRECISIONS.items()}, repeats)
         rows.append({"workload": name, "seconds": medians, "bf16_over_fp32": medians["bfloat16"] / medians["float32"]})
         print(rows[-1], flush=True)
     return {"command": COMMAND, "repeats": repeats, "machine": machine(), "rows": rows}
