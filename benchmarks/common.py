@@ -7,8 +7,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -17,6 +18,7 @@ from cc_core.fileio import atomic_path, git_commit
 from cc_core.synth import SynthConfig, synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
+K = TypeVar("K", bound=Hashable)
 
 
 def machine() -> dict:
@@ -34,12 +36,12 @@ def machine() -> dict:
             "git_commit": git_commit()}
 
 
-def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved_medians(variants: dict[K, Callable[[], object]], repeats: int) -> dict[K, float]:
     """Median wall seconds of each variant's call: one warm-up call each, then ``repeats`` rounds
     calling every variant in turn (machine drift hits all of them alike)."""
     for call in variants.values():
         call()
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    seconds: dict[K, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, call in variants.items():
             start = time.perf_counter()

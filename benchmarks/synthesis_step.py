@@ -6,20 +6,20 @@ Four variants of the same Adam step on a batch of 128 images through the zoo's R
 (seeded random weights; speed does not depend on training), in the precision the pipeline picks on
 this machine: BN statistics as ``mean`` + ``var`` (two passes, what synthesis did up to commit 5963ada)
 or ``cc_core.synth.channel_moments`` (E[x^2] - E[x]^2), with contiguous or channels_last weights
-(``cc_core.device.channels_last``). They run interleaved in one process: median seconds per step
-over ``--repeats`` batches of ``--iterations`` steps, after a warm-up batch.
+(``cc_core.device.channels_last``). They run interleaved in one process: the median seconds of a
+batch of ``--iterations`` steps (hooks and layout change included) over ``--repeats`` rounds after a
+warm-up batch, per step.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
+import functools
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import machine, provenance, write_results
+from benchmarks.common import interleaved_medians, machine, provenance, write_results
 from cc_core import build_model
 from cc_core.device import channels_last
 from cc_core.synth import BNStatsLoss, SynthConfig, optimize_batch, pixel_bounds
@@ -39,15 +39,12 @@ VARIANTS = {("mean + var", "contiguous"): (TwoPassStatsLoss, False),
             ("E[x^2] - E[x]^2", "channels_last"): (BNStatsLoss, True)}
 
 
-def _seconds_per_step(model, stats_cls, layout_cl: bool, cfg: SynthConfig, y: torch.Tensor) -> float:
+def _synthesize_batch(model, stats_cls, layout_cl: bool, cfg: SynthConfig, y: torch.Tensor) -> None:
     stats = stats_cls(model)
     bounds = pixel_bounds(model.cc_spec.mean, model.cc_spec.std, y.device)
-    bar = tqdm(disable=True)
     try:
         with channels_last(model) if layout_cl else contextlib.nullcontext():
-            start = time.perf_counter()
-            optimize_batch(model, stats, y, cfg, torch.Generator().manual_seed(0), bounds, bar)
-            return (time.perf_counter() - start) / cfg.iterations
+            optimize_batch(model, stats, y, cfg, torch.Generator().manual_seed(0), bounds, tqdm(disable=True))
     finally:
         stats.remove()
 
@@ -58,15 +55,12 @@ def run(repeats: int = 4, iterations: int = 10, threads: int = 2, batch: int = 1
     model = build_model("resnet18", 10, 0.25).eval().requires_grad_(False)
     cfg = SynthConfig(n_samples=batch, batch_size=batch, iterations=iterations)
     y = torch.arange(batch) % 10
-    for stats_cls, layout_cl in VARIANTS.values():
-        _seconds_per_step(model, stats_cls, layout_cl, cfg, y)  # warm-up
-    seconds = {key: [] for key in VARIANTS}
-    for _ in range(repeats):
-        for key, (stats_cls, layout_cl) in VARIANTS.items():
-            seconds[key].append(_seconds_per_step(model, stats_cls, layout_cl, cfg, y))
-    baseline = statistics.median(seconds[("mean + var", "contiguous")])
-    rows = [{"statistics": stats, "weights": layout, "seconds_per_step": statistics.median(v),
-             "speedup": baseline / statistics.median(v)} for (stats, layout), v in seconds.items()]
+    medians = interleaved_medians({key: functools.partial(_synthesize_batch, model, stats_cls, layout_cl, cfg, y)
+                                   for key, (stats_cls, layout_cl) in VARIANTS.items()}, repeats)
+    per_step = {key: seconds / iterations for key, seconds in medians.items()}
+    baseline = per_step[("mean + var", "contiguous")]
+    rows = [{"statistics": stats, "weights": layout, "seconds_per_step": v, "speedup": baseline / v}
+            for (stats, layout), v in per_step.items()]
     for r in rows:
         print(r, flush=True)
     return {"command": COMMAND, "repeats": repeats, "iterations": iterations, "batch": batch,
