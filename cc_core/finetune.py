@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cc_core.data import random_crop, random_hflip
-from cc_core.device import autocast, channels_last
+from cc_core.device import autocast, channels_last, precision
 from cc_core.errors import ConfigError
 
 
@@ -156,13 +156,25 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
     student_bn = BNOutputs(model) if cfg.feature_weight else None
     teacher_bn = BNOutputs(teacher) if cfg.feature_weight else None
     try:
-        with channels_last(model), (channels_last(teacher) if teacher is not None else contextlib.nullcontext()):
+        with student_layout(model, cfg.mixed_precision), \
+                (channels_last(teacher) if teacher is not None else contextlib.nullcontext()):
             return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn,
                           masked, kd_dropped)
     finally:
         for rec in (student_bn, teacher_bn):
             if rec is not None:
                 rec.remove()
+
+
+def student_layout(model: nn.Module, mixed_precision: bool):
+    """channels_last for the student being trained, except under bf16 autocast on the CPU: there
+    the weight-gradient backward in channels_last crashed the process (SIGSEGV, torch 2.13.0 on an
+    AVX-512 bf16 CPU, the tests' tiny defended model; the zoo ResNet-18 trained fine), so the
+    student stays contiguous. Forward-only models (the teacher) keep channels_last."""
+    device = next(model.parameters()).device
+    if device.type == "cpu" and precision(device, mixed_precision) == "bfloat16":
+        return contextlib.nullcontext(model)
+    return channels_last(model)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int | None) -> torch.Tensor:
