@@ -99,6 +99,6 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--name", default="synthesis_step", help="result file name under benchmarks/results")
     args = parser.parse_args()
-    command = " ".join(["python -m benchmarks.synthesis_step", *sys.argv[1:]])
+    command = " ".join([COMMAND, *sys.argv[1:]])
     result = run(args.repeats, args.iterations, args.threads, args.batch, args.arch, args.width, command)
     print(*write_results(args.name, result, markdown(result)), sep="\n")

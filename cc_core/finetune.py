@@ -171,8 +171,7 @@ def student_layout(model: nn.Module, mixed_precision: bool):
     the weight-gradient backward in channels_last crashed the process (SIGSEGV, torch 2.13.0 on an
     AVX-512 bf16 CPU, the tests' tiny defended model; the zoo ResNet-18 trained fine), so the
     student stays contiguous. Forward-only models (the teacher) keep channels_last."""
-    device = next(model.parameters()).device
-    if device.type == "cpu" and precision(device, mixed_precision) == "bfloat16":
+    if precision(next(model.parameters()).device, mixed_precision) == "bfloat16":  # bf16 is CPU-only
         return contextlib.nullcontext(model)
     return channels_last(model)
 

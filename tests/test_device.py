@@ -54,11 +54,10 @@ def test_channels_last_changes_the_weights_layout_only_inside_the_block_and_noth
 
 @pytest.mark.parametrize("bf16_native", [True, False])
 def test_fine_tune_student_stays_contiguous_under_cpu_bf16(monkeypatch, bf16_native):
-    import cc_core.device as device_module
     from cc_core.finetune import student_layout
 
-    monkeypatch.setattr(device_module, "cpu_bf16_is_native", lambda: bf16_native)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    monkeypatch.setattr(device_mod, "cpu_bf16_is_native", lambda: bf16_native)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with student_layout(model, mixed_precision=True):
         in_channels_last = model[0].weight.is_contiguous(memory_format=torch.channels_last)
         in_contiguous = model[0].weight.is_contiguous()
