@@ -376,7 +376,7 @@ def render() -> Path:
           "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",
           "## Commands\n",
           "Each row ran at the commit shown; C&C rows name how the ranks were allocated (`sensitivity` is the "
-          "current `cpu` preset; `-` = a row from before the config was recorded, see the README).\n",
+          "current `cpu` preset; `-` = a row from before the config was recorded, see docs/MEASUREMENTS.md).\n",
           "| row | commit | precision | ranks | command |", "|---|---|---|---|---|",
           *[f"| {rid} | {r['machine'].get('git_commit', '-')} | {_precision(r)} | {_rank_strategy(r)} | `{r['command']}` |"
             for rid, r in done.items()]]

@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan without the patch probe (and so, without --warp-probe, without the trigger channel clean)")
     p.add_argument("--warp-probe", action="store_true",
                    help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
-                        "(off in the presets: on the zoo WaNet it cost ACC at 4x; README)")
+                        "(off in the presets: on the zoo WaNet it cost ACC at 4x; docs/PRESET.md)")
     p.add_argument("--trigger-channel-u", type=float,
                    help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
     p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")
@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-finetune-lr", type=float,
                    help="fine-tune a teacher the gate does not verify at this learning rate, with the student's "
                         "recipe, before distilling from it (off in the presets: at 0.0002 it helps WaNet but hands Blended's "
-                        "and GTSRB Input-Aware's backdoor back; README)")
+                        "and GTSRB Input-Aware's backdoor back; docs/PRESET.md)")
     p.add_argument("--no-teacher-finetune", action="store_true",
                    help="never fine-tune the teacher (the presets' default): under --kd-gate verified an unverified "
                         "teacher is not used")

@@ -11,7 +11,7 @@ from pathlib import Path
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEMO_MODEL = "demo-suspect"
 # The demo's model when no zoo model is cached (quarter-width ResNet-18, BadNet): ~5 min on 2 cores
-# with native bf16, 15 min on an AVX2-only CPU (README).
+# with native bf16, 15 min on an AVX2-only CPU (docs/MEASUREMENTS.md).
 DEMO_RECIPE = {"arch": "resnet18", "width": 0.25, "attack": "badnet", "epochs": 6, "batch_size": 256,
                "lr": 0.2, "seed": 0}
 
