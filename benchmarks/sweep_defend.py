@@ -56,6 +56,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     "synthesis2": ({}, {}),  # the cpu preset as shipped
     "opt_ins": ({}, {}),
+    "competition": ({}, {}),  # the cpu preset as shipped
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
@@ -245,6 +246,13 @@ GRIDS = {
     # were not measured on in bench_614903b/ (GTSRB Input-Aware kept 42.56% ASR past them).
     "opt_ins": [("--teacher-finetune-lr 0.0002 --distill-check", ratio,
                  {"teacher_finetune": {"lr": 2e-4}, "distill_check": True}, {}) for ratio in (2.0, 4.0)],
+    # Adaptive DeepInversion: a second round of 512 synthetic images made after compaction from the
+    # original model, pushed (competition weight > 0) to where the compact model disagrees with it,
+    # joins the fine-tune; weight 0 is the control (as many more plain images).
+    "competition": [(label, 2.0, {"competition_synth": {"n_samples": 512, "competition_weight": w}} if w is not None else {}, {})
+                    for label, w in (("cpu preset", None), ("+512 plain images after compaction", 0.0),
+                                     ("+512 images competing with the compact model, weight 1", 1.0),
+                                     ("+512 images competing with the compact model, weight 10", 10.0))],
 }
 
 GRID_NOTES = {"oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "

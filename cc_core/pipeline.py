@@ -30,7 +30,7 @@ from cc_core.models import count_params
 from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
                           all_to_all_suspected, apply_found_trigger, flip_report, found_trigger, histogram_report, patch_probe,
                           patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
-from cc_core.synth import SynthConfig, synthesize
+from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
 UNLEARN_SCOPES = ("all-to-all", "any")
@@ -107,6 +107,12 @@ class DefendConfig:
     # ("cleaned", before the fine-tune) or through the fine-tuned model ("finetuned", which is then
     # fine-tuned a second time with them); None: the class stays out.
     resynthesize_suspected_target: str | None = None
+    # Adaptive DeepInversion after compaction: SynthConfig overrides (e.g. {"n_samples": 512,
+    # "competition_weight": 1.0}) for a second round of synthetic images, made from the original
+    # model and, with a competition_weight > 0, pushed to where the compact model disagrees with
+    # it; they join the fine-tune (the suspected target's class is not made). None: no second
+    # round; a competition_weight of 0 makes plain images (the control).
+    competition_synth: dict | None = None
     # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
     # Which inverted triggers the fine-tune unlearns (finetune.unlearn_weight > 0): "all-to-all"
@@ -186,6 +192,11 @@ class DefendConfig:
         if self.distill_check is not None and self.resynthesize_suspected_target == "finetuned":
             raise ConfigError("distill_check compares one fine-tune with and without distillation; "
                               "resynthesize_suspected_target='finetuned' fine-tunes twice")
+        if self.competition_synth is not None:
+            try:
+                dataclasses.replace(self.synth, **self.competition_synth)
+            except TypeError as e:
+                raise ConfigError(f"competition_synth takes synthesis settings: {e}") from None
         if self.teacher_finetune is not None:
             try:
                 dataclasses.replace(self.finetune, **self.teacher_finetune)
@@ -403,6 +414,13 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         timings["resynthesize"] = time.perf_counter() - start
         log(f"[defend] {excluded} synthetic images of class {suspected} made again through the channel-cleaned "
             f"model in {timings['resynthesize']:.1f} s")
+    if cfg.competition_synth is not None:
+        start = time.perf_counter()
+        x_new, y_new = synthesize_competing(original, new, cfg, suspected if excluded else None, device, progress)
+        x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
+        timings["competition_synthesize"] = time.perf_counter() - start
+        log(f"[defend] {len(y_new)} more synthetic images made after compaction in "
+            f"{timings['competition_synthesize']:.1f} s")
     x_trigger = unlearn(x_ft) if unlearn is not None else None
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
@@ -475,6 +493,21 @@ def exclude_class(x: torch.Tensor, y: torch.Tensor, target: int | None) -> tuple
         return x, y, 0
     keep = y != target
     return x[keep], y[keep], int((~keep).sum())
+
+
+def synthesize_competing(original: nn.Module, compact: nn.Module, cfg: DefendConfig, left_out: int | None,
+                         device=None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second round of ``cfg.competition_synth``: images (n, C, H, W) from ``original``'s
+    BatchNorm statistics that ``compact`` (not modified) classifies unlike ``original`` (with a
+    competition weight > 0), with labels (n,) balanced over every class but ``left_out``. Seeded
+    apart from the first round."""
+    synth = dataclasses.replace(cfg.synth, **cfg.competition_synth)
+    synth = dataclasses.replace(synth, seed=synth.seed + 2)
+    labels = balanced_labels(synth.n_samples, original.cc_spec.num_classes,
+                             torch.Generator().manual_seed(synth.seed), exclude=left_out)
+    x, y, _ = synthesize(original, synth, labels=labels, device=device, progress=progress,
+                         student=compact if synth.competition_weight > 0 else None)
+    return x, y
 
 
 def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConfig, device=None,

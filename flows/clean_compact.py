@@ -70,13 +70,15 @@ class ScanSettings:
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
     """The resolved DefendConfig of a flow run (validated here, at the edge).
 
-    ``resynthesize_suspected_target`` is refused: the flow's tasks do not make those images
-    again, and silently leaving the class out would not be what the config asked for (it was
-    measured worse, see benchmarks/results/sweep_defend_resynthesis*.md; ``cc_core.defend`` has it)."""
+    The experiments that make more synthetic images after compaction are refused
+    (``resynthesize_suspected_target``, ``competition_synth``): the flow's tasks do not make them,
+    and silently leaving them out would not be what the config asked for (``cc_core.defend`` has
+    them; their sweeps: benchmarks/results/sweep_defend_{resynthesis*,competition}.md)."""
     cfg = resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
-    if cfg.resynthesize_suspected_target is not None:
-        raise ConfigError("resynthesize_suspected_target is not supported by the clean-compact flow; "
-                          "use `cleancompact defend` or cc_core.defend for that experiment")
+    for name in ("resynthesize_suspected_target", "competition_synth"):
+        if getattr(cfg, name) is not None:
+            raise ConfigError(f"{name} is not supported by the clean-compact flow; "
+                              "use `cleancompact defend` or cc_core.defend for that experiment")
     return cfg
 
 

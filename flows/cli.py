@@ -289,6 +289,13 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.warp_probe:
         overrides["warp_probe"] = {}
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
+    if args.competition_samples is not None:
+        if args.competition_samples < 1:
+            raise _input_error(f"--competition-samples must be >= 1, got {args.competition_samples}")
+        if not args.competition_weight >= 0:
+            raise _input_error(f"--competition-weight must be >= 0, got {args.competition_weight}")
+        overrides["competition_synth"] = {"n_samples": args.competition_samples,
+                                          "competition_weight": args.competition_weight}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
                             "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha}.items()
@@ -511,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synth-samples", type=int, help="number of synthetic images")
     p.add_argument("--synth-iterations", type=int, help="optimization steps per synthetic batch")
+    p.add_argument("--competition-samples", type=int,
+                   help="after compaction, make this many more synthetic images that the compact model classifies "
+                        "unlike the original (adaptive DeepInversion) and fine-tune on them too (experiment; "
+                        "default: none)")
+    p.add_argument("--competition-weight", type=float, default=1.0,
+                   help="weight of that round's competition term (default 1; 0 makes plain images, the control)")
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--no-synth-loss", action="store_true", help="fine-tune without the synthetic CE term")
     p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")

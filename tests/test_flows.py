@@ -185,6 +185,8 @@ def test_flow_refuses_options_its_tasks_do_not_carry_out():
     assert build_config("cpu", 3.0, {"tau": 2.5}).ratio == 3.0
     with pytest.raises(ConfigError, match="resynthesize_suspected_target is not supported by the clean-compact flow"):
         build_config("cpu", 2.0, {"resynthesize_suspected_target": "cleaned"})
+    with pytest.raises(ConfigError, match="competition_synth is not supported by the clean-compact flow"):
+        build_config("cpu", 2.0, {"competition_synth": {"n_samples": 64, "competition_weight": 1.0}})
 
 
 def test_scan_settings_are_validated_at_the_edge():

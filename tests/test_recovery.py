@@ -16,7 +16,7 @@ from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
 from cc_core.scan import adversarial_score, anomaly_index, scan
-from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, synthesize
+from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, balanced_labels, js_divergence, synthesize
 from benchmarks.bench import suspicion_record
 from flows.cli import main
 from tests.helpers import tiny_model
@@ -354,6 +354,10 @@ def test_defend_config_validation():
         resolve_config("cpu", patch_unlearn="sometimes")
     assert resolve_config("cpu", trigger_channel_u=None, patch_probe=None).patch_probe is None
     assert resolve_config("cpu", patch_probe={"sizes": [3]}).patch_probe.sizes == (3,)
+    with pytest.raises(ConfigError, match="competition_synth takes synthesis settings"):
+        resolve_config("cpu", competition_synth={"images": 10})
+    with pytest.raises(ConfigError, match="competition_weight must be >= 0"):
+        resolve_config("cpu", competition_synth={"competition_weight": -1.0})
 
 
 def test_defend_sensitivity_ranks_are_measured_on_the_synthetic_images(monkeypatch):
@@ -459,6 +463,8 @@ def tiny_file(tmp_path):
     (["--ratio", "0.5"], "ratio must be > 1"),
     (["--ratio", "2", "--tau", "0"], "argument --tau: must be > 0"),
     (["--ratio", "2", "--tau", "-1"], "argument --tau: must be > 0"),
+    (["--ratio", "2", "--competition-samples", "0"], "--competition-samples must be >= 1"),
+    (["--ratio", "2", "--competition-samples", "8", "--competition-weight", "-1"], "--competition-weight must be >= 0"),
 ])
 def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -514,6 +520,14 @@ def test_defend_flags_reach_the_fine_tune_config(field, flags, expected, tiny_fi
 def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
     cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
     assert cfg.teacher_finetune == (resolve_config("cpu").teacher_finetune if expected == "preset" else expected)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], None), (["--competition-samples", "256"], {"n_samples": 256, "competition_weight": 1.0}),
+    (["--competition-samples", "64", "--competition-weight", "0"], {"n_samples": 64, "competition_weight": 0.0})])
+def test_defend_competition_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert cfg.competition_synth == expected
 
 
 @pytest.mark.parametrize("flags, expected", [([], "preset"), (["--distill-check"], "default"), (["--no-distill-check"], None)])
@@ -625,6 +639,93 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
         assert sorted(seen["labels"]) == sorted(synthetic[1].tolist())  # the class is back, as many images
         assert seen["left_out"] == (left_out if target is not None else [None])
         assert r["scan"].get("synthetic_resynthesized", 0) == r["scan"]["synthetic_excluded"]
+
+
+def test_js_divergence_is_zero_for_equal_outputs_symmetric_and_at_most_ln2():
+    a, b = torch.randn(8, 5), torch.randn(8, 5)
+    assert float(js_divergence(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(js_divergence(a, b)) == pytest.approx(float(js_divergence(b, a)), abs=1e-6)
+    p, q = a.softmax(1), b.softmax(1)
+    m = (p + q) / 2
+    by_hand = 0.5 * ((p * (p / m).log()).sum(1) + (q * (q / m).log()).sum(1)).mean()
+    assert float(js_divergence(a, b)) == pytest.approx(float(by_hand), rel=1e-5)
+    disjoint = torch.tensor([[100.0, 0.0]]), torch.tensor([[0.0, 100.0]])
+    assert float(js_divergence(*disjoint)) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    # temperature softens both distributions, so the divergence of the same logits falls
+    assert float(js_divergence(a, b, temperature=3.0)) < float(js_divergence(a, b))
+
+
+def test_balanced_labels_skip_the_excluded_class_and_stay_balanced():
+    y = balanced_labels(30, 4, torch.Generator().manual_seed(0), exclude=2)
+    assert sorted(set(y.tolist())) == [0, 1, 3] and torch.bincount(y, minlength=4).tolist() == [10, 10, 0, 10]
+    assert torch.bincount(balanced_labels(8, 4, torch.Generator().manual_seed(0))).tolist() == [2, 2, 2, 2]
+
+
+def test_competition_needs_a_student_exactly_when_its_weight_is_positive():
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="exactly when competition_weight > 0"):
+        synthesize(model, FAST_SYNTH, progress=False, student=tiny_model())
+    with pytest.raises(ConfigError, match="exactly when competition_weight > 0"):
+        synthesize(model, dataclasses.replace(FAST_SYNTH, competition_weight=1.0), progress=False)
+    with pytest.raises(ConfigError, match="competition_weight must be >= 0"):
+        SynthConfig(competition_weight=-0.5)
+
+
+def test_competition_makes_images_the_student_classifies_unlike_the_model_and_leaves_both_as_they_were():
+    torch.manual_seed(0)
+    model, student = tiny_model(), tiny_model()
+    with torch.no_grad():  # confident outputs, as a trained model's are (the tiny model's are near uniform)
+        model.linear.weight.mul_(30)
+        model.linear.bias.mul_(30)
+    student.load_state_dict(model.state_dict())
+    with torch.no_grad():  # a student that is a perturbed copy, as a compacted model is
+        for p in student.parameters():
+            p.add_(0.3 * p.std() * torch.randn_like(p))
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, student)]
+    cfg = dataclasses.replace(FAST_SYNTH, iterations=20, mixed_precision=False)
+
+    def disagreement(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(js_divergence(model.eval()(x), student.eval()(x)))
+
+    x_plain, y_plain, _ = synthesize(model, cfg, progress=False)
+    x_comp, y_comp, _ = synthesize(model, dataclasses.replace(cfg, competition_weight=10.0, competition_temperature=1.0),
+                                   progress=False, student=student)
+    assert torch.equal(y_plain, y_comp)  # the same labels: only the loss differs
+    assert disagreement(x_comp) > 1.5 * disagreement(x_plain)
+    for m, state in zip((model, student), before):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+        assert all(p.requires_grad for p in m.parameters())
+
+
+def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_suspected_class(monkeypatch):
+    import cc_core.pipeline as pipeline
+    import cc_core.scan as scan_module
+
+    seen = {}
+    real_finetune, real_synthesize = pipeline.finetune, pipeline.synthesize
+
+    def recording_finetune(model, x, y, *args, **kwargs):
+        seen["labels"] = y.tolist()
+        return real_finetune(model, x, y, *args, **kwargs)
+
+    def recording_synthesize(model, cfg, *args, student=None, **kwargs):
+        seen.setdefault("students", []).append(student is not None)
+        return real_synthesize(model, cfg, *args, student=student, **kwargs)
+
+    monkeypatch.setattr(scan_module, "flagged_target", lambda *a: 1)
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(pipeline, "synthesize", recording_synthesize)
+    synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
+    for weight in (1.0, 0.0):
+        seen.clear()
+        cfg = _tiny_cfg(teacher_finetune=None, competition_synth={"n_samples": 9, "iterations": 3,
+                                                                  "competition_weight": weight})
+        r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
+        assert seen["students"] == [weight > 0]  # the shared first round is not made again
+        first_round = [c for c in synthetic[1].tolist() if c != 1]
+        assert sorted(seen["labels"]) == sorted(first_round + [0, 0, 0, 2, 2, 2, 3, 3, 3])
+        assert r["timings_s"]["competition_synthesize"] > 0
 
 
 def test_resynthesized_class_has_its_label_and_count_and_leaves_the_model_as_it_was():
