@@ -57,6 +57,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "synthesis2": ({}, {}),  # the cpu preset as shipped
     "opt_ins": ({}, {}),
     "competition": ({}, {}),  # the cpu preset as shipped
+    "synthesis_budget": ({}, {}),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
