@@ -58,6 +58,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "opt_ins": ({}, {}),
     "competition": ({}, {}),  # the cpu preset as shipped
     "synthesis_budget": ({}, {}),
+    "averaging": ({}, {}),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
@@ -259,6 +260,14 @@ GRIDS = {
     # recover far more than as many synthetic ones, so it asks which of the two spends compute better.
     "synthesis_budget": [(f"{n} images x {it} iterations", ratio, {"synth": {"n_samples": n, "iterations": it}}, {})
                          for ratio in (2.0, 4.0) for n, it in ((1024, 200), (1024, 400), (2048, 200), (1024, 1000))],
+    # The fine-tuned student's weights averaged over its steps (FinetuneConfig.ema_decay): the
+    # student fits its 921 synthetic images entirely, and an average of the late weights is a
+    # cheap way to generalize better from a small training set.
+    "averaging": [(label, ratio, {}, ft) for ratio in (2.0, 4.0) for label, ft in (
+        ("cpu preset", {}),
+        ("weights averaged, decay 0.9", {"ema_decay": 0.9}),
+        ("weights averaged, decay 0.97", {"ema_decay": 0.97}),
+        ("20 fine-tune epochs, weights averaged, decay 0.98", {"epochs": 20, "ema_decay": 0.98}))],
 }
 
 GRID_NOTES = {"oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "

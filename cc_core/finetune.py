@@ -25,6 +25,14 @@ does the same for the distillation term: the teacher's and the student's logits 
 before the softmax, so the teacher (which may still carry the backdoor, and with it a high logit for
 its target class) teaches only how the present classes rank, and the CE terms alone act on the
 left-out class.
+
+With ``ema_decay`` d > 0 the model ends with the exponential moving average of its weights over
+the fine-tune's steps instead of the last step's weights: after step t (0, 1, ...),
+theta_avg <- d_t theta_avg + (1 - d_t) theta with d_t = min(d, (1 + t) / (10 + t)), starting from
+the weights it came with. The warm-up of d_t (TensorFlow's ExponentialMovingAverage with
+num_updates) keeps those weights, which no step has trained, from weighing d^steps in the average
+of a short fine-tune. BatchNorm statistics are frozen during the fine-tune, so the averaged
+weights need no re-estimated statistics.
 """
 from __future__ import annotations
 
@@ -61,6 +69,7 @@ class FinetuneConfig:
     freeze_bn: bool = True
     augment: bool = True
     mixup_alpha: float = 0.0
+    ema_decay: float = 0.0
     mixed_precision: bool = True
     seed: int = 0
 
@@ -71,6 +80,8 @@ class FinetuneConfig:
             raise ConfigError("fine-tune loss weights must be >= 0")
         if not self.mixup_alpha >= 0:
             raise ConfigError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns weight averaging off), got {self.ema_decay!r}")
 
     @property
     def active(self) -> bool:
@@ -203,6 +214,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
     if teacher is not None:
         teacher.eval()
     history = []
+    averaged = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay else None
+    step = 0
     bar = tqdm(total=steps, desc="fine-tune", disable=not progress, file=sys.stderr, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
@@ -258,8 +271,17 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
             loss.backward()
             opt.step()
             sched.step()
+            if averaged is not None:
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1 - decay)
+            step += 1
             bar.update(1)
         history.append({"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}})
     bar.close()
+    if averaged is not None:
+        with torch.no_grad():
+            for p, avg in zip(model.parameters(), averaged):
+                p.copy_(avg)
     model.eval()
     return history

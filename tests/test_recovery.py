@@ -280,6 +280,22 @@ def test_mixup_asks_the_teacher_about_mixed_images_and_the_mixing_is_convex(alph
     assert float(seen.min()) >= 0 and float(seen.max()) <= 1  # convex combinations stay in the image range
 
 
+def test_weight_averaging_after_one_step_is_the_warmed_up_lerp_of_the_start_and_the_stepped_weights():
+    start, x, y = tiny_model(), torch.rand(16, 3, 32, 32), torch.arange(16) % 4
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=0.05, adv_weight=0.0, mixed_precision=False)
+    stepped, averaged = copy.deepcopy(start), copy.deepcopy(start)
+    finetune(stepped, x, y, cfg=cfg, progress=False)
+    finetune(averaged, x, y, cfg=dataclasses.replace(cfg, ema_decay=0.99), progress=False)
+    moved = 0
+    for p0, p1, pa in zip(start.parameters(), stepped.parameters(), averaged.parameters()):
+        torch.testing.assert_close(pa, 0.1 * p0 + 0.9 * p1)  # the first step's decay: min(0.99, 1 / 10)
+        moved += int(not torch.equal(p0, p1))
+    assert moved > 0
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="ema_decay"):
+            FinetuneConfig(ema_decay=bad)
+
+
 def test_mixup_pairs_is_a_permutation_with_a_weight_in_the_unit_interval():
     import random
     lam, partner = mixup_pairs(64, 0.4, random.Random(0), torch.Generator().manual_seed(0))
