@@ -255,11 +255,11 @@ GRIDS = {
                     for label, w in (("cpu preset", None), ("+512 plain images after compaction", 0.0),
                                      ("+512 images competing with the compact model, weight 1", 1.0),
                                      ("+512 images competing with the compact model, weight 10", 10.0))],
-    # Better synthetic images or more of them, at twice the preset's synthesis cost each, and five
-    # times the iterations as the cost of "what would close it": the oracle grid's real images
-    # recover far more than as many synthetic ones, so it asks which of the two spends compute better.
+    # Better synthetic images or more of them, at twice the preset's synthesis cost each: the oracle
+    # grid's real images recover far more than as many synthetic ones, so it asks which of the two
+    # spends compute better.
     "synthesis_budget": [(f"{n} images x {it} iterations", ratio, {"synth": {"n_samples": n, "iterations": it}}, {})
-                         for ratio in (2.0, 4.0) for n, it in ((1024, 200), (1024, 400), (2048, 200), (1024, 1000))],
+                         for ratio in (2.0, 4.0) for n, it in ((1024, 200), (1024, 400), (2048, 200))],
     # The fine-tuned student's weights averaged over its steps (FinetuneConfig.ema_decay): the
     # student fits its 921 synthetic images entirely, and an average of the late weights is a
     # cheap way to generalize better from a small training set.
