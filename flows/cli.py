@@ -298,7 +298,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
                                           "competition_weight": args.competition_weight}
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
-                            "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha}.items()
+                            "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha,
+                            "ema_decay": args.ema_decay}.items()
           if v is not None}
     for key in ("mask_left_out_class", "kd_mask_left_out_class"):
         if getattr(args, key) is not None:
@@ -570,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup-alpha", type=float,
                    help="fine-tune the synthetic CE and the distillation on mixup images, Beta(a, a) weights; "
                         "0 turns it off (default: the preset's)")
+    p.add_argument("--ema-decay", type=float,
+                   help="end the fine-tune on the moving average of the student's weights with this decay, "
+                        "in [0, 1); 0 turns it off (default: the preset's)")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
     p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
     p.add_argument("--data-dir")

@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -512,12 +513,14 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
     return seen["config"]
 
 
-def test_defend_mixup_flag(tiny_file, tmp_path, monkeypatch, capsys):
-    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
-    assert defend_config_from_cli(args, monkeypatch).finetune.mixup_alpha == resolve_config("cpu").finetune.mixup_alpha
-    assert defend_config_from_cli([*args, "--mixup-alpha", "0.4"], monkeypatch).finetune.mixup_alpha == 0.4
-    assert main(["defend", *args, "--mixup-alpha", "-1"]) == 2
-    assert "mixup_alpha must be >= 0" in capsys.readouterr().err
+@pytest.mark.parametrize("field, good, bad, message", [("mixup_alpha", "0.4", "-1", "mixup_alpha must be >= 0"),
+                                                       ("ema_decay", "0.9", "1", r"ema_decay must be in \[0, 1\)")])
+def test_defend_fine_tune_number_flags(field, good, bad, message, tiny_file, tmp_path, monkeypatch, capsys):
+    args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--{field.replace('_', '-')}"
+    assert getattr(defend_config_from_cli(args, monkeypatch).finetune, field) == getattr(resolve_config("cpu").finetune, field)
+    assert getattr(defend_config_from_cli([*args, flag, good], monkeypatch).finetune, field) == float(good)
+    assert main(["defend", *args, flag, bad]) == 2
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
 
