@@ -59,6 +59,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "competition": ({}, {}),  # the cpu preset as shipped
     "synthesis_budget": ({}, {}),
     "averaging": ({}, {}),
+    "smoothing": ({}, {}),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
@@ -268,6 +269,13 @@ GRIDS = {
         ("weights averaged, decay 0.9", {"ema_decay": 0.9}),
         ("weights averaged, decay 0.97", {"ema_decay": 0.97}),
         ("20 fine-tune epochs, weights averaged, decay 0.98", {"epochs": 20, "ema_decay": 0.98}))],
+    # Label smoothing of the fine-tune's CE: the left-out suspected class gets s / K of every
+    # image's target instead of being pushed down on all of them (plain CE) or left alone (masked,
+    # which let the WaNet backdoor back).
+    "smoothing": [(label, ratio, {}, ft) for ratio in (2.0, 4.0) for label, ft in (
+        ("cpu preset", {}),
+        ("label smoothing 0.1", {"label_smoothing": 0.1}),
+        ("label smoothing 0.3", {"label_smoothing": 0.3}))],
 }
 
 GRID_NOTES = {"oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "

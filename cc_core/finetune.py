@@ -26,6 +26,10 @@ before the softmax, so the teacher (which may still carry the backdoor, and with
 its target class) teaches only how the present classes rank, and the CE terms alone act on the
 left-out class.
 
+``label_smoothing`` s > 0 gives every CE term smoothed targets (s / K on each class the term
+ranks, 1 - s on top for the label): a left-out class then gets a small positive target on every
+image instead of being pushed down on all of them, a middle way between the plain CE and masking.
+
 With ``ema_decay`` d > 0 the model ends with the exponential moving average of its weights over
 the fine-tune's steps instead of the last step's weights: after step t (0, 1, ...),
 theta_avg <- d_t theta_avg + (1 - d_t) theta with d_t = min(d, (1 + t) / (10 + t)), starting from
@@ -70,6 +74,7 @@ class FinetuneConfig:
     augment: bool = True
     mixup_alpha: float = 0.0
     ema_decay: float = 0.0
+    label_smoothing: float = 0.0
     mixed_precision: bool = True
     seed: int = 0
 
@@ -80,6 +85,8 @@ class FinetuneConfig:
             raise ConfigError("fine-tune loss weights must be >= 0")
         if not self.mixup_alpha >= 0:
             raise ConfigError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns weight averaging off), got {self.ema_decay!r}")
 
@@ -187,11 +194,15 @@ def student_layout(model: nn.Module, mixed_precision: bool):
     return channels_last(model)
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int | None) -> torch.Tensor:
-    """CE of (N, K) ``logits`` over the classes other than ``masked`` (plain CE when None)."""
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int | None,
+                         smoothing: float = 0.0) -> torch.Tensor:
+    """CE of (N, K) ``logits`` over the classes other than ``masked`` (plain CE when None), its
+    targets smoothed over those classes: 1 - smoothing + smoothing / K' on the label, smoothing / K'
+    on each other class, K' the number of classes it ranks."""
     if masked is not None:
-        logits = logits.index_fill(1, torch.tensor([masked], device=logits.device), float("-inf"))
-    return F.cross_entropy(logits, labels)
+        others = torch.tensor([c for c in range(logits.shape[1]) if c != masked], device=logits.device)
+        logits, labels = logits.index_select(1, others), labels - (labels > masked).long()
+    return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 def mixup_pairs(n: int, alpha: float, rng: random.Random, generator: torch.Generator) -> tuple[float, torch.Tensor]:
@@ -245,17 +256,17 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                     with torch.no_grad():
                         target = teacher(xs).float()
             if cfg.synth_weight:
-                term = masked_cross_entropy(out_s, ys, masked)
+                term = masked_cross_entropy(out_s, ys, masked, cfg.label_smoothing)
                 if mix is not None:
-                    term = lam * term + (1 - lam) * masked_cross_entropy(out_s, ys[partner], masked)
+                    term = lam * term + (1 - lam) * masked_cross_entropy(out_s, ys[partner], masked, cfg.label_smoothing)
                 sums["syn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.synth_weight * term
             if cfg.adv_weight:
-                term = masked_cross_entropy(out_a, ys, masked)
+                term = masked_cross_entropy(out_a, ys, masked, cfg.label_smoothing)
                 sums["adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.adv_weight * term
             if cfg.unlearn_weight:
-                term = masked_cross_entropy(out_t, ys, masked)
+                term = masked_cross_entropy(out_t, ys, masked, cfg.label_smoothing)
                 sums["unlearn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.unlearn_weight * term
             if cfg.kd_weight:

@@ -299,7 +299,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
                             "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha,
-                            "ema_decay": args.ema_decay}.items()
+                            "ema_decay": args.ema_decay, "label_smoothing": args.label_smoothing}.items()
           if v is not None}
     for key in ("mask_left_out_class", "kd_mask_left_out_class"):
         if getattr(args, key) is not None:
@@ -574,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float,
                    help="end the fine-tune on the moving average of the student's weights with this decay, "
                         "in [0, 1); 0 turns it off (default: the preset's)")
+    p.add_argument("--label-smoothing", type=float,
+                   help="smooth the fine-tune's CE targets by this much, in [0, 1), so a left-out class keeps "
+                        "a small target on every image (default: the preset's, 0)")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
     p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
     p.add_argument("--data-dir")

@@ -188,6 +188,18 @@ def test_masked_cross_entropy_is_cross_entropy_over_the_other_classes_and_leaves
         float(nn.functional.cross_entropy(logits, labels)))
 
 
+@pytest.mark.parametrize("masked", [None, 2])
+def test_smoothed_cross_entropy_targets_every_ranked_class(masked):
+    logits, labels, s = torch.randn(6, 4), torch.tensor([0, 1, 3, 3, 1, 0]), 0.3
+    ranked = [c for c in range(4) if c != masked]
+    target = torch.full((6, len(ranked)), s / len(ranked))
+    target[torch.arange(6), torch.tensor([ranked.index(int(v)) for v in labels])] += 1 - s
+    expected = -(target * logits[:, ranked].log_softmax(1)).sum(1).mean()
+    assert float(masked_cross_entropy(logits, labels, masked, s)) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        FinetuneConfig(label_smoothing=1.0)
+
+
 @pytest.mark.parametrize("mask", [True, False])
 def test_a_masked_left_out_class_keeps_its_classifier_row(mask):
     model = tiny_model()
@@ -514,7 +526,8 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
 
 
 @pytest.mark.parametrize("field, good, bad, message", [("mixup_alpha", "0.4", "-1", "mixup_alpha must be >= 0"),
-                                                       ("ema_decay", "0.9", "1", r"ema_decay must be in \[0, 1\)")])
+                                                       ("ema_decay", "0.9", "1", r"ema_decay must be in \[0, 1\)"),
+                                                       ("label_smoothing", "0.1", "1.5", r"label_smoothing must be in")])
 def test_defend_fine_tune_number_flags(field, good, bad, message, tiny_file, tmp_path, monkeypatch, capsys):
     args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--{field.replace('_', '-')}"
     assert getattr(defend_config_from_cli(args, monkeypatch).finetune, field) == getattr(resolve_config("cpu").finetune, field)
