@@ -59,6 +59,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "competition": ({}, {}),  # the cpu preset as shipped
     "synthesis_budget": ({}, {}),
     "averaging": ({}, {}),
+    "synthesis_long": ({}, {}),
     "smoothing": ({}, {}),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
@@ -261,6 +262,9 @@ GRIDS = {
     # spends compute better.
     "synthesis_budget": [(f"{n} images x {it} iterations", ratio, {"synth": {"n_samples": n, "iterations": it}}, {})
                          for ratio in (2.0, 4.0) for n, it in ((1024, 200), (1024, 400), (2048, 200))],
+    # The paper preset's 1000 synthesis iterations with the cpu preset's 1024 images (five times its
+    # synthesis): does the +1 point that 400 iterations gave at 4x keep growing?
+    "synthesis_long": [("1024 images x 1000 iterations", ratio, {"synth": {"iterations": 1000}}, {}) for ratio in (4.0, 2.0)],
     # The fine-tuned student's weights averaged over its steps (FinetuneConfig.ema_decay): the
     # student fits its 921 synthetic images entirely, and an average of the late weights is a
     # cheap way to generalize better from a small training set.
