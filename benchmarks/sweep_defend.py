@@ -54,13 +54,9 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
-    "synthesis2": ({}, {}),  # the cpu preset as shipped
-    "opt_ins": ({}, {}),
-    "competition": ({}, {}),  # the cpu preset as shipped
-    "synthesis_budget": ({}, {}),
-    "averaging": ({}, {}),
-    "synthesis_long": ({}, {}),
-    "smoothing": ({}, {}),
+    # the cpu preset as shipped
+    **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
+                     "smoothing"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).

@@ -205,6 +205,26 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: int
     return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
+class WeightAverage:
+    """The moving average of a model's parameters over training steps, from the weights it starts
+    with: after step t, avg <- d_t avg + (1 - d_t) theta, d_t = min(decay, (1 + t) / (10 + t))."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.averaged = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.averaged, [p.detach() for p in model.parameters()], 1 - decay)
+        self.steps += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, avg in zip(model.parameters(), self.averaged):
+            p.copy_(avg)
+
+
 def mixup_pairs(n: int, alpha: float, rng: random.Random, generator: torch.Generator) -> tuple[float, torch.Tensor]:
     """One mixing weight lam ~ Beta(alpha, alpha) and a partner index per sample: (n,) permutation."""
     return rng.betavariate(alpha, alpha), torch.randperm(n, generator=generator)
@@ -225,8 +245,11 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
     if teacher is not None:
         teacher.eval()
     history = []
-    averaged = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay else None
-    step = 0
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+
+    def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return masked_cross_entropy(logits, labels, masked, cfg.label_smoothing)
+
     bar = tqdm(total=steps, desc="fine-tune", disable=not progress, file=sys.stderr, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
@@ -256,17 +279,17 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                     with torch.no_grad():
                         target = teacher(xs).float()
             if cfg.synth_weight:
-                term = masked_cross_entropy(out_s, ys, masked, cfg.label_smoothing)
+                term = ce(out_s, ys)
                 if mix is not None:
-                    term = lam * term + (1 - lam) * masked_cross_entropy(out_s, ys[partner], masked, cfg.label_smoothing)
+                    term = lam * term + (1 - lam) * ce(out_s, ys[partner])
                 sums["syn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.synth_weight * term
             if cfg.adv_weight:
-                term = masked_cross_entropy(out_a, ys, masked, cfg.label_smoothing)
+                term = ce(out_a, ys)
                 sums["adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.adv_weight * term
             if cfg.unlearn_weight:
-                term = masked_cross_entropy(out_t, ys, masked, cfg.label_smoothing)
+                term = ce(out_t, ys)
                 sums["unlearn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.unlearn_weight * term
             if cfg.kd_weight:
@@ -282,17 +305,12 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
             loss.backward()
             opt.step()
             sched.step()
-            if averaged is not None:
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1 - decay)
-            step += 1
+            if average is not None:
+                average.update(model)
             bar.update(1)
         history.append({"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}})
     bar.close()
-    if averaged is not None:
-        with torch.no_grad():
-            for p, avg in zip(model.parameters(), averaged):
-                p.copy_(avg)
+    if average is not None:
+        average.copy_to(model)
     model.eval()
     return history
