@@ -53,7 +53,8 @@ def command(attack: str, recipe: dict = RECIPE, out: Path | str | None = None,
     if overrides is not None:
         extra = overrides
     else:
-        extra = ATTACK_OVERRIDES.get(attack.removesuffix("-a2a"), {}) if recipe is RECIPE else {}
+        same_data = recipe["dataset"] == RECIPE["dataset"]  # the overrides were set on CIFAR-10
+        extra = ATTACK_OVERRIDES.get(attack.removesuffix("-a2a"), {}) if same_data else {}
     cmd = ["cleancompact", "train-backdoor", "--arch", recipe["arch"], "--width", str(recipe["width"]),
            "--attack", attack, "--dataset", recipe["dataset"],
            "--epochs", str(extra.get("epochs", recipe["epochs"])),

@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the paper's tables on this machine (cached, resumable rows)")
     p.add_argument("action", choices=["run", "render", "list"],
                    help="run rows (then render), render benchmarks/RESULTS.md, or list rows and their state")
-    p.add_argument("--table", choices=["table2", "table4", "table5"])
+    p.add_argument("--table", choices=["table2", "table4", "table5", "width"])
     p.add_argument("--recipe")
     p.add_argument("--attacks", nargs="+")
     p.add_argument("--defenses", nargs="+", choices=["none", "anp", "clp", "cc"])

@@ -36,6 +36,10 @@ def test_zoo_commands_carry_the_attack_overrides():
     trial = flags(zoo.command("wanet", out="o", overrides={"epochs": 7, "cross_ratio": 0.5, "attack_params": {"s": 3.0}}))
     assert "--epochs 7" in trial and "--cross-ratio 0.5" in trial and "--attack-param s=3.0" in trial
     assert "--cross-ratio" not in flags(zoo.command("wanet", out="o", overrides={}))
+    # the overrides were set on CIFAR-10: they follow the dataset, not the exact recipe
+    wider = flags(zoo.command("wanet", bench.RECIPES["cifar10-resnet18-w0.5"], out="o"))
+    assert "--width 0.5" in wider and "--cross-ratio 0.5" in wider
+    assert "--cross-ratio" not in flags(zoo.command("wanet", bench.RECIPES["gtsrb-resnet18"], out="o"))
 
 
 @pytest.mark.parametrize("kwargs", [{"defense": "cc"}, {"defense": "none", "ratio": 2.0},
@@ -102,6 +106,9 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     # a row from before commit, config and precision were kept (it ran bf16 autocast)
     assert "| cifar10-resnet18-w0.25-badnet-cc-2x | - | bf16 | - |" in text
     assert "| cifar10-resnet18-w0.25-wanet-cc-2x | fp32 | 3.0 | finetune 3.0 |" in text
+    # the width section: the zoo's WaNet with its drop; the half-width model not run
+    assert ("| cifar10-resnet18-w0.25-wanet | 1,000 | not run | 82.00 / 4.00 (3.00) | not run | 3 / - |") in text
+    assert "| cifar10-resnet18-w0.5-wanet | - | not run | not run | not run | - / - |" in text
 
 
 def test_distillation_column_says_what_the_distillation_check_kept():
