@@ -197,12 +197,14 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
-def _cell(done: dict, row: Row) -> str:
+def _cell(done: dict, row: Row, with_drop: bool = False) -> str:
+    """ACC / ASR after the row's defense, and its ACC drop in points in brackets if ``with_drop``."""
     r = done.get(row.id)
     if r is None:
         return "not run"
     m = r["metrics"]
-    return f"{_pct(m['acc_after'])} / {_pct(m['asr_after'])}"
+    drop = f" ({100 * (m['acc_before'] - m['acc_after']):.2f})" if with_drop and row.defense != "none" else ""
+    return f"{_pct(m['acc_after'])} / {_pct(m['asr_after'])}{drop}"
 
 
 def _acc_asr_table(done: dict, rows: list[Row], columns: list[tuple[str, float | None]]) -> list[str]:
@@ -216,14 +218,6 @@ def _acc_asr_table(done: dict, rows: list[Row], columns: list[tuple[str, float |
 
 def _width_table(done: dict) -> list[str]:
     """WaNet at the zoo's width and at twice it: ACC / ASR (ACC drop) of C&C at 2x and 4x."""
-    def cell(row: Row) -> str:
-        r = done.get(row.id)
-        if r is None:
-            return "not run"
-        m = r["metrics"]
-        drop = "" if row.defense == "none" else f" ({100 * (m['acc_before'] - m['acc_after']):.2f})"
-        return f"{_pct(m['acc_after'])} / {_pct(m['asr_after'])}{drop}"
-
     lines = ["| model | parameters | No defense | C&C 2x (drop) | C&C 4x (drop) | C&C 2x / 4x defense s |",
              "|---|---|---|---|---|---|"]
     for recipe in ("cifar10-resnet18", "cifar10-resnet18-w0.5"):
@@ -231,7 +225,7 @@ def _width_table(done: dict) -> list[str]:
         params = next((done[r.id]["params_before"] for r in rows if r.id in done), None)
         seconds = " / ".join(f"{done[r.id]['defense_s']:.0f}" if r.id in done else "-" for r in rows[1:])
         lines.append(f"| {rows[0].model} | {'-' if params is None else f'{params:,}'} | "
-                     + " | ".join(cell(r) for r in rows) + f" | {seconds} |")
+                     + " | ".join(_cell(done, r, with_drop=True) for r in rows) + f" | {seconds} |")
     return lines
 
 
