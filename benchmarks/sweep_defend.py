@@ -52,6 +52,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     # the cpu preset as it was at 8d1d710 (warp probe on) and at c223e6d (no teacher fine-tune)
     "warp": ({"warp_probe": {}, "teacher_finetune": None}, {}),
     "teacher": ({"warp_probe": None, "teacher_finetune": None}, {}),
+    "warp_probe": ({"warp_probe": {}}, {}),  # the cpu preset as shipped, with the warp probe on
     "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
@@ -185,6 +186,9 @@ GRIDS = {
         ("warp probe, trigger channel clean, no distillation", {}, {"kd_weight": 0.0}),
         ("warp probe, trigger channel clean u 4", {"trigger_channel_u": 4.0}, {}),
         ("warp probe, trigger channel clean, suspected class kept", {"exclude_suspected_target": False}, {}))],
+    # The same on a wider model (--recipe cifar10-resnet18-w0.5): does its teacher, with the warp's
+    # channels zeroed, keep the original's classes well enough for the gate to let it teach?
+    "warp_probe": [("cpu preset + warp probe (trigger channel clean u 3, distillation when verified)", 2.0, {}, {})],
     # A teacher the gate cannot verify (WaNet: no trigger found), fine-tuned with the student's recipe
     # before the student distills from it.
     "teacher": [(label, ratio, {"kd_gate": "always", "teacher_finetune": teacher_ft}, {}) for ratio in (2.0, 4.0)
