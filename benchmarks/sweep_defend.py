@@ -325,6 +325,9 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],
                          "flip_rate": r["scan"]["flip_rate"], "all_to_all_suspected": r["scan"]["all_to_all_suspected"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
+                         "trigger": r["scan"]["trigger"], "trigger_clean": (r["channel_clean"] or {}).get("trigger"),
+                         "distilled": (r["distillation"] or {}).get("distill"),
+                         "distillation_reason": (r["distillation"] or {}).get("reason"),
                          "teacher_metrics": (r["distillation"] or {}).get("teacher_metrics"),
                          "distill_check": (r["distillation"] or {}).get("check"),
                          "seconds_excl_synthesis": r["timings_s"]["total"]})
