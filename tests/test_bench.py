@@ -127,6 +127,12 @@ def test_distillation_column_says_what_the_distillation_check_kept():
         "yes, from the teacher fine-tuned first (the probes found no trigger to verify the teacher against)")
 
 
+@pytest.mark.parametrize("table", list(bench.TABLES))
+def test_bench_cli_offers_every_table(table, capsys):
+    assert main(["bench", "list", "--table", table]) == 0
+    assert bench.TABLES[table][0].id in capsys.readouterr().out
+
+
 def test_bench_cli_refuses_filters_that_match_nothing(capsys):
     assert main(["bench", "list", "--table", "table5", "--attacks", "wanet"]) == 2
     assert "no benchmark row matches" in capsys.readouterr().err
