@@ -207,8 +207,12 @@ def _cell(done: dict, row: Row, with_drop: bool = False) -> str:
     return f"{_pct(m['acc_after'])} / {_pct(m['asr_after'])}{drop}"
 
 
+def _column_name(defense: str, ratio: float | None) -> str:
+    return "No defense" if defense == "none" else f"{defense.upper() if defense != 'cc' else 'C&C'} {ratio:g}x"
+
+
 def _acc_asr_table(done: dict, rows: list[Row], columns: list[tuple[str, float | None]]) -> list[str]:
-    head = ["No defense" if d == "none" else f"{d.upper() if d != 'cc' else 'C&C'} {r:g}x" for d, r in columns]
+    head = [_column_name(d, r) for d, r in columns]
     lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for model in dict.fromkeys((r.recipe, r.attack) for r in rows):
         cells = [_cell(done, Row(model[0], model[1], d, r)) for d, r in columns]
@@ -217,13 +221,17 @@ def _acc_asr_table(done: dict, rows: list[Row], columns: list[tuple[str, float |
 
 
 def _width_table(done: dict) -> list[str]:
-    """WaNet at the zoo's width and at twice it: ACC / ASR (ACC drop) of C&C at 2x and 4x."""
-    lines = ["| model | parameters | No defense | C&C 2x (drop) | C&C 4x (drop) | C&C 2x / 4x defense s |",
-             "|---|---|---|---|---|---|"]
-    for recipe in ("cifar10-resnet18", "cifar10-resnet18-w0.5"):
-        rows = [Row(recipe, "wanet", d, r) for d, r in (("none", None), ("cc", 2.0), ("cc", 4.0))]
+    """The `width` table's rows beside the same attack and defenses on the zoo's own recipe: parameters,
+    ACC / ASR (ACC drop) and each C&C row's defense seconds."""
+    wide = TABLES["width"]
+    columns = [(r.defense, r.ratio) for r in wide]
+    head = [_column_name(d, r) + ("" if d == "none" else " (drop)") for d, r in columns]
+    ratios = " / ".join(f"{r:g}x" for d, r in columns if d != "none")
+    lines = ["| model | parameters | " + " | ".join(head) + f" | C&C {ratios} defense s |", "|---" * (len(head) + 3) + "|"]
+    for recipe in ("cifar10-resnet18", wide[0].recipe):
+        rows = [Row(recipe, wide[0].attack, d, r) for d, r in columns]
         params = next((done[r.id]["params_before"] for r in rows if r.id in done), None)
-        seconds = " / ".join(f"{done[r.id]['defense_s']:.0f}" if r.id in done else "-" for r in rows[1:])
+        seconds = " / ".join(f"{done[r.id]['defense_s']:.0f}" if r.id in done else "-" for r in rows if r.defense != "none")
         lines.append(f"| {rows[0].model} | {'-' if params is None else f'{params:,}'} | "
                      + " | ".join(_cell(done, r, with_drop=True) for r in rows) + f" | {seconds} |")
     return lines

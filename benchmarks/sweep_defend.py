@@ -317,6 +317,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
             result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                             log=lambda *a: None, synthetic=(x, y))
             r = result.report
+            distillation = r["distillation"] or {}
             rows.append({"model": name, "ratio": ratio, "setting": label,
                          "overrides": base | overrides | {"compact": compact}, "finetune": base_ft | ft,
                          "channel_u": cfg.channel_u, "channel_mode": cfg.channel_mode, "tau": cfg.tau, "normalizer": cfg.normalizer,
@@ -325,11 +326,9 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],
                          "flip_rate": r["scan"]["flip_rate"], "all_to_all_suspected": r["scan"]["all_to_all_suspected"],
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
-                         "trigger": r["scan"]["trigger"], "trigger_clean": (r["channel_clean"] or {}).get("trigger"),
-                         "distilled": (r["distillation"] or {}).get("distill"),
-                         "distillation_reason": (r["distillation"] or {}).get("reason"),
-                         "teacher_metrics": (r["distillation"] or {}).get("teacher_metrics"),
-                         "distill_check": (r["distillation"] or {}).get("check"),
+                         "trigger": r["scan"]["trigger"], "trigger_clean": r["channel_clean"].get("trigger"),
+                         "distilled": distillation.get("distill"), "distillation_reason": distillation.get("reason"),
+                         "teacher_metrics": distillation.get("teacher_metrics"), "distill_check": distillation.get("check"),
                          "seconds_excl_synthesis": r["timings_s"]["total"]})
             m = r["metrics"]
             print(f"{name} {ratio}x {label}: ACC {m['acc_after']:.4f} ASR {m['asr_after']:.4f} "
