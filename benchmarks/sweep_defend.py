@@ -11,18 +11,23 @@ differ only in what they vary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from benchmarks.bench import RECIPES, distill_check_flips
+from benchmarks.blend_probe import true_blend
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import ImageData, load_dataset, normalize
 from cc_core.io import load_model
+from cc_core import pipeline
 from cc_core.pipeline import PRESETS, defend, resolve_config
+from cc_core.scan import BlendProbeConfig, trigger_report
 from cc_core.synth import SynthConfig
 
 COMMAND = "python -m benchmarks.sweep_defend"
@@ -57,13 +62,14 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing"), ({}, {})),
+                     "smoothing", "blend"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
 BASES = {grid: (base | {"distill_check": None}, ft) for grid, (base, ft) in BASES.items()}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
+TRUE_TRIGGER = "true trigger"  # a row's extra: the attack's own trigger stands in for the probes' (Blended only)
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -280,11 +286,38 @@ GRIDS = {
         ("cpu preset", {}),
         ("label smoothing 0.1", {"label_smoothing": 0.1}),
         ("label smoothing 0.3", {"label_smoothing": 0.3}))],
+    # The blend probe (off in the preset) on the Blended models, whose ASR the shipped preset leaves
+    # above 5%: no stamp or field fires there, so nothing is trigger-cleaned, unlearned as a trigger
+    # or lets the teacher be verified. The last row is the ceiling: the attack's own pattern handed
+    # to the pipeline as the probes' firing trigger.
+    "blend": [(label, ratio, overrides, {}, *extra) for ratio in (2.0, 4.0) for label, overrides, *extra in (
+        ("cpu preset", {}),
+        ("blend probe on", {"blend_probe": {}}),
+        ("the true blend trigger as the probes' (oracle)", {}, TRUE_TRIGGER))],
 }
 
-GRID_NOTES = {"oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "
+GRID_NOTES = {"blend": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "
+                       "pattern as if a probe had found it (measured on the model and the synthetic images as a probe's "
+                       "trigger is), to bound what a blend probe could give.",
+              "oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "
                         "seeded subset) in place of the synthetic ones, to measure how much of the ACC drop comes "
                         "from the synthetic data and how much from compression itself."}
+
+
+@contextlib.contextmanager
+def true_trigger_probe(attack):
+    """Within: defend's trigger probes report ``attack``'s own blend pattern as the firing trigger,
+    measured on the model and the synthetic images as blend_probe measures its patterns."""
+    real = true_blend(attack)
+    if real is None:
+        raise ValueError(f"the true-trigger rows need a Blended attack, got {attack.label if attack else None}")
+
+    def probe(model, x, cfg):
+        found = trigger_report(model, x, real, BlendProbeConfig().n)
+        return {"patch": None, "warp": None, "blend": found, "trigger": found}
+
+    with mock.patch.object(pipeline, "probe_triggers", probe):
+        yield
 
 
 def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
@@ -299,7 +332,8 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
         base, base_ft = BASES[grid]
         synthetic = {}  # synthesis config -> (label, x, y, seconds): loaded once per model
         real = {}  # number of real training images -> (x, y), for the oracle grid
-        for label, ratio, overrides, ft, *n_real in GRIDS[grid]:
+        for label, ratio, overrides, ft, *extra in GRIDS[grid]:
+            n_real = [e for e in extra if isinstance(e, int)]
             compact = base.get("compact", {}) | overrides.get("compact", {})
             cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
                                  **(base | overrides | {"compact": compact}))
@@ -314,8 +348,9 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                         train = load_dataset(recipe["dataset"], "train")
                     real[n_real[0]] = real_images(train, n_real[0], model.cc_spec)
                 x, y = real[n_real[0]]
-            result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
-                            log=lambda *a: None, synthetic=(x, y))
+            with true_trigger_probe(attack) if TRUE_TRIGGER in extra else contextlib.nullcontext():
+                result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
+                                log=lambda *a: None, synthetic=(x, y))
             r = result.report
             distillation = r["distillation"] or {}
             rows.append({"model": name, "ratio": ratio, "setting": label,

@@ -27,9 +27,10 @@ from cc_core.finetune import FinetuneConfig, finetune
 from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import (RESIDUAL_FLIP, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
+from cc_core.scan import (RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
                           all_to_all_suspected, apply_found_trigger, flip_report, found_trigger, histogram_report, patch_probe,
-                          patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
+                          patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe,
+                          blend_probe)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -137,6 +138,11 @@ class DefendConfig:
     # already removes that backdoor: 2.29 / 1.59%), and its teacher fails the gate's fidelity bar
     # (benchmarks/results/warp_probe_bench.md, sweep_defend_warp.md). `scan` keeps it on.
     warp_probe: WarpProbeConfig | None = None
+    # The scan's blend probe (cc_core.scan.blend_probe; None: off), run when neither a stamp nor a
+    # field fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images
+    # into one class (or each class to its own) is a blend trigger (Blended), used as a firing
+    # stamp is.
+    blend_probe: BlendProbeConfig | None = None
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
     # teacher: "always", or "verified": only when a probe found a trigger and it flips <
@@ -169,6 +175,8 @@ class DefendConfig:
             object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
         if isinstance(self.warp_probe, dict):
             object.__setattr__(self, "warp_probe", WarpProbeConfig(**self.warp_probe))
+        if isinstance(self.blend_probe, dict):
+            object.__setattr__(self, "blend_probe", BlendProbeConfig(**self.blend_probe))
         object.__setattr__(self, "distill_check", check_inversion(self.distill_check))
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
@@ -211,9 +219,10 @@ class DefendConfig:
         if self.trigger_channel_u is not None:
             if not self.trigger_channel_u > 0:
                 raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
-            if (self.patch_probe is None and self.warp_probe is None) or self.synth_model != "original":
+            probes = (self.patch_probe, self.warp_probe, self.blend_probe)
+            if all(probe is None for probe in probes) or self.synth_model != "original":
                 raise ConfigError("trigger_channel_u needs a trigger probe and synthetic images made before compaction "
-                                  "(patch_probe or warp_probe set, synth_model='original')")
+                                  "(patch_probe, warp_probe or blend_probe set, synth_model='original')")
 
     @property
     def needs_calibration(self) -> bool:
@@ -223,7 +232,7 @@ class DefendConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
-        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe", "distill_check"):
+        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe", "blend_probe", "distill_check"):
             if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         if "compact" in changes:
@@ -525,13 +534,16 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
 
 
 def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:
-    """{"patch": the patch probe's report, "warp": the warp probe's, "trigger": the one that fires
-    (found_trigger; None when neither)} of ``model`` on synthetic images ``x``; a probe that is off
-    (``cfg``) gives None, and the warp probe runs only when no stamp fires (the stamp comes first)."""
+    """{"patch": the patch probe's report, "warp": the warp probe's, "blend": the blend probe's,
+    "trigger": the one that fires (found_trigger; None when none)} of ``model`` on synthetic images
+    ``x``; a probe that is off (``cfg``) gives None, and each runs only when none before it fired
+    (the stamp comes first, then the field, then the pattern)."""
     patch = patch_probe(model, x, cfg.patch_probe) if cfg.patch_probe is not None else None
     run_warp = cfg.warp_probe is not None and not patch_score(patch)
     warp = warp_probe(model, x, cfg.warp_probe) if run_warp else None
-    return {"patch": patch, "warp": warp, "trigger": found_trigger(patch, warp)}
+    run_blend = cfg.blend_probe is not None and found_trigger(patch, warp) is None
+    blend = blend_probe(model, x, cfg.blend_probe) if run_blend else None
+    return {"patch": patch, "warp": warp, "blend": blend, "trigger": found_trigger(patch, warp, blend)}
 
 
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,
@@ -591,8 +603,9 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     return suspicion["adversarial"], summary, unlearn
 
 
-# What the report keeps of a probe's firing trigger: enough to apply it again (stamp or field) and its statistics.
-TRIGGER_RECORD_KEYS = ("kind", "row", "col", "size", "value", "shift", "pull_class", "max_shift_used", "n", "flip_rate",
+# What the report keeps of a probe's firing trigger: enough to apply it again (stamp, field or pattern) and its statistics.
+TRIGGER_RECORD_KEYS = ("kind", "row", "col", "size", "value", "shift", "pattern", "alpha", "pull_class", "max_shift_used", "n",
+                       "flip_rate",
                        "target_class_estimate", "concentration", "mapping_consistency")
 
 

@@ -74,6 +74,7 @@ PATCH_THRESHOLD = 0.5
 # (benchmarks/results/warp_probe_bench.md), 12-17% on the scan's cheaper images, a clean model's
 # 3-8% (benchmarks/results/scan.md): on the scan's images it stays below this.
 WARP_THRESHOLD = 0.25
+BLEND_THRESHOLD = 0.5
 # A found stamp still "fires" on a cleaned or compacted model when it flips this many synthetic
 # images: the demo's BadNet model, 94% before, 23% after the channel clean (real ASR 51.6%), 17%
 # after compaction; a model without a backdoor, 3% for its best stamp.
@@ -406,14 +407,27 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
             "n_stamps": len(stamps)}
 
 
-@torch.no_grad()
 def trigger_flip_rate(model: nn.Module, x: torch.Tensor, found: dict, n: int = 64) -> float:
     """The fraction of the first ``n`` images of ``x`` (normalized) whose prediction the probe's
-    trigger ``found`` (a patch_probe or warp_probe result) changes under ``model``: does the found
+    trigger ``found`` (a patch, warp or blend probe result) changes under ``model``: does the found
     trigger still fire?"""
+    return trigger_report(model, x, found, n)["flip_rate"]
+
+
+@torch.no_grad()
+def trigger_report(model: nn.Module, x: torch.Tensor, trigger: dict, n: int = 64) -> dict:
+    """``trigger`` (what apply_found_trigger applies: a stamp, field or pattern) with the statistics
+    a probe reports for its best trigger, on the first ``n`` images of ``x`` (normalized):
+    ``flip_rate``, ``histogram``, ``concentration``, ``target_class_estimate``,
+    ``mapping_consistency``, ``pull_class`` (None) and ``n``."""
     x = x[:n].detach()
-    triggered = apply_found_trigger(x, found, model.cc_spec)
-    return float((predictions(model, triggered) != predictions(model, x)).float().mean())
+    before = predictions(model, x).cpu()
+    after = predictions(model, apply_found_trigger(x, trigger, model.cc_spec)).cpu()
+    n_classes = model.cc_spec.num_classes
+    hist = torch.bincount(after, minlength=n_classes)
+    return trigger | {"pull_class": None, "flip_rate": float((after != before).float().mean()), "histogram": hist.tolist(),
+                      "concentration": concentration(hist), "target_class_estimate": int(hist.argmax()),
+                      "mapping_consistency": mapping_consistency(before, after, n_classes), "n": len(x)}
 
 
 @dataclass(frozen=True)
@@ -468,13 +482,66 @@ def warp_images(x: torch.Tensor, shift: torch.Tensor, spec) -> torch.Tensor:
     return (warp_pixels(pix, shift[None].to(x.device, x.dtype)) - mean) / std
 
 
-def _warp_margins(logits: torch.Tensor, classes: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
+def _pull_margins(logits: torch.Tensor, classes: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
     """Per image: for a pull, the runner-up's logit margin over ``classes`` (the image's target:
     falls as it moves in); for a push (``pull`` False, ``classes`` its own class), the class's
     margin over the runner-up (falls as it moves out)."""
     own = logits.gather(1, classes[:, None]).squeeze(1)
     other = logits.scatter(1, classes[:, None], float("-inf")).amax(1)
     return torch.where(pull, other - own, own - other)
+
+
+def _pull_push_probe(model: nn.Module, x: torch.Tensor, theta: torch.Tensor, transform, n: int, steps: int,
+                     lr: float, batch_size: int, margin: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimization warp_probe and blend_probe share: ``theta`` (C + 1, ...) holds one trigger
+    per class pulling the first ``n`` images of ``x`` (normalized) into it (those already in it left
+    out) and one pushing them out of their own class; ``transform(pix, theta)`` applies each to pixel
+    images (N, C, H, W) -> (T * N, C, H, W), trigger-major. ``steps`` Adam steps (``lr``) on batches of
+    ``batch_size``, margins floored at ``-margin``. Returns the model's predictions (N,) on the
+    images and (C + 1, N) on them under each optimized trigger; ``theta`` is optimized in place."""
+    spec, n_classes = model.cc_spec, model.cc_spec.num_classes
+    pix, mean, std = _to_pixels(x[:n].detach(), spec.mean, spec.std)
+    n, fields = len(pix), len(theta)
+    before = predictions(model, x[:n]).to(pix.device)
+    theta.requires_grad_(True)
+    pull = torch.arange(fields, device=pix.device) < n_classes
+    opt = torch.optim.Adam([theta], lr=lr)
+    with eval_mode(model, freeze=True), channels_last(model):
+        for _ in range(steps):
+            idx = torch.randperm(n, generator=gen)[:batch_size].to(pix.device)
+            b = len(idx)
+            classes = torch.where(pull[:, None], torch.arange(fields, device=pix.device)[:, None].clamp_max(n_classes - 1),
+                                  before[idx][None]).reshape(-1)
+            eligible = (~pull[:, None] | (before[idx][None] != torch.arange(fields, device=pix.device)[:, None])).reshape(-1)
+            logits = model((transform(pix[idx], theta) - mean) / std).float()
+            margins = _pull_margins(logits, classes, pull[:, None].expand(fields, b).reshape(-1)).clamp_min(-margin)
+            loss = (margins * eligible).view(fields, b).sum(1) / eligible.view(fields, b).sum(1).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+        theta.requires_grad_(False)
+        with torch.no_grad():
+            after = torch.cat([predictions(model, (transform(pix, theta[i:i + 1]) - mean) / std)[None]
+                               for i in range(fields)]).cpu()
+    return before.cpu(), after
+
+
+def _probe_report(kind: str, before: torch.Tensor, after: torch.Tensor, n_classes: int) -> tuple[int, dict]:
+    """The index of the trigger of ``after`` (C + 1, N predictions; the last pushes) that changes
+    the most predictions ``before`` (N,), and its report: ``kind``, ``pull_class`` (None for the
+    push), ``flip_rate``, ``histogram`` / ``concentration`` / ``target_class_estimate`` /
+    ``mapping_consistency`` as the patch probe gives them, ``class_rates`` (each pull trigger's rate
+    of moving images into its class), ``push_flip_rate`` and ``n``."""
+    flips = (after != before[None]).float().mean(1)
+    class_rates = [float(((after[c] == c) & (before != c)).sum() / max(int((before != c).sum()), 1))
+                   for c in range(n_classes)]
+    best = int(flips.argmax())
+    hist = torch.bincount(after[best], minlength=n_classes)
+    return best, {"kind": kind, "pull_class": best if best < n_classes else None,
+                  "flip_rate": float(flips[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
+                  "target_class_estimate": int(hist.argmax()),
+                  "mapping_consistency": mapping_consistency(before, after[best], n_classes),
+                  "class_rates": class_rates, "push_flip_rate": float(flips[-1]), "n": len(before)}
 
 
 def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpProbeConfig()) -> dict:
@@ -494,44 +561,89 @@ def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpPro
     field into its target class moves 25% of 64 synthetic images (1024 x 200 iterations), and
     12-17% of the scan's (256 x 100), a clean model's best field 3-8% (benchmarks/results/
     warp_probe_bench.md, scan.md)."""
-    spec, n_classes = model.cc_spec, model.cc_spec.num_classes
-    pix, mean, std = _to_pixels(x[:cfg.n].detach(), spec.mean, spec.std)
-    n = len(pix)
-    before = predictions(model, x[:n]).to(pix.device)
+    n_classes = model.cc_spec.num_classes
     gen = torch.Generator().manual_seed(cfg.seed)
-    fields = n_classes + 1
-    theta = (0.1 * torch.randn(fields, 2, cfg.grid, cfg.grid, generator=gen)).to(pix.device).requires_grad_(True)
-    pull = torch.arange(fields, device=pix.device) < n_classes
-    opt = torch.optim.Adam([theta], lr=cfg.lr)
-    with eval_mode(model, freeze=True), channels_last(model):
-        for _ in range(cfg.steps):
-            idx = torch.randperm(n, generator=gen)[:cfg.batch_size].to(pix.device)
-            b = len(idx)
-            classes = torch.where(pull[:, None], torch.arange(fields, device=pix.device)[:, None].clamp_max(n_classes - 1),
-                                  before[idx][None]).reshape(-1)
-            eligible = (~pull[:, None] | (before[idx][None] != torch.arange(fields, device=pix.device)[:, None])).reshape(-1)
-            logits = model((warp_pixels(pix[idx], cfg.max_shift * torch.tanh(theta)) - mean) / std).float()
-            margins = _warp_margins(logits, classes, pull[:, None].expand(fields, b).reshape(-1)).clamp_min(-cfg.margin)
-            loss = (margins * eligible).view(fields, b).sum(1) / eligible.view(fields, b).sum(1).clamp_min(1)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
-        with torch.no_grad():
-            shift = cfg.max_shift * torch.tanh(theta)
-            after = torch.cat([predictions(model, (warp_pixels(pix, shift[i:i + 1]) - mean) / std)[None]
-                               for i in range(fields)]).cpu()
-    before = before.cpu()
-    flips = (after != before[None]).float().mean(1)
-    class_rates = [float(((after[c] == c) & (before != c)).sum() / max(int((before != c).sum()), 1))
-                   for c in range(n_classes)]
-    best = int(flips.argmax())
-    hist = torch.bincount(after[best], minlength=n_classes)
-    return {"kind": "warp", "shift": shift[best].cpu().tolist(), "pull_class": best if best < n_classes else None,
-            "flip_rate": float(flips[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
-            "target_class_estimate": int(hist.argmax()),
-            "mapping_consistency": mapping_consistency(before, after[best], n_classes),
-            "class_rates": class_rates, "push_flip_rate": float(flips[-1]),
-            "max_shift_used": float(shift[best].abs().max()), "n": n}
+    theta = (0.1 * torch.randn(n_classes + 1, 2, cfg.grid, cfg.grid, generator=gen)).to(x.device)
+    before, after = _pull_push_probe(model, x, theta, lambda pix, t: warp_pixels(pix, cfg.max_shift * torch.tanh(t)),
+                                     cfg.n, cfg.steps, cfg.lr, cfg.batch_size, cfg.margin, gen)
+    best, report = _probe_report("warp", before, after, n_classes)
+    shift = cfg.max_shift * torch.tanh(theta[best])
+    return report | {"shift": shift.cpu().tolist(), "max_shift_used": float(shift.abs().max())}
+
+
+@dataclass(frozen=True)
+class BlendProbeConfig:
+    """The blend probe: a pattern (``grid`` x ``grid`` control values a channel, squashed to [0, 1]
+    by a sigmoid and upsampled bicubic to the image) blended into the images at opacity ``alpha``,
+    optimized as the warp probe's fields are (``steps`` Adam steps at ``lr`` on batches of
+    ``batch_size`` of the first ``n`` synthetic images, margins floored at ``margin``): one pattern
+    per class pulling the images into it and one pushing them out of their own."""
+
+    alpha: float = 0.2
+    grid: int = 8
+    steps: int = 100
+    lr: float = 0.1
+    n: int = 64
+    batch_size: int = 32
+    margin: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "blend probe", ("grid",), 2)
+        require_at_least(self, "blend probe", ("steps", "n", "batch_size"))
+        require_positive(self, "blend probe", ("alpha", "lr", "margin"))
+        if self.alpha >= 1:
+            raise ConfigError(f"blend probe alpha must be < 1 (the opacity of the pattern), got {self.alpha}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def blend_pattern(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Patterns (T, C, H, W) in [0, 1] from control values ``control`` (T, C, k, k) in [0, 1],
+    upsampled bicubic (the identity at k = H = W)."""
+    return F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True).clamp(0, 1)
+
+
+def blend_pixels(pix: torch.Tensor, control: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Pixel images ``pix`` (N, C, H, W) blended with each pattern of ``control`` (T, C, k, k) at
+    opacity ``alpha``, (1 - alpha) x + alpha p: (T * N, C, H, W), pattern-major."""
+    t, (n, c, h, w) = len(control), pix.shape
+    pattern = blend_pattern(control, h, w)
+    return ((1 - alpha) * pix[None] + alpha * pattern[:, None]).reshape(t * n, c, h, w)
+
+
+def blend_images(x: torch.Tensor, control: torch.Tensor, alpha: float, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) blended with one pattern ``control`` (C, k, k) at ``alpha``."""
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    return (blend_pixels(pix, control[None].to(x.device, x.dtype), alpha) - mean) / std
+
+
+def blend_probe(model: nn.Module, x: torch.Tensor, cfg: BlendProbeConfig = BlendProbeConfig()) -> dict:
+    """The smooth pattern that, blended in at ``cfg.alpha``, changes the most predictions on
+    synthetic images ``x`` (N, C, H, W, normalized): one pattern per class pulling the first
+    ``cfg.n`` images into that class and one pushing them out of their own, optimized together.
+
+    Returns the best pattern: ``kind`` "blend", ``pattern`` (C, k, k control values in [0, 1], as
+    nested lists), ``alpha``, and the statistics warp_probe gives (``pull_class``, ``flip_rate``,
+    ``histogram``, ``concentration``, ``target_class_estimate``, ``mapping_consistency``,
+    ``class_rates``, ``push_flip_rate``, ``n``).
+
+    A blend trigger (Blended) is a fixed image mixed into every input at a low opacity: dense and
+    smooth, so neither the sparse additive inversions nor the patch probe express it, and unlike
+    the universal inversion's delta it moves each pixel towards the pattern, not by a fixed step."""
+    n_classes, channels = model.cc_spec.num_classes, x.shape[1]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    theta = torch.randn(n_classes + 1, channels, cfg.grid, cfg.grid, generator=gen).to(x.device)
+    before, after = _pull_push_probe(model, x, theta, lambda pix, t: blend_pixels(pix, torch.sigmoid(t), cfg.alpha),
+                                     cfg.n, cfg.steps, cfg.lr, cfg.batch_size, cfg.margin, gen)
+    best, report = _probe_report("blend", before, after, n_classes)
+    return report | {"pattern": torch.sigmoid(theta[best]).cpu().tolist(), "alpha": cfg.alpha}
+
+
+def blend_score(probe: dict | None) -> float:
+    """The blend probe's risk signal: its best pattern's flip rate once it reaches BLEND_THRESHOLD, else 0."""
+    return probe["flip_rate"] if probe is not None and probe["flip_rate"] >= BLEND_THRESHOLD else 0.0
 
 
 def warp_score(probe: dict | None) -> float:
@@ -540,31 +652,38 @@ def warp_score(probe: dict | None) -> float:
 
 
 def trigger_score(found: dict | None) -> float:
-    """The risk signal of a probe's report: patch_score for a stamp, warp_score for a warp."""
+    """The risk signal of a probe's report: patch_score for a stamp, warp_score for a warp,
+    blend_score for a blend."""
     if found is None:
         return 0.0
-    return warp_score(found) if found.get("kind") == "warp" else patch_score(found)
+    return {"warp": warp_score, "blend": blend_score}.get(found.get("kind"), patch_score)(found)
 
 
-def found_trigger(patch: dict | None, warp: dict | None) -> dict | None:
+def found_trigger(patch: dict | None, warp: dict | None, blend: dict | None = None) -> dict | None:
     """The probe report of the trigger that fires: the patch probe's stamp when it fires, else the
-    warp probe's field when it fires, else None."""
-    return next((found for found in (patch, warp) if trigger_score(found)), None)
+    warp probe's field, else the blend probe's pattern, else None."""
+    return next((found for found in (patch, warp, blend) if trigger_score(found)), None)
 
 
 def apply_found_trigger(x: torch.Tensor, found: dict, spec) -> torch.Tensor:
-    """Normalized images ``x`` (N, C, H, W) with a probe's trigger applied: its stamp painted on, or
-    its field's warp."""
+    """Normalized images ``x`` (N, C, H, W) with a probe's trigger applied: its stamp painted on,
+    its field's warp, or its pattern blended in."""
     if found.get("kind") == "warp":
         return warp_images(x, torch.tensor(found["shift"]), spec)
+    if found.get("kind") == "blend":
+        return blend_images(x, torch.tensor(found["pattern"]), found["alpha"], spec)
     return add_pixel_delta(x, stamp_delta(found, tuple(x.shape[1:])), spec)
 
 
 def trigger_text(found: dict) -> str:
-    """A probe's trigger in words: '3x3 white at (29, 29)' or 'a 4x4-point warp (max 0.62 px)'."""
+    """A probe's trigger in words: '3x3 white at (29, 29)', 'a 4x4-point warp (max 0.62 px)' or
+    'a pattern of 8x8 points blended at 0.20'."""
     if found.get("kind") == "warp":
         k = len(found["shift"][0])
         return f"a {k}x{k}-point warp (max {found['max_shift_used']:.2f} px)"
+    if found.get("kind") == "blend":
+        k = len(found["pattern"][0])
+        return f"a pattern of {k}x{k} points blended at {found['alpha']:.2f}"
     return stamp_text(found)
 
 

@@ -1160,6 +1160,77 @@ def test_warp_probe_finds_a_planted_warp_and_its_class_and_nothing_on_a_clean_mo
     assert info["kind"] == "warp" and info["trigger_flip_rate"] == pytest.approx(found["flip_rate"]) and info["n_pruned"] == 0
 
 
+class PlantedBlend(nn.Module):
+    """A classifier with a planted blend trigger, on plain-colour images (``_colour_images``).
+    Clean logits: 10 x one-hot of the brightest colour channel (a margin of 0.6 a blend at 0.2
+    cannot undo). With the trigger: the images' correlation with a smooth pattern (a horizontal
+    cosine) pushes the logits to class 0 once it passes 0.05, which only a pattern like it
+    blended in reaches."""
+
+    def __init__(self, trigger: bool = True) -> None:
+        from cc_core.models.registry import ModelSpec
+
+        super().__init__()
+        self.trigger = trigger
+        self.cc_spec = ModelSpec(arch="planted", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+        self.register_buffer("pattern", 0.5 * torch.cos(2 * torch.pi * torch.arange(32.0) / 32).expand(32, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * 0.25 + 0.5
+        logits = 10 * nn.functional.one_hot(pixels.detach().mean(dim=(2, 3)).argmax(1), 3).float()
+        centred = pixels.mean(1) - pixels.mean(dim=(1, 2, 3))[:, None, None]
+        match = (centred * self.pattern).sum(dim=(1, 2)) / (self.pattern * self.pattern).sum()
+        if not self.trigger:
+            return logits + 0 * match[:, None]
+        return logits + 40 * torch.sigmoid((match - 0.05) * 50)[:, None] * nn.functional.one_hot(torch.tensor(0), 3)
+
+
+def _colour_images(n: int) -> torch.Tensor:
+    """(n, 3, 32, 32) normalized plain images: one channel at 0.8, the others at 0.2, in turn."""
+    pixels = torch.full((n, 3, 32, 32), 0.2)
+    pixels[torch.arange(n), torch.arange(n) % 3] = 0.8
+    return (pixels - 0.5) / 0.25
+
+
+def test_blend_pixels_mix_each_pattern_in_at_alpha_and_a_full_resolution_pattern_is_kept_as_is():
+    from cc_core.scan import blend_pattern, blend_pixels
+
+    pix, control = torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    assert torch.allclose(blend_pattern(control, 16, 16), control, atol=1e-6)
+    mixed = blend_pixels(pix, control, 0.25).view(3, 2, 3, 16, 16)
+    assert torch.allclose(mixed, 0.75 * pix[None] + 0.25 * control[:, None], atol=1e-6)
+    flat = blend_pattern(torch.full((1, 3, 4, 4), 0.3), 16, 16)
+    assert flat.shape == (1, 3, 16, 16) and torch.allclose(flat, torch.full_like(flat, 0.3), atol=1e-6)
+
+
+def test_blend_probe_finds_a_planted_blend_and_its_class_and_nothing_on_a_clean_model():
+    from cc_core.pipeline import trigger_clean
+    from cc_core.scan import (BlendProbeConfig, apply_found_trigger, blend_probe, blend_score, found_trigger,
+                              trigger_flip_rate, trigger_text)
+
+    x = _colour_images(48)
+    cfg = BlendProbeConfig(steps=40, n=48, batch_size=16)
+    model = PlantedBlend().eval()
+    before = model(x).argmax(1)
+    found = blend_probe(model, x, cfg)
+    assert found["kind"] == "blend" and found["target_class_estimate"] == 0 and found["class_rates"][0] > 0.9
+    assert found["flip_rate"] == pytest.approx(float((before != 0).float().mean()), abs=0.05)
+    pattern = torch.tensor(found["pattern"])
+    assert pattern.shape == (3, cfg.grid, cfg.grid) and 0 <= pattern.min() and pattern.max() <= 1
+    assert blend_score(found) == found["flip_rate"] and found_trigger(None, None, found) is found
+    assert trigger_flip_rate(model, x, found, cfg.n) == pytest.approx(found["flip_rate"])
+    assert trigger_text(found) == "a pattern of 8x8 points blended at 0.20"
+    pixels = apply_found_trigger(x, found, model.cc_spec) * 0.25 + 0.5
+    assert torch.allclose(pixels.mean(dim=(2, 3)), 0.8 * (x * 0.25 + 0.5).mean(dim=(2, 3)) + 0.2 * pattern.mean(dim=(1, 2)),
+                          atol=0.02)  # a blend at 0.2 keeps 80% of each image
+    clean = blend_probe(PlantedBlend(trigger=False).eval(), x, cfg)
+    assert clean["flip_rate"] < 0.1 and blend_score(clean) == 0.0 and found_trigger(None, None, clean) is None
+    _, info = trigger_clean(model, x, found, resolve_config("cpu", blend_probe={}))
+    assert info["kind"] == "blend" and info["trigger_flip_rate"] == pytest.approx(found["flip_rate"]) and info["n_pruned"] == 0
+    with pytest.raises(ConfigError, match="blend probe alpha must be < 1"):
+        resolve_config("cpu", blend_probe={"alpha": 1.0})
+
+
 def test_distill_check_keeps_the_distilled_student_unless_the_inversion_flips_more_on_it(monkeypatch):
     import cc_core.pipeline as pipeline
 
