@@ -25,7 +25,7 @@ from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import ImageData, load_dataset, normalize
 from cc_core.io import load_model
-from cc_core import pipeline
+from cc_core import pipeline, scan
 from cc_core.pipeline import PRESETS, defend, resolve_config
 from cc_core.scan import BlendProbeConfig, trigger_report
 from cc_core.synth import SynthConfig
@@ -62,7 +62,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend"), ({}, {})),
+                     "smoothing", "blend", "blend_oracle"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
@@ -286,17 +286,21 @@ GRIDS = {
         ("cpu preset", {}),
         ("label smoothing 0.1", {"label_smoothing": 0.1}),
         ("label smoothing 0.3", {"label_smoothing": 0.3}))],
-    # The blend probe (off in the preset) on the Blended models, whose ASR the shipped preset leaves
+    # The blend probe (off in the preset) on the Blended model, whose ASR the shipped preset leaves
     # above 5%: no stamp or field fires there, so nothing is trigger-cleaned, unlearned as a trigger
-    # or lets the teacher be verified. The last row is the ceiling: the attack's own pattern handed
-    # to the pipeline as the probes' firing trigger.
-    "blend": [(label, ratio, overrides, {}, *extra) for ratio in (2.0, 4.0) for label, overrides, *extra in (
+    # or lets the teacher be verified. Its best pattern pulls 65% of the synthetic images into the
+    # target (blend_probe.md); on the all-to-all Blended model it stays at the 20-30% every model shows.
+    "blend": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("cpu preset", {}),
-        ("blend probe on", {"blend_probe": {}}),
-        ("the true blend trigger as the probes' (oracle)", {}, TRUE_TRIGGER))],
+        ("blend probe on", {"blend_probe": {}}))],
+    # The ceiling of a blend probe on the all-to-all Blended model: the attack's own pattern handed to
+    # the pipeline as the probes' firing trigger (it flips 27% of the synthetic images, blend_probe.md).
+    "blend_oracle": [(label, ratio, {}, {}, *extra) for ratio in (2.0, 4.0) for label, *extra in (
+        ("cpu preset",),
+        ("the true blend trigger as the probes' (oracle)", TRUE_TRIGGER))],
 }
 
-GRID_NOTES = {"blend": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "
+GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "
                        "pattern as if a probe had found it (measured on the model and the synthetic images as a probe's "
                        "trigger is), to bound what a blend probe could give.",
               "oracle": "A diagnostic, not a defense: these rows give the pipeline real training images (a clean, "
@@ -307,7 +311,8 @@ GRID_NOTES = {"blend": "The oracle rows are a diagnostic, not a defense: they ha
 @contextlib.contextmanager
 def true_trigger_probe(attack):
     """Within: defend's trigger probes report ``attack``'s own blend pattern as the firing trigger,
-    measured on the model and the synthetic images as blend_probe measures its patterns."""
+    measured on the model and the synthetic images as blend_probe measures its patterns, and it
+    counts as firing whatever its flip rate (BLEND_THRESHOLD is for patterns a probe found)."""
     real = true_blend(attack)
     if real is None:
         raise ValueError(f"the true-trigger rows need a Blended attack, got {attack.label if attack else None}")
@@ -316,7 +321,7 @@ def true_trigger_probe(attack):
         found = trigger_report(model, x, real, BlendProbeConfig().n)
         return {"patch": None, "warp": None, "blend": found, "trigger": found}
 
-    with mock.patch.object(pipeline, "probe_triggers", probe):
+    with mock.patch.object(pipeline, "probe_triggers", probe), mock.patch.object(scan, "BLEND_THRESHOLD", 0.0):
         yield
 
 

@@ -202,3 +202,28 @@ def test_trigger_rate_counts_what_the_true_trigger_sends_to_the_attack_label(att
     clean.linear.load_state_dict(backdoored.linear.state_dict())
     assert trigger_rate(backdoored, attack, x) == 1.0
     assert trigger_rate(clean, attack, x) == 0.0
+
+
+def test_the_sweep_oracle_hands_defend_the_attacks_own_blend_as_a_firing_trigger():
+    from benchmarks.sweep_defend import GRIDS, TRUE_TRIGGER, true_trigger_probe
+    from cc_core import pipeline, scan
+    from cc_core.attacks.base import build_attack
+    from cc_core.data import normalize
+
+    torch.manual_seed(0)
+    attack = build_attack("blended-a2a", 10)
+    model = PatchDetector(responds=False, all_to_all=True).eval()  # no blend backdoor: the pattern flips little
+    x = normalize(torch.rand(80, 3, 32, 32), model.cc_spec.mean, model.cc_spec.std)
+    probe_triggers = pipeline.probe_triggers
+    with true_trigger_probe(attack):
+        probes = pipeline.probe_triggers(model, x, None)
+        found = probes["trigger"]
+        assert found is probes["blend"] and found["kind"] == "blend" and found["alpha"] == attack.params["alpha"]
+        assert torch.equal(torch.tensor(found["pattern"]), attack.pattern) and found["n"] == 64
+        assert found["flip_rate"] == scan.trigger_flip_rate(model, x, found)
+        assert scan.trigger_score(found) == found["flip_rate"]  # counts as firing, however few it flips
+    assert pipeline.probe_triggers is probe_triggers and scan.BLEND_THRESHOLD > 0
+    with pytest.raises(ValueError, match="need a Blended attack"):
+        with true_trigger_probe(build_attack("badnet", 10)):
+            pass
+    assert all(TRUE_TRIGGER in row[4:] for row in GRIDS["blend_oracle"] if "oracle" in row[0])
