@@ -234,8 +234,9 @@ def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
 @task(name="trigger-probe", **COMPUTE)
 def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
     """The trigger probes (cc_core.pipeline.probe_triggers: the patch probe, then the warp probe when
-    no stamp fires) on the suspect and the fine-tune's synthetic images: {"patch", "warp": their
-    reports (None when off or not run), "trigger": the one that fires (None when neither)}."""
+    no stamp fires, then the blend probe when neither fires) on the suspect and the fine-tune's
+    synthetic images: {"patch", "warp", "blend": their reports (None when off or not run),
+    "trigger": the one that fires (None when none)}."""
     from cc_core.pipeline import probe_triggers
     from cc_core.scan import trigger_text
 
@@ -245,9 +246,10 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
 
     out = _cached(run, "trigger_probe", {"model": model_file, "synthetic": synthetic_file,
                                          "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
-                                         "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None}, compute)
-    for kind in ("patch", "warp"):
-        if out[kind] is not None:
+                                         "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None,
+                                         "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None}, compute)
+    for kind in ("patch", "warp", "blend"):
+        if out.get(kind) is not None:
             log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")
     found = out["trigger"]
     if found is not None:

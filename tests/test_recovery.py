@@ -327,7 +327,8 @@ def _tiny_cfg(**kw) -> DefendConfig:
                           synth={"n_samples": 32, "batch_size": 32, "iterations": 20},
                           pgd={"steps": 3}, finetune={"epochs": 2, "batch_size": 16},
                           patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
-                          warp_probe={"steps": 5, "n": 16, "batch_size": 8}, **kw)
+                          warp_probe={"steps": 5, "n": 16, "batch_size": 8},
+                          blend_probe={"steps": 5, "n": 16, "batch_size": 8}, **kw)
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
@@ -375,6 +376,7 @@ def test_defend_config_validation():
     with pytest.raises(ConfigError, match="trigger_channel_u needs a trigger probe"):
         resolve_config("cpu", patch_probe=None, warp_probe=None)
     assert resolve_config("cpu", patch_probe=None, warp_probe={}).warp_probe.grid == 4  # the warp probe alone guides it
+    assert resolve_config("cpu", patch_probe=None, blend_probe={}).blend_probe.grid == 8  # so does the blend probe
     with pytest.raises(ConfigError, match="warp probe max_shift must be > 0"):
         resolve_config("cpu", warp_probe={"max_shift": 0})
     with pytest.raises(ConfigError, match="trigger_channel_u must be > 0"):
