@@ -138,10 +138,12 @@ class DefendConfig:
     # already removes that backdoor: 2.29 / 1.59%), and its teacher fails the gate's fidelity bar
     # (benchmarks/results/warp_probe_bench.md, sweep_defend_warp.md). `scan` keeps it on.
     warp_probe: WarpProbeConfig | None = None
-    # The scan's blend probe (cc_core.scan.blend_probe; None: off), run when neither a stamp nor a
-    # field fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images
-    # into one class (or each class to its own) is a blend trigger (Blended), used as a firing
-    # stamp is.
+    # The blend probe (cc_core.scan.blend_probe; None: off), run when neither a stamp nor a field
+    # fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images into one
+    # class (or each class to its own) is a blend trigger (Blended), used as a firing stamp is. Off
+    # in the presets: on the zoo Blended model it takes C&C 2x from 81.20 / 15.33 to 79.72 / 1.81, but
+    # 4x from 75.30 / 1.40 to 69.93 / 0.13 (sweep_defend_blend.md); it fired on none of the four other
+    # zoo models measured (blend_probe.md).
     blend_probe: BlendProbeConfig | None = None
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank

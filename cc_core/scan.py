@@ -27,6 +27,10 @@
    pull the synthetic images into each class in turn (and one to push them out of their own). A
    warp trigger (WaNet) is such a field, fixed, that the model learned to map to its target; a
    clean model's predictions barely move under it. The additive inversions cannot express a warp.
+7. Blend probe (defend's ``blend_probe``; not in ``scan``): smooth patterns (8 x 8 control points)
+   blended in at opacity 0.2, optimized as the warp probe's fields are. At that opacity a pattern
+   moves 20-30% of any zoo model's synthetic images and 58% of the Blended model's
+   (benchmarks/results/blend_probe.md), so it fires from BLEND_THRESHOLD.
 
 The risk score is the largest of five scores in [0, 1]: the channel inversion's concentration
 (0 when no channel is an outlier), the all-to-all score, the patch score (the best stamp's flip
@@ -74,6 +78,9 @@ PATCH_THRESHOLD = 0.5
 # (benchmarks/results/warp_probe_bench.md), 12-17% on the scan's cheaper images, a clean model's
 # 3-8% (benchmarks/results/scan.md): on the scan's images it stays below this.
 WARP_THRESHOLD = 0.25
+# At opacity 0.2 the best pattern moves 20-30% of the synthetic images of the zoo's BadNet, WaNet,
+# all-to-all Blended and (backdoor never learned) all-to-all Input-Aware models, 58% of the Blended
+# model's (benchmarks/results/blend_probe.md).
 BLEND_THRESHOLD = 0.5
 # A found stamp still "fires" on a cleaned or compacted model when it flips this many synthetic
 # images: the demo's BadNet model, 94% before, 23% after the channel clean (real ASR 51.6%), 17%
@@ -431,15 +438,12 @@ def trigger_report(model: nn.Module, x: torch.Tensor, trigger: dict, n: int = 64
 
 
 @dataclass(frozen=True)
-class WarpProbeConfig:
-    """The warp probe: a smooth displacement field (``grid`` x ``grid`` control points, upsampled
-    bicubic; each point moves at most ``max_shift`` pixels, via tanh) optimized by ``steps`` Adam
-    steps (``lr``) on batches of ``batch_size`` of the first ``n`` synthetic images: one field per
-    class, pulling the images into it (a logit margin floored at ``margin``), and one untargeted
-    field pushing them out of their own class; flip rates measured on the ``n`` images."""
+class PullPushConfig:
+    """What the warp and blend probes share: ``steps`` Adam steps (``lr``) on batches of
+    ``batch_size`` of the first ``n`` synthetic images, one trigger per class pulling the images
+    into it and one pushing them out of their own class (logit margins floored at ``margin``),
+    seeded by ``seed``; flip rates measured on the ``n`` images."""
 
-    grid: int = 4
-    max_shift: float = 0.75
     steps: int = 100
     lr: float = 0.1
     n: int = 64
@@ -447,13 +451,26 @@ class WarpProbeConfig:
     margin: float = 2.0
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        require_at_least(self, "warp probe", ("grid",), 2)  # bicubic upsampling needs 2 control points a side
-        require_at_least(self, "warp probe", ("steps", "n", "batch_size"))
-        require_positive(self, "warp probe", ("max_shift", "lr", "margin"))
+    def check(self, name: str) -> None:
+        require_at_least(self, name, ("steps", "n", "batch_size"))
+        require_positive(self, name, ("lr", "margin"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WarpProbeConfig(PullPushConfig):
+    """The warp probe: a smooth displacement field (``grid`` x ``grid`` control points, upsampled
+    bicubic; each point moves at most ``max_shift`` pixels, via tanh), optimized as PullPushConfig says."""
+
+    grid: int = 4
+    max_shift: float = 0.75
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "warp probe", ("grid",), 2)  # bicubic upsampling needs 2 control points a side
+        require_positive(self, "warp probe", ("max_shift",))
+        self.check("warp probe")
 
 
 def warp_grid(shift: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -491,30 +508,30 @@ def _pull_margins(logits: torch.Tensor, classes: torch.Tensor, pull: torch.Tenso
     return torch.where(pull, other - own, own - other)
 
 
-def _pull_push_probe(model: nn.Module, x: torch.Tensor, theta: torch.Tensor, transform, n: int, steps: int,
-                     lr: float, batch_size: int, margin: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The optimization warp_probe and blend_probe share: ``theta`` (C + 1, ...) holds one trigger
-    per class pulling the first ``n`` images of ``x`` (normalized) into it (those already in it left
-    out) and one pushing them out of their own class; ``transform(pix, theta)`` applies each to pixel
-    images (N, C, H, W) -> (T * N, C, H, W), trigger-major. ``steps`` Adam steps (``lr``) on batches of
-    ``batch_size``, margins floored at ``-margin``. Returns the model's predictions (N,) on the
-    images and (C + 1, N) on them under each optimized trigger; ``theta`` is optimized in place."""
+def _pull_push_probe(model: nn.Module, x: torch.Tensor, theta: torch.Tensor, transform, cfg: PullPushConfig,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimization warp_probe and blend_probe share (``cfg``): ``theta`` (C + 1, ...) holds one
+    trigger per class pulling the first ``cfg.n`` images of ``x`` (normalized) into it (those
+    already in it left out) and one pushing them out of their own class; ``transform(pix, theta)``
+    applies each to pixel images (N, C, H, W) -> (T * N, C, H, W), trigger-major. Returns the
+    model's predictions (N,) on the images and (C + 1, N) on them under each optimized trigger;
+    ``theta`` is optimized in place."""
     spec, n_classes = model.cc_spec, model.cc_spec.num_classes
-    pix, mean, std = _to_pixels(x[:n].detach(), spec.mean, spec.std)
+    pix, mean, std = _to_pixels(x[:cfg.n].detach(), spec.mean, spec.std)
     n, fields = len(pix), len(theta)
     before = predictions(model, x[:n]).to(pix.device)
     theta.requires_grad_(True)
     pull = torch.arange(fields, device=pix.device) < n_classes
-    opt = torch.optim.Adam([theta], lr=lr)
+    opt = torch.optim.Adam([theta], lr=cfg.lr)
     with eval_mode(model, freeze=True), channels_last(model):
-        for _ in range(steps):
-            idx = torch.randperm(n, generator=gen)[:batch_size].to(pix.device)
+        for _ in range(cfg.steps):
+            idx = torch.randperm(n, generator=gen)[:cfg.batch_size].to(pix.device)
             b = len(idx)
             classes = torch.where(pull[:, None], torch.arange(fields, device=pix.device)[:, None].clamp_max(n_classes - 1),
                                   before[idx][None]).reshape(-1)
             eligible = (~pull[:, None] | (before[idx][None] != torch.arange(fields, device=pix.device)[:, None])).reshape(-1)
             logits = model((transform(pix[idx], theta) - mean) / std).float()
-            margins = _pull_margins(logits, classes, pull[:, None].expand(fields, b).reshape(-1)).clamp_min(-margin)
+            margins = _pull_margins(logits, classes, pull[:, None].expand(fields, b).reshape(-1)).clamp_min(-cfg.margin)
             loss = (margins * eligible).view(fields, b).sum(1) / eligible.view(fields, b).sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
@@ -565,38 +582,27 @@ def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpPro
     gen = torch.Generator().manual_seed(cfg.seed)
     theta = (0.1 * torch.randn(n_classes + 1, 2, cfg.grid, cfg.grid, generator=gen)).to(x.device)
     before, after = _pull_push_probe(model, x, theta, lambda pix, t: warp_pixels(pix, cfg.max_shift * torch.tanh(t)),
-                                     cfg.n, cfg.steps, cfg.lr, cfg.batch_size, cfg.margin, gen)
+                                     cfg, gen)
     best, report = _probe_report("warp", before, after, n_classes)
     shift = cfg.max_shift * torch.tanh(theta[best])
     return report | {"shift": shift.cpu().tolist(), "max_shift_used": float(shift.abs().max())}
 
 
 @dataclass(frozen=True)
-class BlendProbeConfig:
+class BlendProbeConfig(PullPushConfig):
     """The blend probe: a pattern (``grid`` x ``grid`` control values a channel, squashed to [0, 1]
     by a sigmoid and upsampled bicubic to the image) blended into the images at opacity ``alpha``,
-    optimized as the warp probe's fields are (``steps`` Adam steps at ``lr`` on batches of
-    ``batch_size`` of the first ``n`` synthetic images, margins floored at ``margin``): one pattern
-    per class pulling the images into it and one pushing them out of their own."""
+    optimized as PullPushConfig says."""
 
     alpha: float = 0.2
     grid: int = 8
-    steps: int = 100
-    lr: float = 0.1
-    n: int = 64
-    batch_size: int = 32
-    margin: float = 2.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
         require_at_least(self, "blend probe", ("grid",), 2)
-        require_at_least(self, "blend probe", ("steps", "n", "batch_size"))
-        require_positive(self, "blend probe", ("alpha", "lr", "margin"))
+        require_positive(self, "blend probe", ("alpha",))
         if self.alpha >= 1:
             raise ConfigError(f"blend probe alpha must be < 1 (the opacity of the pattern), got {self.alpha}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        self.check("blend probe")
 
 
 def blend_pattern(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -636,7 +642,7 @@ def blend_probe(model: nn.Module, x: torch.Tensor, cfg: BlendProbeConfig = Blend
     gen = torch.Generator().manual_seed(cfg.seed)
     theta = torch.randn(n_classes + 1, channels, cfg.grid, cfg.grid, generator=gen).to(x.device)
     before, after = _pull_push_probe(model, x, theta, lambda pix, t: blend_pixels(pix, torch.sigmoid(t), cfg.alpha),
-                                     cfg.n, cfg.steps, cfg.lr, cfg.batch_size, cfg.margin, gen)
+                                     cfg, gen)
     best, report = _probe_report("blend", before, after, n_classes)
     return report | {"pattern": torch.sigmoid(theta[best]).cpu().tolist(), "alpha": cfg.alpha}
 
