@@ -28,9 +28,8 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.scan import (RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
-                          all_to_all_suspected, apply_found_trigger, flip_report, found_trigger, histogram_report, patch_probe,
-                          patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe,
-                          blend_probe)
+                          all_to_all_suspected, apply_found_trigger, blend_probe, flip_report, found_trigger, histogram_report, patch_probe,
+                          patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -607,8 +606,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
 
 # What the report keeps of a probe's firing trigger: enough to apply it again (stamp, field or pattern) and its statistics.
 TRIGGER_RECORD_KEYS = ("kind", "row", "col", "size", "value", "shift", "pattern", "alpha", "pull_class", "max_shift_used", "n",
-                       "flip_rate",
-                       "target_class_estimate", "concentration", "mapping_consistency")
+                       "flip_rate", "target_class_estimate", "concentration", "mapping_consistency")
 
 
 def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
