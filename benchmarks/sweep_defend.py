@@ -62,7 +62,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend", "blend_oracle"), ({}, {})),
+                     "smoothing", "blend", "blend_unlearn", "blend_oracle"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
@@ -293,6 +293,9 @@ GRIDS = {
     "blend": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("cpu preset", {}),
         ("blend probe on", {"blend_probe": {}}))],
+    # At 4x the blend grid's pattern still flipped 16% after compaction and was unlearned, which cost
+    # the target class 23 points: the same probe with nothing unlearned but the trigger channel clean.
+    "blend_unlearn": [("blend probe on, its pattern never unlearned", 4.0, {"blend_probe": {}, "patch_unlearn": "never"}, {})],
     # The ceiling of a blend probe on the all-to-all Blended model: the attack's own pattern handed to
     # the pipeline as the probes' firing trigger (it flips 27% of the synthetic images, blend_probe.md).
     "blend_oracle": [(label, ratio, {}, {}, *extra) for ratio in (2.0, 4.0) for label, *extra in (
