@@ -341,7 +341,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
         synthetic = {}  # synthesis config -> (label, x, y, seconds): loaded once per model
         real = {}  # number of real training images -> (x, y), for the oracle grid
         for label, ratio, overrides, ft, *extra in GRIDS[grid]:
-            n_real = [e for e in extra if isinstance(e, int)]
+            n_real = next((e for e in extra if isinstance(e, int)), None)  # the oracle grid's real images
             compact = base.get("compact", {}) | overrides.get("compact", {})
             cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
                                  **(base | overrides | {"compact": compact}))
@@ -351,11 +351,11 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                 synthetic[key] = (what, *shared_synthetic(model_name(name, recipe), model, cfg.synth))
             _, x, y, _ = synthetic[key]
             if n_real:
-                if n_real[0] not in real:
+                if n_real not in real:
                     if train is None:
                         train = load_dataset(recipe["dataset"], "train")
-                    real[n_real[0]] = real_images(train, n_real[0], model.cc_spec)
-                x, y = real[n_real[0]]
+                    real[n_real] = real_images(train, n_real, model.cc_spec)
+                x, y = real[n_real]
             with true_trigger_probe(attack) if TRUE_TRIGGER in extra else contextlib.nullcontext():
                 result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                                 log=lambda *a: None, synthetic=(x, y))

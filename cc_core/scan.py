@@ -264,14 +264,9 @@ def _flip_run(model: nn.Module, x: torch.Tensor, before: torch.Tensor,
     """One universal inversion and its flip report (see flip_report)."""
     x_flip, delta = invert_universal(model, x, cfg, clean=before)
     after = predictions(model, x_flip).cpu()
-    flipped = after != before
-    n_classes = model.cc_spec.num_classes
-    hist = torch.bincount(after, minlength=n_classes)
-    return {"flip_rate": float(flipped.float().mean()), "histogram": hist.tolist(),
-            "concentration": concentration(hist), "target_class_estimate": int(hist.argmax()),
-            "mapping_consistency": mapping_consistency(before, after, n_classes),
-            "delta_mean_abs": float(delta.abs().mean()),
-            "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}, delta
+    return landing_report(before, after, model.cc_spec.num_classes) | {
+        "delta_mean_abs": float(delta.abs().mean()),
+        "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}, delta
 
 
 def patch_positions(extent: int, size: int, stride: int) -> list[int]:
@@ -372,6 +367,16 @@ def mapping_consistency(before: torch.Tensor, after: torch.Tensor, n_classes: in
     return float(pairs.view(n_classes, n_classes).amax(1).sum() / flipped.sum())
 
 
+def landing_report(before: torch.Tensor, after: torch.Tensor, n_classes: int) -> dict:
+    """Where a perturbation sends images the model gave ``before`` (N,) when it gives them ``after``
+    (N,): ``flip_rate``, the ``histogram`` of ``after``, its ``concentration`` and top class
+    (``target_class_estimate``), and the ``mapping_consistency`` of the flips."""
+    hist = torch.bincount(after, minlength=n_classes)
+    return {"flip_rate": float((after != before).float().mean()), "histogram": hist.tolist(),
+            "concentration": concentration(hist), "target_class_estimate": int(hist.argmax()),
+            "mapping_consistency": mapping_consistency(before, after, n_classes)}
+
+
 @torch.no_grad()
 def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = PatchProbeConfig()) -> dict:
     """The solid square stamp that changes the most predictions on synthetic images ``x`` (N, C,
@@ -404,13 +409,9 @@ def patch_probe(model: nn.Module, x: torch.Tensor, cfg: PatchProbeConfig = Patch
         final_rates = (after != before).float().mean(1)
         best = int(final_rates.argmax())
     value, size, row, col = finalists[best].tolist()
-    hist = torch.bincount(after[best], minlength=spec.num_classes)
     by_size = {str(k): float(rates[stamps[:, 1] == k].max()) for k in cfg.sizes if (stamps[:, 1] == k).any()}
     return {"kind": "patch", "row": int(row), "col": int(col), "size": int(size), "value": value,
-            "flip_rate": float(final_rates[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
-            "target_class_estimate": int(hist.argmax()),
-            "mapping_consistency": mapping_consistency(before, after[best], spec.num_classes),
-            "n": len(measured), "median_screen_rate": float(rates.median()), "best_screen_rate_by_size": by_size,
+            **landing_report(before, after[best], spec.num_classes), "n": len(measured), "median_screen_rate": float(rates.median()), "best_screen_rate_by_size": by_size,
             "n_stamps": len(stamps)}
 
 
@@ -430,11 +431,7 @@ def trigger_report(model: nn.Module, x: torch.Tensor, trigger: dict, n: int = 64
     x = x[:n].detach()
     before = predictions(model, x).cpu()
     after = predictions(model, apply_found_trigger(x, trigger, model.cc_spec)).cpu()
-    n_classes = model.cc_spec.num_classes
-    hist = torch.bincount(after, minlength=n_classes)
-    return trigger | {"pull_class": None, "flip_rate": float((after != before).float().mean()), "histogram": hist.tolist(),
-                      "concentration": concentration(hist), "target_class_estimate": int(hist.argmax()),
-                      "mapping_consistency": mapping_consistency(before, after, n_classes), "n": len(x)}
+    return trigger | {"pull_class": None, **landing_report(before, after, model.cc_spec.num_classes), "n": len(x)}
 
 
 @dataclass(frozen=True)
@@ -553,12 +550,8 @@ def _probe_report(kind: str, before: torch.Tensor, after: torch.Tensor, n_classe
     class_rates = [float(((after[c] == c) & (before != c)).sum() / max(int((before != c).sum()), 1))
                    for c in range(n_classes)]
     best = int(flips.argmax())
-    hist = torch.bincount(after[best], minlength=n_classes)
     return best, {"kind": kind, "pull_class": best if best < n_classes else None,
-                  "flip_rate": float(flips[best]), "histogram": hist.tolist(), "concentration": concentration(hist),
-                  "target_class_estimate": int(hist.argmax()),
-                  "mapping_consistency": mapping_consistency(before, after[best], n_classes),
-                  "class_rates": class_rates, "push_flip_rate": float(flips[-1]), "n": len(before)}
+                  **landing_report(before, after[best], n_classes), "class_rates": class_rates, "push_flip_rate": float(flips[-1]), "n": len(before)}
 
 
 def warp_probe(model: nn.Module, x: torch.Tensor, cfg: WarpProbeConfig = WarpProbeConfig()) -> dict:

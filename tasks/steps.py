@@ -249,7 +249,7 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
                                          "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None,
                                          "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None}, compute)
     for kind in ("patch", "warp", "blend"):
-        if out.get(kind) is not None:
+        if out[kind] is not None:
             log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")
     found = out["trigger"]
     if found is not None:
