@@ -311,7 +311,8 @@ def _distillation_text(record: dict | None) -> str:
         return "off"
     flip = record.get("teacher_trigger_flip_rate", record.get("teacher_stamp_flip_rate"))  # rows before the warp probe
     agreement = record.get("teacher_agreement")
-    return ("yes" if flip is None else (f"yes (the trigger flips {flip:.2f} on the teacher"
+    trigger = "the universal perturbation" if record.get("verified_against") == "perturbation" else "the trigger"
+    return ("yes" if flip is None else (f"yes ({trigger} flips {flip:.2f} on the teacher"
                                         + ("" if agreement is None else f", it agrees with the original on {agreement:.1%}")
                                         + ")")) + checked
 

@@ -28,8 +28,8 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.scan import (RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
-                          all_to_all_suspected, apply_found_trigger, blend_probe, flip_report, found_trigger, histogram_report, patch_probe,
-                          patch_score, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
+                          all_to_all_suspected, apply_found_trigger, blend_probe, flip_mapping, flip_report, found_trigger, histogram_report, patch_probe,
+                          patch_score, perturbation_trigger, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -403,20 +403,21 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
-    teacher, distillation = gated_teacher(cleaned, original, cfg, x_syn if found else None, found)
-    teacher = teacher.to(device) if teacher is not None else None
-    if text := distillation_text(distillation):
-        log(f"[defend] {text}")
+    candidate = distillation_teacher(cleaned, cfg)
     original.to(device)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
         found = probe(x_syn)
 
     start = time.perf_counter()
-    scan_before, exclusion, unlearn = scan_and_suspect(original, new, x_syn, y_syn, cfg, found)
+    scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_syn, y_syn, cfg, found)
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
+    teacher, distillation = gated_teacher(candidate, original, cfg, x_syn, verify_against)
+    teacher = teacher.to(device) if teacher is not None else None
+    if text := distillation_text(distillation):
+        log(f"[defend] {text}")
     if cfg.resynthesize_suspected_target == "cleaned" and excluded:
         start = time.perf_counter()
         x_new, y_new = resynthesize_class(cleaned, suspected, excluded, cfg.synth, device, progress)
@@ -569,18 +570,21 @@ def found_summary_text(trigger: dict | None) -> str:
 
 
 def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     cfg: DefendConfig, found: dict | None = None) -> tuple[dict | None, dict | None, Callable | None]:
+                     cfg: DefendConfig, found: dict | None = None
+                     ) -> tuple[dict | None, dict | None, Callable | None, dict | None]:
     """The original model's adversarial histogram report on the synthetic images (None when
     neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
     (``cfg.exclude_suspected_target`` or an unlearning weight), the exclusion summary (else None)
     and the trigger to unlearn, as a function from normalized images to triggered ones (else None):
-    the probes' firing trigger (``found``, a patch or warp probe report on ``original`` and ``x``)
+    the probes' firing trigger (``found``, a probe's report on ``original`` and ``x``)
     per ``cfg.patch_unlearn`` (its flip rate on ``compact``, the compacted model before the
     fine-tune, decides "residual"), else the universal inverted trigger when it fired within
     ``cfg.unlearn_scope``. The suspected target class is left out only with
-    ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all."""
+    ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all. Last, the
+    trigger the distillation gate verifies the teacher against (gate_trigger)."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
-        return (histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None), None, None
+        adversarial = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
+        return adversarial, None, None, gate_trigger(found, None, None, len(x))
     suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, found)
     # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
     # its images out only costs that class.
@@ -601,7 +605,18 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
             unlearn = lambda images: apply_found_trigger(images, found, spec)  # noqa: E731
     summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, flip,
                                 suspicion["all_to_all"], fired)
-    return suspicion["adversarial"], summary, unlearn
+    universal = suspicion["trigger"] if all_to_all_suspected(flip) else None
+    return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, universal, len(x))
+
+
+def gate_trigger(found: dict | None, flip: dict | None, universal: torch.Tensor | None, n: int) -> dict | None:
+    """What the distillation gate verifies the teacher against: the probes' firing trigger
+    (``found``), else the universal inverted perturbation ``universal`` (1, C, H, W) when the
+    scan calls it all-to-all (its report ``flip``, on ``n`` synthetic images), the trigger an
+    all-to-all backdoor is unlearned as; else None."""
+    if trigger_score(found):
+        return found
+    return perturbation_trigger(flip, universal, n) if universal is not None else None
 
 
 # What the report keeps of a probe's firing trigger: enough to apply it again (stamp, field or pattern) and its statistics.
@@ -656,26 +671,28 @@ def trigger_clean_text(info: dict) -> str:
             f"{info['trigger_flip_rate']:.0%} -> {info['trigger_flip_rate_after']:.0%})")
 
 
-def gated_teacher(cleaned: nn.Module, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
+def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
                   found: dict | None = None) -> tuple[nn.Module | None, dict]:
-    """The teacher the fine-tune distills from (``distillation_teacher``), or None when there is no
-    distillation. With ``cfg.kd_gate`` "verified" the teacher must be clean and faithful: the probes'
-    firing trigger (``found``, a stamp or a warp measured on the synthetic images ``x``) must flip
-    < RESIDUAL_FLIP of them on it, and it must give >= TEACHER_AGREEMENT of them the class
-    ``original`` gives them (a teacher the cleaning cost accuracy pulls the student down with it).
-    A teacher the gate does not verify (any, with "always") is fine-tuned first when
-    ``cfg.teacher_finetune`` is set (finetune_teacher) and otherwise, under "verified", not used.
-    The record: {"gate", "distill", "teacher_finetune" (the teacher is to be fine-tuned first),
-    "teacher_trigger_flip_rate", "teacher_agreement" (None when not measured), "reason" (why
+    """The teacher the fine-tune distills from: ``teacher`` (distillation_teacher's; None when
+    there is no distillation) or None when the gate closes. With ``cfg.kd_gate`` "verified" the
+    teacher must be clean and faithful: the trigger it is verified against (``found``, gate_trigger's:
+    a probe's stamp, field or pattern, or an all-to-all universal perturbation, measured on the
+    synthetic images ``x``) must flip < RESIDUAL_FLIP of them on it, and it must give >=
+    TEACHER_AGREEMENT of them the class ``original`` gives them or, for an all-to-all trigger, the
+    class that trigger maps to it (teacher_agreement; a teacher the cleaning cost accuracy pulls the
+    student down with it). A teacher the gate does not verify (any, with
+    "always") is fine-tuned first when ``cfg.teacher_finetune`` is set (finetune_teacher) and
+    otherwise, under "verified", not used. The record: {"gate", "distill", "teacher_finetune" (the
+    teacher is to be fine-tuned first), "verified_against" (the trigger's kind; None when none),
+    "teacher_trigger_flip_rate", "teacher_agreement", "teacher_undoes_mapping" (None when not
+    measured), "reason" (why
     "verified" did not verify the teacher; None otherwise), "check" (distill_check's record, filled
     in after the fine-tune when it runs)}."""
-    record = {"gate": cfg.kd_gate, "distill": False, "teacher_finetune": False, "teacher_trigger_flip_rate": None,
-              "teacher_agreement": None, "reason": None, "check": None}
-    if not cfg.finetune.needs_teacher:
+    record = {"gate": cfg.kd_gate, "distill": False, "teacher_finetune": False, "verified_against": None,
+              "teacher_trigger_flip_rate": None, "teacher_agreement": None, "teacher_undoes_mapping": None,
+              "reason": None, "check": None}
+    if teacher is None:
         return None, record
-    if cfg.kd_gate == "verified" and cfg.teacher_finetune is None and (x is None or not trigger_score(found)):
-        return None, record | verify_teacher(None, original, x, found)  # nothing to verify: no teacher to build
-    teacher = distillation_teacher(cleaned, cfg)
     if cfg.kd_gate == "verified":
         record |= verify_teacher(teacher, original, x, found)
         if record["reason"] and cfg.teacher_finetune is None:
@@ -686,20 +703,47 @@ def gated_teacher(cleaned: nn.Module, original: nn.Module, cfg: DefendConfig, x:
 
 def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tensor | None, found: dict | None) -> dict:
     """The "verified" gate's measurements of ``teacher`` (see gated_teacher; it may be None when
-    there is no trigger to verify it against): {"teacher_trigger_flip_rate", "teacher_agreement",
+    there is no trigger to verify it against): {"verified_against" (the trigger's kind),
+    "teacher_trigger_flip_rate", "teacher_agreement", "teacher_undoes_mapping" (teacher_agreement's),
     "reason": why it is not verified, None when it is}."""
-    out = {"teacher_trigger_flip_rate": None, "teacher_agreement": None, "reason": None}
+    out = {"verified_against": None, "teacher_trigger_flip_rate": None, "teacher_agreement": None,
+           "teacher_undoes_mapping": None, "reason": None}
     if x is None or not trigger_score(found):
         return out | {"reason": "the probes found no trigger to verify the teacher against"}
     teacher = teacher.to(x.device)
+    out["verified_against"] = found["kind"]
     out["teacher_trigger_flip_rate"] = flip = trigger_flip_rate(teacher, x, found, found["n"])
     if flip >= RESIDUAL_FLIP:
-        return out | {"reason": f"the probe's {found['kind']} still flips {flip:.0%} of the synthetic images on the teacher"}
-    out["teacher_agreement"] = agreement = float((predictions(teacher, x) == predictions(original, x)).float().mean())
-    if agreement < TEACHER_AGREEMENT:
-        return out | {"reason": f"the teacher gives only {agreement:.1%} of the synthetic images the original's class "
-                                f"(< {TEACHER_AGREEMENT:.0%})"}
+        return out | {"reason": f"{trigger_name(found)} still flips {flip:.0%} of the synthetic images on the teacher"}
+    agreement, undone = teacher_agreement(teacher, original, x, found)
+    out |= {"teacher_agreement": agreement, "teacher_undoes_mapping": undone}
+    if agreement + undone < TEACHER_AGREEMENT:
+        undone_text = f" (and {undone:.1%} the class the trigger maps to it)" if undone else ""
+        return out | {"reason": f"the teacher gives only {agreement:.1%} of the synthetic images the original's class"
+                                f"{undone_text} (< {TEACHER_AGREEMENT:.0%})"}
     return out
+
+
+def teacher_agreement(teacher: nn.Module, original: nn.Module, x: torch.Tensor, found: dict) -> tuple[float, float]:
+    """(agreement, undone) on synthetic images ``x`` (N, C, H, W): the fraction the teacher gives
+    the class ``original`` gives them, and the fraction it gives instead the class the trigger
+    ``found`` maps to the original's, when that trigger is all-to-all (its mapping measured on
+    ``original`` and ``x``; 0 otherwise). Images synthesized through a model with an all-to-all
+    backdoor carry its trigger, and a teacher without the backdoor gives them back the class the
+    trigger took them from: that disagreement is the cleaning, not lost fidelity. One target class
+    says nothing of where an image came from, so an all-to-one trigger excuses nothing."""
+    ours, theirs = predictions(teacher, x), predictions(original, x)
+    agreement = float((ours == theirs).float().mean())
+    if not all_to_all_suspected(found):
+        return agreement, 0.0
+    triggered = predictions(original, apply_found_trigger(x, found, original.cc_spec))
+    mapping = flip_mapping(theirs.cpu(), triggered.cpu(), original.cc_spec.num_classes).to(ours.device)
+    return agreement, float(((ours != theirs) & (mapping[ours] == theirs)).float().mean())
+
+
+def trigger_name(found: dict) -> str:
+    """'the probe's patch' / '... warp' / '... blend', or 'the universal inverted perturbation'."""
+    return trigger_text(found) if found["kind"] == "perturbation" else f"the probe's {found['kind']}"
 
 
 def needs_distill_check(cfg: DefendConfig, record: dict) -> bool:

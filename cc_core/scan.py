@@ -357,14 +357,24 @@ def _stamped_predictions(model: nn.Module, pix: torch.Tensor, stamps: torch.Tens
     return torch.cat(out)
 
 
+def _flip_pairs(before: torch.Tensor, after: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, n_classes) counts of the images whose class changed, by (``before``, ``after``) class."""
+    flipped = after != before
+    return torch.bincount(before[flipped] * n_classes + after[flipped], minlength=n_classes ** 2).view(n_classes, n_classes)
+
+
 def mapping_consistency(before: torch.Tensor, after: torch.Tensor, n_classes: int) -> float:
     """Of the images whose class changed from ``before`` (N,) to ``after`` (N,), the fraction that
     went where most flipped images of their source class went (0 when none changed)."""
-    flipped = after != before
-    if not flipped.any():
-        return 0.0
-    pairs = torch.bincount(before[flipped] * n_classes + after[flipped], minlength=n_classes ** 2)
-    return float(pairs.view(n_classes, n_classes).amax(1).sum() / flipped.sum())
+    pairs = _flip_pairs(before, after, n_classes)
+    return float(pairs.amax(1).sum() / pairs.sum()) if pairs.sum() else 0.0
+
+
+def flip_mapping(before: torch.Tensor, after: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes,): for each class, where most of its images that changed class from ``before``
+    (N,) to ``after`` (N,) went; -1 for a class none of whose images changed."""
+    pairs = _flip_pairs(before, after, n_classes)
+    return torch.where(pairs.sum(1) > 0, pairs.argmax(1), -1)
 
 
 def landing_report(before: torch.Tensor, after: torch.Tensor, n_classes: int) -> dict:
@@ -652,10 +662,20 @@ def warp_score(probe: dict | None) -> float:
 
 def trigger_score(found: dict | None) -> float:
     """The risk signal of a probe's report: patch_score for a stamp, warp_score for a warp,
-    blend_score for a blend."""
+    blend_score for a blend; a universal perturbation (perturbation_trigger) is made only when the
+    scan calls it all-to-all, so its flip rate."""
     if found is None:
         return 0.0
-    return {"warp": warp_score, "blend": blend_score}.get(found.get("kind"), patch_score)(found)
+    scores = {"warp": warp_score, "blend": blend_score, "perturbation": lambda f: f["flip_rate"]}
+    return scores.get(found.get("kind"), patch_score)(found)
+
+
+def perturbation_trigger(flip: dict, delta: torch.Tensor, n: int) -> dict:
+    """The universal inverted perturbation ``delta`` (1, C, H, W, pixel units; flip_report's, with
+    its report ``flip`` measured on ``n`` images) as a trigger apply_found_trigger applies."""
+    return {"kind": "perturbation", "delta": delta.detach().cpu().tolist(), "n": n, "flip_rate": flip["flip_rate"],
+            "target_class_estimate": flip["target_class_estimate"], "concentration": flip["concentration"],
+            "mapping_consistency": flip["mapping_consistency"]}
 
 
 def found_trigger(patch: dict | None, warp: dict | None, blend: dict | None = None) -> dict | None:
@@ -666,11 +686,13 @@ def found_trigger(patch: dict | None, warp: dict | None, blend: dict | None = No
 
 def apply_found_trigger(x: torch.Tensor, found: dict, spec) -> torch.Tensor:
     """Normalized images ``x`` (N, C, H, W) with a probe's trigger applied: its stamp painted on,
-    its field's warp, or its pattern blended in."""
+    its field's warp, its pattern blended in, or a universal perturbation added."""
     if found.get("kind") == "warp":
         return warp_images(x, torch.tensor(found["shift"]), spec)
     if found.get("kind") == "blend":
         return blend_images(x, torch.tensor(found["pattern"]), found["alpha"], spec)
+    if found.get("kind") == "perturbation":
+        return add_pixel_delta(x, torch.tensor(found["delta"]), spec)
     return add_pixel_delta(x, stamp_delta(found, tuple(x.shape[1:])), spec)
 
 
@@ -683,6 +705,8 @@ def trigger_text(found: dict) -> str:
     if found.get("kind") == "blend":
         k = len(found["pattern"][0])
         return f"a pattern of {k}x{k} points blended at {found['alpha']:.2f}"
+    if found.get("kind") == "perturbation":
+        return "the universal inverted perturbation"
     return stamp_text(found)
 
 

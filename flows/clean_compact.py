@@ -170,12 +170,14 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"])
     finetune_data = (synthetic, adversarial["files"].get("adversarial"))
     suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
-    teacher, teacher_tuned = compacted["files"].get("teacher"), None
-    if compacted["distillation"]["teacher_finetune"]:
+    gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, synthetic, cfg,
+                                         adversarial["gate_trigger"])
+    teacher, teacher_tuned = gated["files"].get("teacher"), None
+    if gated["distillation"]["teacher_finetune"]:
         teacher_tuned = steps.teacher_finetune_task(run, teacher, *finetune_data, cfg, suspected, trigger_file)
         teacher = teacher_tuned["files"]["teacher"]
     tuned = steps.finetune_task(run, compact, *finetune_data, teacher, cfg, suspected, trigger_file)
-    distillation, checked, student = dict(compacted["distillation"]), None, tuned
+    distillation, checked, student = dict(gated["distillation"]), None, tuned
     if needs_distill_check(cfg, distillation):
         undistilled = steps.finetune_task(run, compact, *finetune_data, None, cfg, suspected, trigger_file,
                                           variant="undistilled")

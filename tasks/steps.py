@@ -165,13 +165,13 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
 def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | None = None,
                  trigger: dict | None = None) -> dict:
     """Channel clean, Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the
-    clipped full-rank model the fine-tune distills from. ``synthetic_file``: synthetic images on
-    which the sensitivity rank strategy measures the layers (its first ``cfg.calibration_samples``)
-    and the trigger channel clean and the distillation gate measure ``trigger``, the probes' firing
-    trigger (see trigger_probe_task)."""
+    clipped full-rank model the fine-tune may distill from (distillation_gate_task decides).
+    ``synthetic_file``: synthetic images on which the sensitivity rank strategy measures the layers
+    (its first ``cfg.calibration_samples``) and the trigger channel clean measures ``trigger``, the
+    probes' firing trigger (see trigger_probe_task)."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import channel_clean, distillation_text, gated_teacher, trigger_clean_text
+    from cc_core.pipeline import channel_clean, distillation_teacher, trigger_clean_text
 
     def compute() -> dict:
         original = _load(model_file)
@@ -185,19 +185,18 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
-        teacher, distillation = gated_teacher(cleaned, original, cfg, x if trigger else None, trigger)
+        teacher = distillation_teacher(cleaned, cfg)
         if teacher is not None:
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])
         timings = {"channel_clean": channel_seconds} | {k: plan.timings_s[k] for k in ("decompose", "clean", "compact")}
-        return {"files": files, "timings": timings, "channel_clean": channel_info, "distillation": distillation,
+        return {"files": files, "timings": timings, "channel_clean": channel_info,
                 "params_after": plan.params_after, "ratio_achieved": plan.ratio_achieved,
                 "compact_resolved": plan.config}
 
     out = _cached(run, "compact", {"model": model_file, "ratio": cfg.ratio, "tau": cfg.tau,
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
-                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher, "kd_gate": cfg.kd_gate,
-                                   "teacher_finetune": cfg.teacher_finetune,
+                                   "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher,
                                    "trigger_channel_u": cfg.trigger_channel_u, "trigger": trigger}
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {}), compute)
@@ -209,8 +208,6 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
                           f"{trigger_clean_text(trigger_info)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
-    if text := distillation_text(out["distillation"]):
-        get_run_logger().info(text)
     return out
 
 
@@ -266,7 +263,8 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
     out, and, on the images the fine-tune keeps, PGD and the trigger the fine-tune unlearns (the
     probes' firing ``trigger``, kept when it still flips the compacted model, or the universal
-    inverted trigger; see cc_core.pipeline.scan_and_suspect)."""
+    inverted trigger; see cc_core.pipeline.scan_and_suspect); and the trigger the distillation gate
+    verifies the teacher against ("gate_trigger", None when there is none)."""
     from cc_core.adversarial import pgd
     from cc_core.pipeline import exclude_class, exclusion_summary, found_summary_text, scan_and_suspect
 
@@ -275,7 +273,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
         original = _load(original_file).to(device)
-        before, exclusion, unlearn = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger)
+        before, exclusion, unlearn, gate_trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger)
         target = exclusion["suspected_target"] if exclusion else None
         x_kept, y_kept, _ = exclude_class(x, y, target)
         files = {}
@@ -284,7 +282,8 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
             files["adversarial"] = _save_tensors(run.path / "adversarial.safetensors", x=x_adv)
         if unlearn is not None and cfg.finetune.unlearn_weight > 0:
             files["trigger"] = _save_tensors(run.path / "trigger.safetensors", x=unlearn(x_kept))
-        return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0)}
+        return {"files": files, "histogram_before": before, "exclusion": exclusion or exclusion_summary(None, None, 0),
+                "gate_trigger": gate_trigger}
 
     out = _cached(run, "adversarial", {"original": original_file, "compact": compact_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
@@ -292,7 +291,10 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
                                        "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
                                        "inversion": cfg.inversion.to_dict(),
-                                       "trigger": trigger, "patch_unlearn": cfg.patch_unlearn}, compute)
+                                       "trigger": trigger, "patch_unlearn": cfg.patch_unlearn,
+                                       # the output carries the gate's trigger for this gate (markers
+                                       # written before it had none)
+                                       "kd_gate": cfg.kd_gate}, compute)
     if out["histogram_before"]:
         log_metrics(run, {"concentration_before": out["histogram_before"]["concentration"]}, "scan.")
     if cfg.exclude_suspected_target:
@@ -320,6 +322,35 @@ def _finetune_data(synthetic_file: str, adversarial_file: str | None, trigger_fi
     x_adv = _load_tensors(adversarial_file)["x"].to(device) if adversarial_file else None
     x_trigger = _load_tensors(trigger_file)["x"].to(device) if trigger_file else None
     return x, y, x_adv, x_trigger, excluded_class if n_excluded else None
+
+
+@task(name="distillation-gate", **COMPUTE)
+def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_file: str, synthetic_file: str, cfg,
+                           trigger: dict | None) -> dict:
+    """Whether the fine-tune distills from the clipped teacher (``teacher_file``; None without
+    distillation): cc_core.pipeline.gated_teacher, verifying it against ``trigger`` (the adversarial
+    step's gate trigger) on the synthetic images. Returns the gate's record and, when it opens, the
+    teacher's file."""
+    from cc_core.pipeline import distillation_text, gated_teacher
+
+    def compute() -> dict:
+        device = _device(cfg)
+        teacher = _load(teacher_file).to(device) if teacher_file is not None else None
+        x = _load_tensors(synthetic_file)["x"].to(device)
+        gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger)
+        return {"files": {"teacher": teacher_file} if gated is not None else {}, "distillation": record}
+
+    out = _cached(run, "distillation_gate", {"teacher": teacher_file, "original": original_file,
+                                             "synthetic": synthetic_file, "kd_gate": cfg.kd_gate,
+                                             "teacher_finetune": cfg.teacher_finetune, "trigger": trigger}, compute)
+    record = out["distillation"]
+    if record["teacher_trigger_flip_rate"] is not None:
+        log_metrics(run, {"teacher_trigger_flip_rate": record["teacher_trigger_flip_rate"]}
+                    | ({"teacher_agreement": record["teacher_agreement"]} if record["teacher_agreement"] is not None else {}),
+                    "distill.")
+    if text := distillation_text(record):
+        get_run_logger().info(text)
+    return out
 
 
 @task(name="teacher-finetune", **COMPUTE)

@@ -899,19 +899,20 @@ def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_mode
     def stamped(fired: dict) -> torch.Tensor:
         return add_pixel_delta(x, stamp_delta(fired, (3, 32, 32)), original.cc_spec)
 
-    _, summary, unlearn = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg, patch)
+    _, summary, unlearn, gate_trigger = scan_and_suspect(original, PlantedAllToAll().eval(), x, y, cfg, patch)
+    assert gate_trigger is patch  # a firing probe's trigger is what the distillation gate verifies against
     fired = summary["trigger"]
     assert fired["unlearned"] and fired["flip_rate_compact"] > 0.9 and (fired["kind"], fired["row"], fired["col"]) == ("patch", 0, 0)
     assert torch.equal(unlearn(x), stamped(fired))
     assert summary["all_to_all_suspected"] and summary["suspected_target"] is None  # no class to leave out
 
-    _, summary, unlearn = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg, patch)
+    _, summary, unlearn, _ = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y, cfg, patch)
     assert not summary["trigger"]["unlearned"] and summary["trigger"]["flip_rate_compact"] < 0.1
     assert unlearn is None or not torch.equal(unlearn(x), stamped(summary["trigger"]))
-    _, summary, unlearn = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y,
-                                           cfg.replace(patch_unlearn="always"), patch)
+    _, summary, unlearn, _ = scan_and_suspect(original, PlantedAllToAll(trigger=False).eval(), x, y,
+                                              cfg.replace(patch_unlearn="always"), patch)
     assert summary["trigger"]["unlearned"] and torch.equal(unlearn(x), stamped(summary["trigger"]))
-    _, summary, _ = scan_and_suspect(original, original, x, y, cfg, None)
+    _, summary, _, _ = scan_and_suspect(original, original, x, y, cfg, None)
     assert summary["trigger"] is None
 
 
@@ -1025,8 +1026,7 @@ class ConstantClassifier(nn.Module):
         return nn.functional.one_hot(torch.full((len(x),), self.label), self.cc_spec.num_classes).float()
 
 
-def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_longer_flips(monkeypatch):
-    import cc_core.pipeline as pipeline
+def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_longer_flips():
     from cc_core.pipeline import finetune_config, gated_teacher
     from cc_core.scan import patch_probe
 
@@ -1037,33 +1037,82 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
     assert cfg.kd_gate == "verified" and cfg.finetune.kd_weight > 0
     patch = patch_probe(backdoored, x, cfg.patch_probe)
     for teacher, opens, why in ((clean, True, None), (unfaithful, False, "gives only"), (backdoored, False, "still flips")):
-        monkeypatch.setattr(pipeline, "distillation_teacher", lambda cleaned, cfg, teacher=teacher: teacher)
-        got, record = gated_teacher(None, backdoored, cfg, x, patch)
-        assert (got is teacher) is opens and record["distill"] is opens
+        got, record = gated_teacher(teacher, backdoored, cfg, x, patch)
+        assert (got is teacher) is opens and record["distill"] is opens and record["verified_against"] == "patch"
         assert (record["reason"] is None) if opens else (why in record["reason"])
         assert finetune_config(cfg, got).kd_weight == (cfg.finetune.kd_weight if opens else 0.0)
         if teacher is not backdoored:
             assert record["teacher_trigger_flip_rate"] < 0.1
             assert (record["teacher_agreement"] == 1.0) is opens  # the clean model agrees away from the trigger
         # With a teacher fine-tune, an unverified teacher is fine-tuned first; a verified one is used as is.
-        got, record = gated_teacher(None, backdoored, cfg.replace(teacher_finetune={"lr": 3e-4}), x, patch)
+        got, record = gated_teacher(teacher, backdoored, cfg.replace(teacher_finetune={"lr": 3e-4}), x, patch)
         assert got is teacher and record["distill"] and record["teacher_finetune"] is not opens
         assert (record["reason"] is None) if opens else (why in record["reason"])
-    got, record = gated_teacher(None, backdoored, cfg, x, None)
+    got, record = gated_teacher(backdoored, backdoored, cfg, x, None)
     assert got is None and "found no trigger" in record["reason"] and record["teacher_trigger_flip_rate"] is None
-    got, record = gated_teacher(None, backdoored, cfg.replace(teacher_finetune={}), x, None)
+    got, record = gated_teacher(backdoored, backdoored, cfg.replace(teacher_finetune={}), x, None)
     assert got is backdoored and record["teacher_finetune"] and "found no trigger" in record["reason"]
-    got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always"), x, None)
+    got, record = gated_teacher(backdoored, backdoored, cfg.replace(kd_gate="always"), x, None)
     assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_finetune": False,
-                                            "teacher_trigger_flip_rate": None, "teacher_agreement": None, "reason": None,
-                                            "check": None}
-    got, record = gated_teacher(None, backdoored, cfg.replace(kd_gate="always", teacher_finetune={}), x, None)
+                                            "verified_against": None, "teacher_trigger_flip_rate": None,
+                                            "teacher_agreement": None, "teacher_undoes_mapping": None,
+                                            "reason": None, "check": None}
+    got, record = gated_teacher(backdoored, backdoored, cfg.replace(kd_gate="always", teacher_finetune={}), x, None)
     assert got is backdoored and record["teacher_finetune"] and record["reason"] is None
-    monkeypatch.undo()
-    got, record = gated_teacher(tiny_model(), backdoored, cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
+    got, record = gated_teacher(None, backdoored, cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
     assert got is None and not record["distill"] and record["reason"] is None  # not asked for: nothing to explain
     with pytest.raises(ConfigError, match="kd_gate must be one of"):
         cfg.replace(kd_gate="sometimes")
+
+
+def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class_is_faithful_under_an_all_to_all_trigger():
+    from cc_core.pipeline import gated_teacher, teacher_agreement
+    from cc_core.scan import all_to_all_suspected, trigger_report
+
+    pixels = _dim_images(64)
+    pixels[:10, :, :3, :3] = 1.0  # synthesis drew the trigger into 10 images: the original moves them on a class
+    x = (pixels - 0.5) / 0.25
+    backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
+    assert (backdoored(x).argmax(1) != clean(x).argmax(1)).sum() == 10
+    cfg = resolve_config("cpu", teacher_finetune=None)
+    patch = trigger_report(backdoored, x, {"kind": "patch", "row": 0, "col": 0, "size": 3, "value": 1.0}, 64)
+    assert patch["flip_rate"] > 0.8 and all_to_all_suspected(patch)
+    agreement, undone = teacher_agreement(clean, backdoored, x, patch)
+    assert agreement == pytest.approx(54 / 64) and undone == pytest.approx(10 / 64)
+    got, record = gated_teacher(clean, backdoored, cfg, x, patch)
+    assert got is clean and record["teacher_undoes_mapping"] == pytest.approx(10 / 64)
+    # The same disagreements under a trigger that sends everything to one class are lost fidelity.
+    all_to_one = patch | {"concentration": 1.0}
+    assert teacher_agreement(clean, backdoored, x, all_to_one) == (pytest.approx(54 / 64), 0.0)
+    got, record = gated_teacher(clean, backdoored, cfg, x, all_to_one)
+    assert got is None and "gives only 84.4%" in record["reason"]
+    # A teacher that moves them anywhere else is not excused either.
+    shifted = ConstantClassifier(clean.cc_spec, 2)
+    assert teacher_agreement(shifted, backdoored, x, patch)[1] < 10 / 64
+
+
+def test_with_no_probe_firing_the_gate_verifies_the_teacher_against_an_all_to_all_universal_perturbation():
+    from cc_core.pipeline import gated_teacher, scan_and_suspect
+    from cc_core.scan import apply_found_trigger, trigger_text
+
+    x = (_dim_images(64) - 0.5) / 0.25
+    backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
+    y = backdoored(x).argmax(1)
+    cfg = resolve_config("cpu", pgd={"steps": 2}, inversion={"steps": 60, "lr": 0.1, "l1": 0.05, "restarts": 2},
+                         teacher_finetune=None)
+    _, summary, unlearn, trigger = scan_and_suspect(backdoored, backdoored, x, y, cfg, None)
+    assert summary["all_to_all_suspected"] and summary["trigger"] is None  # the universal inversion, no probe
+    assert trigger["kind"] == "perturbation" and trigger["n"] == len(x) and trigger["flip_rate"] > 0.9
+    assert trigger_text(trigger) == "the universal inverted perturbation"
+    assert torch.equal(apply_found_trigger(x, trigger, backdoored.cc_spec), unlearn(x))  # the trigger it unlearns
+    got, record = gated_teacher(clean, backdoored, cfg, x, trigger)
+    assert got is clean and record["verified_against"] == "perturbation" and record["teacher_trigger_flip_rate"] < 0.1
+    got, record = gated_teacher(backdoored, backdoored, cfg, x, trigger)
+    assert got is None and record["reason"].startswith("the universal inverted perturbation still flips")
+    # Without a suspicion (nothing left out, nothing unlearned) no inversion runs: nothing to verify against.
+    _, summary, _, trigger = scan_and_suspect(backdoored, backdoored, x, y, cfg.replace(finetune={"unlearn_weight": 0.0},
+                                                                                         exclude_suspected_target=False), None)
+    assert summary is None and trigger is None
 
 
 def test_teacher_finetune_fine_tunes_the_teacher_with_the_students_recipe_before_the_student_distills(monkeypatch):
