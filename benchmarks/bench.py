@@ -310,11 +310,12 @@ def _distillation_text(record: dict | None) -> str:
     if not record["distill"]:
         return "off"
     flip = record.get("teacher_trigger_flip_rate", record.get("teacher_stamp_flip_rate"))  # rows before the warp probe
-    agreement = record.get("teacher_agreement")
+    agreement, undone = record.get("teacher_agreement"), record.get("teacher_undoes_mapping")
     trigger = "the universal perturbation" if record.get("verified_against") == "perturbation" else "the trigger"
+    undone_text = f" and gives {undone:.1%} the class the trigger maps to the original's" if undone else ""
     return ("yes" if flip is None else (f"yes ({trigger} flips {flip:.2f} on the teacher"
                                         + ("" if agreement is None else f", it agrees with the original on {agreement:.1%}")
-                                        + ")")) + checked
+                                        + undone_text + ")")) + checked
 
 
 def _patch_text(suspicion: dict) -> str:

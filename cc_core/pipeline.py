@@ -146,11 +146,13 @@ class DefendConfig:
     blend_probe: BlendProbeConfig | None = None
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
-    # teacher: "always", or "verified": only when a probe found a trigger and it flips <
-    # RESIDUAL_FLIP of the synthetic images on the teacher. Distillation pins the student to its
+    # teacher: "always", or "verified": only when a probe found a trigger (or the scan's universal
+    # inverted perturbation is all-to-all) and it flips < RESIDUAL_FLIP of the synthetic images on
+    # the teacher, which is faithful (gated_teacher). Distillation pins the student to its
     # teacher, backdoor included: it gave the zoo BadNet (whose teacher the probe verifies clean)
-    # +0.8 / +2.1 ACC points at 2x / 4x, and the zoo WaNet (no trigger found to verify against)
-    # its backdoor back (4x ASR 1.6 -> 84%, sweep_defend_distill{,2}.md).
+    # +0.8 / +2.1 ACC points at 2x / 4x, the all-to-all Blended model (verified against the
+    # perturbation) +4.7 / +10.7 and half its ASR (teacher_signals.md), and the zoo WaNet (no
+    # trigger found to verify against) its backdoor back (4x ASR 1.6 -> 84%, sweep_defend_distill{,2}.md).
     kd_gate: str = "always"
     # A teacher the gate does not verify (any, under "always") is fine-tuned first with the student's
     # recipe (the same images, class left out and unlearning; no distillation) and these fine-tune

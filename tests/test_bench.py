@@ -125,6 +125,12 @@ def test_distillation_column_says_what_the_distillation_check_kept():
         "0.43 / 0.40 with / without distillation)")
     assert _distillation_text(unverified | {"check": None}) == (
         "yes, from the teacher fine-tuned first (the probes found no trigger to verify the teacher against)")
+    universal = {"gate": "verified", "distill": True, "teacher_finetune": False, "verified_against": "perturbation",
+                 "teacher_trigger_flip_rate": 0.07, "teacher_agreement": 0.934, "teacher_undoes_mapping": 0.066,
+                 "reason": None, "check": None}
+    assert _distillation_text(universal) == (
+        "yes (the universal perturbation flips 0.07 on the teacher, it agrees with the original on 93.4% and gives "
+        "6.6% the class the trigger maps to the original's)")
 
 
 @pytest.mark.parametrize("table", list(bench.TABLES))
