@@ -62,7 +62,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is"), ({}, {})),
+                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check (a row that wants it sets it).
@@ -308,6 +308,12 @@ GRIDS = {
     "teacher_as_is": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("cpu preset", {}),
         ("distilled from the clipped teacher as is (ungated)", {"kd_gate": "always"}))],
+    # With its teacher verified, the all-to-all Blended student keeps 8.99 / 5.84% ASR at 2x / 4x, near
+    # its teacher's 6.94%: the unlearning of the universal inverted trigger, harder.
+    "unlearn_a2a": [(label, ratio, {}, ft) for ratio in (2.0, 4.0) for label, ft in (
+        ("cpu preset", {}),
+        ("unlearning weight 2", {"unlearn_weight": 2.0}),
+        ("unlearning weight 4", {"unlearn_weight": 4.0}))],
 }
 
 GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "
