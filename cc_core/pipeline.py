@@ -682,12 +682,11 @@ def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendCon
     synthetic images ``x``) must flip < RESIDUAL_FLIP of them on it, and it must give >=
     TEACHER_AGREEMENT of them the class ``original`` gives them or, for an all-to-all trigger, the
     class that trigger maps to it (teacher_agreement; a teacher the cleaning cost accuracy pulls the
-    student down with it). A teacher the gate does not verify (any, with
-    "always") is fine-tuned first when ``cfg.teacher_finetune`` is set (finetune_teacher) and
-    otherwise, under "verified", not used. The record: {"gate", "distill", "teacher_finetune" (the
-    teacher is to be fine-tuned first), "verified_against" (the trigger's kind; None when none),
-    "teacher_trigger_flip_rate", "teacher_agreement", "teacher_undoes_mapping" (None when not
-    measured), "reason" (why
+    student down with it). A teacher the gate does not verify (any, with "always") is fine-tuned
+    first when ``cfg.teacher_finetune`` is set (finetune_teacher) and otherwise, under "verified",
+    not used. The record: {"gate", "distill", "teacher_finetune" (the teacher is to be fine-tuned
+    first), "verified_against" (the trigger's kind; None when none), "teacher_trigger_flip_rate",
+    "teacher_agreement", "teacher_undoes_mapping" (None when not measured), "reason" (why
     "verified" did not verify the teacher; None otherwise), "check" (distill_check's record, filled
     in after the fine-tune when it runs)}."""
     record = {"gate": cfg.kd_gate, "distill": False, "teacher_finetune": False, "verified_against": None,
