@@ -11,7 +11,7 @@ model's teacher as the defense builds it, from the model's cached synthetic imag
 - the scan's universal inverted perturbation (made on the original): its flip rate on the original
   and on the teacher, and whether the scan calls it all-to-all;
 - the same inversion made afresh on the teacher: its flip rate and all-to-all verdict;
-- the probes' firing trigger, if any, and its flip rate on the teacher (what the gate checks now).
+- the probes' firing trigger, if any, and its flip rate on the teacher (what the gate checks when a probe fires).
 
 Run: python -m benchmarks.teacher_signals [--models blended-a2a wanet ...] [--recipe R]
 Writes benchmarks/results/teacher_signals[_R].{json,md}.
@@ -25,23 +25,17 @@ import torch
 from benchmarks.bench import RECIPES
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
-from cc_core.adversarial import predictions
 from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
-from cc_core.pipeline import channel_clean, distillation_teacher, probe_triggers, resolve_config
-from cc_core.scan import add_pixel_delta, all_to_all_suspected, flip_report, trigger_flip_rate, trigger_score, trigger_text
+from cc_core.pipeline import channel_clean, distillation_teacher, probe_triggers, resolve_config, teacher_agreement
+from cc_core.scan import (all_to_all_suspected, flip_report, perturbation_trigger, trigger_flip_rate, trigger_score,
+                          trigger_text)
 
 COMMAND = "python -m benchmarks.teacher_signals"
 DEFAULT_RECIPE = "cifar10-resnet18"
 DEFAULT_MODELS = ["badnet", "blended", "blended-a2a", "wanet", "inputaware-a2a"]
-
-
-def delta_flip_rate(model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> float:
-    """Fraction of ``x`` (N, C, H, W, normalized) whose class on ``model`` changes when the pixel
-    perturbation ``delta`` (1, C, H, W) is added."""
-    return float((predictions(model, add_pixel_delta(x, delta, model.cc_spec)) != predictions(model, x)).float().mean())
 
 
 def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
@@ -61,9 +55,9 @@ def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
     real = evaluate(teacher, test, attack)
     fired = trigger_score(found)
     return {"model": model_name(name, recipe), "channels_zeroed": info["n_pruned"], "teacher_acc": real["acc"], "teacher_asr": real["asr"],
-            "agreement": float((predictions(teacher, x) == predictions(original, x)).float().mean()),
+            "agreement": teacher_agreement(teacher, original, x, None)[0],
             "flip_rate_original": flip["flip_rate"], "all_to_all": all_to_all_suspected(flip),
-            "flip_rate_teacher": delta_flip_rate(teacher, x, delta),
+            "flip_rate_teacher": trigger_flip_rate(teacher, x, perturbation_trigger(flip, delta, len(x)), len(x)),
             "own_flip_rate": own_flip["flip_rate"], "own_all_to_all": all_to_all_suspected(own_flip),
             "trigger": trigger_text(found) if fired else None,
             "trigger_flip_rate_teacher": trigger_flip_rate(teacher, x, found, found["n"]) if fired else None}

@@ -406,7 +406,6 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
     candidate = distillation_teacher(cleaned, cfg)
-    original.to(device)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
         found = probe(x_syn)
@@ -595,7 +594,8 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     excluded = int((y == target).sum()) if target is not None else 0
     flip = suspicion["flip"]
     spec = original.cc_spec
-    delta = suspicion["trigger"] if cfg.unlearn_scope == "any" or all_to_all_suspected(flip) else None
+    universal = suspicion["trigger"] if all_to_all_suspected(flip) else None
+    delta = suspicion["trigger"] if cfg.unlearn_scope == "any" else universal
     unlearn = (lambda images: add_pixel_delta(images, delta, spec)) if delta is not None else None
     fired = None
     if trigger_score(found):
@@ -607,7 +607,6 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
             unlearn = lambda images: apply_found_trigger(images, found, spec)  # noqa: E731
     summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, flip,
                                 suspicion["all_to_all"], fired)
-    universal = suspicion["trigger"] if all_to_all_suspected(flip) else None
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, universal, len(x))
 
 
@@ -725,7 +724,7 @@ def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tens
     return out
 
 
-def teacher_agreement(teacher: nn.Module, original: nn.Module, x: torch.Tensor, found: dict) -> tuple[float, float]:
+def teacher_agreement(teacher: nn.Module, original: nn.Module, x: torch.Tensor, found: dict | None) -> tuple[float, float]:
     """(agreement, undone) on synthetic images ``x`` (N, C, H, W): the fraction the teacher gives
     the class ``original`` gives them, and the fraction it gives instead the class the trigger
     ``found`` maps to the original's, when that trigger is all-to-all (its mapping measured on
