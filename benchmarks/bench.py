@@ -36,8 +36,9 @@ from cc_core.pipeline import defend, defend_baseline, export_checked_onnx, resol
 
 ROWS_DIR = RESULTS / "bench"
 RESULTS_MD = RESULTS.parent / "RESULTS.md"
+DEFAULT_RECIPE = "cifar10-resnet18"  # the zoo's RECIPE, the recipe a benchmark script measures unless told
 RECIPES = {
-    "cifar10-resnet18": RECIPE,
+    DEFAULT_RECIPE: RECIPE,
     "gtsrb-resnet18": RECIPE | {"dataset": "gtsrb"},
     "cifar10-vgg19_bn": RECIPE | {"arch": "vgg19_bn"},
     "cifar10-mobilenet_v2": RECIPE | {"arch": "mobilenet_v2", "width": 0.5},

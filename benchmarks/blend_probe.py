@@ -1,8 +1,8 @@
 """Does the blend probe find a blend trigger on synthetic images, and stay quiet where there is none?
 
 Run: python -m benchmarks.blend_probe [--attacks blended-a2a blended badnet wanet inputaware-a2a]
-     [--alphas 0.1 0.2] [--seeds 0] [--name blend_probe]
-     (writes benchmarks/results/NAME.{json,md})
+     [--alphas 0.1 0.2] [--seeds 0] [--recipe R] [--name blend_probe]
+     (writes benchmarks/results/NAME.{json,md}; NAME_R for another recipe than the default)
 For each zoo model (trained if not cached): the synthetic images the `cpu` preset makes (shared with
 the bench rows and sweeps through the synthetic cache), and on them, for each probe opacity and
 seed, the blend probe's best pattern (cc_core.scan.blend_probe): its flip rate, where the flips go,
@@ -21,6 +21,7 @@ import time
 import torch
 
 from benchmarks.common import machine, shared_synthetic, write_results
+from benchmarks.bench import DEFAULT_RECIPE, RECIPES
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.attacks.base import load_attack
@@ -46,10 +47,11 @@ def pattern_correlation(found: dict, true: dict) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
-def measure(attack_name: str, alphas: list[float], seeds: list[int]) -> list[dict]:
-    directory = ensure_model(attack_name)
+def measure(attack_name: str, alphas: list[float], seeds: list[int], recipe_name: str = DEFAULT_RECIPE) -> list[dict]:
+    recipe = RECIPES[recipe_name]
+    directory = ensure_model(attack_name, recipe)
     model, attack = load_model(directory / "model.safetensors").eval(), load_attack(directory)
-    x = shared_synthetic(model_name(attack_name), model, resolve_config("cpu").synth)[0].cpu()
+    x = shared_synthetic(model_name(attack_name, recipe), model, resolve_config("cpu").synth)[0].cpu()
     target = attack.target if attack is not None and not attack.all_to_all else None
     true = true_blend(attack)
     rows = []
@@ -62,7 +64,7 @@ def measure(attack_name: str, alphas: list[float], seeds: list[int]) -> list[dic
             true_rate = None
             if true is not None:
                 true_rate = trigger_flip_rate(model, x, true | {"alpha": alpha}, cfg.n)
-            rows.append({"model": model_name(attack_name), "attack": attack.label, "alpha": alpha, "seed": seed,
+            rows.append({"model": model_name(attack_name, recipe), "attack": attack.label, "alpha": alpha, "seed": seed,
                          "flip_rate": found["flip_rate"], "fires": bool(blend_score(found)),
                          "pull_class": found["pull_class"], "target_class_estimate": found["target_class_estimate"],
                          "concentration": found["concentration"], "mapping_consistency": found["mapping_consistency"],
@@ -108,12 +110,14 @@ def main() -> None:
                         help="zoo models (trained if not cached)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[BlendProbeConfig().alpha], help="probe opacities")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="probe seeds")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
     parser.add_argument("--name", default="blend_probe", help="results file name under benchmarks/results")
     args = parser.parse_args()
-    rows = [row for attack in args.attacks for row in measure(attack, args.alphas, args.seeds)]
+    rows = [row for attack in args.attacks for row in measure(attack, args.alphas, args.seeds, args.recipe)]
     result = {"command": COMMAND, "argv": sys.argv[1:], "probe": dataclasses.asdict(BlendProbeConfig()),
               "threshold": BLEND_THRESHOLD, "machine": machine(), "rows": rows}
-    print(*write_results(args.name, result, markdown(result)), sep="\n")
+    name = args.name + ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}")
+    print(*write_results(name, result, markdown(result)), sep="\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.bench import RECIPES, distill_check_flips
+from benchmarks.bench import DEFAULT_RECIPE, RECIPES, distill_check_flips
 from benchmarks.blend_probe import true_blend
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
@@ -31,7 +31,6 @@ from cc_core.scan import BlendProbeConfig, trigger_report
 from cc_core.synth import SynthConfig
 
 COMMAND = "python -m benchmarks.sweep_defend"
-DEFAULT_RECIPE = "cifar10-resnet18"
 DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB"}
 PAPER = {"channel_u": None}  # the paper's C&C: singular-value clipping is the only clean step
 ENERGY = {"compact": {"rank_strategy": "energy"}}

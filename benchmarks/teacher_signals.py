@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench import RECIPES
+from benchmarks.bench import DEFAULT_RECIPE, RECIPES
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core.attacks import load_attack
@@ -34,7 +34,6 @@ from cc_core.scan import (all_to_all_suspected, flip_report, perturbation_trigge
                           trigger_text)
 
 COMMAND = "python -m benchmarks.teacher_signals"
-DEFAULT_RECIPE = "cifar10-resnet18"
 DEFAULT_MODELS = ["badnet", "blended", "blended-a2a", "wanet", "inputaware-a2a"]
 
 
