@@ -23,7 +23,7 @@ from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
 from cc_core.fileio import git_commit
-from cc_core.finetune import FinetuneConfig, finetune
+from cc_core.finetune import FinetuneConfig, finetune, guard_text, guarded_finetune
 from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
@@ -415,7 +415,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
-    teacher, distillation = gated_teacher(candidate, original, cfg, x_syn, verify_against)
+    teacher, distillation = gated_teacher(candidate, original, cfg, x_syn, verify_against, x_ft)
     teacher = teacher.to(device) if teacher is not None else None
     if text := distillation_text(distillation):
         log(f"[defend] {text}")
@@ -463,8 +463,10 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     start = time.perf_counter()
     ft_cfg = finetune_config(cfg, teacher)
     undistilled = copy.deepcopy(new) if needs_distill_check(cfg, distillation) else None
-    history = finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger,
-                       left_out_class=left_out)
+    history, guard = guarded_finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger,
+                                      left_out_class=left_out)
+    if text := guard_text(guard):
+        log(f"[defend] {text}")
     if cfg.resynthesize_suspected_target == "finetuned" and excluded:
         x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
         exclusion["synthetic_resynthesized"] = len(y_new)
@@ -476,11 +478,12 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
     if undistilled is not None:
         start = time.perf_counter()
-        undistilled_history = finetune(undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None),
-                                       progress=progress, x_trigger=x_trigger, left_out_class=left_out)
+        undistilled_history, undistilled_guard = guarded_finetune(
+            undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None), progress=progress, x_trigger=x_trigger,
+            left_out_class=left_out)
         distillation["check"] = check = distill_check(new, undistilled, x_syn, cfg.distill_check)
         if not check["kept"]:
-            new, history = undistilled, undistilled_history
+            new, history, guard = undistilled, undistilled_history, undistilled_guard
         timings["distill_check"] = time.perf_counter() - start
         log(f"[defend] {distill_check_text(check)} ({timings['distill_check']:.1f} s)")
 
@@ -495,7 +498,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
     report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
-                         history, synth_log, device, channel_info, exclusion, distillation)
+                         history, synth_log, device, channel_info, exclusion, distillation, guard)
     timings["total"] = time.perf_counter() - t_start
     return DefendResult(new, report, plan)
 
@@ -673,15 +676,17 @@ def trigger_clean_text(info: dict) -> str:
 
 
 def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
-                  found: dict | None = None) -> tuple[nn.Module | None, dict]:
+                  found: dict | None = None, x_distill: torch.Tensor | None = None) -> tuple[nn.Module | None, dict]:
     """The teacher the fine-tune distills from: ``teacher`` (distillation_teacher's; None when
     there is no distillation) or None when the gate closes. With ``cfg.kd_gate`` "verified" the
     teacher must be clean and faithful: the trigger it is verified against (``found``, gate_trigger's:
     a probe's stamp, field or pattern, or an all-to-all universal perturbation, measured on the
     synthetic images ``x``) must flip < RESIDUAL_FLIP of them on it, and it must give >=
-    TEACHER_AGREEMENT of them the class ``original`` gives them or, for an all-to-all trigger, the
-    class that trigger maps to it (teacher_agreement; a teacher the cleaning cost accuracy pulls the
-    student down with it). A teacher the gate does not verify (any, with "always") is fine-tuned
+    TEACHER_AGREEMENT of the images the student is distilled on (``x_distill``, default ``x``: the
+    synthetic images less the suspected target's, which carry the trigger and which a clean teacher
+    takes out of the target class) the class ``original`` gives them or, for an all-to-all trigger,
+    the class that trigger maps to it (teacher_agreement; a teacher the cleaning cost accuracy pulls
+    the student down with it). A teacher the gate does not verify (any, with "always") is fine-tuned
     first when ``cfg.teacher_finetune`` is set (finetune_teacher) and otherwise, under "verified",
     not used. The record: {"gate", "distill", "teacher_finetune" (the teacher is to be fine-tuned
     first), "verified_against" (the trigger's kind; None when none), "teacher_trigger_flip_rate",
@@ -694,16 +699,17 @@ def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendCon
     if teacher is None:
         return None, record
     if cfg.kd_gate == "verified":
-        record |= verify_teacher(teacher, original, x, found)
+        record |= verify_teacher(teacher, original, x, found, x_distill)
         if record["reason"] and cfg.teacher_finetune is None:
             return None, record
     return teacher, record | {"distill": True, "teacher_finetune": cfg.teacher_finetune is not None
                               and (cfg.kd_gate == "always" or record["reason"] is not None)}
 
 
-def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tensor | None, found: dict | None) -> dict:
+def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tensor | None, found: dict | None,
+                   x_distill: torch.Tensor | None = None) -> dict:
     """The "verified" gate's measurements of ``teacher`` (see gated_teacher; it may be None when
-    there is no trigger to verify it against): {"verified_against" (the trigger's kind),
+    there is no trigger to verify it against; the agreement on ``x_distill``, default ``x``): {"verified_against" (the trigger's kind),
     "teacher_trigger_flip_rate", "teacher_agreement", "teacher_undoes_mapping" (teacher_agreement's),
     "reason": why it is not verified, None when it is}."""
     out = {"verified_against": None, "teacher_trigger_flip_rate": None, "teacher_agreement": None,
@@ -715,11 +721,11 @@ def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tens
     out["teacher_trigger_flip_rate"] = flip = trigger_flip_rate(teacher, x, found, found["n"])
     if flip >= RESIDUAL_FLIP:
         return out | {"reason": f"{trigger_name(found)} still flips {flip:.0%} of the synthetic images on the teacher"}
-    agreement, undone = teacher_agreement(teacher, original, x, found)
+    agreement, undone = teacher_agreement(teacher, original, x if x_distill is None else x_distill, found)
     out |= {"teacher_agreement": agreement, "teacher_undoes_mapping": undone}
     if agreement + undone < TEACHER_AGREEMENT:
         undone_text = f" (and {undone:.1%} the class the trigger maps to it)" if undone else ""
-        return out | {"reason": f"the teacher gives only {agreement:.1%} of the synthetic images the original's class"
+        return out | {"reason": f"the teacher gives only {agreement:.1%} of the distilled synthetic images the original's class"
                                 f"{undone_text} (< {TEACHER_AGREEMENT:.0%})"}
     return out
 
@@ -816,8 +822,9 @@ def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | N
 def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, metrics: dict,
                 scan_before: dict | None, scan_after: dict | None, timings: dict, history: list,
                 synth_log: dict, device, channel_info: dict, exclusion: dict | None = None,
-                distillation: dict | None = None) -> dict:
-    """The ``cleancompact.report/1`` dict of a C&C run (``onnx`` is filled in by the export)."""
+                distillation: dict | None = None, finetune_guard: dict | None = None) -> dict:
+    """The ``cleancompact.report/1`` dict of a C&C run (``onnx`` is filled in by the export;
+    ``finetune_guard``: the kept student's guarded_finetune record)."""
     spec = original.cc_spec
     return {
         "format": REPORT_FORMAT,
@@ -837,6 +844,7 @@ def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, me
         "onnx": None,
         "timings_s": timings,
         "finetune_history": history,
+        "finetune_guard": finetune_guard,
         "synth": synth_log,
         "environment": environment(device),
     }

@@ -171,7 +171,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     finetune_data = (synthetic, adversarial["files"].get("adversarial"))
     suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
     gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, synthetic, cfg,
-                                         adversarial["gate_trigger"])
+                                         adversarial["gate_trigger"], suspected)
     teacher, teacher_tuned = gated["files"].get("teacher"), None
     if gated["distillation"]["teacher_finetune"]:
         teacher_tuned = steps.teacher_finetune_task(run, teacher, *finetune_data, cfg, suspected, trigger_file)
@@ -207,7 +207,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
     report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
                          evaluated["histogram_after"], timings, student["history"], synth_log, cfg.device,
-                         compacted["channel_clean"], adversarial["exclusion"], distillation)
+                         compacted["channel_clean"], adversarial["exclusion"], distillation, student["guard"])
     report["onnx"] = exported["onnx"]
     report["steps"] = evaluated["steps"]
     report["source"] = source

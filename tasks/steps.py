@@ -326,23 +326,26 @@ def _finetune_data(synthetic_file: str, adversarial_file: str | None, trigger_fi
 
 @task(name="distillation-gate", **COMPUTE)
 def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_file: str, synthetic_file: str, cfg,
-                           trigger: dict | None) -> dict:
+                           trigger: dict | None, excluded_class: int | None = None) -> dict:
     """Whether the fine-tune distills from the clipped teacher (``teacher_file``; None without
     distillation): cc_core.pipeline.gated_teacher, verifying it against ``trigger`` (the adversarial
-    step's gate trigger) on the synthetic images. Returns the gate's record and, when it opens, the
-    teacher's file."""
-    from cc_core.pipeline import distillation_text, gated_teacher
+    step's gate trigger) on the synthetic images, its agreement on those the fine-tune keeps (all but
+    ``excluded_class``'s). Returns the gate's record and, when it opens, the teacher's file."""
+    from cc_core.pipeline import distillation_text, exclude_class, gated_teacher
 
     def compute() -> dict:
         device = _device(cfg)
         teacher = _load(teacher_file).to(device) if teacher_file is not None else None
-        x = _load_tensors(synthetic_file)["x"].to(device)
-        gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger)
+        t = _load_tensors(synthetic_file)
+        x, y = t["x"].to(device), t["y"].to(device)
+        x_distill = exclude_class(x, y, excluded_class)[0]
+        gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill)
         return {"files": {"teacher": teacher_file} if gated is not None else {}, "distillation": record}
 
     out = _cached(run, "distillation_gate", {"teacher": teacher_file, "original": original_file,
                                              "synthetic": synthetic_file, "kd_gate": cfg.kd_gate,
-                                             "teacher_finetune": cfg.teacher_finetune, "trigger": trigger}, compute)
+                                             "teacher_finetune": cfg.teacher_finetune, "trigger": trigger,
+                                             "excluded_class": excluded_class}, compute)
     record = out["distillation"]
     if record["teacher_trigger_flip_rate"] is not None:
         log_metrics(run, {"teacher_trigger_flip_rate": record["teacher_trigger_flip_rate"]}
@@ -390,7 +393,7 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
     trigger) data, without the synthetic images labelled ``excluded_class``. A ``variant`` (e.g.
     "undistilled", the distillation check's other student) keeps its file, step record and metrics
     apart: <work dir>/<variant>/finetuned.safetensors, metrics finetune_<variant>.*."""
-    from cc_core.finetune import finetune
+    from cc_core.finetune import COLLAPSE_ACC, COLLAPSE_GRAD_NORM, guard_text, guarded_finetune
     from cc_core.io import save_model
     from cc_core.pipeline import finetune_config
 
@@ -400,21 +403,25 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
                                                           excluded_class, device)
         teacher = _load(teacher_file).to(device) if teacher_file else None
         model = _load(compact_file).to(device)
-        history = finetune(model, x, y, x_adv, teacher, finetune_config(cfg, teacher), progress=False, x_trigger=x_trigger,
-                           left_out_class=left_out)
+        history, guard = guarded_finetune(model, x, y, x_adv, teacher, finetune_config(cfg, teacher), progress=False,
+                                          x_trigger=x_trigger, left_out_class=left_out)
         path = (run.path / variant if variant else run.path) / "finetuned.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(model.cpu().eval(), path)
-        return {"files": {"model": str(path)}, "history": history}
+        return {"files": {"model": str(path)}, "history": history, "guard": guard}
 
     step = f"finetune_{variant}" if variant else "finetune"
     out = _cached(run, step, {"compact": compact_file, "synthetic": synthetic_file,
                                     "adversarial": adversarial_file, "trigger": trigger_file, "teacher": teacher_file,
-                                    "finetune": cfg.finetune.to_dict(), "excluded_class": excluded_class}, compute)
+                                    "finetune": cfg.finetune.to_dict(), "excluded_class": excluded_class,
+                                    "collapse_guard": [COLLAPSE_ACC, COLLAPSE_GRAD_NORM]}, compute)
     for epoch, row in enumerate(out["history"]):
         log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, f"{step}.", step=epoch)
     log_metrics(run, {step: out["seconds"]}, "time.")
+    log_metrics(run, {"synthetic_fit": out["guard"]["synthetic_fit"]}, f"{step}.")
     get_run_logger().info(f"fine-tuned{f' ({variant})' if variant else ''} in {out['seconds']:.1f} s")
+    if text := guard_text(out["guard"]):
+        get_run_logger().warning(text)
     return out
 
 

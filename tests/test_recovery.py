@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cc_core.finetune as ft
 from cc_core import build_model, clean_compact, save_model
 from cc_core.adversarial import PGDConfig, concentration, pgd
 from cc_core.device import precision
@@ -183,6 +184,78 @@ def test_finetune_lowers_its_loss_and_keeps_bn_statistics():
     assert torch.equal(model.bn1.running_mean, running)
     with pytest.raises(ConfigError, match="needs a teacher"):
         finetune(model, x, y, x, None, FinetuneConfig(kd_weight=1.0), progress=False)
+
+
+def _step_change(max_grad_norm: float | None) -> float:
+    """The L2 norm of the weight change one fine-tune step makes on a tiny model (no weight decay)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % model.cc_spec.num_classes
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    finetune(model, x, y, None, None, FinetuneConfig(epochs=1, batch_size=16, lr=0.1, adv_weight=0, weight_decay=0.0,
+                                                     augment=False, mixed_precision=False,
+                                                     max_grad_norm=max_grad_norm), progress=False)
+    return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+
+
+def test_gradient_clipping_bounds_the_step_by_the_norm():
+    free = _step_change(None)
+    # SGD with Nesterov momentum 0.9 moves the first step by lr * (1 + 0.9) * the clipped gradient.
+    assert _step_change(1e-3) == pytest.approx(0.1 * 1.9 * 1e-3, rel=1e-3)
+    assert free > 10 * 0.1 * 1.9 * 1e-3
+    assert _step_change(1e6) == pytest.approx(free)  # a norm above the gradient's changes nothing
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="max_grad_norm must be > 0"):
+            FinetuneConfig(max_grad_norm=bad)
+
+
+def _guard_run(monkeypatch, collapse_acc: float, cfg: FinetuneConfig):
+    from cc_core import finetune as ft
+
+    monkeypatch.setattr(ft, "COLLAPSE_ACC", collapse_acc)
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % model.cc_spec.num_classes
+    history, record = ft.guarded_finetune(model, x, y, None, None, cfg, progress=False)
+    return model, history, record, (x, y)
+
+
+def test_a_fine_tune_that_fits_its_images_is_not_touched_by_the_collapse_guard(monkeypatch):
+    from cc_core.finetune import synthetic_fit
+
+    cfg = FinetuneConfig(epochs=3, batch_size=16, lr=0.05, adv_weight=0)
+    guarded, history, record, (x, y) = _guard_run(monkeypatch, 0.0, cfg)
+    torch.manual_seed(0)
+    plain = tiny_model()
+    assert finetune(plain, x, y, None, None, cfg, progress=False) == history
+    assert all(torch.equal(a, b) for a, b in zip(guarded.state_dict().values(), plain.state_dict().values()))
+    assert record == {"synthetic_fit": synthetic_fit(plain, x, y), "collapsed": False, "retry_max_grad_norm": None,
+                      "synthetic_fit_retry": None}
+
+
+def test_a_collapsed_fine_tune_runs_again_from_the_same_start_with_clipped_gradients(monkeypatch):
+    from cc_core.finetune import COLLAPSE_GRAD_NORM, guard_text, synthetic_fit
+
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, adv_weight=0)
+    # A bar no student reaches makes every run a collapse: the second run is the clipped one.
+    guarded, history, record, (x, y) = _guard_run(monkeypatch, 1.01, cfg)
+    torch.manual_seed(0)
+    clipped = tiny_model()
+    clipped_history = finetune(clipped, x, y, None, None, dataclasses.replace(cfg, max_grad_norm=COLLAPSE_GRAD_NORM),
+                               progress=False)
+    assert record["collapsed"] and record["retry_max_grad_norm"] == COLLAPSE_GRAD_NORM
+    assert record["synthetic_fit_retry"] == synthetic_fit(clipped, x, y)
+    if record["synthetic_fit_retry"] >= record["synthetic_fit"]:
+        assert history == clipped_history
+        assert all(torch.equal(a, b) for a, b in zip(guarded.state_dict().values(), clipped.state_dict().values()))
+        assert "the clipped run is kept" in guard_text(record)
+    else:
+        assert synthetic_fit(guarded, x, y) == record["synthetic_fit"] and "the first run is kept" in guard_text(record)
+    # A fine-tune that clips already is not run again; nor is one with nothing to train.
+    _, _, record, _ = _guard_run(monkeypatch, 1.01, dataclasses.replace(cfg, max_grad_norm=1.0))
+    assert record["collapsed"] and record["retry_max_grad_norm"] is None and "collapsed" in guard_text(record)
+    _, history, record, _ = _guard_run(monkeypatch, 1.01, dataclasses.replace(cfg, epochs=0))
+    assert history == [] and not record["collapsed"] and guard_text(record) == ""
 
 
 def test_masked_cross_entropy_is_cross_entropy_over_the_other_classes_and_leaves_that_logit_alone():
@@ -656,7 +729,7 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     import cc_core.scan as scan_module
 
     seen = {}
-    real_finetune = pipeline.finetune
+    real_finetune = ft.finetune
 
     def recording_finetune(model, x, y, *args, **kwargs):
         seen["labels"] = y.tolist()
@@ -664,7 +737,9 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
         return real_finetune(model, x, y, *args, **kwargs)
 
     monkeypatch.setattr(scan_module, "flagged_target", lambda *a: target)
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)  # the second round's (resynthesis "finetuned")
+    monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one run a fine-tune, whatever the tiny model fits
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     # No teacher fine-tune: only the student's fine-tune is recorded (test_teacher_finetune_... checks that
     # the teacher's leaves the same class out).
@@ -747,7 +822,7 @@ def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_s
     import cc_core.scan as scan_module
 
     seen = {}
-    real_finetune, real_synthesize = pipeline.finetune, pipeline.synthesize
+    real_finetune, real_synthesize = ft.finetune, pipeline.synthesize
 
     def recording_finetune(model, x, y, *args, **kwargs):
         seen["labels"] = y.tolist()
@@ -758,7 +833,7 @@ def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_s
         return real_synthesize(model, cfg, *args, student=student, **kwargs)
 
     monkeypatch.setattr(scan_module, "flagged_target", lambda *a: 1)
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
     monkeypatch.setattr(pipeline, "synthesize", recording_synthesize)
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     for weight in (1.0, 0.0):
@@ -992,13 +1067,13 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_cla
                  "target_class_estimate": 1},
         "trigger": delta, "patch": None, "all_to_all": concentration < 0.5})
     seen = {}
-    real_finetune = pipeline.finetune
+    real_finetune = ft.finetune
 
     def recording_finetune(model, x, y, *args, x_trigger=None, **kwargs):
         seen["x"], seen["x_trigger"] = x, x_trigger
         return real_finetune(model, x, y, *args, x_trigger=x_trigger, **kwargs)
 
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     cfg = _tiny_cfg().replace(unlearn_scope=scope, finetune={"unlearn_weight": 1.0})
     r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
@@ -1091,6 +1166,30 @@ def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class
     assert teacher_agreement(shifted, backdoored, x, patch)[1] < 10 / 64
 
 
+def test_the_gate_measures_agreement_on_the_images_the_student_is_distilled_on():
+    from cc_core.pipeline import gated_teacher
+    from cc_core.scan import trigger_report
+
+    pixels = _dim_images(64)
+    pixels[:10, :, :3, :3] = 1.0  # images synthesized towards the suspected target carry its trigger...
+    x = (pixels - 0.5) / 0.25
+    backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
+    cfg = resolve_config("cpu", teacher_finetune=None)
+    stamp = trigger_report(backdoored, x, {"kind": "patch", "row": 0, "col": 0, "size": 3, "value": 1.0}, 64)
+    all_to_one = stamp | {"concentration": 1.0}
+    got, record = gated_teacher(clean, backdoored, cfg, x, all_to_one)
+    assert got is None and "gives only 84.4%" in record["reason"]
+    # ...and are left out of the fine-tune: on the rest the clean teacher agrees everywhere.
+    got, record = gated_teacher(clean, backdoored, cfg, x, all_to_one, x[10:])
+    assert got is clean and record["teacher_agreement"] == 1.0 and record["reason"] is None
+    # The trigger's flip rate is still measured on all of them.
+    assert record["teacher_trigger_flip_rate"] == gated_teacher(clean, backdoored, cfg, x, all_to_one)[1][
+        "teacher_trigger_flip_rate"]
+    # A teacher unfaithful on the distilled images is refused whatever is left out.
+    got, record = gated_teacher(ConstantClassifier(clean.cc_spec, 2), backdoored, cfg, x, all_to_one, x[10:])
+    assert got is None and "gives only" in record["reason"]
+
+
 def test_with_no_probe_firing_the_gate_verifies_the_teacher_against_an_all_to_all_universal_perturbation():
     from cc_core.pipeline import gated_teacher, scan_and_suspect
     from cc_core.scan import apply_found_trigger, trigger_text
@@ -1123,14 +1222,16 @@ def test_teacher_finetune_fine_tunes_the_teacher_with_the_students_recipe_before
     from cc_core.data import ImageData
 
     calls = []
-    real_finetune = pipeline.finetune
+    real_finetune = ft.finetune
 
     def recording_finetune(model, x, y, x_adv, teacher, cfg, **kwargs):
         calls.append({"model": model, "teacher": teacher, "cfg": cfg, "n": len(y),
                       "left_out": kwargs.get("left_out_class"), "weights": copy.deepcopy(model.state_dict())})
         return real_finetune(model, x, y, x_adv, teacher, cfg, **kwargs)
 
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)  # the teacher's fine-tune
+    monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
+    monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one student run, whatever the tiny model fits
     rng = np.random.default_rng(0)
     data = ImageData(rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8), np.arange(40) % 4, ["a", "b", "c", "d"])
     cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check=None)
@@ -1358,7 +1459,7 @@ def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypat
     import cc_core.pipeline as pipeline
 
     students = []
-    real_finetune = pipeline.finetune
+    real_finetune = ft.finetune
 
     def recording_finetune(model, x, y, x_adv, teacher, cfg, **kwargs):
         students.append((model, teacher))
@@ -1369,7 +1470,9 @@ def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypat
     def forced_check(distilled, undistilled, x, cfg):
         return real_check(distilled, undistilled, x, cfg) | {"kept": kept}
 
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(pipeline, "finetune", recording_finetune)  # the teacher's fine-tune
+    monkeypatch.setattr(ft, "finetune", recording_finetune)  # the students', through guarded_finetune
+    monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one run a student, whatever the tiny model fits
     monkeypatch.setattr(pipeline, "distill_check", forced_check)
     cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check={"steps": 5, "batch_size": 16},
                     inversion={"steps": 5, "restarts": 1, "batch_size": 16}).replace(warp_probe=None)
