@@ -41,9 +41,9 @@ weights need no re-estimated statistics.
 ``max_grad_norm`` rescales each step's gradient (all parameters together) to at most that L2
 norm. ``guarded_finetune`` runs the fine-tune and checks the student still fits its own
 synthetic images; a student that fits fewer than COLLAPSE_ACC of them has collapsed (the first
-steps' gradients can be large enough to wreck a heavily compacted student: on the zoo Blended
-model at 4x with a distillation teacher, 63 against at most 28 without one, and every image then
-went to one class), and the fine-tune is run again from the same start with its gradients clipped.
+steps' gradients can be large enough to wreck a heavily compacted student, after which every
+image goes to one class), and the fine-tune is run again from the same start with its gradients
+clipped.
 """
 from __future__ import annotations
 
@@ -65,10 +65,10 @@ from cc_core.errors import ConfigError
 
 
 # guarded_finetune: a student fitting fewer of its own synthetic images than this has collapsed
-# (a healthy one fits nearly all: its synthetic CE ends near 0.01); the run again clips its
-# gradients to this norm. On the zoo Blended model at 4x (blend probe on, distilled) the first
-# step's gradient norm was 63 and every image went to one class (10.00% ACC); clipped at 10 the
-# same fine-tune gave 77.63 / 2.46 (benchmarks/results/sweep_defend_blend_teacher.md).
+# (a healthy one fits nearly all; the bench rows record the fit); the run again clips its
+# gradients to this norm. On the zoo Blended model at 4x (blend probe on, distilled) every real
+# test image went to one class (10.00% ACC, sweep_defend_blend_teacher.md); the bench row with the
+# guard is in benchmarks/RESULTS.md.
 COLLAPSE_ACC = 0.5
 COLLAPSE_GRAD_NORM = 10.0
 

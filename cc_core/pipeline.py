@@ -139,10 +139,11 @@ class DefendConfig:
     warp_probe: WarpProbeConfig | None = None
     # The blend probe (cc_core.scan.blend_probe; None: off), run when neither a stamp nor a field
     # fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images into one
-    # class (or each class to its own) is a blend trigger (Blended), used as a firing stamp is. Off
-    # in the presets: on the zoo Blended model it takes C&C 2x from 81.20 / 15.33 to 79.72 / 1.81, but
-    # 4x from 75.30 / 1.40 to 69.93 / 0.13 (sweep_defend_blend.md); it fired on none of the four other
-    # zoo models measured (blend_probe.md).
+    # class (or each class to its own) is a blend trigger (Blended), used as a firing stamp is. On in
+    # the presets: on the zoo Blended model its channel-cleaned teacher passes the gate and C&C goes
+    # from 81.20 / 15.33 to 82.00 / 2.51 at 2x and from 75.30 / 1.40 to 77.63 / 2.46 at 4x
+    # (sweep_defend_blend_teacher.md; undistilled, 79.72 / 1.81 and 69.93 / 0.13, sweep_defend_blend.md);
+    # it fired on none of the other zoo models that reach it (blend_probe{,_rest}.md).
     blend_probe: BlendProbeConfig | None = None
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
@@ -275,13 +276,13 @@ PRESETS: dict[str, DefendConfig] = {
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified"),
+        kd_gate="verified", blend_probe=BlendProbeConfig()),
     "paper": DefendConfig(
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified"),
+        kd_gate="verified", blend_probe=BlendProbeConfig()),
 }
 
 

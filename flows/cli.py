@@ -282,14 +282,14 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["teacher_finetune"] = None
     if args.distill_check is not None:
         overrides["distill_check"] = args.distill_check
-    if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe and not args.blend_probe):
+    if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe and args.no_blend_probe):
         overrides["trigger_channel_u"] = None
     if args.no_patch_probe:
         overrides["patch_probe"] = None
     if args.warp_probe:
         overrides["warp_probe"] = {}
-    if args.blend_probe:
-        overrides["blend_probe"] = {}
+    if args.no_blend_probe:
+        overrides["blend_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     if args.competition_samples is not None:
         if args.competition_samples < 1:
@@ -541,14 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
                         "(cpu preset), whenever it fires, or never")
     p.add_argument("--no-patch-probe", action="store_true",
-                   help="scan without the patch probe (and so, without --warp-probe or --blend-probe, without the "
-                        "trigger channel clean)")
+                   help="scan without the patch probe (and so, without --warp-probe and with --no-blend-probe, "
+                        "without the trigger channel clean)")
     p.add_argument("--warp-probe", action="store_true",
                    help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
                         "(off in the presets: on the zoo WaNet it cost ACC at 4x; docs/PRESET.md)")
-    p.add_argument("--blend-probe", action="store_true",
-                   help="also probe for a blend trigger (a pattern mixed in at opacity 0.2) when no stamp or warp "
-                        "fires, and use its pattern as a stamp is used (off in the presets; docs/PRESET.md)")
+    p.add_argument("--no-blend-probe", action="store_true",
+                   help="do not probe for a blend trigger (a pattern mixed in at opacity 0.2) when no stamp or warp "
+                        "fires (on in the presets, ~40 s on 2 CPU cores; docs/PRESET.md)")
     p.add_argument("--trigger-channel-u", type=float,
                    help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
     p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")

@@ -16,7 +16,7 @@ TINY_PATCH_PROBE = {"sizes": [3], "stride": 4, "screen": 4, "finalists": 2, "n":
 TINY = {"tau": 3.0, "compact": {"rank_multiple": 4},
         "synth": {"n_samples": 32, "batch_size": 32, "iterations": 10},
         "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5},
-        "patch_probe": TINY_PATCH_PROBE}
+        "patch_probe": TINY_PATCH_PROBE, "blend_probe": {"steps": 5, "n": 16, "batch_size": 8}}
 TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2, "inversion_steps": 5, "patch_probe": TINY_PATCH_PROBE}
 OPEN_GATES = {"min_speedup": None, "max_concentration": None}
 

@@ -457,7 +457,7 @@ def test_defend_config_validation():
     with pytest.raises(ConfigError, match="calibration_samples must be a positive integer"):
         resolve_config("cpu", calibration_samples=0)
     with pytest.raises(ConfigError, match="trigger_channel_u needs a trigger probe"):
-        resolve_config("cpu", patch_probe=None, warp_probe=None)
+        resolve_config("cpu", patch_probe=None, warp_probe=None, blend_probe=None)
     assert resolve_config("cpu", patch_probe=None, warp_probe={}).warp_probe.grid == 4  # the warp probe alone guides it
     assert resolve_config("cpu", patch_probe=None, blend_probe={}).blend_probe.grid == 8  # so does the blend probe
     with pytest.raises(ConfigError, match="warp probe max_shift must be > 0"):
@@ -654,6 +654,18 @@ def test_defend_distill_check_flag(flags, expected, tiny_file, tmp_path, monkeyp
     cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
     wanted = {"preset": resolve_config("cpu").distill_check, "default": DISTILL_CHECK_INVERSION, None: None}[expected]
     assert cfg.distill_check == wanted
+
+
+@pytest.mark.parametrize("flags, blend, trigger_clean", [([], True, True), (["--no-blend-probe"], False, True),
+                                                          (["--no-patch-probe"], True, True),
+                                                          (["--no-patch-probe", "--no-blend-probe"], False, False)])
+def test_defend_blend_probe_is_on_in_the_preset_and_its_flag_turns_it_off(flags, blend, trigger_clean, tiny_file,
+                                                                         tmp_path, monkeypatch):
+    from cc_core.scan import BlendProbeConfig
+
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert cfg.blend_probe == (BlendProbeConfig() if blend else None)
+    assert (cfg.trigger_channel_u is not None) is trigger_clean  # no probe left: no trigger to clean channels for
 
 
 def test_defend_missing_model(tmp_path, capsys):
