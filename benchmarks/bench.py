@@ -276,8 +276,8 @@ def _suspicion_table(done: dict) -> list[str]:
         return ["No C&C row records it yet (rows from before this column was added)."]
     lines = ["| row | suspected target | synthetic images left out | inversion concentration "
              "| universal inversion flip rate | all-to-all (trigger unlearned) | probe's trigger (stamp or warp) | trigger channel clean "
-             "| distillation |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| distillation | student fits its synthetic images |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for rid, s in rows:
         conc = "-" if s["inversion_concentration"] is None else f"{s['inversion_concentration']:.2f}"
         target = "none" if s["suspected_target"] is None else str(s["suspected_target"])
@@ -285,8 +285,18 @@ def _suspicion_table(done: dict) -> list[str]:
         a2a = {None: "-", True: "yes", False: "no"}[s.get("all_to_all_suspected")]
         lines.append(f"| {rid} | {target} | {s['synthetic_excluded']} | {conc} | {flip} | {a2a} | "
                      f"{_patch_text(s)} | {_trigger_clean_text((done[rid].get('details') or {}).get('trigger'))} | "
-                     f"{_distillation_text(done[rid].get('distillation'))} |")
+                     f"{_distillation_text(done[rid].get('distillation'))} | {_guard_text(done[rid].get('finetune_guard'))} |")
     return lines
+
+
+def _guard_text(guard: dict | None) -> str:
+    """The fine-tune's collapse guard in the suspicion table ('-' for rows from before it)."""
+    if guard is None:
+        return "-"
+    if guard["retry_max_grad_norm"] is None:
+        return f"{guard['synthetic_fit']:.1%}" + (" (collapsed)" if guard["collapsed"] else "")
+    return (f"{guard['synthetic_fit']:.1%}: collapsed; again with gradients clipped to {guard['retry_max_grad_norm']:g}: "
+            f"{guard['synthetic_fit_retry']:.1%}")
 
 
 def distill_check_flips(check: dict) -> str:

@@ -82,6 +82,12 @@ WARP_THRESHOLD = 0.25
 # all-to-all Blended and (backdoor never learned) all-to-all Input-Aware models, 58% of the Blended
 # model's (benchmarks/results/blend_probe.md).
 BLEND_THRESHOLD = 0.5
+# ...and it fires only when the patterns single out one class: the runner-up class's pull rate is
+# at most this fraction of the best one's. A blend trigger sends images to its target far more
+# readily than anywhere else (the zoo Blended model: 65% into class 0, 27% into the next); a model
+# merely fragile to blends lets many classes pull (GTSRB Input-Aware and Input-Aware all-to-all:
+# 97% / 94% flips, classes pulled into at 100% / 95% and 76% / 71%; blend_probe_rest_gtsrb-resnet18.md).
+BLEND_SPECIFICITY = 0.5
 # A found stamp still "fires" on a cleaned or compacted model when it flips this many synthetic
 # images: the demo's BadNet model, 94% before, 23% after the channel clean (real ASR 51.6%), 17%
 # after compaction; a model without a backdoor, 3% for its best stamp.
@@ -651,8 +657,13 @@ def blend_probe(model: nn.Module, x: torch.Tensor, cfg: BlendProbeConfig = Blend
 
 
 def blend_score(probe: dict | None) -> float:
-    """The blend probe's risk signal: its best pattern's flip rate once it reaches BLEND_THRESHOLD, else 0."""
-    return probe["flip_rate"] if probe is not None and probe["flip_rate"] >= BLEND_THRESHOLD else 0.0
+    """The blend probe's risk signal: its best pattern's flip rate once it reaches BLEND_THRESHOLD
+    and the pull patterns single out one class (the runner-up's rate <= BLEND_SPECIFICITY times the
+    best's), else 0."""
+    if probe is None or probe["flip_rate"] < BLEND_THRESHOLD:
+        return 0.0
+    best, runner_up = sorted(probe["class_rates"], reverse=True)[:2]
+    return probe["flip_rate"] if runner_up <= BLEND_SPECIFICITY * best else 0.0
 
 
 def warp_score(probe: dict | None) -> float:

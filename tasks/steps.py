@@ -235,7 +235,7 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     synthetic images: {"patch", "warp", "blend": their reports (None when off or not run),
     "trigger": the one that fires (None when none)}."""
     from cc_core.pipeline import probe_triggers
-    from cc_core.scan import trigger_text
+    from cc_core.scan import BLEND_SPECIFICITY, BLEND_THRESHOLD, trigger_text
 
     def compute() -> dict:
         x = _load_tensors(synthetic_file)["x"].to(_device(cfg))
@@ -244,7 +244,8 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     out = _cached(run, "trigger_probe", {"model": model_file, "synthetic": synthetic_file,
                                          "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
                                          "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None,
-                                         "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None}, compute)
+                                         "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None,
+                                         "blend_fires": [BLEND_THRESHOLD, BLEND_SPECIFICITY]}, compute)
     for kind in ("patch", "warp", "blend"):
         if out[kind] is not None:
             log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")

@@ -133,6 +133,17 @@ def test_distillation_column_says_what_the_distillation_check_kept():
         "6.6% the class the trigger maps to the original's)")
 
 
+def test_guard_column_says_whether_the_student_collapsed_and_what_the_clipped_run_fits():
+    from benchmarks.bench import _guard_text
+
+    assert _guard_text(None) == "-"
+    healthy = {"synthetic_fit": 0.998, "collapsed": False, "retry_max_grad_norm": None, "synthetic_fit_retry": None}
+    assert _guard_text(healthy) == "99.8%"
+    collapsed = {"synthetic_fit": 0.1, "collapsed": True, "retry_max_grad_norm": 10.0, "synthetic_fit_retry": 0.99}
+    assert _guard_text(collapsed) == "10.0%: collapsed; again with gradients clipped to 10: 99.0%"
+    assert _guard_text(collapsed | {"retry_max_grad_norm": None}) == "10.0% (collapsed)"
+
+
 @pytest.mark.parametrize("table", list(bench.TABLES))
 def test_bench_cli_offers_every_table(table, capsys):
     assert main(["bench", "list", "--table", table]) == 0

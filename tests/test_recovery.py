@@ -1377,6 +1377,17 @@ def test_blend_pixels_mix_each_pattern_in_at_alpha_and_a_full_resolution_pattern
     assert flat.shape == (1, 3, 16, 16) and torch.allclose(flat, torch.full_like(flat, 0.3), atol=1e-6)
 
 
+def test_a_blend_pattern_fires_only_when_it_singles_out_one_class():
+    from cc_core.scan import BLEND_THRESHOLD, blend_score
+
+    # Rates as measured: the zoo Blended model, then GTSRB Input-Aware (many classes easy to pull into).
+    blended = {"flip_rate": 0.578, "class_rates": [0.65, 0.27] + [0.09] * 8}
+    fragile = {"flip_rate": 0.969, "class_rates": [1.0, 0.95, 0.75] + [0.3] * 40}
+    assert blend_score(blended) == 0.578 and blend_score(fragile) == 0.0
+    assert blend_score(blended | {"flip_rate": BLEND_THRESHOLD - 0.01}) == 0.0 and blend_score(None) == 0.0
+    assert blend_score(blended | {"class_rates": [0.65, 0.33] + [0.0] * 8}) == 0.0  # runner-up above half the best
+
+
 def test_blend_probe_finds_a_planted_blend_and_its_class_and_nothing_on_a_clean_model():
     from cc_core.pipeline import trigger_clean
     from cc_core.scan import (BlendProbeConfig, apply_found_trigger, blend_probe, blend_score, found_trigger,
