@@ -64,8 +64,9 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
                      "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
-# ...and every one without the distillation check (a row that wants it sets it).
-BASES = {grid: (base | {"distill_check": None}, ft) for grid, (base, ft) in BASES.items()}
+# ...and every one without the distillation check and without the blend probe (on in the preset
+# since 89f8225, after every grid here was run; a row that wants either sets it).
+BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 TRUE_TRIGGER = "true trigger"  # a row's extra: the attack's own trigger stands in for the probes' (Blended only)
@@ -285,7 +286,7 @@ GRIDS = {
         ("cpu preset", {}),
         ("label smoothing 0.1", {"label_smoothing": 0.1}),
         ("label smoothing 0.3", {"label_smoothing": 0.3}))],
-    # The blend probe (off in the preset) on the Blended model, whose ASR the shipped preset leaves
+    # The blend probe (off in the preset then) on the Blended model, whose ASR the preset then left
     # above 5%: no stamp or field fires there, so nothing is trigger-cleaned, unlearned as a trigger
     # or lets the teacher be verified. Its best pattern pulls 65% of the synthetic images into the
     # target (blend_probe.md); on the all-to-all Blended model it stays at the 20-30% every model shows.
