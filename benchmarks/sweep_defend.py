@@ -333,7 +333,8 @@ GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: 
 def true_trigger_probe(attack):
     """Within: defend's trigger probes report ``attack``'s own blend pattern as the firing trigger,
     measured on the model and the synthetic images as blend_probe measures its patterns, and it
-    counts as firing whatever its flip rate (BLEND_THRESHOLD is for patterns a probe found)."""
+    counts as firing whatever its flip rate (blend_score's threshold and specificity are for
+    patterns a probe found)."""
     real = true_blend(attack)
     if real is None:
         raise ValueError(f"the true-trigger rows need a Blended attack, got {attack.label if attack else None}")
@@ -342,7 +343,8 @@ def true_trigger_probe(attack):
         found = trigger_report(model, x, real, BlendProbeConfig().n)
         return {"patch": None, "warp": None, "blend": found, "trigger": found}
 
-    with mock.patch.object(pipeline, "probe_triggers", probe), mock.patch.object(scan, "BLEND_THRESHOLD", 0.0):
+    with mock.patch.object(pipeline, "probe_triggers", probe), \
+            mock.patch.object(scan, "blend_score", lambda found: found["flip_rate"]):
         yield
 
 

@@ -141,9 +141,10 @@ class DefendConfig:
     # fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images into one
     # class (or each class to its own) is a blend trigger (Blended), used as a firing stamp is. On in
     # the presets: on the zoo Blended model its channel-cleaned teacher passes the gate and C&C goes
-    # from 81.20 / 15.33 to 82.00 / 2.51 at 2x and from 75.30 / 1.40 to 77.63 / 2.46 at 4x
-    # (sweep_defend_blend_teacher.md; undistilled, 79.72 / 1.81 and 69.93 / 0.13, sweep_defend_blend.md);
-    # it fired on none of the other zoo models that reach it (blend_probe{,_rest}.md).
+    # from 81.20 / 15.33 to 82.00 / 2.51 at 2x and from 75.30 / 1.40 to 77.63 / 2.46 at 4x (the bench
+    # rows, RESULTS.md; undistilled, 79.72 / 1.81 and 69.93 / 0.13, sweep_defend_blend.md). It fires
+    # on none of the other zoo models that reach it, GTSRB's fragile Input-Aware models held back by
+    # its specificity rule (scan.BLEND_SPECIFICITY; blend_probe{,_rest,_rest_gtsrb-resnet18}.md).
     blend_probe: BlendProbeConfig | None = None
     patch_unlearn: str = "residual"
     # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
