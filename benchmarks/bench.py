@@ -133,7 +133,6 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
                           "defense_s": sum(v for k, v in timings.items() if k != "evaluate"),
                           "details": r.get("channel_clean") or r.get("baseline"), "config": r["config"],
                           "distillation": r.get("distillation"), "finetune_guard": r.get("finetune_guard"),
-                          "finetune_history": r.get("finetune_history"),
                           "suspicion": suspicion_record(r) if row.defense == "cc" else None}
 
 

@@ -708,12 +708,12 @@ def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendCon
                               and (cfg.kd_gate == "always" or record["reason"] is not None)}
 
 
-def verify_teacher(teacher: nn.Module | None, original: nn.Module, x: torch.Tensor | None, found: dict | None,
+def verify_teacher(teacher: nn.Module, original: nn.Module, x: torch.Tensor | None, found: dict | None,
                    x_distill: torch.Tensor | None = None) -> dict:
-    """The "verified" gate's measurements of ``teacher`` (see gated_teacher; it may be None when
-    there is no trigger to verify it against; the agreement on ``x_distill``, default ``x``): {"verified_against" (the trigger's kind),
-    "teacher_trigger_flip_rate", "teacher_agreement", "teacher_undoes_mapping" (teacher_agreement's),
-    "reason": why it is not verified, None when it is}."""
+    """The "verified" gate's measurements of ``teacher`` (see gated_teacher; the agreement on
+    ``x_distill``, default ``x``): {"verified_against" (the trigger's kind), "teacher_trigger_flip_rate",
+    "teacher_agreement", "teacher_undoes_mapping" (teacher_agreement's), "reason": why it is not
+    verified, None when it is}."""
     out = {"verified_against": None, "teacher_trigger_flip_rate": None, "teacher_agreement": None,
            "teacher_undoes_mapping": None, "reason": None}
     if x is None or not trigger_score(found):
