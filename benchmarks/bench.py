@@ -228,13 +228,16 @@ def _width_table(done: dict) -> list[str]:
     columns = [(r.defense, r.ratio) for r in wide]
     head = [_column_name(d, r) + ("" if d == "none" else " (drop)") for d, r in columns]
     ratios = " / ".join(f"{r:g}x" for d, r in columns if d != "none")
-    lines = ["| model | parameters | " + " | ".join(head) + f" | C&C {ratios} defense s |", "|---" * (len(head) + 3) + "|"]
+    lines = ["| model | parameters | " + " | ".join(head) + f" | C&C {ratios} defense s | on |",
+             "|---" * (len(head) + 4) + "|"]
     for recipe in ("cifar10-resnet18", wide[0].recipe):
         rows = [Row(recipe, wide[0].attack, d, r) for d, r in columns]
         params = next((done[r.id]["params_before"] for r in rows if r.id in done), None)
-        seconds = " / ".join(f"{done[r.id]['defense_s']:.0f}" if r.id in done else "-" for r in rows if r.defense != "none")
+        defended = [r for r in rows if r.defense != "none"]
+        seconds = " / ".join(f"{done[r.id]['defense_s']:.0f}" if r.id in done else "-" for r in defended)
+        machines = "; ".join(sorted({_machine(done[r.id]) for r in defended if r.id in done})) or "-"
         lines.append(f"| {rows[0].model} | {'-' if params is None else f'{params:,}'} | "
-                     + " | ".join(_cell(done, r, with_drop=True) for r in rows) + f" | {seconds} |")
+                     + " | ".join(_cell(done, r, with_drop=True) for r in rows) + f" | {seconds} | {machines} |")
     return lines
 
 
@@ -259,13 +262,18 @@ def _precision(result: dict) -> str:
     return "fp32" if result["machine"].get("cpu_bf16_native") is False else "bf16"
 
 
+def _machine(result: dict) -> str:
+    """The CPU a row ran on and its precision: what its times are comparable within."""
+    return f"{result['machine']['cpu']}, {_precision(result)}"
+
+
 def _cost_table(done: dict) -> list[str]:
-    lines = ["| row | precision | total s (excl. evaluation) | per step (s) |", "|---|---|---|---|"]
+    lines = ["| row | machine, precision | total s (excl. evaluation) | per step (s) |", "|---|---|---|---|"]
     for rid, r in done.items():
         if r["row"]["defense"] == "none":
             continue
         steps = ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items() if k != "evaluate")
-        lines.append(f"| {rid} | {_precision(r)} | {r['defense_s']:.1f} | {steps} |")
+        lines.append(f"| {rid} | {_machine(r)} | {r['defense_s']:.1f} | {steps} |")
     return lines
 
 
@@ -413,8 +421,9 @@ def render() -> Path:
           *_size_table(done), "",
           "## Speed-up at full width\n", *_speed_section(), "",
           "## Cost of the defense (wall time per step)\n",
-          "Times depend on the precision the row ran in (bf16 autocast on a CPU with native bf16, else fp32; "
-          "benchmarks/results/precision.md) and are comparable only within one precision.\n",
+          "Times depend on the CPU and the precision the row ran in (bf16 autocast on a CPU with native bf16, else "
+          "fp32; benchmarks/results/precision.md) and are comparable only within one of each: the same seeded zoo "
+          "WaNet model trained in 17.8 min on the `AMD EPYC` rows' machine and in 9.7 min on family 26's.\n",
           "C&C's `synthesize` is the run that made the model's shared synthetic images; `scan` is the "
           "suspected target (trigger inversion and adversarial histogram on the synthetic images, which picks the "
           "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",

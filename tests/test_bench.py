@@ -105,10 +105,11 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
             "`cleancompact bench run --recipe cifar10-resnet18 --attacks wanet --defenses cc --ratios 2`") in text
     # a row from before commit, config and precision were kept (it ran bf16 autocast)
     assert "| cifar10-resnet18-w0.25-badnet-cc-2x | - | bf16 | - |" in text
-    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | fp32 | 3.0 | finetune 3.0 |" in text
-    # the width section: the zoo's WaNet with its drop; the half-width model not run
-    assert ("| cifar10-resnet18-w0.25-wanet | 1,000 | not run | 82.00 / 4.00 (3.00) | not run | 3 / - |") in text
-    assert "| cifar10-resnet18-w0.5-wanet | - | not run | not run | not run | - / - |" in text
+    assert "| cifar10-resnet18-w0.25-wanet-cc-2x | test cpu, fp32 | 3.0 | finetune 3.0 |" in text
+    # the width section: the zoo's WaNet with its drop and the machine its seconds are from; the half-width model not run
+    assert ("| cifar10-resnet18-w0.25-wanet | 1,000 | not run | 82.00 / 4.00 (3.00) | not run | 3 / - | "
+            "test cpu, fp32 |") in text
+    assert "| cifar10-resnet18-w0.5-wanet | - | not run | not run | not run | - / - | - |" in text
 
 
 def test_distillation_column_says_what_the_distillation_check_kept():
