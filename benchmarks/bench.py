@@ -422,8 +422,8 @@ def render() -> Path:
           "## Speed-up at full width\n", *_speed_section(), "",
           "## Cost of the defense (wall time per step)\n",
           "Times depend on the CPU and the precision the row ran in (bf16 autocast on a CPU with native bf16, else "
-          "fp32; benchmarks/results/precision.md) and are comparable only within one of each: the same seeded zoo "
-          "WaNet model trained in 17.8 min on the `AMD EPYC` rows' machine and in 9.7 min on family 26's.\n",
+          "fp32; benchmarks/results/precision.md) and are comparable only within one of each (docs/MEASUREMENTS.md, "
+          "\"Benchmark zoo\", times the same training on two of the CPUs below).\n",
           "C&C's `synthesize` is the run that made the model's shared synthetic images; `scan` is the "
           "suspected target (trigger inversion and adversarial histogram on the synthetic images, which picks the "
           "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",

@@ -21,12 +21,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 K = TypeVar("K", bound=Hashable)
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name with its family and model numbers, which tell apart machines whose
     name is only the vendor's line ("AMD EPYC" covers generations a defense runs 2x apart on)."""
     fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     except OSError:

@@ -245,3 +245,14 @@ def test_the_sweep_oracle_hands_defend_the_attacks_own_blend_as_a_firing_trigger
         with true_trigger_probe(build_attack("badnet", 10)):
             pass
     assert all(TRUE_TRIGGER in row[4:] for row in GRIDS["blend_oracle"] if "oracle" in row[0])
+
+
+def test_cpu_name_adds_family_and_model_to_a_generic_name(tmp_path):
+    from benchmarks.common import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+                    "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n")
+    assert cpu_name(info) == "AMD EPYC (family 26, model 2)"
+    info.write_text("model name\t: Some CPU\n")
+    assert cpu_name(info) == "Some CPU"
