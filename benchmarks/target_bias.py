@@ -105,7 +105,6 @@ def run(models: list[str], ratios: list[float], recipe_name: str) -> dict:
     for name in models:
         directory = ensure_model(name, recipe)
         model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
-        real_before = None
         for ratio in ratios:
             torch.manual_seed(0)
             cfg = resolve_config("cpu", ratio=ratio, scan_before=False)
@@ -116,11 +115,9 @@ def run(models: list[str], ratios: list[float], recipe_name: str) -> dict:
             if target is None:
                 print(f"{name} {ratio:g}x: no suspected target, nothing to bias", flush=True)
                 continue
-            if real_before is None:
-                real_before = real_logits(model, test, attack)
-            acc_before = float((real_before["clean"].argmax(1) == real_before["y"]).float().mean())
             rows = sweep(result.model.eval(), model.eval(), real_logits(result.model, test, attack), x, y, target, cfg)
-            out.append({"model": name, "ratio": ratio, "suspected_target": target, "acc_before": acc_before,
+            out.append({"model": name, "ratio": ratio, "suspected_target": target,
+                        "acc_before": result.report["metrics"]["acc_before"],
                         "distilled": bool(result.report["distillation"]["distill"]), "rows": rows})
             best = max(rows, key=lambda r: r["acc"] if r["asr"] <= 0.05 else -1)
             print(f"{name} {ratio:g}x: b=0 ACC {rows[0]['acc']:.4f} ASR {rows[0]['asr']:.4f}; best under 5% ASR "
