@@ -92,6 +92,14 @@ class DefendConfig:
     # channel clean above, zero the channels it excites most (effect z-score > this, per layer).
     # Needs synthetic images before compaction (synth_model="original").
     trigger_channel_u: float | None = None
+    # The same clean with the scan's universal inverted perturbation as the trigger, when no probe fires
+    # and the scan calls that perturbation all-to-all (it is then the trigger the distillation gate
+    # verifies the teacher against): the channels it excites with z > this are zeroed (None = off).
+    # Unlike a probe's trigger it runs whatever the perturbation flips after the channel clean above: on
+    # the zoo's all-to-all Blended model it flips 6% there, yet the clipped teacher keeps 6.94% real ASR;
+    # u 4 zeroes 6 channels and takes the teacher to 83.02 / 3.10 from 82.39 / 6.94, u 3 costs it 4 ACC
+    # points (benchmarks/results/perturbation_clean.md).
+    perturbation_channel_u: float | None = None
     compact: dict = field(default_factory=dict)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
@@ -221,6 +229,13 @@ class DefendConfig:
         if self.needs_calibration and self.synth_model != "original":
             raise ConfigError("rank_strategy 'sensitivity' measures the layers on synthetic images made before "
                               "compaction: it needs synth_model='original'")
+        if self.perturbation_channel_u is not None:
+            if not self.perturbation_channel_u > 0:
+                raise ConfigError("perturbation_channel_u must be > 0 (or None to turn it off), "
+                                  f"got {self.perturbation_channel_u!r}")
+            if self.synth_model != "original":
+                raise ConfigError("perturbation_channel_u needs synthetic images made before compaction "
+                                  "(synth_model='original')")
         if self.trigger_channel_u is not None:
             if not self.trigger_channel_u > 0:
                 raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
@@ -273,13 +288,13 @@ PRESETS: dict[str, DefendConfig] = {
     # at 2x / 4x for -0.2 / -0.6 ACC points) and not otherwise (sweep_defend_unlearn.md: on the
     # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
     "cpu": DefendConfig(
-        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
+        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0, perturbation_channel_u=4.0,
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
         kd_gate="verified", blend_probe=BlendProbeConfig()),
     "paper": DefendConfig(
-        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0,
+        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0, perturbation_channel_u=4.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
@@ -381,21 +396,25 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             f"(final BN loss {made['bn_loss'][-1]:.3f})")
         return x, y, made
 
-    def probe(x: torch.Tensor) -> dict | None:
+    def probe(x: torch.Tensor) -> dict:
         start = time.perf_counter()
-        found = probe_triggers(original, x, cfg)["trigger"]
+        probed = probe_triggers(original, x, cfg)
         timings["trigger_probe"] = time.perf_counter() - start
-        if found is not None:
+        if (found := probed["trigger"]) is not None:
             log(f"[defend] the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
                 f"of the synthetic images (class {found['target_class_estimate']} most)")
-        return found
+        elif (trigger := probed["channel_trigger"]) is not None:
+            log(f"[defend] no probe fires; the universal inverted perturbation flips {trigger['flip_rate']:.0%} "
+                "of the synthetic images, each class to its own (all-to-all)")
+        return probed
 
-    found = None
+    probed = {"trigger": None, "universal": None, "channel_trigger": None}
     if cfg.synth_model == "original":
         x_syn, y_syn, synth_log = make_synthetic(original)
-        found = probe(x_syn)
+        probed = probe(x_syn)
+    found, clean_by = probed["trigger"], probed["channel_trigger"]
     start = time.perf_counter()
-    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_syn.cpu() if found else None, found)
+    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_syn.cpu() if clean_by else None, clean_by)
     timings["channel_clean"] = time.perf_counter() - start
     calibration = x_syn[:cfg.calibration_samples].cpu() if cfg.needs_calibration else None
     new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
@@ -410,10 +429,12 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     candidate = distillation_teacher(cleaned, cfg)
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
-        found = probe(x_syn)
+        probed = probe(x_syn)
+        found = probed["trigger"]
 
     start = time.perf_counter()
-    scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_syn, y_syn, cfg, found)
+    scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_syn, y_syn, cfg, found,
+                                                                             probed["universal"])
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     timings["scan"] = time.perf_counter() - start
@@ -543,15 +564,40 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
 
 def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:
     """{"patch": the patch probe's report, "warp": the warp probe's, "blend": the blend probe's,
-    "trigger": the one that fires (found_trigger; None when none)} of ``model`` on synthetic images
-    ``x``; a probe that is off (``cfg``) gives None, and each runs only when none before it fired
-    (the stamp comes first, then the field, then the pattern)."""
+    "trigger": the one that fires (found_trigger; None when none), "universal": the scan's universal
+    inversion, {"flip": flip_report's report, "delta": its perturbation as nested lists (1, C, H, W,
+    pixel units)}, made when none fires and ``cfg.perturbation_channel_u`` is set (else None),
+    "channel_trigger": what the trigger channel clean cleans by (channel_trigger)} of ``model`` on
+    synthetic images ``x``; a probe that is off (``cfg``) gives None, and each runs only when none
+    before it fired (the stamp comes first, then the field, then the pattern)."""
     patch = patch_probe(model, x, cfg.patch_probe) if cfg.patch_probe is not None else None
     run_warp = cfg.warp_probe is not None and not patch_score(patch)
     warp = warp_probe(model, x, cfg.warp_probe) if run_warp else None
     run_blend = cfg.blend_probe is not None and found_trigger(patch, warp) is None
     blend = blend_probe(model, x, cfg.blend_probe) if run_blend else None
-    return {"patch": patch, "warp": warp, "blend": blend, "trigger": found_trigger(patch, warp, blend)}
+    found = found_trigger(patch, warp, blend)
+    universal = None
+    if found is None and cfg.perturbation_channel_u is not None:
+        flip, delta = flip_report(model, x, cfg.inversion)
+        universal = {"flip": flip, "delta": delta.detach().cpu().tolist()}
+    return {"patch": patch, "warp": warp, "blend": blend, "trigger": found, "universal": universal,
+            "channel_trigger": channel_trigger(found, universal, len(x))}
+
+
+def channel_trigger(found: dict | None, universal: dict | None, n: int) -> dict | None:
+    """The trigger the trigger channel clean cleans by: the probes' firing one (``found``), else the
+    universal inverted perturbation (``universal``, probe_triggers') when the scan calls it all-to-all,
+    measured on ``n`` synthetic images: the trigger the distillation gate verifies against (gate_trigger)."""
+    if trigger_score(found):
+        return found
+    if universal is None or not all_to_all_suspected(universal["flip"]):
+        return None
+    return perturbation_trigger(universal["flip"], torch.tensor(universal["delta"]), n)
+
+
+def universal_inversion(universal: dict | None) -> tuple[dict, torch.Tensor] | None:
+    """probe_triggers' "universal" record as flip_report's (report, delta), for suspected_target; None stays None."""
+    return (universal["flip"], torch.tensor(universal["delta"])) if universal is not None else None
 
 
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,
@@ -576,7 +622,7 @@ def found_summary_text(trigger: dict | None) -> str:
 
 
 def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     cfg: DefendConfig, found: dict | None = None
+                     cfg: DefendConfig, found: dict | None = None, universal: dict | None = None
                      ) -> tuple[dict | None, dict | None, Callable | None, dict | None]:
     """The original model's adversarial histogram report on the synthetic images (None when
     neither the scan nor the exclusion asks for it); when the fine-tune uses the suspicion
@@ -587,11 +633,12 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     fine-tune, decides "residual"), else the universal inverted trigger when it fired within
     ``cfg.unlearn_scope``. The suspected target class is left out only with
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all. Last, the
-    trigger the distillation gate verifies the teacher against (gate_trigger)."""
+    trigger the distillation gate verifies the teacher against (gate_trigger). ``universal``: the
+    universal inversion probe_triggers made on ``original`` and ``x`` (None: made here)."""
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         adversarial = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
         return adversarial, None, None, gate_trigger(found, None, None, len(x))
-    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, found)
+    suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, found, universal_inversion(universal))
     # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
     # its images out only costs that class.
     has_target = cfg.exclude_suspected_target and not suspicion["all_to_all"]
@@ -634,7 +681,8 @@ def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = 
                   found: dict | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed, shrunk or
     held at their mean (``cfg.channel_mode``; the model itself when off), then the trigger channel
-    clean (``trigger_clean``) with the probes' firing trigger ``found`` on synthetic images ``x``;
+    clean (``trigger_clean``) with ``found`` (channel_trigger's: the probes' firing trigger or an
+    all-to-all universal perturbation) on synthetic images ``x``;
     and {"u", "mode", "pruned": {conv: n}, "n_pruned", "trigger": trigger_clean's record}."""
     from cc_core.baselines.clp import clp
 
@@ -648,22 +696,28 @@ def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = 
 
 def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
                   cfg: DefendConfig) -> tuple[nn.Module, dict]:
-    """``model`` with the channels the probes' firing trigger ``found`` (a stamp or a warp) excites
-    zeroed (cc_core.trigger_clean, z > ``cfg.trigger_channel_u``) when it still flips >=
-    RESIDUAL_FLIP of the first ``found["n"]`` synthetic images ``x`` on ``model``; else ``model``
-    itself. The record: {"u", "kind" (the trigger's), "trigger_flip_rate" (on ``model``; None when
-    no trigger fired or the clean is off), "trigger_flip_rate_after", "pruned", "n_pruned", "channels"}."""
+    """``model`` with the channels the trigger ``found`` excites zeroed (cc_core.trigger_clean); else
+    ``model`` itself. A probe's firing stamp, warp or blend cleans at z > ``cfg.trigger_channel_u``,
+    and only when it still flips >= RESIDUAL_FLIP of the first ``found["n"]`` synthetic images ``x``
+    on ``model`` (CLP's clean may have taken it out already); an all-to-all universal perturbation
+    (channel_trigger's) at z > ``cfg.perturbation_channel_u``, whatever it flips there: inverted on
+    the original, it can stop flipping the channel-cleaned model while the backdoor stays (the zoo's
+    all-to-all Blended model, perturbation_clean.md). The record: {"u", "kind" (the trigger's),
+    "trigger_flip_rate" (on ``model``; None when no trigger or the clean is off),
+    "trigger_flip_rate_after", "pruned", "n_pruned", "channels"}."""
     from cc_core.trigger_clean import prune_trigger_channels
 
-    info = {"u": cfg.trigger_channel_u, "kind": None, "trigger_flip_rate": None, "trigger_flip_rate_after": None,
+    perturbation = found is not None and found.get("kind") == "perturbation"
+    u = cfg.perturbation_channel_u if perturbation else cfg.trigger_channel_u
+    info = {"u": u, "kind": None, "trigger_flip_rate": None, "trigger_flip_rate_after": None,
             "pruned": {}, "n_pruned": 0, "channels": []}
-    if cfg.trigger_channel_u is None or x is None or not trigger_score(found):
+    if u is None or x is None or not trigger_score(found):
         return model, info
     info["kind"] = found["kind"]
     info["trigger_flip_rate"] = trigger_flip_rate(model, x, found, found["n"])
-    if info["trigger_flip_rate"] < RESIDUAL_FLIP:
+    if info["trigger_flip_rate"] < RESIDUAL_FLIP and not perturbation:
         return model, info
-    pruned, channels = prune_trigger_channels(model, x, apply_found_trigger(x, found, model.cc_spec), cfg.trigger_channel_u)
+    pruned, channels = prune_trigger_channels(model, x, apply_found_trigger(x, found, model.cc_spec), u)
     return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}
 
 

@@ -794,15 +794,18 @@ def flagged_target(adversarial: dict, inversion: dict, found: dict | None = None
 
 
 def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg: PGDConfig = PGDConfig(),
-                     inversion_cfg: InversionConfig = InversionConfig(), found: dict | None = None) -> dict:
+                     inversion_cfg: InversionConfig = InversionConfig(), found: dict | None = None,
+                     universal: tuple[dict, torch.Tensor] | None = None) -> dict:
     """{"target": flagged class or None, "adversarial": histogram report, "inversion": channel
     inversion report, "flip": universal inversion report, "trigger": its delta (1, C, H, W, pixel
     units) when it fires, else None, "found": ``found`` (a probe's report on ``model`` and ``x``,
     made beforehand; None when none fired), "all_to_all": whether the flip or the
-    found trigger looks all-to-all} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    found trigger looks all-to-all} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,).
+    ``universal``: flip_report's (report, delta) on ``model`` and ``x`` when made beforehand."""
     adversarial = histogram_report(model, x, y, pgd_cfg)
     inversion = inversion_report(model, x, inversion_cfg)
-    flip, delta = flip_report(model, x, inversion_cfg)
+    flip, delta = universal if universal is not None else flip_report(model, x, inversion_cfg)
+    delta = delta.to(x.device)
     return {"target": flagged_target(adversarial, inversion, found), "adversarial": adversarial,
             "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None,
             "found": found, "all_to_all": trigger_all_to_all(flip, found)}

@@ -158,7 +158,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     if cfg.synth_model == "original":
         synthesized = steps.synthesize_task(run, original, cfg)
         probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
-        compacted = steps.compact_task(run, original, cfg, synthesized["files"]["synthetic"], probed["trigger"])
+        compacted = steps.compact_task(run, original, cfg, synthesized["files"]["synthetic"], probed["channel_trigger"])
     else:
         compacted = steps.compact_task(run, original, cfg)
     compact = compacted["files"]["compact"]
@@ -167,7 +167,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
         probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
     synthetic = synthesized["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
-    adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"])
+    adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"],
+                                         probed.get("universal"))
     finetune_data = (synthetic, adversarial["files"].get("adversarial"))
     suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
     gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, synthetic, cfg,

@@ -274,6 +274,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["patch_unlearn"] = args.patch_unlearn
     if args.trigger_channel_u is not None:
         overrides["trigger_channel_u"] = args.trigger_channel_u
+    if args.perturbation_channel_u is not None:
+        overrides["perturbation_channel_u"] = args.perturbation_channel_u
     if args.kd_gate:
         overrides["kd_gate"] = args.kd_gate
     if args.teacher_finetune_lr is not None:
@@ -284,6 +286,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["distill_check"] = args.distill_check
     if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe and args.no_blend_probe):
         overrides["trigger_channel_u"] = None
+    if args.no_trigger_clean:
+        overrides["perturbation_channel_u"] = None
     if args.no_patch_probe:
         overrides["patch_probe"] = None
     if args.warp_probe:
@@ -551,7 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "fires (on in the presets, ~40 s on 2 CPU cores; docs/PRESET.md)")
     p.add_argument("--trigger-channel-u", type=float,
                    help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
-    p.add_argument("--no-trigger-clean", action="store_true", help="no trigger channel clean")
+    p.add_argument("--perturbation-channel-u", type=float,
+                   help="when no probe fires and the scan's universal inverted perturbation is all-to-all, zero the "
+                        "channels it excites above this per-layer z-score (cpu preset: 4)")
+    p.add_argument("--no-trigger-clean", action="store_true",
+                   help="no trigger channel clean (neither a probe's trigger nor the all-to-all perturbation)")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     p.add_argument("--kd-weight", type=float,
                    help="weight of logit distillation from the clipped full-rank model (presets: 1, behind --kd-gate)")

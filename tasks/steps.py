@@ -168,7 +168,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     clipped full-rank model the fine-tune may distill from (distillation_gate_task decides).
     ``synthetic_file``: synthetic images on which the sensitivity rank strategy measures the layers
     (its first ``cfg.calibration_samples``) and the trigger channel clean measures ``trigger``, the
-    probes' firing trigger (see trigger_probe_task)."""
+    probes' firing trigger or an all-to-all universal perturbation (trigger_probe_task's "channel_trigger")."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
     from cc_core.pipeline import channel_clean, distillation_teacher, trigger_clean_text
@@ -198,6 +198,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                                    "normalizer": cfg.normalizer, "compact": cfg.compact,
                                    "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher,
                                    "trigger_channel_u": cfg.trigger_channel_u, "trigger": trigger}
+                  | ({"perturbation_channel_u": cfg.perturbation_channel_u} if cfg.perturbation_channel_u else {})
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
@@ -233,7 +234,9 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     """The trigger probes (cc_core.pipeline.probe_triggers: the patch probe, then the warp probe when
     no stamp fires, then the blend probe when neither fires) on the suspect and the fine-tune's
     synthetic images: {"patch", "warp", "blend": their reports (None when off or not run),
-    "trigger": the one that fires (None when none)}."""
+    "trigger": the one that fires (None when none), "universal": the scan's universal inversion when
+    none fires and the perturbation channel clean is on, "channel_trigger": what the trigger channel
+    clean cleans by}."""
     from cc_core.pipeline import probe_triggers
     from cc_core.scan import BLEND_SPECIFICITY, BLEND_THRESHOLD, trigger_text
 
@@ -245,7 +248,9 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
                                          "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
                                          "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None,
                                          "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None,
-                                         "blend_fires": [BLEND_THRESHOLD, BLEND_SPECIFICITY]}, compute)
+                                         "blend_fires": [BLEND_THRESHOLD, BLEND_SPECIFICITY]}
+                  | ({"perturbation_channel_u": cfg.perturbation_channel_u, "inversion": cfg.inversion.to_dict()}
+                     if cfg.perturbation_channel_u else {}), compute)
     for kind in ("patch", "warp", "blend"):
         if out[kind] is not None:
             log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")
@@ -253,19 +258,23 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     if found is not None:
         get_run_logger().info(f"{found['kind']} probe: {trigger_text(found)} flips {found['flip_rate']:.0%} "
                               f"(class {found['target_class_estimate']} most)")
+    elif out.get("channel_trigger") is not None:
+        get_run_logger().info(f"no probe fires; the universal inverted perturbation flips "
+                              f"{out['channel_trigger']['flip_rate']:.0%}, each class to its own (all-to-all)")
     log_metrics(run, {"trigger_probes": out["seconds"]}, "time.")
     return out
 
 
 @task(name="adversarial", **COMPUTE)
 def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_model_file: str,
-                     synthetic_file: str, cfg, trigger: dict | None = None) -> dict:
+                     synthetic_file: str, cfg, trigger: dict | None = None, universal: dict | None = None) -> dict:
     """The original model's adversarial class histogram on the synthetic images (the 'before'
     side of the scan), the suspected target class whose synthetic images the fine-tune leaves
     out, and, on the images the fine-tune keeps, PGD and the trigger the fine-tune unlearns (the
     probes' firing ``trigger``, kept when it still flips the compacted model, or the universal
     inverted trigger; see cc_core.pipeline.scan_and_suspect); and the trigger the distillation gate
-    verifies the teacher against ("gate_trigger", None when there is none)."""
+    verifies the teacher against ("gate_trigger", None when there is none). ``universal``: the
+    universal inversion trigger_probe_task made on the same model and images (None: made here)."""
     from cc_core.adversarial import pgd
     from cc_core.pipeline import exclude_class, exclusion_summary, found_summary_text, scan_and_suspect
 
@@ -274,7 +283,8 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
         device = _device(cfg)
         x, y = t["x"].to(device), t["y"].to(device)
         original = _load(original_file).to(device)
-        before, exclusion, unlearn, gate_trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger)
+        before, exclusion, unlearn, gate_trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger,
+                                                                    universal)
         target = exclusion["suspected_target"] if exclusion else None
         x_kept, y_kept, _ = exclude_class(x, y, target)
         files = {}

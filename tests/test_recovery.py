@@ -464,6 +464,11 @@ def test_defend_config_validation():
         resolve_config("cpu", warp_probe={"max_shift": 0})
     with pytest.raises(ConfigError, match="trigger_channel_u must be > 0"):
         resolve_config("cpu", trigger_channel_u=0.0)
+    with pytest.raises(ConfigError, match="perturbation_channel_u must be > 0"):
+        resolve_config("cpu", perturbation_channel_u=-1.0)
+    with pytest.raises(ConfigError, match="perturbation_channel_u needs synthetic images made before compaction"):
+        resolve_config("cpu", perturbation_channel_u=4.0, trigger_channel_u=None, compact={"rank_strategy": "energy"},
+                       synth_model="compact")
     with pytest.raises(ConfigError, match="patch_unlearn must be one of residual, always, never"):
         resolve_config("cpu", patch_unlearn="sometimes")
     assert resolve_config("cpu", trigger_channel_u=None, patch_probe=None).patch_probe is None
@@ -666,6 +671,14 @@ def test_defend_blend_probe_is_on_in_the_preset_and_its_flag_turns_it_off(flags,
     cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
     assert cfg.blend_probe == (BlendProbeConfig() if blend else None)
     assert (cfg.trigger_channel_u is not None) is trigger_clean  # no probe left: no trigger to clean channels for
+
+
+@pytest.mark.parametrize("flags, trigger_u, perturbation_u", [([], 3.0, 4.0), (["--perturbation-channel-u", "3.5"], 3.0, 3.5),
+                                                                (["--no-trigger-clean"], None, None)])
+def test_defend_perturbation_channel_clean_is_on_in_the_preset_and_no_trigger_clean_turns_both_off(
+        flags, trigger_u, perturbation_u, tiny_file, tmp_path, monkeypatch):
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert (cfg.trigger_channel_u, cfg.perturbation_channel_u) == (trigger_u, perturbation_u)
 
 
 def test_defend_missing_model(tmp_path, capsys):
@@ -1041,6 +1054,48 @@ def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
     assert torch.equal(pruned.conv.weight[keep], model.conv.weight[keep]) and model.conv.weight[3].abs().sum() > 0
     with pytest.raises(ConfigError):
         prune_trigger_channels(model, x, x_triggered, u=0.0)
+
+
+def test_an_all_to_all_universal_perturbation_cleans_channels_even_where_it_no_longer_flips_and_a_stamp_does_not():
+    from cc_core.pipeline import trigger_clean
+    from cc_core.scan import RESIDUAL_FLIP, perturbation_trigger, stamp_delta, trigger_flip_rate
+
+    model = StampNet()
+    x = _dim_images(64)
+    stamp = {"row": 10, "col": 20, "size": 3, "value": 1.0}
+    flip = {"flip_rate": 0.6, "target_class_estimate": 1, "concentration": 0.5, "mapping_consistency": 1.0}
+    perturbation = perturbation_trigger(flip, stamp_delta(stamp, (3, 32, 32)), len(x))
+    assert trigger_flip_rate(model, x, perturbation, len(x)) < RESIDUAL_FLIP  # the random head barely moves
+    cfg = resolve_config("cpu", perturbation_channel_u=3.0)
+    pruned, info = trigger_clean(model, x, perturbation, cfg)
+    assert info["kind"] == "perturbation" and info["u"] == 3.0 and info["n_pruned"] == 1
+    assert info["channels"][0]["channel"] == 3 and pruned.conv.weight[3].abs().sum() == 0
+    # A probe's stamp that no longer flips is left alone: the channel clean before it took its backdoor out.
+    fired = stamp | {"kind": "patch", "flip_rate": 0.9, "n": len(x), "target_class_estimate": 1, "concentration": 1.0,
+                     "mapping_consistency": 1.0}
+    same, info = trigger_clean(model, x, fired, cfg)
+    assert same is model and info["kind"] == "patch" and info["u"] == cfg.trigger_channel_u and info["n_pruned"] == 0
+    same, info = trigger_clean(model, x, perturbation, cfg.replace(perturbation_channel_u=None))
+    assert same is model and info["trigger_flip_rate"] is None  # off
+
+
+def test_with_no_probe_firing_the_channel_clean_and_the_gate_use_the_same_all_to_all_perturbation():
+    from cc_core.pipeline import probe_triggers, scan_and_suspect
+
+    x = (_dim_images(64) - 0.5) / 0.25
+    backdoored = PlantedAllToAll().eval()
+    y = backdoored(x).argmax(1)
+    cfg = resolve_config("cpu", patch_probe=None, blend_probe=None, trigger_channel_u=None, perturbation_channel_u=4.0,
+                         pgd={"steps": 2}, inversion={"steps": 60, "lr": 0.1, "l1": 0.05, "restarts": 2})
+    probed = probe_triggers(backdoored, x, cfg)
+    assert probed["trigger"] is None and probed["channel_trigger"]["kind"] == "perturbation"
+    assert probed["channel_trigger"]["flip_rate"] > 0.9 and probed["channel_trigger"]["n"] == len(x)
+    _, _, unlearn, gate = scan_and_suspect(backdoored, backdoored, x, y, cfg, None, probed["universal"])
+    assert gate["delta"] == probed["channel_trigger"]["delta"]  # the probes' inversion is reused, not made again
+    assert scan_and_suspect(backdoored, backdoored, x, y, cfg, None)[3]["delta"] == gate["delta"]  # made again: the same
+    assert probe_triggers(PlantedAllToAll(trigger=False).eval(), x, cfg)["channel_trigger"] is None
+    off = probe_triggers(backdoored, x, cfg.replace(perturbation_channel_u=None))
+    assert off["universal"] is None and off["channel_trigger"] is None
 
 
 def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
