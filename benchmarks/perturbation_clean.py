@@ -23,15 +23,13 @@ import argparse
 import torch
 
 from benchmarks.bench import RECIPES
-from benchmarks.common import machine, shared_synthetic, write_results
-from benchmarks.zoo import ensure_model, model_name
-from cc_core.attacks import load_attack
+from benchmarks.common import machine, write_results
+from benchmarks.teacher_signals import zoo_model_probed
+from benchmarks.zoo import model_name
 from cc_core.data import load_dataset
-from cc_core.io import load_model
 from cc_core.metrics import evaluate
-from cc_core.pipeline import (TEACHER_AGREEMENT, channel_clean, distillation_teacher, probe_triggers, resolve_config,
-                              teacher_agreement)
-from cc_core.scan import (RESIDUAL_FLIP, all_to_all_suspected, apply_found_trigger, flip_report, perturbation_trigger,
+from cc_core.pipeline import TEACHER_AGREEMENT, channel_clean, distillation_teacher, teacher_agreement, universal_inversion
+from cc_core.scan import (RESIDUAL_FLIP, all_to_all_suspected, apply_found_trigger, perturbation_trigger,
                           trigger_flip_rate, trigger_score)
 from cc_core.trigger_clean import prune_trigger_channels
 
@@ -53,15 +51,12 @@ def teacher_measures(teacher: torch.nn.Module, original: torch.nn.Module, x: tor
 
 
 def model_rows(name: str, us: list[float]) -> list[dict]:
-    """One row per u (None: the preset's teacher, no perturbation clean) for the zoo model ``name``."""
+    """One row per u (None: no perturbation clean, the presets before commit 2369a4d) for the zoo model ``name``."""
     recipe = RECIPES[RECIPE]
-    directory = ensure_model(name, recipe)
-    original, attack = load_model(directory / "model.safetensors").eval(), load_attack(directory)
-    cfg = resolve_config("cpu")
-    x, _, _ = shared_synthetic(model_name(name, recipe), original, cfg.synth)
-    found = probe_triggers(original, x, cfg)["trigger"]
+    original, attack, cfg, x, probed = zoo_model_probed(name, recipe)
+    found = probed["trigger"]
     cleaned, info = channel_clean(original, cfg, x if found else None, found)
-    flip, delta = flip_report(original, x, cfg.inversion)
+    flip, delta = universal_inversion(probed["universal"])
     perturbation = perturbation_trigger(flip, delta, len(x))
     test = load_dataset(recipe["dataset"], "test")
     base = {"model": model_name(name, recipe), "probe_fires": bool(trigger_score(found)),
@@ -90,8 +85,9 @@ def markdown(result: dict) -> str:
     lines = ["# A channel clean driven by the universal inverted perturbation, measured on the teacher\n",
              f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}. "
              "The teacher is the defense's (cpu preset): the original with its outlier-Lipschitz channels zeroed, then "
-             "(rows with a u) the channels the scan's universal inverted perturbation excites (z > u in their layer, "
-             "measured on the synthetic images), its singular values clipped at full rank. ACC / ASR in % on the real "
+             "(rows with a u; the row without one is the presets before commit 2369a4d) the channels the scan's "
+             "universal inverted perturbation excites (z > u in their layer, measured on the synthetic images), its "
+             "singular values clipped at full rank. ACC / ASR in % on the real "
              "test set (never seen by a signal); the rest on the model's 1024 synthetic images: the perturbation's flip "
              "rate, the teacher's agreement with the original (+ the share it gives the class the perturbation maps to "
              "the original's), and whether the distillation gate would pass it (flips < "

@@ -29,7 +29,8 @@ from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
-from cc_core.pipeline import channel_clean, distillation_teacher, probe_triggers, resolve_config, teacher_agreement
+from cc_core.pipeline import (channel_clean, distillation_teacher, probe_triggers, resolve_config, teacher_agreement,
+                              universal_inversion)
 from cc_core.scan import (all_to_all_suspected, flip_report, perturbation_trigger, trigger_flip_rate, trigger_score,
                           trigger_text)
 
@@ -37,18 +38,29 @@ COMMAND = "python -m benchmarks.teacher_signals"
 DEFAULT_MODELS = ["badnet", "blended", "blended-a2a", "wanet", "inputaware-a2a"]
 
 
-def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
-    """The measurements above for the zoo model ``name`` of recipe ``recipe_name`` and its teacher
-    under the cpu preset."""
-    recipe = RECIPES[recipe_name]
+def zoo_model_probed(name: str, recipe: dict) -> tuple:
+    """(original, attack, cpu preset, its cached synthetic images, probe_triggers' report with the
+    universal inversion made) for the zoo model ``name`` of ``recipe``."""
     directory = ensure_model(name, recipe)
     original, attack = load_model(directory / "model.safetensors").eval(), load_attack(directory)
     cfg = resolve_config("cpu")
     x, _, _ = shared_synthetic(model_name(name, recipe), original, cfg.synth)
-    found = probe_triggers(original, x, cfg)["trigger"]
-    cleaned, info = channel_clean(original, cfg, x if found else None, found)
+    probed = probe_triggers(original, x, cfg)
+    if probed["universal"] is None:
+        flip, delta = flip_report(original, x, cfg.inversion)
+        probed["universal"] = {"flip": flip, "delta": delta.tolist()}
+    return original, attack, cfg, x, probed
+
+
+def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
+    """The measurements above for the zoo model ``name`` of recipe ``recipe_name`` and its teacher
+    under the cpu preset."""
+    recipe = RECIPES[recipe_name]
+    original, attack, cfg, x, probed = zoo_model_probed(name, recipe)
+    found, clean_by = probed["trigger"], probed["channel_trigger"]
+    cleaned, info = channel_clean(original, cfg, x if clean_by else None, clean_by)
     teacher = distillation_teacher(cleaned, cfg)
-    flip, delta = flip_report(original, x, cfg.inversion)
+    flip, delta = universal_inversion(probed["universal"])
     own_flip, _ = flip_report(teacher, x, cfg.inversion)
     test = load_dataset(recipe["dataset"], "test")
     real = evaluate(teacher, test, attack)

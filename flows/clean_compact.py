@@ -168,7 +168,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     synthetic = synthesized["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
     adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"],
-                                         probed.get("universal"))
+                                         probed["universal"])
     finetune_data = (synthetic, adversarial["files"].get("adversarial"))
     suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
     gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, synthetic, cfg,

@@ -254,6 +254,9 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     for kind in ("patch", "warp", "blend"):
         if out[kind] is not None:
             log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")
+    # markers written before the perturbation clean have neither key (they ran without it)
+    out.setdefault("universal", None)
+    out.setdefault("channel_trigger", out["trigger"])
     found = out["trigger"]
     if found is not None:
         get_run_logger().info(f"{found['kind']} probe: {trigger_text(found)} flips {found['flip_rate']:.0%} "
