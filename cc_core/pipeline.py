@@ -400,12 +400,8 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         start = time.perf_counter()
         probed = probe_triggers(original, x, cfg)
         timings["trigger_probe"] = time.perf_counter() - start
-        if (found := probed["trigger"]) is not None:
-            log(f"[defend] the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
-                f"of the synthetic images (class {found['target_class_estimate']} most)")
-        elif (trigger := probed["channel_trigger"]) is not None:
-            log(f"[defend] no probe fires; the universal inverted perturbation flips {trigger['flip_rate']:.0%} "
-                "of the synthetic images, each class to its own (all-to-all)")
+        if text := probe_text(probed):
+            log(f"[defend] {text}")
         return probed
 
     probed = {"trigger": None, "universal": None, "channel_trigger": None}
@@ -588,11 +584,20 @@ def channel_trigger(found: dict | None, universal: dict | None, n: int) -> dict 
     """The trigger the trigger channel clean cleans by: the probes' firing one (``found``), else the
     universal inverted perturbation (``universal``, probe_triggers') when the scan calls it all-to-all,
     measured on ``n`` synthetic images: the trigger the distillation gate verifies against (gate_trigger)."""
-    if trigger_score(found):
-        return found
-    if universal is None or not all_to_all_suspected(universal["flip"]):
-        return None
-    return perturbation_trigger(universal["flip"], torch.tensor(universal["delta"]), n)
+    flip, delta = universal_inversion(universal) or (None, None)
+    return gate_trigger(found, flip, delta if all_to_all_suspected(flip) else None, n)
+
+
+def probe_text(probed: dict) -> str:
+    """The log's words for probe_triggers' report ``probed``: the firing trigger, else an all-to-all
+    universal perturbation the channel clean will use ('' when neither)."""
+    if (found := probed["trigger"]) is not None:
+        return (f"the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
+                f"of the synthetic images (class {found['target_class_estimate']} most)")
+    if (trigger := probed["channel_trigger"]) is not None:
+        return (f"no probe fires; the universal inverted perturbation flips {trigger['flip_rate']:.0%} "
+                "of the synthetic images, each class to its own (all-to-all)")
+    return ""
 
 
 def universal_inversion(universal: dict | None) -> tuple[dict, torch.Tensor] | None:

@@ -237,8 +237,8 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     "trigger": the one that fires (None when none), "universal": the scan's universal inversion when
     none fires and the perturbation channel clean is on, "channel_trigger": what the trigger channel
     clean cleans by}."""
-    from cc_core.pipeline import probe_triggers
-    from cc_core.scan import BLEND_SPECIFICITY, BLEND_THRESHOLD, trigger_text
+    from cc_core.pipeline import probe_text, probe_triggers
+    from cc_core.scan import BLEND_SPECIFICITY, BLEND_THRESHOLD
 
     def compute() -> dict:
         x = _load_tensors(synthetic_file)["x"].to(_device(cfg))
@@ -257,13 +257,8 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     # markers written before the perturbation clean have neither key (they ran without it)
     out.setdefault("universal", None)
     out.setdefault("channel_trigger", out["trigger"])
-    found = out["trigger"]
-    if found is not None:
-        get_run_logger().info(f"{found['kind']} probe: {trigger_text(found)} flips {found['flip_rate']:.0%} "
-                              f"(class {found['target_class_estimate']} most)")
-    elif out.get("channel_trigger") is not None:
-        get_run_logger().info(f"no probe fires; the universal inverted perturbation flips "
-                              f"{out['channel_trigger']['flip_rate']:.0%}, each class to its own (all-to-all)")
+    if text := probe_text(out):
+        get_run_logger().info(text)
     log_metrics(run, {"trigger_probes": out["seconds"]}, "time.")
     return out
 
