@@ -61,7 +61,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher"), ({}, {})),
+                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check and without the blend probe (on in the preset
@@ -319,6 +319,16 @@ GRIDS = {
     "blend_teacher": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("blend probe on", {"blend_probe": {}}),
         ("blend probe on, distilled from its teacher ungated", {"blend_probe": {}, "kd_gate": "always"}))],
+    # WaNet's ASR rests on the fine-tune pushing the left-out class down on every image (masked out:
+    # 15% at 2x, sweep_defend_masked.md). PGD run on each batch against the student as it trains,
+    # towards that class, labelled with the images' own classes: does it unlearn the shortcut itself?
+    "online_adv": [(label, ratio, {}, ft) for ratio in (2.0,) for label, ft in (
+        ("cpu preset", {}),
+        ("+ online PGD towards the left-out class", {"online_adv_weight": 1.0}),
+        ("+ online PGD towards the left-out class, that class masked out of the CE",
+         {"online_adv_weight": 1.0, "mask_left_out_class": True}),
+        ("+ online untargeted PGD, the left-out class masked out of the CE",
+         {"online_adv_weight": 1.0, "online_adv_targeted": False, "mask_left_out_class": True}))],
 }
 
 GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "

@@ -59,23 +59,34 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig = PGD
     out = []
     with eval_mode(model), channels_last(model):
         for start in range(0, len(x), cfg.batch_size):
-            xb, yb = x[start:start + cfg.batch_size].detach(), y[start:start + cfg.batch_size]
-            pix, m, s = _to_pixels(xb, mean, std)
-            delta = torch.zeros_like(pix)
-            if cfg.random_start:
-                delta = (torch.rand(pix.shape, generator=gen).to(pix.device) * 2 - 1) * cfg.eps
-            delta = ((pix + delta).clamp(0, 1) - pix).requires_grad_(True)
-            for _ in range(cfg.steps):
-                with autocast(pix.device, cfg.mixed_precision):
-                    logits = model((pix + delta - m) / s)
-                loss = F.cross_entropy(logits.float(), yb)
-                grad, = torch.autograd.grad(loss, delta)
-                with torch.no_grad():
-                    delta += cfg.step * grad.sign()
-                    delta.clamp_(-cfg.eps, cfg.eps)
-                    delta.copy_((pix + delta).clamp(0, 1) - pix)
-            out.append(((pix + delta.detach() - m) / s))
+            out.append(perturb(model, x[start:start + cfg.batch_size], y[start:start + cfg.batch_size],
+                               cfg, mean, std, gen))
     return torch.cat(out)
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, mean, std,
+            gen: torch.Generator, target: int | None = None) -> torch.Tensor:
+    """One batch of PGD (``cfg``'s eps, step, steps, random start) on normalized inputs ``x``
+    (N, C, H, W), in whatever mode ``model`` is in: untargeted away from labels ``y`` (N,), or,
+    given ``target``, targeted towards that class (descending its CE). Returns normalized images;
+    gradients reach only the perturbation, never the model's parameters."""
+    pix, m, s = _to_pixels(x.detach(), mean, std)
+    delta = torch.zeros_like(pix)
+    if cfg.random_start:
+        delta = (torch.rand(pix.shape, generator=gen).to(pix.device) * 2 - 1) * cfg.eps
+    delta = ((pix + delta).clamp(0, 1) - pix).requires_grad_(True)
+    towards = None if target is None else torch.full_like(y, target)
+    for _ in range(cfg.steps):
+        with autocast(pix.device, cfg.mixed_precision):
+            logits = model((pix + delta - m) / s)
+        loss = (F.cross_entropy(logits.float(), y) if towards is None
+                else -F.cross_entropy(logits.float(), towards))
+        grad, = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta += cfg.step * grad.sign()
+            delta.clamp_(-cfg.eps, cfg.eps)
+            delta.copy_((pix + delta).clamp(0, 1) - pix)
+    return (pix + delta.detach() - m) / s
 
 
 @torch.no_grad()

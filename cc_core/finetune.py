@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cc_core.adversarial import predictions
+from cc_core.adversarial import PGDConfig, perturb, predictions
 from cc_core.data import random_crop, random_hflip
 from cc_core.device import autocast, channels_last, precision
 from cc_core.errors import ConfigError
@@ -95,12 +95,17 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     mixed_precision: bool = True
     max_grad_norm: float | None = None
+    online_adv_weight: float = 0.0
+    online_adv_eps: float = 8 / 255
+    online_adv_steps: int = 5
+    online_adv_targeted: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("fine-tune needs epochs >= 0, batch_size >= 1 and lr > 0")
-        if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight) < 0:
+        if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight,
+               self.online_adv_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
         if not self.mixup_alpha >= 0:
             raise ConfigError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha!r}")
@@ -108,13 +113,16 @@ class FinetuneConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns weight averaging off), got {self.ema_decay!r}")
+        if not self.online_adv_eps > 0 or self.online_adv_steps < 1:
+            raise ConfigError("the online adversarial term needs online_adv_eps > 0 and online_adv_steps >= 1, got "
+                              f"{self.online_adv_eps!r} and {self.online_adv_steps!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (None turns clipping off), got {self.max_grad_norm!r}")
 
     @property
     def active(self) -> bool:
         return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.unlearn_weight,
-                                       self.kd_weight, self.feature_weight) > 0
+                                       self.kd_weight, self.feature_weight, self.online_adv_weight) > 0
 
     @property
     def needs_teacher(self) -> bool:
@@ -198,7 +206,7 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
         with student_layout(model, cfg.mixed_precision), \
                 (channels_last(teacher) if teacher is not None else contextlib.nullcontext()):
             return _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg, progress, student_bn, teacher_bn,
-                          masked, kd_dropped)
+                          masked, kd_dropped, left_out_class)
     finally:
         for rec in (student_bn, teacher_bn):
             if rec is not None:
@@ -298,9 +306,18 @@ def mixup_pairs(n: int, alpha: float, rng: random.Random, generator: torch.Gener
     return rng.betavariate(alpha, alpha), torch.randperm(n, generator=generator)
 
 
+def online_pgd(cfg: FinetuneConfig) -> PGDConfig | None:
+    """The PGD the online adversarial term runs on each batch against the student being trained
+    (None when the term is off): cfg.online_adv_steps steps of 2.5 eps / steps, from a random start."""
+    if not cfg.online_adv_weight:
+        return None
+    return PGDConfig(eps=cfg.online_adv_eps, step=2.5 * cfg.online_adv_eps / cfg.online_adv_steps,
+                     steps=cfg.online_adv_steps, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+
+
 def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, progress: bool,
            student_bn: BNOutputs | None, teacher_bn: BNOutputs | None, masked: int | None,
-           kd_dropped: int | None) -> list[dict]:
+           kd_dropped: int | None, left_out_class: int | None) -> list[dict]:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -314,6 +331,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
         teacher.eval()
     history = []
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    online = online_pgd(cfg)
+    online_target = left_out_class if cfg.online_adv_targeted else None
 
     def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return masked_cross_entropy(logits, labels, masked, cfg.label_smoothing)
@@ -324,7 +343,7 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
         if cfg.freeze_bn:
             _set_bn_eval(model)
         order = torch.randperm(n, generator=gen)
-        sums = {"syn": 0.0, "adv": 0.0, "unlearn": 0.0, "kd": 0.0, "feat": 0.0}
+        sums = {"syn": 0.0, "adv": 0.0, "unlearn": 0.0, "kd": 0.0, "feat": 0.0, "online_adv": 0.0}
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xs, ys = x_syn[idx], y_syn[idx]
@@ -337,12 +356,15 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
             if mix is not None:
                 lam, partner = mix
                 xs = lam * xs + (1 - lam) * xs[partner]
+            xo = (perturb(model, xs, ys, online, model.cc_spec.mean, model.cc_spec.std, gen, online_target)
+                  if online is not None else None)
             loss = torch.zeros((), device=xs.device)
             with autocast(xs.device, cfg.mixed_precision):
                 out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight) else None
                 student_feats = dict(student_bn.outputs) if student_bn else None
                 out_a = model(xa).float() if cfg.adv_weight else None
                 out_t = model(xt).float() if cfg.unlearn_weight else None
+                out_o = model(xo).float() if xo is not None else None
                 if cfg.needs_teacher:
                     with torch.no_grad():
                         target = teacher(xs).float()
@@ -360,6 +382,10 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                 term = ce(out_t, ys)
                 sums["unlearn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.unlearn_weight * term
+            if out_o is not None:
+                term = ce(out_o, ys)
+                sums["online_adv"] += float(term.detach()) * len(idx)
+                loss = loss + cfg.online_adv_weight * term
             if cfg.kd_weight:
                 term = distillation_loss(drop_class(out_s, kd_dropped), drop_class(target, kd_dropped),
                                          cfg.kd_temperature)
