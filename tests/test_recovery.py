@@ -11,7 +11,7 @@ from torch import nn
 
 import cc_core.finetune as ft
 from cc_core import build_model, clean_compact, save_model
-from cc_core.adversarial import PGDConfig, concentration, pgd
+from cc_core.adversarial import PGDConfig, concentration, perturb, pgd
 from cc_core.device import precision
 from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
@@ -156,6 +156,44 @@ def test_pgd_stays_inside_eps_and_raises_the_loss():
     with torch.no_grad():
         ce = nn.functional.cross_entropy
         assert ce(model(adv), y) > ce(model(x), y)
+
+
+def test_targeted_pgd_stays_inside_eps_and_moves_the_images_towards_its_class():
+    model = tiny_model()
+    x = (torch.rand(16, 3, 32, 32) - 0.5) / 0.25
+    y = model(x).argmax(1).detach()
+    target = int((y.bincount(minlength=4)).argmin())  # the class the clean images are furthest from
+    cfg = PGDConfig(eps=8 / 255, step=2 / 255, steps=8)
+    adv = perturb(model, x, y, cfg, model.cc_spec.mean, model.cc_spec.std, torch.Generator().manual_seed(0), target)
+    delta = (adv - x) * 0.25
+    assert delta.abs().max() <= cfg.eps + 1e-6
+    assert adv.grad_fn is None and all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        towards = torch.full_like(y, target)
+        ce = nn.functional.cross_entropy
+        assert ce(model(adv), towards) < ce(model(x), towards)
+
+
+def test_online_adversarial_term_trains_on_pgd_against_the_student_and_is_validated():
+    x, y = (torch.rand(32, 3, 32, 32) - 0.5) / 0.25, torch.arange(32) % 3 + 1  # class 0 left out
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, synth_weight=0.0, adv_weight=0.0, augment=False,
+                         mixed_precision=False, online_adv_weight=1.0, online_adv_eps=4 / 255, online_adv_steps=3)
+    assert cfg.active
+    runs = {}
+    for targeted in (True, False):
+        model = tiny_model()
+        start = copy.deepcopy(model.state_dict())
+        history = finetune(model, x, y, cfg=dataclasses.replace(cfg, online_adv_targeted=targeted), progress=False,
+                           left_out_class=0)
+        assert [h["syn"] for h in history] == [0.0, 0.0] and all(h["online_adv"] > 0 for h in history)
+        assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+        runs[targeted] = model.state_dict()
+    assert any(not torch.equal(runs[True][k], v) for k, v in runs[False].items())  # targeted is another attack
+    assert ft.online_pgd(dataclasses.replace(cfg, online_adv_weight=0.0)) is None
+    assert ft.online_pgd(cfg).step == pytest.approx(2.5 * cfg.online_adv_eps / 3)
+    for bad in ({"online_adv_eps": 0.0}, {"online_adv_steps": 0}, {"online_adv_weight": -1.0}):
+        with pytest.raises(ConfigError, match="online_adv|weights must be >= 0"):
+            FinetuneConfig(**bad)
 
 
 def test_histogram_statistics():
