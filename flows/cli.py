@@ -305,8 +305,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
     ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
                             "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
                             "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha,
-                            "ema_decay": args.ema_decay, "label_smoothing": args.label_smoothing}.items()
+                            "ema_decay": args.ema_decay, "label_smoothing": args.label_smoothing,
+                            "online_adv_weight": args.online_adv_weight, "online_adv_steps": args.online_adv_steps,
+                            "online_adv_eps": None if args.online_adv_eps is None else args.online_adv_eps / 255}.items()
           if v is not None}
+    if args.online_adv_untargeted:
+        ft["online_adv_targeted"] = False
     for key in ("mask_left_out_class", "kd_mask_left_out_class"):
         if getattr(args, key) is not None:
             ft[key] = getattr(args, key)
@@ -591,6 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float,
                    help="smooth the fine-tune's CE targets by this much, in [0, 1), so a left-out class keeps "
                         "a small target on every image (default: the preset's, 0)")
+    p.add_argument("--online-adv-weight", type=float,
+                   help="weight of the online adversarial term: each fine-tune batch, PGD against the student as it "
+                        "trains (towards the left-out suspected class), fit to the images' own labels; 0 turns it "
+                        "off (default: the preset's, 0)")
+    p.add_argument("--online-adv-eps", type=float,
+                   help="the online PGD's L-inf radius, in pixel levels out of 255 (default 8)")
+    p.add_argument("--online-adv-steps", type=int, help="the online PGD's steps per batch (default 5)")
+    p.add_argument("--online-adv-untargeted", action="store_true",
+                   help="untargeted online PGD (away from each image's label) instead of towards the left-out class")
     p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
     p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
     p.add_argument("--data-dir")

@@ -655,13 +655,25 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
 
 @pytest.mark.parametrize("field, good, bad, message", [("mixup_alpha", "0.4", "-1", "mixup_alpha must be >= 0"),
                                                        ("ema_decay", "0.9", "1", r"ema_decay must be in \[0, 1\)"),
-                                                       ("label_smoothing", "0.1", "1.5", r"label_smoothing must be in")])
+                                                       ("label_smoothing", "0.1", "1.5", r"label_smoothing must be in"),
+                                                       ("online_adv_weight", "0.5", "-1", "weights must be >= 0"),
+                                                       ("online_adv_steps", "3", "0", "online_adv_steps >= 1")])
 def test_defend_fine_tune_number_flags(field, good, bad, message, tiny_file, tmp_path, monkeypatch, capsys):
     args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--{field.replace('_', '-')}"
     assert getattr(defend_config_from_cli(args, monkeypatch).finetune, field) == getattr(resolve_config("cpu").finetune, field)
     assert getattr(defend_config_from_cli([*args, flag, good], monkeypatch).finetune, field) == float(good)
     assert main(["defend", *args, flag, bad]) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_defend_online_adversarial_flags(tiny_file, tmp_path, monkeypatch, capsys):
+    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
+    cfg = defend_config_from_cli([*args, "--online-adv-weight", "1", "--online-adv-eps", "2"], monkeypatch).finetune
+    assert (cfg.online_adv_weight, cfg.online_adv_eps, cfg.online_adv_targeted) == (1.0, pytest.approx(2 / 255), True)
+    assert not defend_config_from_cli([*args, "--online-adv-untargeted"], monkeypatch).finetune.online_adv_targeted
+    assert main(["defend", *args, "--online-adv-eps", "0"]) == 2
+    assert "online_adv_eps > 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
