@@ -2,6 +2,7 @@
 
   L = w_syn * CE(F(x_s), y_s)  +  w_adv * CE(F(x_adv), y_s)  +  w_unl * CE(F(x_trig), y_s)
       + w_kd * T^2 KL(T(x_s) || F(x_s))  +  w_feat * mean_l ||F_l(x_s) - T_l(x_s)||^2 / ||T_l(x_s)||^2
+      + w_onl * CE(F(x_s + d), y_s),  d = PGD against F as it is at this step (||d||_inf <= eps)
 x_s: BN-statistics synthetic images with labels y_s; x_adv: their adversarial versions, trained
 towards the BENIGN label y_s so backdoor-like perturbations stop flipping predictions; x_trig:
 the same images carrying the scan's inverted trigger (one universal perturbation), also trained
@@ -9,8 +10,10 @@ towards y_s, so the model unlearns the trigger it was found to respond to;
 T: the teacher (the clipped full-rank model), distilled on the clean synthetic images only:
 its outputs on adversarial images may still carry the backdoor. F_l, T_l: the outputs of the
 BatchNorm layer named l in student and teacher (compression keeps BN names), so the feature
-term gives every layer its own target instead of only the logits. Each term is switched off by a
-zero weight; with every term off the model is returned untouched.
+term gives every layer its own target instead of only the logits. The online term perturbs each
+batch afresh against the student being trained (towards the left-out class when there is one and
+``online_adv_targeted``, else away from y_s), where x_adv is made once, before the fine-tune.
+Each term is switched off by a zero weight; with every term off the model is returned untouched.
 
 With ``mixup_alpha`` > 0 the clean synthetic branch (the synthetic CE, both distillation terms)
 sees mixup images x = lam x_i + (1 - lam) x_j, lam ~ Beta(alpha, alpha) per batch: the CE goes
