@@ -61,7 +61,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv", "online_adv_eps", "online_teacher", "online_teacher2", "online_student"), ({}, {})),
+                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv", "online_adv_eps", "online_teacher", "online_teacher2", "online_student", "recognized"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check and without the blend probe (on in the preset
@@ -367,6 +367,11 @@ GRIDS = {
                                                                           "online_adv_eps": 1 / 255}),
         ("cpu preset + online PGD eps 2/255 towards the left-out class", {"online_adv_weight": 1.0,
                                                                           "online_adv_eps": 2 / 255}))],
+    # Re-synthesis through the fine-tuned student gave class 0 back only in part (resynthesis2). The
+    # suspected class's own synthetic images are put back instead, those the fine-tuned student (its
+    # backdoor gone) also puts in that class, and the student is fine-tuned a second time.
+    "recognized": [("suspected class's images the fine-tuned student recognizes put back, fine-tuned again", ratio,
+                    {"resynthesize_suspected_target": "recognized"}, {}) for ratio in (2.0, 4.0)],
 }
 
 GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "

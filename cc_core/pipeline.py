@@ -208,10 +208,10 @@ class DefendConfig:
         for name in ("adversarial_model", "synth_model"):
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
-        if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned"):
+        if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned", "recognized"):
             raise ConfigError("resynthesize_suspected_target must be None, 'cleaned' or 'finetuned', "
                               f"got {self.resynthesize_suspected_target!r}")
-        if self.distill_check is not None and self.resynthesize_suspected_target == "finetuned":
+        if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
             raise ConfigError("distill_check compares one fine-tune with and without distillation; "
                               "resynthesize_suspected_target='finetuned' fine-tunes twice")
         if self.competition_synth is not None:
@@ -486,8 +486,9 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
                                       left_out_class=left_out)
     if text := guard_text(guard):
         log(f"[defend] {text}")
-    if cfg.resynthesize_suspected_target == "finetuned" and excluded:
-        x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
+    if cfg.resynthesize_suspected_target in ("finetuned", "recognized") and excluded:
+        x_new, y_new = (resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
+                        if cfg.resynthesize_suspected_target == "finetuned" else recognized_class(new, x_syn, y_syn, suspected))
         exclusion["synthetic_resynthesized"] = len(y_new)
         x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
         x_trigger = unlearn(x_ft) if unlearn is not None else None
@@ -556,6 +557,14 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
     cfg = dataclasses.replace(synth, seed=synth.seed + 1)
     x, y, _ = synthesize(cleaned, cfg, labels=labels, device=device, progress=progress)
     return x, y
+
+
+def recognized_class(student: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The synthetic images ``x`` labelled ``target`` that the fine-tuned ``student`` (whose
+    backdoor is gone) also puts in ``target``, with their labels: (n, C, H, W), (n,)."""
+    x_target = x[y == target]
+    keep = predictions(student, x_target) == target
+    return x_target[keep], y[y == target][keep]
 
 
 def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:
