@@ -113,7 +113,9 @@ class DefendConfig:
     exclude_suspected_target: bool = True
     # ...and put as many images of that class back, made again through the channel-cleaned model
     # ("cleaned", before the fine-tune) or through the fine-tuned model ("finetuned", which is then
-    # fine-tuned a second time with them); None: the class stays out.
+    # fine-tuned a second time with them), or put back those of its own synthetic images the fine-tuned
+    # model also puts in that class ("recognized", then fine-tuned again; WaNet 2x: class 0 back to
+    # 80.6%, ASR 7.99%, sweep_defend_recognized.md); None: the class stays out.
     resynthesize_suspected_target: str | None = None
     # Adaptive DeepInversion after compaction: SynthConfig overrides (e.g. {"n_samples": 512,
     # "competition_weight": 1.0}) for a second round of synthetic images, made from the original

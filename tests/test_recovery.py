@@ -826,13 +826,39 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     assert sorted(set(seen["labels"])) == [c for c in range(4) if c != target]
     assert seen["left_out"] == [target]  # the fine-tune is told which class has no images
 
-    for where, left_out in (("cleaned", [None]), ("finetuned", [target, None])):
+    for where, left_out in (("cleaned", [None]), ("finetuned", [target, None]), ("recognized", [target, None])):
         seen.clear()
         cfg = _tiny_cfg(resynthesize_suspected_target=where, teacher_finetune=None)
         r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
-        assert sorted(seen["labels"]) == sorted(synthetic[1].tolist())  # the class is back, as many images
         assert seen["left_out"] == (left_out if target is not None else [None])
-        assert r["scan"].get("synthetic_resynthesized", 0) == r["scan"]["synthetic_excluded"]
+        back = r["scan"].get("synthetic_resynthesized", 0)
+        if where == "recognized":  # only those of the class's own images the student puts there
+            assert back <= r["scan"]["synthetic_excluded"]
+            assert len(seen["labels"]) == 12 - r["scan"]["synthetic_excluded"] + back
+            assert seen["labels"].count(target) == back
+        else:
+            assert sorted(seen["labels"]) == sorted(synthetic[1].tolist())  # the class is back, as many images
+            assert back == r["scan"]["synthetic_excluded"]
+
+
+class _SignClassifier(nn.Module):
+    """Class 2 for an image whose mean is positive, class 1 otherwise (of 3)."""
+
+    def forward(self, x):
+        positive = (x.mean(dim=(1, 2, 3)) > 0).float()
+        return torch.stack([torch.zeros_like(positive), 1 - positive, positive], 1)
+
+
+def test_recognized_class_keeps_the_images_of_the_class_the_student_also_puts_there():
+    from cc_core.pipeline import recognized_class
+
+    sign = torch.tensor([1, -1, 1, 1, -1, 1, -1, -1], dtype=torch.float32)
+    x = sign.view(-1, 1, 1, 1) * torch.rand(8, 3, 4, 4).add(0.1)
+    y = torch.tensor([2, 2, 2, 0, 2, 1, 1, 2])
+    kept, labels = recognized_class(_SignClassifier(), x, y, 2)
+    assert torch.equal(kept, x[[0, 2]]) and labels.tolist() == [2, 2]  # labelled 2 and put in 2
+    kept, labels = recognized_class(_SignClassifier(), x, y, 0)
+    assert kept.shape == (0, 3, 4, 4) and labels.tolist() == []
 
 
 def test_js_divergence_is_zero_for_equal_outputs_symmetric_and_at_most_ln2():
