@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.bench import RECIPES
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.sweep_defend import TEACHER_FINETUNE_0911A44
 from benchmarks.zoo import ensure_model, model_name
-from cc_core.adversarial import PGDConfig, _to_pixels, pgd, predictions
+from cc_core.adversarial import PGDConfig, perturb, pgd, predictions
 from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
 from cc_core.io import load_model
@@ -52,19 +51,12 @@ SETTINGS = [
 
 def targeted_success(model: nn.Module, x: torch.Tensor, target: int, eps: float, steps: int = 10) -> float:
     """Fraction of ``x`` (N, C, H, W, normalized) that targeted L-inf PGD (``eps`` in pixel
-    units, ``steps`` steps of eps / 4) sends into class ``target``."""
+    units, ``steps`` steps of eps / 4 from no perturbation, fp32) sends into class ``target``."""
     spec = model.cc_spec
-    pix, m, s = _to_pixels(x, spec.mean, spec.std)
-    y = torch.full((len(x),), target, dtype=torch.long)
-    delta = torch.zeros_like(pix, requires_grad=True)
-    for _ in range(steps):
-        loss = F.cross_entropy(model((pix + delta - m) / s), y)
-        grad, = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta -= eps / 4 * grad.sign()
-            delta.clamp_(-eps, eps)
-            delta.copy_((pix + delta).clamp(0, 1) - pix)
-    return float((predictions(model, (pix + delta.detach() - m) / s) == target).float().mean())
+    cfg = PGDConfig(eps=eps, step=eps / 4, steps=steps, random_start=False, mixed_precision=False)
+    labels = torch.full((len(x),), target, dtype=torch.long)
+    adv = perturb(model, x, labels, cfg, spec.mean, spec.std, torch.Generator(), target)
+    return float((predictions(model, adv) == target).float().mean())
 
 
 def signals(model: nn.Module, x: torch.Tensor, target: int) -> dict:

@@ -211,11 +211,11 @@ class DefendConfig:
             if getattr(self, name) not in ("compact", "original"):
                 raise ConfigError(f"{name} must be 'compact' or 'original'")
         if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned", "recognized"):
-            raise ConfigError("resynthesize_suspected_target must be None, 'cleaned' or 'finetuned', "
+            raise ConfigError("resynthesize_suspected_target must be None, 'cleaned', 'finetuned' or 'recognized', "
                               f"got {self.resynthesize_suspected_target!r}")
         if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
             raise ConfigError("distill_check compares one fine-tune with and without distillation; "
-                              "resynthesize_suspected_target='finetuned' fine-tunes twice")
+                              f"resynthesize_suspected_target={self.resynthesize_suspected_target!r} fine-tunes twice")
         if self.competition_synth is not None:
             try:
                 dataclasses.replace(self.synth, **self.competition_synth)
@@ -489,8 +489,10 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     if text := guard_text(guard):
         log(f"[defend] {text}")
     if cfg.resynthesize_suspected_target in ("finetuned", "recognized") and excluded:
-        x_new, y_new = (resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
-                        if cfg.resynthesize_suspected_target == "finetuned" else recognized_class(new, x_syn, y_syn, suspected))
+        if cfg.resynthesize_suspected_target == "finetuned":
+            x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
+        else:
+            x_new, y_new = recognized_class(new, x_syn, y_syn, suspected)
         exclusion["synthetic_resynthesized"] = len(y_new)
         x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
         x_trigger = unlearn(x_ft) if unlearn is not None else None
@@ -564,9 +566,9 @@ def resynthesize_class(cleaned: nn.Module, target: int, n: int, synth: SynthConf
 def recognized_class(student: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The synthetic images ``x`` labelled ``target`` that the fine-tuned ``student`` (whose
     backdoor is gone) also puts in ``target``, with their labels: (n, C, H, W), (n,)."""
-    x_target = x[y == target]
+    x_target, y_target = x[y == target], y[y == target]
     keep = predictions(student, x_target) == target
-    return x_target[keep], y[y == target][keep]
+    return x_target[keep], y_target[keep]
 
 
 def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:

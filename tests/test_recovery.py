@@ -1604,8 +1604,9 @@ def test_distill_check_runs_only_for_a_teacher_the_gate_did_not_verify():
     assert not needs_distill_check(cfg, {"distill": True, "reason": None})  # verified: distilled from as is
     assert not needs_distill_check(cfg, {"distill": False, "reason": unverified["reason"]})  # no teacher
     assert needs_distill_check(cfg.replace(kd_gate="always"), {"distill": True, "reason": None})
-    with pytest.raises(ConfigError, match="distill_check compares one fine-tune"):
-        cfg.replace(resynthesize_suspected_target="finetuned")
+    for twice in ("finetuned", "recognized"):
+        with pytest.raises(ConfigError, match=f"distill_check compares one fine-tune.*'{twice}' fine-tunes twice"):
+            cfg.replace(resynthesize_suspected_target=twice)
 
 
 @pytest.mark.parametrize("kept", [True, False])
