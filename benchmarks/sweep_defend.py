@@ -61,13 +61,13 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
     **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv", "online_adv_eps", "online_teacher", "online_teacher2", "online_student", "recognized", "recognized2",
-                     "pure_kd"), ({}, {})),
+                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv", "online_adv_eps", "online_teacher", "online_teacher2", "online_student", "recognized", "recognized2"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check and without the blend probe (on in the preset
 # since 89f8225, after every grid here was run; a row that wants either sets it).
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
+BASES["pure_kd"] = ({}, {})  # the cpu preset as shipped, blend probe on
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 PURE_KD_TEACHER = {"lr": 1e-3, "synth_weight": 1.0, "mixup_alpha": 0.0, "epochs": 10}
