@@ -172,6 +172,14 @@ class DefendConfig:
     # "always". The fine-tune takes from the teacher what it takes from the student, the backdoor,
     # and gives back what the clean step cost it (sweep_defend_teacher*.md).
     teacher_finetune: dict | None = None
+    # Fine-tune overrides for a student that distills (its teacher verified, or fine-tuned first):
+    # None (the presets) trains it with ``finetune`` as is, distillation added to the synthetic CE.
+    # DISTILL_ALONE trains it on the teacher's soft labels alone, on mixup images, 30 epochs, its
+    # gradients clipped: with a teacher fine-tuned at lr 0.001 (teacher_finetune={}), the zoo WaNet goes
+    # 80.71 / 2.27 -> 81.53 / 2.69 at 2x and 73.45 / 1.46 -> 77.72 / 3.03 at 4x unclipped; unclipped, the
+    # GTSRB BadNet all-to-all 4x student diverged (50.77; clipped at norm 1: 94.58, the preset 93.52;
+    # sweep_defend_pure_kd*.md).
+    distill_finetune: dict | None = None
     # With a teacher the gate does not verify (fine-tuned first, or any under "always"), also
     # fine-tune the student without distillation, and keep the distilled student only when the
     # scan's universal inversion (these settings; None: no check) flips at most DISTILL_FLIP_MARGIN
@@ -221,11 +229,12 @@ class DefendConfig:
                 dataclasses.replace(self.synth, **self.competition_synth)
             except TypeError as e:
                 raise ConfigError(f"competition_synth takes synthesis settings: {e}") from None
-        if self.teacher_finetune is not None:
-            try:
-                dataclasses.replace(self.finetune, **self.teacher_finetune)
-            except TypeError as e:
-                raise ConfigError(f"teacher_finetune takes fine-tune settings: {e}") from None
+        for name in ("teacher_finetune", "distill_finetune"):
+            if getattr(self, name) is not None:
+                try:
+                    dataclasses.replace(self.finetune, **getattr(self, name))
+                except TypeError as e:
+                    raise ConfigError(f"{name} takes fine-tune settings: {e}") from None
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
         if self.needs_calibration and self.synth_model != "original":
@@ -262,6 +271,9 @@ class DefendConfig:
         return dataclasses.replace(self, **changes)
 
 
+# A student that learns from its teacher alone (DefendConfig.distill_finetune; `--distill-alone`).
+DISTILL_ALONE = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30, "max_grad_norm": 1.0}
+
 PRESETS: dict[str, DefendConfig] = {
     # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
     # recovery,clean}.md): the channel clean (u 3) removes the backdoor, clipping below tau 4 only
@@ -278,7 +290,8 @@ PRESETS: dict[str, DefendConfig] = {
     # student its teacher's backdoor (82.39 / 32.39 at 2x against 81.23 / 8.18 undistilled); the
     # distillation check (distill_check, opt-in) catches that one, but not GTSRB Input-Aware's, whose
     # input-specific trigger the inversion cannot express: with both in the preset its ASR went 17.93 ->
-    # 42.56% (bench_614903b/);
+    # 42.56% (bench_614903b/); at the student's lr 0.001, with the student learning from the teacher
+    # alone (distill_finetune=DISTILL_ALONE, opt-in), WaNet gains 0.8 / 4.3 points (sweep_defend_pure_kd*.md);
     # the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
@@ -878,9 +891,14 @@ def finetune_teacher(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
 
 
 def finetune_config(cfg: DefendConfig, teacher: nn.Module | None) -> FinetuneConfig:
-    """``cfg.finetune``, with its distillation terms off when there is no ``teacher`` (the gate closed)."""
-    if teacher is None and cfg.finetune.needs_teacher:
-        return dataclasses.replace(cfg.finetune, kd_weight=0.0, feature_weight=0.0)
+    """The student's fine-tune: ``cfg.finetune`` with its distillation terms off when there is no
+    ``teacher`` (the gate closed), and with ``cfg.distill_finetune`` when there is one and it distills."""
+    if teacher is None:
+        if cfg.finetune.needs_teacher:
+            return dataclasses.replace(cfg.finetune, kd_weight=0.0, feature_weight=0.0)
+        return cfg.finetune
+    if cfg.finetune.needs_teacher and cfg.distill_finetune:
+        return dataclasses.replace(cfg.finetune, **cfg.distill_finetune)
     return cfg.finetune
 
 

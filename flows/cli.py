@@ -249,7 +249,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     """Clean & Compact a model with no real data; write model, ONNX and report.json to --out."""
     from cc_core.attacks import load_attack
     from cc_core.data import load_dataset
-    from cc_core.pipeline import defend, defend_baseline, export_package, resolve_config
+    from cc_core.pipeline import DISTILL_ALONE, defend, defend_baseline, export_package, resolve_config
 
     overrides: dict = {"ratio": args.ratio, "device": args.device, "threads": args.threads}
     if args.tau is not None:
@@ -282,6 +282,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["teacher_finetune"] = {"lr": args.teacher_finetune_lr}
     if args.no_teacher_finetune:
         overrides["teacher_finetune"] = None
+    if args.distill_epochs is not None and not args.distill_alone:
+        raise _input_error("--distill-epochs sets the epochs of --distill-alone")
+    if args.distill_alone:
+        if args.distill_epochs is not None and args.distill_epochs < 1:
+            raise _input_error(f"--distill-epochs must be >= 1, got {args.distill_epochs}")
+        overrides["distill_finetune"] = DISTILL_ALONE | ({"epochs": args.distill_epochs} if args.distill_epochs else {})
     if args.distill_check is not None:
         overrides["distill_check"] = args.distill_check
     if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe and args.no_blend_probe):
@@ -573,10 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-finetune-lr", type=float,
                    help="fine-tune a teacher the gate does not verify at this learning rate, with the student's "
                         "recipe, before distilling from it (off in the presets: at 0.0002 it helps WaNet but hands Blended's "
-                        "and GTSRB Input-Aware's backdoor back; docs/PRESET.md)")
+                        "and GTSRB Input-Aware's backdoor back; at 0.001, with --distill-alone, docs/MEASUREMENTS.md)")
     p.add_argument("--no-teacher-finetune", action="store_true",
                    help="never fine-tune the teacher (the presets' default): under --kd-gate verified an unverified "
                         "teacher is not used")
+    p.add_argument("--distill-alone", action="store_true",
+                   help="a student that distills learns its teacher's soft labels alone (no synthetic CE), on mixup "
+                        "images, for 30 epochs, its gradients clipped to norm 1 (off in the presets)")
+    p.add_argument("--distill-epochs", type=int, help="the epochs of --distill-alone (default 30)")
     p.add_argument("--distill-check", action=argparse.BooleanOptionalAction,
                    help="with a teacher the gate does not verify, fine-tune the student with and without "
                         "distillation and keep the distilled one only if the universal inversion flips at most "

@@ -13,7 +13,7 @@ import cc_core.finetune as ft
 from cc_core import build_model, clean_compact, save_model
 from cc_core.adversarial import PGDConfig, concentration, perturb, pgd
 from cc_core.device import precision
-from cc_core.pipeline import DefendConfig, defend, export_package, macs, resolve_config
+from cc_core.pipeline import DISTILL_ALONE, DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
@@ -692,6 +692,39 @@ def test_defend_flags_reach_the_fine_tune_config(field, flags, expected, tiny_fi
 def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
     cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
     assert cfg.teacher_finetune == (resolve_config("cpu").teacher_finetune if expected == "preset" else expected)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], None), (["--distill-alone"], DISTILL_ALONE),
+    (["--distill-alone", "--distill-epochs", "5"], DISTILL_ALONE | {"epochs": 5})])
+def test_defend_distill_alone_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert cfg.distill_finetune == expected
+
+
+@pytest.mark.parametrize("flags, message", [(["--distill-epochs", "5"], "sets the epochs of --distill-alone"),
+                                            (["--distill-alone", "--distill-epochs", "0"], "must be >= 1")])
+def test_defend_refuses_bad_distill_epochs(flags, message, tiny_file, tmp_path, capsys):
+    assert main(["defend", str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_student_distilling_alone_takes_that_recipe_and_its_teacher_the_undistilled_one():
+    from cc_core.pipeline import finetune_config, teacher_finetune_config
+
+    cfg = resolve_config("cpu", teacher_finetune={}, distill_finetune=DISTILL_ALONE)
+    plain, teacher = cfg.finetune, nn.Linear(1, 1)
+    student = finetune_config(cfg, teacher)
+    assert student == dataclasses.replace(plain, synth_weight=0.0, mixup_alpha=1.0, epochs=30, max_grad_norm=1.0)
+    undistilled = finetune_config(cfg, None)
+    assert undistilled == dataclasses.replace(plain, kd_weight=0.0, feature_weight=0.0)
+    assert teacher_finetune_config(cfg) == undistilled  # teacher_finetune {}: the student's undistilled recipe
+    assert finetune_config(resolve_config("cpu"), teacher) == plain  # the presets: distillation added to the CE
+    no_kd = cfg.replace(finetune={"kd_weight": 0.0})
+    assert finetune_config(no_kd, teacher) == no_kd.finetune  # a student that does not distill keeps its CE
+    with pytest.raises(ConfigError, match="distill_finetune takes fine-tune settings"):
+        cfg.replace(distill_finetune={"epoch": 1})
 
 
 @pytest.mark.parametrize("flags, expected", [
