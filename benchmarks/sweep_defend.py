@@ -67,7 +67,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 # ...and every one without the distillation check and without the blend probe (on in the preset
 # since 89f8225, after every grid here was run; a row that wants either sets it).
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
-BASES["pure_kd"] = BASES["pure_kd_blend_off"] = BASES["pure_kd_clipped"] = BASES["preset_4x"] = ({}, {})  # the cpu preset, blend probe on
+BASES["pure_kd"] = BASES["pure_kd_clipped"] = BASES["preset_4x"] = ({}, {})  # the cpu preset, blend probe on
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 PURE_KD_TEACHER = {"lr": 1e-3, "synth_weight": 1.0, "mixup_alpha": 0.0, "epochs": 10}
@@ -390,9 +390,6 @@ GRIDS = {
     # with the student's own recipe (lr 0.001, CE, 10 epochs; a verified teacher is used as is).
     "pure_kd": [("unverified teacher fine-tuned at lr 0.001; student: distillation only, mixup 1, 30 epochs", ratio,
                  {"teacher_finetune": PURE_KD_TEACHER}, PURE_KD_STUDENT) for ratio in (2.0, 4.0)],
-    # The zoo Blended model's teacher is verified (as is) only because the blend probe fires; before the
-    # probe, its teacher fine-tuned at lr 0.001 kept 16.09% ASR (sweep_defend_blended.md). The clipped
-    # pure_kd recipe with the probe off: what a student learning only from such a teacher keeps.
     # pure_kd's 4x GTSRB BadNet all-to-all student diverged (50.77; its epoch-1 unlearning CE 5.55, above
     # chance): the same students with their gradients clipped to norm 1 (DISTILL_ALONE), and the preset
     # as shipped for reference.
@@ -400,10 +397,6 @@ GRIDS = {
                          "gradient norm 1", ratio, {"teacher_finetune": {}, "distill_finetune": DISTILL_ALONE}, {})
                         for ratio in (2.0, 4.0)],
     "preset_4x": [("cpu preset", 4.0, {}, {})],  # RESULTS.md has no 4x GTSRB rows
-    "pure_kd_blend_off": [("blend probe off; unverified teacher fine-tuned at lr 0.001; student: distillation only, "
-                           "mixup 1, 30 epochs, gradient norm 1", ratio,
-                           {"teacher_finetune": {}, "distill_finetune": DISTILL_ALONE, "blend_probe": None}, {})
-                          for ratio in (2.0, 4.0)],
 }
 
 GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: they hand the pipeline the attack's own "

@@ -176,8 +176,8 @@ class DefendConfig:
     # None (the presets) trains it with ``finetune`` as is, distillation added to the synthetic CE.
     # DISTILL_ALONE trains it on the teacher's soft labels alone, on mixup images, 30 epochs, its
     # gradients clipped: with a teacher fine-tuned at lr 0.001 (teacher_finetune={}), the zoo WaNet goes
-    # 80.71 / 2.27 -> 81.53 / 2.69 at 2x and 73.45 / 1.46 -> 77.72 / 3.03 at 4x unclipped; unclipped, the
-    # GTSRB BadNet all-to-all 4x student diverged (50.77; clipped at norm 1: 94.58, the preset 93.52;
+    # 80.71 / 2.27 -> 81.54 / 4.27 at 2x and 73.45 / 1.46 -> 76.59 / 3.79 at 4x (unclipped 81.53 / 2.69
+    # and 77.72 / 3.03, but then the GTSRB BadNet all-to-all 4x student diverged: 50.77, clipped 94.58;
     # sweep_defend_pure_kd*.md).
     distill_finetune: dict | None = None
     # With a teacher the gate does not verify (fine-tuned first, or any under "always"), also
@@ -291,7 +291,8 @@ PRESETS: dict[str, DefendConfig] = {
     # distillation check (distill_check, opt-in) catches that one, but not GTSRB Input-Aware's, whose
     # input-specific trigger the inversion cannot express: with both in the preset its ASR went 17.93 ->
     # 42.56% (bench_614903b/); at the student's lr 0.001, with the student learning from the teacher
-    # alone (distill_finetune=DISTILL_ALONE, opt-in), WaNet gains 0.8 / 4.3 points (sweep_defend_pure_kd*.md);
+    # alone (distill_finetune=DISTILL_ALONE, opt-in), WaNet gains 0.8 / 3.1 points at 2x / 4x, but GTSRB
+    # Input-Aware's teacher keeps 21% ASR and hands it on (17.48 -> 20.51% at 2x; sweep_defend_pure_kd*.md);
     # the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
