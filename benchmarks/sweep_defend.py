@@ -384,15 +384,13 @@ GRIDS = {
         ("recognized images put back; online PGD eps 1/255", 2.0, {}),
         ("recognized images put back; online PGD eps 1/255, left-out class masked out of the first CE", 4.0,
          {"mask_left_out_class": True}))],
-    # Distilling a 4x WaNet student from the defended 2x student (clean, 80.71 / 2.27) with the CE on
-    # (the preset's fine-tune) gave nothing (73.24); with the synthetic CE off and mixup on, 30 epochs,
-    # 77.03. The same student fine-tune from a teacher nothing verifies, after that teacher is fine-tuned
-    # with the student's own recipe (lr 0.001, CE, 10 epochs; a verified teacher is used as is).
+    # A student that learns only its teacher's soft labels, on mixup images, for 30 epochs (no synthetic
+    # CE), from a teacher nothing verifies after that teacher is fine-tuned with the student's own recipe
+    # (lr 0.001, CE, 10 epochs; a verified teacher is used as is).
     "pure_kd": [("unverified teacher fine-tuned at lr 0.001; student: distillation only, mixup 1, 30 epochs", ratio,
                  {"teacher_finetune": PURE_KD_TEACHER}, PURE_KD_STUDENT) for ratio in (2.0, 4.0)],
-    # pure_kd's 4x GTSRB BadNet all-to-all student diverged (50.77; its epoch-1 unlearning CE 5.55, above
-    # chance): the same students with their gradients clipped to norm 1 (DISTILL_ALONE), and the preset
-    # as shipped for reference.
+    # pure_kd's 4x GTSRB BadNet all-to-all student fell to 50.77 (the preset: 93.52): the same students
+    # with their gradients clipped to norm 1 (DISTILL_ALONE), and the preset as shipped for reference.
     "pure_kd_clipped": [("unverified teacher fine-tuned at lr 0.001; student: distillation only, mixup 1, 30 epochs, "
                          "gradient norm 1", ratio, {"teacher_finetune": {}, "distill_finetune": DISTILL_ALONE}, {})
                         for ratio in (2.0, 4.0)],

@@ -177,7 +177,7 @@ class DefendConfig:
     # DISTILL_ALONE trains it on the teacher's soft labels alone, on mixup images, 30 epochs, its
     # gradients clipped: with a teacher fine-tuned at lr 0.001 (teacher_finetune={}), the zoo WaNet goes
     # 80.71 / 2.27 -> 81.54 / 4.27 at 2x and 73.45 / 1.46 -> 76.59 / 3.79 at 4x (unclipped 81.53 / 2.69
-    # and 77.72 / 3.03, but then the GTSRB BadNet all-to-all 4x student diverged: 50.77, clipped 94.58;
+    # and 77.72 / 3.03, but then the GTSRB BadNet all-to-all 4x student fell to 50.77, clipped 94.58;
     # sweep_defend_pure_kd*.md).
     distill_finetune: dict | None = None
     # With a teacher the gate does not verify (fine-tuned first, or any under "always"), also
