@@ -437,6 +437,16 @@ def true_trigger_probe(attack):
         yield
 
 
+def row_config(grid: str, ratio: float, overrides: dict, ft: dict) -> tuple:
+    """(DefendConfig, compact overrides) of one row of ``grid``: the cpu preset with the grid's base
+    (BASES) and the row's DefendConfig and fine-tune overrides on top."""
+    base, base_ft = BASES[grid]
+    compact = base.get("compact", {}) | overrides.get("compact", {})
+    cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
+                         **(base | overrides | {"compact": compact}))
+    return cfg, compact
+
+
 def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
     torch.manual_seed(0)
     recipe = RECIPES[recipe_name]
@@ -451,9 +461,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
         real = {}  # number of real training images -> (x, y), for the oracle grid
         for label, ratio, overrides, ft, *extra in GRIDS[grid]:
             n_real = next((e for e in extra if isinstance(e, int)), None)  # the oracle grid's real images
-            compact = base.get("compact", {}) | overrides.get("compact", {})
-            cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
-                                 **(base | overrides | {"compact": compact}))
+            cfg, compact = row_config(grid, ratio, overrides, ft)
             key = json.dumps(cfg.synth.to_dict(), sort_keys=True)
             if key not in synthetic:
                 what = synthesis_label(cfg.synth)

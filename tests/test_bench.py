@@ -256,3 +256,18 @@ def test_cpu_name_adds_family_and_model_to_a_generic_name(tmp_path):
     assert cpu_name(info) == "AMD EPYC (family 26, model 2)"
     info.write_text("model name\t: Some CPU\n")
     assert cpu_name(info) == "Some CPU"
+
+
+def test_every_sweep_row_resolves_to_a_valid_defend_config():
+    from benchmarks.sweep_defend import BASES, GRIDS, row_config
+    from cc_core.pipeline import DISTILL_ALONE
+
+    assert set(GRIDS) <= set(BASES)
+    for grid, rows in GRIDS.items():
+        for label, ratio, overrides, ft, *_ in rows:
+            cfg, _ = row_config(grid, ratio, overrides, ft)
+            assert cfg.ratio == ratio, (grid, label)
+    label, ratio, overrides, ft = GRIDS["kd_budget"][-1]
+    cfg, _ = row_config("kd_budget", ratio, overrides, ft)
+    assert "2048 synthetic images, 90 epochs" in label and cfg.synth.n_samples == 2048
+    assert cfg.distill_finetune == DISTILL_ALONE | {"epochs": 90} and cfg.teacher_finetune == {}
