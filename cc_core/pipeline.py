@@ -292,7 +292,9 @@ PRESETS: dict[str, DefendConfig] = {
     # input-specific trigger the inversion cannot express: with both in the preset its ASR went 17.93 ->
     # 42.56% (bench_614903b/); at the student's lr 0.001, with the student learning from the teacher
     # alone (distill_finetune=DISTILL_ALONE, opt-in), WaNet gains 0.8 / 3.1 points at 2x / 4x, but GTSRB
-    # Input-Aware's teacher keeps 21% ASR and hands it on (17.48 -> 20.51% at 2x; sweep_defend_pure_kd*.md);
+    # Input-Aware's teacher keeps 21% ASR and hands it on (17.48 -> 20.51% at 2x; sweep_defend_pure_kd*.md),
+    # as does the Blended model's with the blend probe off (15.33 -> 18.19%); more epochs or images gain
+    # WaNet at most 1.3 more points at 4x (sweep_defend_kd_budget.md);
     # the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
