@@ -21,6 +21,7 @@ from torch import nn
 from cc_core.adversarial import PGDConfig, pgd, predictions
 from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
+from cc_core.compact.bn_match import match_bn_statistics
 from cc_core.errors import ConfigError
 from cc_core.fileio import git_commit
 from cc_core.finetune import FinetuneConfig, finetune, guard_text, guarded_finetune
@@ -190,6 +191,11 @@ class DefendConfig:
     distill_check: InversionConfig | None = None
     # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
     calibration_samples: int = 256
+    # After compaction, each BatchNorm's running statistics are moved so that on the first this-many
+    # synthetic images the compact model's normalized outputs have the per-channel mean and std of the
+    # clipped full-rank model's (cc_core.compact.bn_match; None = off). Needs synthetic images made before
+    # compaction (synth_model="original").
+    bn_match_samples: int | None = None
     device: str = "auto"
     threads: int | None = None
 
@@ -237,6 +243,12 @@ class DefendConfig:
                     raise ConfigError(f"{name} takes fine-tune settings: {e}") from None
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
+        if self.bn_match_samples is not None:
+            if not isinstance(self.bn_match_samples, int) or self.bn_match_samples < 1:
+                raise ConfigError(f"bn_match_samples must be a positive integer (or None to turn it off), "
+                                  f"got {self.bn_match_samples!r}")
+            if self.synth_model != "original":
+                raise ConfigError("bn_match_samples needs synthetic images made before compaction (synth_model='original')")
         if self.needs_calibration and self.synth_model != "original":
             raise ConfigError("rank_strategy 'sensitivity' measures the layers on synthetic images made before "
                               "compaction: it needs synth_model='original'")
@@ -436,6 +448,11 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
     original.to(device)
     new = new.to(device).eval()
+    start = time.perf_counter()
+    bn_match = match_compact_bn(new, cleaned, cfg, x_syn)
+    if bn_match is not None:
+        timings["bn_match"] = time.perf_counter() - start
+        log(f"[defend] {bn_match_text(bn_match)} in {timings['bn_match']:.1f} s")
     log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed"
         f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
@@ -538,7 +555,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     new = new.cpu().eval()
     new.cc_spec = spec.replace(structure=new.cc_spec.structure)
     report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
-                         history, synth_log, device, channel_info, exclusion, distillation, guard)
+                         history, synth_log, device, channel_info, exclusion, distillation, guard, bn_match)
     timings["total"] = time.perf_counter() - t_start
     return DefendResult(new, report, plan)
 
@@ -903,6 +920,25 @@ def finetune_config(cfg: DefendConfig, teacher: nn.Module | None) -> FinetuneCon
     return dataclasses.replace(cfg.finetune, **(cfg.distill_finetune or {}))
 
 
+def match_compact_bn(new: nn.Module, cleaned: nn.Module, cfg: DefendConfig, x: torch.Tensor) -> dict | None:
+    """With ``cfg.bn_match_samples`` set, move the BatchNorm running statistics of the compact model
+    ``new`` (in place) to those of ``cleaned`` with its singular values clipped at full rank, on the
+    first bn_match_samples synthetic images ``x`` (N, C, H, W) (match_bn_statistics); returns its
+    record, with the number of images, or None when off."""
+    if cfg.bn_match_samples is None:
+        return None
+    reference, _ = clean_compact(cleaned, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
+    device = next(new.parameters()).device
+    x = x[:cfg.bn_match_samples]
+    return match_bn_statistics(new, reference.to(device), x.to(device)) | {"images": len(x)}
+
+
+def bn_match_text(record: dict) -> str:
+    return (f"BatchNorm statistics matched to the clipped full-rank model's on {record['images']} synthetic images: "
+            f"{record['channels']} channels in {record['layers']} layers (largest std change "
+            f"{record['max_scale_change']:.0%})")
+
+
 def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | None:
     """The clean-step-only model KD distills from: ``cleaned`` (the channel-cleaned original)
     with its singular values clipped at full rank; None without KD."""
@@ -915,9 +951,11 @@ def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | N
 def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, metrics: dict,
                 scan_before: dict | None, scan_after: dict | None, timings: dict, history: list,
                 synth_log: dict, device, channel_info: dict, exclusion: dict | None = None,
-                distillation: dict | None = None, finetune_guard: dict | None = None) -> dict:
+                distillation: dict | None = None, finetune_guard: dict | None = None,
+                bn_match: dict | None = None) -> dict:
     """The ``cleancompact.report/1`` dict of a C&C run (``onnx`` is filled in by the export;
-    ``finetune_guard``: the kept student's guarded_finetune record)."""
+    ``finetune_guard``: the kept student's guarded_finetune record; ``bn_match``:
+    match_bn_statistics' record, None when it did not run)."""
     spec = original.cc_spec
     return {
         "format": REPORT_FORMAT,
@@ -926,6 +964,7 @@ def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, me
                   "macs_before": macs(original, spec.input_shape), "macs_after": macs(new, spec.input_shape)},
         "config": cfg.to_dict() | {"compact_resolved": plan.config},
         "channel_clean": channel_info,
+        "bn_match": bn_match,
         "distillation": distillation,
         "metrics": metrics,
         "scan": {"target_class_estimate": scan_before["target_class_estimate"] if scan_before else None,

@@ -208,7 +208,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
     report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
                          evaluated["histogram_after"], timings, student["history"], synth_log, cfg.device,
-                         compacted["channel_clean"], adversarial["exclusion"], distillation, student["guard"])
+                         compacted["channel_clean"], adversarial["exclusion"], distillation, student["guard"],
+                         compacted.get("bn_match"))
     report["onnx"] = exported["onnx"]
     report["steps"] = evaluated["steps"]
     report["source"] = source

@@ -260,6 +260,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["normalizer"] = args.normalizer
     if args.rank_strategy:
         overrides["compact"] = {"rank_strategy": args.rank_strategy}
+    if args.bn_match is not None:
+        overrides["bn_match_samples"] = args.bn_match
     if args.channel_u is not None:
         overrides["channel_u"] = args.channel_u
     if args.channel_mode:
@@ -516,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-strategy", choices=["uniform", "energy", "sensitivity"],
                    help="rank allocation across layers: one channel fraction, one kept-energy fraction, or "
                         "where the output change measured on synthetic images per parameter saved is smallest")
+    p.add_argument("--bn-match", type=int, metavar="N",
+                   help="after compaction, move each BatchNorm's running statistics so the compact model's normalized "
+                        "outputs on the first N synthetic images have the clipped full-rank model's per-channel mean "
+                        "and std (off in the presets; docs/MEASUREMENTS.md)")
     p.add_argument("--channel-u", type=_positive_float,
                    help="clean channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
     p.add_argument("--channel-mode", choices=["zero", "shrink", "mean"],

@@ -171,7 +171,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     probes' firing trigger or an all-to-all universal perturbation (trigger_probe_task's "channel_trigger")."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import channel_clean, distillation_teacher, trigger_clean_text
+    from cc_core.pipeline import bn_match_text, channel_clean, distillation_teacher, match_compact_bn, trigger_clean_text
 
     def compute() -> dict:
         original = _load(model_file)
@@ -182,6 +182,9 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         calibration = x[:cfg.calibration_samples] if x is not None and cfg.needs_calibration else None
         new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
                                   calibration=calibration, **cfg.compact)
+        start = time.perf_counter()
+        bn_match = match_compact_bn(new, cleaned, cfg, x)
+        bn_match_seconds = time.perf_counter() - start
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
@@ -190,7 +193,9 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])
         timings = {"channel_clean": channel_seconds} | {k: plan.timings_s[k] for k in ("decompose", "clean", "compact")}
-        return {"files": files, "timings": timings, "channel_clean": channel_info,
+        if bn_match is not None:
+            timings["bn_match"] = bn_match_seconds
+        return {"files": files, "timings": timings, "channel_clean": channel_info, "bn_match": bn_match,
                 "params_after": plan.params_after, "ratio_achieved": plan.ratio_achieved,
                 "compact_resolved": plan.config}
 
@@ -199,6 +204,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                                    "channel_u": cfg.channel_u, "teacher": cfg.finetune.needs_teacher,
                                    "trigger_channel_u": cfg.trigger_channel_u, "trigger": trigger}
                   | ({"perturbation_channel_u": cfg.perturbation_channel_u} if cfg.perturbation_channel_u else {})
+                  | ({"bn_match_samples": cfg.bn_match_samples} if cfg.bn_match_samples else {})
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
@@ -209,6 +215,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     log_artifact(run, out["files"]["plan"], "compact")
     get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
                           f"{trigger_clean_text(trigger_info)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
+    if out.get("bn_match"):
+        get_run_logger().info(bn_match_text(out["bn_match"]))
     return out
 
 
