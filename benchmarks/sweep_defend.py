@@ -67,7 +67,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 # ...and every one without the distillation check and without the blend probe (on in the preset
 # since 89f8225, after every grid here was run; a row that wants either sets it).
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
-BASES["pure_kd"] = BASES["pure_kd_clipped"] = BASES["preset_4x"] = BASES["kd_budget"] = BASES["pure_kd_blended"] = BASES["hooi"] = ({}, {})  # the cpu preset, blend probe on
+BASES["pure_kd"] = BASES["pure_kd_clipped"] = BASES["preset_4x"] = BASES["kd_budget"] = BASES["pure_kd_blended"] = BASES["hooi"] = BASES["bn_match"] = BASES["bn_match_zoo"] = ({}, {})  # the cpu preset, blend probe on
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -407,6 +407,12 @@ GRIDS = {
              for ratio in (2.0, 4.0) for label, overrides in (("cpu preset", {}), (
                  "unverified teacher fine-tuned at lr 0.001; student: distillation only, mixup 1, 30 epochs, "
                  "gradient norm 1", {"teacher_finetune": {}, "distill_finetune": DISTILL_ALONE}))],
+    # After compaction, each BatchNorm's running statistics matched to the clipped full-rank model's on the
+    # first N synthetic images (bn_match_samples), for the preset's student; bn_match_zoo: N = 512 at 2x and 4x.
+    "bn_match": [(f"cpu preset, BatchNorm statistics matched on {n} synthetic images", ratio, {"bn_match_samples": n}, {})
+                 for ratio in (2.0, 4.0) for n in (256, 512, 1024)],
+    "bn_match_zoo": [("cpu preset, BatchNorm statistics matched on 512 synthetic images", ratio,
+                      {"bn_match_samples": 512}, {}) for ratio in (2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
