@@ -501,7 +501,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                          "trigger": r["scan"]["trigger"], "trigger_clean": r["channel_clean"].get("trigger"),
                          "distilled": distillation.get("distill"), "distillation_reason": distillation.get("reason"),
                          "teacher_metrics": distillation.get("teacher_metrics"), "distill_check": distillation.get("check"),
-                         "seconds_excl_synthesis": r["timings_s"]["total"]})
+                         "seconds_excl_synthesis": r["timings_s"]["total"], "timings_s": r["timings_s"]})
             m = r["metrics"]
             print(f"{name} {ratio}x {label}: ACC {m['acc_after']:.4f} ASR {m['asr_after']:.4f} "
                   f"({r['timings_s']['total']:.0f} s)", flush=True)
