@@ -60,7 +60,8 @@ def registry(suspect):
 def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_path):
     import mlflow.onnx
 
-    result = run_flow(suspect, overrides=TINY | {"teacher_finetune": {"lr": 2e-4}, "distill_check": {"steps": 5}})
+    result = run_flow(suspect, overrides=TINY | {"teacher_finetune": {"lr": 2e-4}, "distill_check": {"steps": 5},
+                                                 "bn_match_samples": 16})
     assert result["status"] == "promoted" and result["registered"]["created"]
     c, target = registry(suspect), suspect["name"] + "-cc"
     version = str(result["registered"]["version"])
@@ -100,6 +101,7 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     check = report["distillation"]["check"]
     assert set(check) == {"flip_rate_distilled", "flip_rate_undistilled", "margin", "kept"}
     assert report["timings_s"]["distill_check"] > 0
+    assert report["bn_match"]["images"] == 16 and "time.bn_match" in run.data.metrics  # asked for, in the compact task
     assert "<img src=\"data:image/png;base64," in open(c.download_artifacts(run.info.run_id, "summary.html",
                                                                               str(tmp_path))).read()
     import mlflow.tracking._model_registry.utils as registry_utils
