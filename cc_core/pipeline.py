@@ -448,16 +448,16 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
     original.to(device)
     new = new.to(device).eval()
-    start = time.perf_counter()
-    bn_match = match_compact_bn(new, cleaned, cfg, x_syn)
-    if bn_match is not None:
-        timings["bn_match"] = time.perf_counter() - start
-        log(f"[defend] {bn_match_text(bn_match)} in {timings['bn_match']:.1f} s")
     log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed"
         f"{trigger_clean_text(channel_info['trigger'])}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
     candidate = distillation_teacher(cleaned, cfg)
+    start = time.perf_counter()
+    bn_match = match_compact_bn(new, cleaned, cfg, x_syn, candidate)
+    if bn_match is not None:
+        timings["bn_match"] = time.perf_counter() - start
+        log(f"[defend] {bn_match_text(bn_match)} in {timings['bn_match']:.1f} s")
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
         probed = probe(x_syn)
@@ -920,14 +920,16 @@ def finetune_config(cfg: DefendConfig, teacher: nn.Module | None) -> FinetuneCon
     return dataclasses.replace(cfg.finetune, **(cfg.distill_finetune or {}))
 
 
-def match_compact_bn(new: nn.Module, cleaned: nn.Module, cfg: DefendConfig, x: torch.Tensor) -> dict | None:
+def match_compact_bn(new: nn.Module, cleaned: nn.Module, cfg: DefendConfig, x: torch.Tensor,
+                     clipped: nn.Module | None = None) -> dict | None:
     """With ``cfg.bn_match_samples`` set, move the BatchNorm running statistics of the compact model
-    ``new`` (in place) to those of ``cleaned`` with its singular values clipped at full rank, on the
-    first bn_match_samples synthetic images ``x`` (N, C, H, W) (match_bn_statistics); returns its
-    record, with the number of images, or None when off."""
+    ``new`` (in place) to those of ``cleaned`` with its singular values clipped at full rank
+    (``clipped`` when already built, distillation_teacher's; only read), on the first
+    bn_match_samples synthetic images ``x`` (N, C, H, W) (match_bn_statistics); returns its record,
+    with the number of images, or None when off."""
     if cfg.bn_match_samples is None:
         return None
-    reference, _ = clean_compact(cleaned, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
+    reference = clipped if clipped is not None else clipped_full_rank(cleaned, cfg)
     device = next(new.parameters()).device
     x = x[:cfg.bn_match_samples]
     return match_bn_statistics(new, reference.to(device), x.to(device)) | {"images": len(x)}
@@ -944,8 +946,13 @@ def distillation_teacher(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module | N
     with its singular values clipped at full rank; None without KD."""
     if not cfg.finetune.needs_teacher:
         return None
-    teacher, _ = clean_compact(cleaned, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
-    return teacher.eval()
+    return clipped_full_rank(cleaned, cfg)
+
+
+def clipped_full_rank(cleaned: nn.Module, cfg: DefendConfig) -> nn.Module:
+    """``cleaned`` with its singular values clipped at ``cfg.tau`` and no rank cut, in eval mode."""
+    model, _ = clean_compact(cleaned, ratio=1.0, tau=cfg.tau, normalizer=cfg.normalizer)
+    return model.eval()
 
 
 def make_report(original: nn.Module, new: nn.Module, cfg: DefendConfig, plan, metrics: dict,

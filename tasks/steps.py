@@ -182,13 +182,13 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         calibration = x[:cfg.calibration_samples] if x is not None and cfg.needs_calibration else None
         new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
                                   calibration=calibration, **cfg.compact)
+        teacher = distillation_teacher(cleaned, cfg)
         start = time.perf_counter()
-        bn_match = match_compact_bn(new, cleaned, cfg, x)
+        bn_match = match_compact_bn(new, cleaned, cfg, x, teacher)
         bn_match_seconds = time.perf_counter() - start
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
         Path(files["plan"]).write_text(plan.to_json(indent=1))
-        teacher = distillation_teacher(cleaned, cfg)
         if teacher is not None:
             files["teacher"] = str(run.path / "teacher.safetensors")
             save_model(teacher, files["teacher"])

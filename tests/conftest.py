@@ -32,6 +32,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture()
+def tiny_file(tmp_path):
+    """tests.helpers.tiny_model saved as a model file."""
+    from cc_core import save_model
+    from tests.helpers import tiny_model
+
+    return save_model(tiny_model(), tmp_path / "tiny.safetensors")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the session (~7 s), flow heartbeats off."""

@@ -10,15 +10,14 @@ from cc_core.errors import ConfigError
 from cc_core.pipeline import defend, resolve_config
 from flows.cli import main
 from tests.helpers import tiny_model
-from tests.test_recovery import _tiny_cfg, defend_config_from_cli, tiny_file  # noqa: F401 (fixture)
+from tests.test_recovery import _tiny_cfg, defend_config_from_cli
 
 
 def normalized_output_stats(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (mean, std) of every BatchNorm's output on ``x``."""
-    outputs, hooks = {}, []
-    for name, m in model.named_modules():
-        if name in bn_layers(model):
-            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach())))
+    outputs, modules = {}, dict(model.named_modules())
+    hooks = [modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach()))
+             for name in bn_layers(model)]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:
@@ -113,7 +112,7 @@ def test_bad_bn_match_settings_are_refused(kw, message):
         resolve_config("cpu", **kw)
 
 
-def test_the_bn_match_flag(tiny_file, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_the_bn_match_flag(tiny_file, tmp_path, monkeypatch, capsys):
     args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
     assert defend_config_from_cli(args, monkeypatch).bn_match_samples is None
     assert defend_config_from_cli([*args, "--bn-match", "512"], monkeypatch).bn_match_samples == 512

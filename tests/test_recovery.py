@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cc_core.finetune as ft
-from cc_core import build_model, clean_compact, save_model
+from cc_core import build_model, clean_compact
 from cc_core.adversarial import PGDConfig, concentration, perturb, pgd
 from cc_core.device import precision
 from cc_core.pipeline import DISTILL_ALONE, DefendConfig, defend, export_package, macs, resolve_config
@@ -608,11 +608,6 @@ def test_adversarial_score_is_zero_up_to_the_anomaly_threshold_and_rises_towards
     assert adversarial_score(0.0) == adversarial_score(1.5) == adversarial_score(2.0) == 0.0
     assert adversarial_score(4.0) == pytest.approx(0.5)
     assert adversarial_score(8.0) < adversarial_score(24.0) < 1.0
-
-
-@pytest.fixture()
-def tiny_file(tmp_path):
-    return save_model(tiny_model(), tmp_path / "tiny.safetensors")
 
 
 @pytest.mark.parametrize("extra, message", [
