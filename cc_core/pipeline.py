@@ -250,8 +250,8 @@ class DefendConfig:
             if self.synth_model != "original":
                 raise ConfigError("bn_match_samples needs synthetic images made before compaction (synth_model='original')")
         if self.needs_calibration and self.synth_model != "original":
-            raise ConfigError("rank_strategy 'sensitivity' measures the layers on synthetic images made before "
-                              "compaction: it needs synth_model='original'")
+            raise ConfigError("rank_strategy 'sensitivity' and method 'activation' measure the layers on synthetic "
+                              "images made before compaction: they need synth_model='original'")
         if self.perturbation_channel_u is not None:
             if not self.perturbation_channel_u > 0:
                 raise ConfigError("perturbation_channel_u must be > 0 (or None to turn it off), "
@@ -269,7 +269,7 @@ class DefendConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.compact.get("rank_strategy") == "sensitivity"
+        return self.compact.get("rank_strategy") == "sensitivity" or self.compact.get("method") == "activation"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

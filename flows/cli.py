@@ -57,14 +57,15 @@ def _load(args: argparse.Namespace):
 def _add_compact_args(p: argparse.ArgumentParser) -> None:
     from cc_core.compact.clip import NORMALIZERS
     from cc_core.compact.ranks import LEVEL_STRATEGIES
-    from cc_core.compact.transform import METHODS
+    from cc_core.compact.transform import DATA_FREE_METHODS
 
     p.add_argument("--ratio", type=float, default=2.0, help="target compression of the whole model (>= 1)")
     p.add_argument("--tau", type=_positive_float, default=None,
                    help="clip normalized singular values at tau (default: no clipping)")
     p.add_argument("--normalizer", choices=list(NORMALIZERS), default="mean",
                    help="per-layer normalizer of singular values")
-    p.add_argument("--method", choices=list(METHODS), default="hosvd")
+    p.add_argument("--method", choices=list(DATA_FREE_METHODS), default="hosvd",
+                   help="Tucker-2 factors: truncated HOSVD, or HOOI-refined at the chosen ranks")
     p.add_argument("--rank-strategy", choices=list(LEVEL_STRATEGIES), default="uniform",
                    help="data-free rank allocation; 'sensitivity' (measured on synthetic images) is in defend")
     p.add_argument("--rank-multiple", type=int, default=16, help="ranks are multiples of this")

@@ -210,3 +210,14 @@ def test_sensitivity_strategy_measures_on_calibration_images_and_beats_energy_on
     assert 3 <= plan.ratio_achieved < 3.1 and count_params(new) == plan.params_after
     assert damage(new.eval()) < damage(energy.eval())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched
+
+
+def test_plan_records_singular_values_before_clipping_for_1x1_layers_too(small):
+    _, plan = clean_compact(small, ratio=2, tau=1.0, decompose_1x1=True)
+    convs = dict(small.named_modules())
+    svd_layers = [l for l in plan.layers if l.kind == "svd"]
+    assert svd_layers and all(sum(l.clip["n_clipped"]) > 0 for l in svd_layers)
+    for layer in svd_layers:
+        w = convs[layer.name].weight.detach().double()
+        expected = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
+        assert torch.allclose(torch.tensor(layer.singular_values[0], dtype=torch.float64), expected, rtol=1e-5)

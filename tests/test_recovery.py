@@ -490,8 +490,10 @@ def test_defend_config_validation():
         DefendConfig(channel_mode="soft")
     with pytest.raises(ConfigError, match="inversion steps must be >= 1"):
         resolve_config("cpu", inversion={"steps": 0})
-    with pytest.raises(ConfigError, match="needs synth_model='original'"):
+    with pytest.raises(ConfigError, match="need synth_model='original'"):
         resolve_config("cpu", compact={"rank_strategy": "sensitivity"}, synth_model="compact")
+    with pytest.raises(ConfigError, match="need synth_model='original'"):
+        resolve_config("cpu", compact={"rank_strategy": "energy", "method": "activation"}, synth_model="compact")
     with pytest.raises(ConfigError, match="calibration_samples must be a positive integer"):
         resolve_config("cpu", calibration_samples=0)
     with pytest.raises(ConfigError, match="trigger_channel_u needs a trigger probe"):

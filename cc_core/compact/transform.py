@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cc_core.compact.activation import (ConvMoments, activation_svd, activation_tucker2, conv_moments,
+                                        orthonormal_svd, orthonormal_tucker2)
 from cc_core.compact.clip import NORMALIZERS, ClipResult, clip_matrix, clip_tucker2
 from cc_core.compact.layers import FACTORIZED, SVDConv2d, Tucker2Conv2d, model_structure, set_submodule
 from cc_core.compact.plan import CompactionPlan, LayerPlan, _round
@@ -20,7 +22,8 @@ from cc_core.errors import ConfigError, RatioUnreachableError
 from cc_core.device import channels_last
 from cc_core.evalmode import eval_mode
 
-METHODS = ("hosvd", "hooi")
+METHODS = ("hosvd", "hooi", "activation")
+DATA_FREE_METHODS = ("hosvd", "hooi")  # "activation" needs calibration images
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class CompactConfig:
     ratio: target compression of the whole model's parameter count (>= 1; 1 keeps full rank).
     tau: clip level for normalized singular values; None disables clipping.
     normalizer: per-layer s_sigma, one of max / mean / median / rms / none.
-    method: "hosvd" (exact, fast) or "hooi" (tensorly HOOI refinement at the chosen ranks).
+    method: "hosvd" (exact, fast), "hooi" (tensorly HOOI refinement at the chosen ranks) or
+        "activation" (the clipped weight decomposed again so that truncation keeps what its outputs
+        on the calibration images use, :mod:`cc_core.compact.activation`; needs calibration images).
     rank_strategy: "uniform" (one rank fraction of the channels everywhere), "energy"
         (one fraction of squared singular values kept everywhere) or "sensitivity" (ranks
         where the measured output change per parameter saved is smallest; needs calibration
@@ -88,8 +93,14 @@ class _Layer:
     reason: str | None = None
     decomp: Tucker2 | MatrixSVD | None = None
     clip: ClipResult | None = None
+    moments: ConvMoments | None = None
+    # The weight's singular values before clipping, once decomp no longer carries them (a clipped
+    # MatrixSVD's s is clipped; an activation-aware decomp's components are not the weight's).
+    weight_spectra: list[torch.Tensor] | None = None
 
     def spectra(self) -> list[torch.Tensor]:
+        if self.weight_spectra is not None:
+            return self.weight_spectra
         if isinstance(self.decomp, Tucker2):
             return [self.decomp.s1, self.decomp.s2]
         return [self.decomp.s]
@@ -136,16 +147,32 @@ def _decompose(layer: _Layer) -> None:
         layer.decomp = matrix_svd(w.reshape(w.shape[0], w.shape[1]))
 
 
+def _reweight(layer: _Layer) -> None:
+    """With the layer's activation moments, decompose its (clipped) weight again, activation-aware;
+    the weight's own spectra stay the record."""
+    if layer.moments is None or layer.decomp is None:
+        return
+    d, layer.weight_spectra = layer.decomp, layer.spectra()
+    if isinstance(d, Tucker2):
+        layer.decomp = activation_tucker2(d.to_tensor(), layer.moments, (d.s1, d.s2))
+    else:
+        layer.decomp = activation_svd(d.to_matrix(), layer.moments)
+
+
 def _clean(layer: _Layer, cfg: CompactConfig) -> None:
     if isinstance(layer.decomp, Tucker2):
         layer.decomp, layer.clip = clip_tucker2(layer.decomp, cfg.tau, cfg.normalizer)
     else:
+        layer.weight_spectra = layer.spectra()
         layer.decomp, layer.clip = clip_matrix(layer.decomp, cfg.tau, cfg.normalizer)
 
 
 def _factorized_module(layer: _Layer, ranks: tuple[int, ...], cfg: CompactConfig) -> nn.Module:
     if isinstance(layer.decomp, MatrixSVD):
-        return SVDConv2d.from_conv(layer.conv, layer.decomp.truncate(ranks[0]))
+        svd = layer.decomp.truncate(ranks[0])
+        return SVDConv2d.from_conv(layer.conv, orthonormal_svd(svd) if cfg.method == "activation" else svd)
+    if cfg.method == "activation":
+        return Tucker2Conv2d.from_conv(layer.conv, orthonormal_tucker2(layer.decomp.truncate(*ranks)))
     if cfg.method == "hooi":
         return Tucker2Conv2d.from_conv(
             layer.conv, hooi_tucker2(layer.decomp.to_tensor(), ranks, cfg.hooi_iters,
@@ -159,6 +186,20 @@ def _write_dense(layer: _Layer) -> None:
     w = d.to_tensor() if isinstance(d, Tucker2) else d.to_matrix()
     with torch.no_grad():
         layer.conv.weight.copy_(w.reshape(layer.conv.weight.shape))
+
+
+def _measure_moments(model: nn.Module, layers: list[_Layer], calibration: torch.Tensor) -> None:
+    """Each factorizable layer's activation moments on ``calibration``, in ``model`` with every
+    decomposed conv at its clipped full-rank weight; the decomposed ones are decomposed again with them."""
+    for layer in layers:
+        if layer.decomp is not None:
+            _write_dense(layer)
+    names = [layer.name for layer in layers if layer.kind in ("tucker2", "svd")]
+    with channels_last(model):
+        moments = conv_moments(model, names, calibration)
+    for layer in layers:
+        layer.moments = moments.get(layer.name)
+        _reweight(layer)
 
 
 def _log_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
@@ -212,6 +253,7 @@ def _allocate(layers: list[_Layer], model: nn.Module, cfg: CompactConfig,
             for layer in layers:
                 if layer.kind == "svd" and layer.decomp is None:
                     _decompose(layer)
+                    _reweight(layer)
         cands = [Candidate(l.name, l.kind, tuple(l.conv.weight.shape), l.conv.bias is not None,
                            l.clipped_spectra())
                  for l in layers if l.decomp is not None
@@ -244,9 +286,11 @@ def clean_compact(model: nn.Module, ratio: float = 2.0, tau: float | None = None
     if unknown:
         raise ConfigError(f"unknown clean_compact options: {sorted(unknown)}")
     cfg = CompactConfig(ratio=ratio, tau=tau, **options)
-    if cfg.rank_strategy == "sensitivity" and (calibration is None or len(calibration) == 0):
-        raise ConfigError("rank_strategy 'sensitivity' measures each layer on calibration images: "
-                          "pass calibration=<images (N, C, H, W)>, e.g. synthetic ones from cc_core.synth")
+    if cfg.rank_strategy == "sensitivity" or cfg.method == "activation":
+        if calibration is None or len(calibration) == 0:
+            what = "rank_strategy 'sensitivity'" if cfg.rank_strategy == "sensitivity" else "method 'activation'"
+            raise ConfigError(f"{what} measures each layer on calibration images: pass calibration=<images "
+                              "(N, C, H, W)>, e.g. synthetic ones from cc_core.synth")
     new = copy.deepcopy(model)
     params_before = sum(p.numel() for p in new.parameters())
     timings = {}
@@ -266,6 +310,8 @@ def clean_compact(model: nn.Module, ratio: float = 2.0, tau: float | None = None
     timings["clean"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    if cfg.method == "activation":
+        _measure_moments(new, layers, calibration)
     alloc, with_1x1 = _allocate(layers, new, cfg, params_before, calibration)
     layer_plans = []
     for layer in layers:
