@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cc_core.evalmode import eval_mode
+from cc_core.compact.bn_match import forward_with_hooks
 from cc_core.compact.tucker import MatrixSVD, Tucker2, left_singular_vectors, mode_product, unfold
 
 # Ridge added to C_x, as a fraction of its mean diagonal: input channels with no variance (zeroed by
@@ -53,7 +55,6 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
 def conv_moments(model: nn.Module, names: list[str], x: torch.Tensor,
                  batch_size: int = 128) -> dict[str, ConvMoments]:
     """:class:`ConvMoments` of the convs ``names`` of ``model`` on images ``x`` (N, C, H, W)."""
-    modules = dict(model.named_modules())
     sums: dict[str, list] = {}  # name -> [input gram, output sum, output gram, positions in, positions out]
 
     def record(name: str):
@@ -67,18 +68,8 @@ def conv_moments(model: nn.Module, names: list[str], x: torch.Tensor,
             acc[4] += len(ys)
         return hook
 
-    hooks = [modules[name].register_forward_hook(record(name)) for name in names]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                model(x[start:start + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        forward_with_hooks(model, {name: record(name) for name in names}, x, batch_size)
     return {name: ConvMoments(gram_in / n_in, total / n_out, gram_out / n_out)
             for name, (gram_in, total, gram_out, n_in, n_out) in sums.items()}
 

@@ -14,6 +14,8 @@ zeroed by the channel clean) are left as they are.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -27,11 +29,25 @@ def bn_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
+def forward_with_hooks(model: nn.Module, hooks: dict[str, Callable], x: torch.Tensor, batch_size: int) -> None:
+    """Run ``model`` without gradients on images ``x`` (N, C, H, W) in batches of ``batch_size``, with
+    ``hooks[name]`` as a forward hook of the submodule ``name`` (removed afterwards, also on error)."""
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                model(x[start:start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def bn_input_stats(model: nn.Module, x: torch.Tensor, names: list[str],
                    batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (mean, std), each (C,), of the inputs of BatchNorm layers ``names`` over images
     ``x`` (N, C, H, W), computed in float64 over batches of ``batch_size``."""
-    modules = dict(model.named_modules())
     sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (sum, sum of squares, count)
 
     def record(name: str):
@@ -41,15 +57,7 @@ def bn_input_stats(model: nn.Module, x: torch.Tensor, names: list[str],
             sums[name] = (total + t.sum(1), squares + (t * t).sum(1), count + t.shape[1])
         return hook
 
-    hooks = [modules[name].register_forward_hook(record(name)) for name in names]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                model(x[start:start + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, {name: record(name) for name in names}, x, batch_size)
     stats = {}
     for name, (total, squares, count) in sums.items():
         mean = total / count
