@@ -307,6 +307,10 @@ PRESETS: dict[str, DefendConfig] = {
     # Input-Aware's teacher keeps 21% ASR and hands it on (17.48 -> 20.51% at 2x; sweep_defend_pure_kd*.md),
     # as does the Blended model's with the blend probe off (15.33 -> 18.19%); more epochs or images gain
     # WaNet at most 1.3 more points at 4x (sweep_defend_kd_budget.md);
+    # HOOI factors change nothing (sweep_defend_hooi.md), activation-aware ones, fitted to the synthetic
+    # images, keep more of the backdoor and cost 0.7-1.4 points at 4x (sweep_defend_activation*.md);
+    # matching the BatchNorm statistics after compaction (bn_match_samples, opt-in) gains 0.4-3.3 points
+    # at 4x but gives some ASR back (GTSRB Input-Aware 4.79 -> 7.72%; sweep_defend_bn_match*.md);
     # the adversarial term costs ACC for no ASR gain;
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
