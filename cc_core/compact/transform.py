@@ -35,7 +35,8 @@ class CompactConfig:
     normalizer: per-layer s_sigma, one of max / mean / median / rms / none.
     method: "hosvd" (exact, fast), "hooi" (tensorly HOOI refinement at the chosen ranks) or
         "activation" (the clipped weight decomposed again so that truncation keeps what its outputs
-        on the calibration images use, :mod:`cc_core.compact.activation`; needs calibration images).
+        on the calibration images use, :mod:`cc_core.compact.activation`; needs calibration images;
+        the plan's singular values and energy kept still describe the weight's own spectra).
     rank_strategy: "uniform" (one rank fraction of the channels everywhere), "energy"
         (one fraction of squared singular values kept everywhere) or "sensitivity" (ranks
         where the measured output change per parameter saved is smallest; needs calibration
