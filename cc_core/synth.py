@@ -3,12 +3,19 @@
   min_x  sum_j a_j (||mu_j(x) - mu_j||^2 + ||sigma_j(x) - sigma_j||^2)  +  w_ce * CE(F(x), y)
          (+ optional total-variation and L2 image priors)
          (+ w_comp * (1 - JS(F(x), S(x)) / ln 2), given a student S: adaptive DeepInversion)
+         (+ w_div * same-class feature similarity)
 where mu_j / sigma_j are the running mean / std of BatchNorm layer j and mu_j(x) / sigma_j(x)
 the per-channel statistics of that layer's INPUT on the synthetic batch (hooking BN inputs,
 not conv outputs, keeps pre-activation nets right); a_j is ``first_bn_weight`` for the first
 layer the forward pass reaches (the image's low-level statistics) and 1 for the others. Squared
 norms are averaged over channels, so wide and narrow layers weigh alike. Images live in the
 model's normalized input space and are kept inside the valid pixel range.
+
+The diversity term (``diversity_weight``) adds w_div * the mean cosine similarity of the penultimate
+features (the classifier's input, centered on the batch mean) over pairs of images of the same label
+in a batch: images of one
+class are pushed apart in the model's feature space, against the collapse of a class's images onto
+a few modes that the BN and CE terms alone allow.
 
 The competition term (Yin et al., "Dreaming to Distill", CVPR 2020) rewards images on which a
 student S (a compressed copy) disagrees with the model: JS is the Jensen-Shannon divergence of
@@ -53,6 +60,7 @@ class SynthConfig:
     flip: bool = True
     competition_weight: float = 0.0
     competition_temperature: float = 3.0
+    diversity_weight: float = 0.0
     mixed_precision: bool = True
     seed: int = 0
 
@@ -64,6 +72,8 @@ class SynthConfig:
             raise ConfigError(f"synthesis lr must be > 0, got {self.lr}")
         if not self.first_bn_weight >= 0:
             raise ConfigError(f"synthesis first_bn_weight must be >= 0, got {self.first_bn_weight}")
+        if not self.diversity_weight >= 0:
+            raise ConfigError(f"synthesis diversity_weight must be >= 0, got {self.diversity_weight}")
         if not self.competition_weight >= 0 or not self.competition_temperature > 0:
             raise ConfigError("synthesis competition_weight must be >= 0 and competition_temperature > 0, got "
                               f"{self.competition_weight} and {self.competition_temperature}")
@@ -123,6 +133,39 @@ class BNStatsLoss:
             h.remove()
 
 
+class ClassifierInput:
+    """A forward pre-hook on the model's last Linear layer keeping its input (N, D): the penultimate features."""
+
+    def __init__(self, model: nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError("the synthesis diversity term needs the model's classifier to be an nn.Linear layer")
+        self.features: torch.Tensor | None = None
+        self.handle = linears[-1].register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Linear, inputs: tuple[torch.Tensor]) -> None:
+        self.features = inputs[0]
+
+    def pop(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        return features
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def same_class_similarity(features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of ``features`` (N, D), centered on their batch mean, over the ordered
+    pairs i != j with y_i == y_j (labels ``y`` (N,)); 0 when no label occurs twice. Centered because
+    features after a ReLU all share one orthant: their raw cosines sit near 1 whatever the images."""
+    f = features.float().flatten(1)
+    z = F.normalize(f - f.mean(0, keepdim=True), dim=1)
+    same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    if not same.any():
+        return z.sum() * 0
+    return (z @ z.T)[same].mean()
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of neighbouring pixels (smoothness prior)."""
     return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., :, 1:] - x[..., :, :-1]) ** 2).mean()
@@ -172,6 +215,7 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
         labels = balanced_labels(cfg.n_samples, spec.num_classes, gen)
     model.to(device)
     low, high = pixel_bounds(spec.mean, spec.std, device)
+    features = ClassifierInput(model) if cfg.diversity_weight else None
     stats = BNStatsLoss(model)
     images, log = [], {"bn_loss": [], "ce_loss": []}
     batches = range(0, len(labels), cfg.batch_size)
@@ -182,23 +226,27 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
         try:
             for start in batches:
                 y = labels[start:start + cfg.batch_size].to(device)
-                x, bn, ce = optimize_batch(model, stats, y, cfg, gen, (low, high), bar, student)
+                x, bn, ce = optimize_batch(model, stats, y, cfg, gen, (low, high), bar, student, features)
                 log["bn_loss"].append(bn)
                 log["ce_loss"].append(ce)
                 images.append(x)
         finally:
             stats.remove()
+            if features is not None:
+                features.remove()
             bar.close()
     return torch.cat(images), labels.to(device), log
 
 
 def optimize_batch(model: nn.Module, stats: BNStatsLoss, y: torch.Tensor, cfg: SynthConfig,
                    gen: torch.Generator, bounds: tuple[torch.Tensor, torch.Tensor], bar,
-                   student: nn.Module | None = None) -> tuple[torch.Tensor, float, float]:
+                   student: nn.Module | None = None, features: ClassifierInput | None = None
+                   ) -> tuple[torch.Tensor, float, float]:
     """One batch of synthetic images (len(y), C, H, W) for labels ``y``, from Gaussian noise in
     ``cfg.iterations`` Adam steps on the loss of the module docstring, kept inside ``bounds``
     (low, high); returns them with the last step's BN and CE losses. ``model`` (and ``student``,
-    when competing) are frozen."""
+    when competing) are frozen; ``features`` hooks ``model``'s classifier input when the diversity
+    term is on."""
     low, high = bounds
     device = y.device
     x = torch.randn((len(y), *model.cc_spec.input_shape), generator=gen).to(device).requires_grad_(True)
@@ -220,6 +268,8 @@ def optimize_batch(model: nn.Module, stats: BNStatsLoss, y: torch.Tensor, cfg: S
         if out_student is not None:
             js = js_divergence(out.float(), out_student.float(), cfg.competition_temperature)
             loss = loss + cfg.competition_weight * (1 - js / math.log(2))
+        if features is not None:
+            loss = loss + cfg.diversity_weight * same_class_similarity(features.pop(), y)
         if cfg.l2_weight:
             loss = loss + cfg.l2_weight * x.pow(2).mean()
         opt.zero_grad(set_to_none=True)

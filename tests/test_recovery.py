@@ -18,7 +18,8 @@ from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
 from cc_core.scan import adversarial_score, anomaly_index, scan
-from cc_core.synth import BNStatsLoss, NoBatchNormError, SynthConfig, balanced_labels, js_divergence, synthesize
+from cc_core.synth import (BNStatsLoss, ClassifierInput, NoBatchNormError, SynthConfig, balanced_labels, js_divergence,
+                           same_class_similarity, synthesize)
 from benchmarks.bench import suspicion_record
 from flows.cli import main
 from tests.helpers import tiny_model
@@ -909,6 +910,41 @@ def test_balanced_labels_skip_the_excluded_class_and_stay_balanced():
     y = balanced_labels(30, 4, torch.Generator().manual_seed(0), exclude=2)
     assert sorted(set(y.tolist())) == [0, 1, 3] and torch.bincount(y, minlength=4).tolist() == [10, 10, 0, 10]
     assert torch.bincount(balanced_labels(8, 4, torch.Generator().manual_seed(0))).tolist() == [2, 2, 2, 2]
+
+
+def test_same_class_similarity_averages_cosines_over_same_label_pairs_only():
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [0.0, -2.0]]) + 5.0  # centered: the +5 goes
+    assert float(same_class_similarity(features, torch.tensor([0, 1, 0, 1]))) == pytest.approx(-1.0)  # opposite
+    assert float(same_class_similarity(features, torch.tensor([0, 0, 1, 1]))) == pytest.approx(0.0)  # orthogonal
+    assert float(same_class_similarity(features, torch.arange(4))) == 0.0  # no pair
+
+
+def test_diversity_term_pushes_images_of_a_class_apart_in_feature_space():
+    torch.manual_seed(0)
+    model = tiny_model()
+    with torch.no_grad():
+        model.linear.weight.mul_(30)
+    cfg = dataclasses.replace(FAST_SYNTH, iterations=30, mixed_precision=False)
+
+    def similarity(diversity: float) -> float:
+        x, y, _ = synthesize(model, dataclasses.replace(cfg, diversity_weight=diversity), progress=False)
+        hook = ClassifierInput(model)
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+            return float(same_class_similarity(hook.pop(), y))
+        finally:
+            hook.remove()
+
+    plain, diverse = similarity(0.0), similarity(10.0)
+    assert diverse < plain - 0.1
+    assert not any(module._forward_pre_hooks for module in model.modules())  # hooks removed
+    with pytest.raises(ConfigError, match="diversity_weight must be >= 0"):
+        SynthConfig(diversity_weight=-1.0)
+    model.linear = nn.Identity()
+    with pytest.raises(ConfigError, match="classifier to be an nn.Linear"):
+        synthesize(model, dataclasses.replace(cfg, diversity_weight=1.0), progress=False)
+    assert not any(module._forward_pre_hooks for module in model.modules())
 
 
 def test_competition_needs_a_student_exactly_when_its_weight_is_positive():
