@@ -13,9 +13,8 @@ model's normalized input space and are kept inside the valid pixel range.
 
 The diversity term (``diversity_weight``) adds w_div * the mean cosine similarity of the penultimate
 features (the classifier's input, centered on the batch mean) over pairs of images of the same label
-in a batch: images of one
-class are pushed apart in the model's feature space, against the collapse of a class's images onto
-a few modes that the BN and CE terms alone allow.
+in a batch: a class's images are pushed apart in the model's feature space, against their collapse
+onto the few modes that the BN and CE terms alone allow.
 
 The competition term (Yin et al., "Dreaming to Distill", CVPR 2020) rewards images on which a
 student S (a compressed copy) disagrees with the model: JS is the Jensen-Shannon divergence of
