@@ -69,7 +69,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
 # ...but these, run after it: the cpu preset as shipped, blend probe on.
 BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", "pure_kd_blended", "hooi",
-                        "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity"), ({}, {}))
+                        "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined"), ({}, {}))
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -428,6 +428,11 @@ GRIDS = {
     # Synthesis with the diversity term: same-label images pushed apart in the original's feature space.
     "diversity": [(f"cpu preset, synthesis diversity weight {w:g}", ratio, {"synth": {"diversity_weight": w}}, {})
                   for w in (0.5, 2.0) for ratio in (2.0, 4.0)],
+    # The two opt-ins that help WaNet most, together: the unverified teacher fine-tuned at lr 0.0002 and
+    # distilled from, and the BatchNorm statistics matched after compaction.
+    "opt_in_combined": [("cpu preset, teacher fine-tuned at lr 0.0002, BatchNorm statistics matched on 512 synthetic "
+                         "images", ratio, {"teacher_finetune": {"lr": 2e-4}, "bn_match_samples": 512}, {})
+                        for ratio in (2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
