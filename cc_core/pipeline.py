@@ -22,6 +22,7 @@ from cc_core.adversarial import PGDConfig, pgd, predictions
 from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.compact.bn_match import match_bn_statistics
+from cc_core.compact.transform import needs_calibration
 from cc_core.errors import ConfigError
 from cc_core.fileio import git_commit
 from cc_core.finetune import FinetuneConfig, finetune, guard_text, guarded_finetune
@@ -269,7 +270,7 @@ class DefendConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.compact.get("rank_strategy") == "sensitivity" or self.compact.get("method") == "activation"
+        return needs_calibration(self.compact.get("rank_strategy"), self.compact.get("method"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,6 +26,11 @@ METHODS = ("hosvd", "hooi", "activation")
 DATA_FREE_METHODS = ("hosvd", "hooi")  # "activation" needs calibration images
 
 
+def needs_calibration(rank_strategy: str | None, method: str | None) -> bool:
+    """Whether :func:`clean_compact` with these options measures layers on calibration images."""
+    return rank_strategy == "sensitivity" or method == "activation"
+
+
 @dataclass(frozen=True)
 class CompactConfig:
     """Options of :func:`clean_compact`, validated on construction.
@@ -189,12 +194,17 @@ def _write_dense(layer: _Layer) -> None:
         layer.conv.weight.copy_(w.reshape(layer.conv.weight.shape))
 
 
-def _measure_moments(model: nn.Module, layers: list[_Layer], calibration: torch.Tensor) -> None:
-    """Each factorizable layer's activation moments on ``calibration``, in ``model`` with every
-    decomposed conv at its clipped full-rank weight; the decomposed ones are decomposed again with them."""
+def _write_all_dense(layers: list[_Layer]) -> None:
+    """Every decomposed conv back at its clipped full-rank weight."""
     for layer in layers:
         if layer.decomp is not None:
             _write_dense(layer)
+
+
+def _measure_moments(model: nn.Module, layers: list[_Layer], calibration: torch.Tensor) -> None:
+    """Each factorizable layer's activation moments on ``calibration``, in ``model`` with every
+    decomposed conv at its clipped full-rank weight; the decomposed ones are decomposed again with them."""
+    _write_all_dense(layers)
     names = [layer.name for layer in layers if layer.kind in ("tucker2", "svd")]
     with channels_last(model):
         moments = conv_moments(model, names, calibration)
@@ -223,9 +233,7 @@ def measure_damage(model: nn.Module, layers: list[_Layer], candidates: list[Cand
     output with that one layer truncated to ``ranks`` (each option of :func:`rank_options`).
     The convs are left holding their clipped full-rank weights."""
     by_name = {layer.name: layer for layer in layers}
-    for layer in layers:
-        if layer.decomp is not None:
-            _write_dense(layer)
+    _write_all_dense(layers)
     damage = {}
     with eval_mode(model), channels_last(model):
         reference = _log_probs(model, calibration)
@@ -287,7 +295,7 @@ def clean_compact(model: nn.Module, ratio: float = 2.0, tau: float | None = None
     if unknown:
         raise ConfigError(f"unknown clean_compact options: {sorted(unknown)}")
     cfg = CompactConfig(ratio=ratio, tau=tau, **options)
-    if cfg.rank_strategy == "sensitivity" or cfg.method == "activation":
+    if needs_calibration(cfg.rank_strategy, cfg.method):
         if calibration is None or len(calibration) == 0:
             what = "rank_strategy 'sensitivity'" if cfg.rank_strategy == "sensitivity" else "method 'activation'"
             raise ConfigError(f"{what} measures each layer on calibration images: pass calibration=<images "
