@@ -313,6 +313,10 @@ PRESETS: dict[str, DefendConfig] = {
     # matching the BatchNorm statistics after compaction (bn_match_samples, opt-in) gains 0.4-3.3 points
     # at 4x but gives some ASR back (GTSRB Input-Aware 4.79 -> 7.72%; sweep_defend_bn_match*.md);
     # the adversarial term costs ACC for no ASR gain;
+    # the synthesis keeps BN weight 1 and TV weight 1e-4, though BN 30 / TV 10 gives images as smooth as the
+    # data and WaNet 81.41 / 1.64 at 2x, 76.12 / 1.54 at 4x: on those images the blend probe's patterns flip
+    # into every class, so it no longer fires on the Blended model, whose 2x ASR goes 2.51 -> 40.30%
+    # (sweep_defend_{bn_weight,tv_weight,prior}*.md);
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
     # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:

@@ -11,6 +11,11 @@ layer the forward pass reaches (the image's low-level statistics) and 1 for the 
 norms are averaged over channels, so wide and narrow layers weigh alike. Images live in the
 model's normalized input space and are kept inside the valid pixel range.
 
+The total-variation prior is the mean squared difference of neighbouring pixels in that space. The
+class defaults (BN weight 1, TV weight 1e-4) leave it idle: on the zoo's CIFAR-10 models the images
+end at 2.7-3.2, against 0.25 for real CIFAR-10 test images. BN weight 30 and TV weight 10 bring a
+batch to about 0.36 for the same CE; the presets keep the defaults (docs/PRESET.md says why).
+
 The diversity term (``diversity_weight``) adds w_div * the mean cosine similarity of the penultimate
 features (the classifier's input, centered on the batch mean) over pairs of images of the same label
 in a batch: a class's images are pushed apart in the model's feature space, against their collapse
@@ -69,8 +74,9 @@ class SynthConfig:
                 raise ConfigError(f"synthesis {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"synthesis lr must be > 0, got {self.lr}")
-        if not self.first_bn_weight >= 0:
-            raise ConfigError(f"synthesis first_bn_weight must be >= 0, got {self.first_bn_weight}")
+        for name in ("ce_weight", "bn_weight", "first_bn_weight", "tv_weight", "l2_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"synthesis {name} must be >= 0, got {getattr(self, name)}")
         if not self.diversity_weight >= 0:
             raise ConfigError(f"synthesis diversity_weight must be >= 0, got {self.diversity_weight}")
         if not self.competition_weight >= 0 or not self.competition_temperature > 0:

@@ -304,6 +304,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.no_blend_probe:
         overrides["blend_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
+    synth |= {k: v for k, v in {"bn_weight": args.synth_bn_weight, "tv_weight": args.synth_tv_weight}.items()
+              if v is not None}
     if args.competition_samples is not None:
         if args.competition_samples < 1:
             raise _input_error(f"--competition-samples must be >= 1, got {args.competition_samples}")
@@ -542,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synth-samples", type=int, help="number of synthetic images")
     p.add_argument("--synth-iterations", type=int, help="optimization steps per synthetic batch")
+    p.add_argument("--synth-bn-weight", type=float,
+                   help="synthesis weight of the BatchNorm-statistics term against the CE (default: the preset's, 1)")
+    p.add_argument("--synth-tv-weight", type=float,
+                   help="synthesis weight of the total-variation (smoothness) prior (default: the preset's, 0.0001)")
     p.add_argument("--competition-samples", type=int,
                    help="after compaction, make this many more synthetic images that the compact model classifies "
                         "unlike the original (adaptive DeepInversion) and fine-tune on them too (experiment; "

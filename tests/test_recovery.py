@@ -19,7 +19,7 @@ from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
 from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import (BNStatsLoss, ClassifierInput, NoBatchNormError, SynthConfig, balanced_labels, js_divergence,
-                           same_class_similarity, synthesize)
+                           same_class_similarity, synthesize, total_variation)
 from benchmarks.bench import suspicion_record
 from flows.cli import main
 from tests.helpers import tiny_model
@@ -56,6 +56,22 @@ def test_bn_matching_loss_falls_and_statistics_get_close():
     # stays in the valid pixel range
     pixels = x * 0.25 + 0.5
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+
+
+def test_total_variation_prior_smooths_the_images_at_the_same_class_evidence():
+    model = tiny_model()
+    cfg = SynthConfig(n_samples=16, batch_size=16, iterations=30, lr=0.1)
+    rough, y, log = synthesize(model, dataclasses.replace(cfg, tv_weight=0), progress=False)
+    smooth, _, smooth_log = synthesize(model, dataclasses.replace(cfg, tv_weight=10.0), progress=False)
+    assert total_variation(smooth) < 0.5 * total_variation(rough)
+    with torch.no_grad():
+        assert (model(smooth).argmax(1) == y).float().mean() >= (model(rough).argmax(1) == y).float().mean() - 0.125
+
+
+@pytest.mark.parametrize("field", ["ce_weight", "bn_weight", "first_bn_weight", "tv_weight", "l2_weight"])
+def test_synthesis_term_weights_must_not_be_negative(field):
+    with pytest.raises(ConfigError, match=f"synthesis {field} must be >= 0"):
+        SynthConfig(**{field: -0.5})
 
 
 def test_synthesis_is_seeded_the_same_seed_gives_the_same_images_bit_for_bit():
@@ -97,8 +113,6 @@ def test_first_bn_weight_multiplies_the_first_layer_the_forward_pass_reaches():
     first = (F.mse_loss(x.mean(dim=(0, 2, 3)), bn.running_mean)
              + F.mse_loss((x.var(dim=(0, 2, 3), unbiased=False) + bn.eps).sqrt(), (bn.running_var + bn.eps).sqrt()))
     assert losses[4.0] - losses[1.0] == pytest.approx(3 * float(first), rel=1e-5)
-    with pytest.raises(ConfigError, match="first_bn_weight"):
-        SynthConfig(first_bn_weight=-1)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -662,6 +676,18 @@ def test_defend_fine_tune_number_flags(field, good, bad, message, tiny_file, tmp
     assert getattr(defend_config_from_cli([*args, flag, good], monkeypatch).finetune, field) == float(good)
     assert main(["defend", *args, flag, bad]) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field", ["bn_weight", "tv_weight"])
+def test_defend_synthesis_weight_flags(field, tiny_file, tmp_path, monkeypatch, capsys):
+    args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--synth-{field.replace('_', '-')}"
+    preset = getattr(resolve_config("cpu").synth, field)
+    assert getattr(defend_config_from_cli(args, monkeypatch).synth, field) == preset
+    assert getattr(defend_config_from_cli([*args, flag, "0"], monkeypatch).synth, field) == 0.0
+    assert getattr(defend_config_from_cli([*args, flag, "2.5"], monkeypatch).synth, field) == 2.5
+    assert main(["defend", *args, flag, "-1"]) == 2
+    assert f"synthesis {field} must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
