@@ -119,9 +119,12 @@ def _defended(row: Row, model, test, attack, log) -> tuple[object, dict]:
     if row.defense == "cc":
         cfg = resolve_config("cpu", ratio=row.ratio)
         x, y, synth_seconds = shared_synthetic(row.model, model, cfg.synth)
-        result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False, log=log, synthetic=(x, y))
-        timings = {"synthesize": synth_seconds} | {k: v for k, v in result.report["timings_s"].items()
-                                                     if k not in ("synthesize", "total")}
+        scan_synthetic, made = None, {"synthesize": synth_seconds}
+        if cfg.scan_synth_config is not None:
+            *scan_synthetic, made["synthesize_scan"] = shared_synthetic(row.model, model, cfg.scan_synth_config)
+        result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False, log=log, synthetic=(x, y),
+                        scan_synthetic=scan_synthetic)
+        timings = made | {k: v for k, v in result.report["timings_s"].items() if k not in (*made, "total")}
     else:
         clean = None
         if row.defense == "anp":

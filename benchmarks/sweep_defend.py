@@ -69,7 +69,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
 # ...but these, run after it: the cpu preset as shipped, blend probe on.
 BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", "pure_kd_blended", "hooi",
-                        "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target"), ({}, {}))
+                        "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split"), ({}, {}))
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -461,6 +461,11 @@ GRIDS = {
                          ("prior; BatchNorm statistics matched on 512 synthetic images", {"bn_match_samples": 512}))]
                     + [("prior; left-out class masked out of the fine-tune's CE", ratio,
                         {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}}, {"mask_left_out_class": True}) for ratio in (2.0, 4.0)],
+    # prior's smooth images with the scan (probes, suspicion, trigger channel clean, the gate's trigger check)
+    # on images of its own, made with the weights its thresholds were set on (DefendConfig.scan_synth).
+    "scan_split": [("cpu preset; fine-tune images at BN weight 30, TV weight 10; the scan's own at BN 1, TV 1e-4", ratio,
+                    {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}},
+                    {}) for ratio in (2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
@@ -522,11 +527,15 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
         for label, ratio, overrides, ft, *extra in GRIDS[grid]:
             n_real = next((e for e in extra if isinstance(e, int)), None)  # the oracle grid's real images
             cfg, compact = row_config(grid, ratio, overrides, ft)
-            key = json.dumps(cfg.synth.to_dict(), sort_keys=True)
-            if key not in synthetic:
-                what = synthesis_label(cfg.synth)
-                synthetic[key] = (what, *shared_synthetic(model_name(name, recipe), model, cfg.synth))
-            _, x, y, _ = synthetic[key]
+            made = {}
+            for role, synth in (("fine-tune", cfg.synth), ("scan", cfg.scan_synth_config)):
+                if synth is None:
+                    continue
+                key = json.dumps(synth.to_dict(), sort_keys=True)
+                if key not in synthetic:
+                    synthetic[key] = (synthesis_label(synth), *shared_synthetic(model_name(name, recipe), model, synth))
+                made[role] = synthetic[key][1:3]
+            x, y = made["fine-tune"]
             if n_real:
                 if n_real not in real:
                     if train is None:
@@ -535,7 +544,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                 x, y = real[n_real]
             with true_trigger_probe(attack) if TRUE_TRIGGER in extra else contextlib.nullcontext():
                 result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
-                                log=lambda *a: None, synthetic=(x, y))
+                                log=lambda *a: None, synthetic=(x, y), scan_synthetic=made.get("scan"))
             r = result.report
             distillation = r["distillation"] or {}
             rows.append({"model": name, "ratio": ratio, "setting": label,

@@ -126,6 +126,13 @@ class DefendConfig:
     # round; a competition_weight of 0 makes plain images (the control). On the zoo WaNet at 2x the
     # competing images cost 5-9 ACC points, plain ones gained 0.3 (sweep_defend_competition.md).
     competition_synth: dict | None = None
+    # The scan's own synthetic images: SynthConfig overrides of ``synth`` for a second set, made from the
+    # original model with the same seed, on which the trigger probes, the scan's suspicion, the trigger
+    # channel clean and the distillation gate's trigger check run; the fine-tune keeps ``synth``'s images.
+    # The probes' thresholds were set on images made with SynthConfig's default weights (BN 1, TV 1e-4);
+    # on smooth ones (BN 30, TV 10) the blend probe's patterns flip into every class and it stops firing
+    # (sweep_defend_prior.md). None: one set for both.
+    scan_synth: dict | None = None
     # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
     # Which inverted triggers the fine-tune unlearns (finetune.unlearn_weight > 0): "all-to-all"
@@ -231,11 +238,14 @@ class DefendConfig:
         if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
             raise ConfigError("distill_check compares one fine-tune with and without distillation; "
                               f"resynthesize_suspected_target={self.resynthesize_suspected_target!r} fine-tunes twice")
-        if self.competition_synth is not None:
-            try:
-                dataclasses.replace(self.synth, **self.competition_synth)
-            except TypeError as e:
-                raise ConfigError(f"competition_synth takes synthesis settings: {e}") from None
+        for name in ("competition_synth", "scan_synth"):
+            if getattr(self, name) is not None:
+                try:
+                    dataclasses.replace(self.synth, **getattr(self, name))
+                except TypeError as e:
+                    raise ConfigError(f"{name} takes synthesis settings: {e}") from None
+        if self.scan_synth is not None and self.synth_model != "original":
+            raise ConfigError("scan_synth makes the scan's images before compaction: it needs synth_model='original'")
         for name in ("teacher_finetune", "distill_finetune"):
             if getattr(self, name) is not None:
                 try:
@@ -267,6 +277,12 @@ class DefendConfig:
             if all(probe is None for probe in probes) or self.synth_model != "original":
                 raise ConfigError("trigger_channel_u needs a trigger probe and synthetic images made before compaction "
                                   "(patch_probe, warp_probe or blend_probe set, synth_model='original')")
+
+    @property
+    def scan_synth_config(self) -> SynthConfig | None:
+        """The synthesis settings of the scan's own images (``scan_synth`` over ``synth``); None when
+        the scan runs on the fine-tune's images."""
+        return None if self.scan_synth is None else dataclasses.replace(self.synth, **self.scan_synth)
 
     @property
     def needs_calibration(self) -> bool:
@@ -400,14 +416,15 @@ class DefendResult:
 
 def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig | None = None,
            preset: str = "cpu", eval_data=None, attack=None, progress: bool = True, log=print,
-           synthetic: tuple | None = None, **overrides) -> DefendResult:
+           synthetic: tuple | None = None, scan_synthetic: tuple | None = None, **overrides) -> DefendResult:
     """Run C&C on ``model`` (not modified) at compression ``ratio``.
 
     The settings are ``config`` if given, else ``preset`` with ``overrides`` (DefendConfig
     fields; nested ones as dicts, e.g. ``finetune={"epochs": 5}``). ``eval_data`` (ImageData)
     and ``attack`` only MEASURE ACC/ASR/RA before and after; the defense sees no real data.
     ``synthetic`` = (x, y) reuses synthetic images made earlier from the same model (sweeps and
-    benchmarks share one synthesis across settings when ``synth_model='original'``)."""
+    benchmarks share one synthesis across settings when ``synth_model='original'``), and
+    ``scan_synthetic`` the scan's own (``cfg.scan_synth``) the same way."""
     if config is None:
         config = resolve_config(preset, **overrides)
     elif overrides:
@@ -443,13 +460,26 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             log(f"[defend] {text}")
         return probed
 
+    def make_scan_synthetic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.scan_synth is None:
+            return x, y
+        start = time.perf_counter()
+        if scan_synthetic is not None:
+            x, y = (t.to(device) for t in scan_synthetic)
+        else:
+            x, y, _ = synthesize(original, cfg.scan_synth_config, device=device, progress=progress)
+        timings["synthesize_scan"] = time.perf_counter() - start
+        log(f"[defend] synthesized the scan's {len(y)} images in {timings['synthesize_scan']:.1f} s")
+        return x, y
+
     probed = {"trigger": None, "universal": None, "channel_trigger": None}
     if cfg.synth_model == "original":
         x_syn, y_syn, synth_log = make_synthetic(original)
-        probed = probe(x_syn)
+        x_scan, y_scan = make_scan_synthetic(x_syn, y_syn)
+        probed = probe(x_scan)
     found, clean_by = probed["trigger"], probed["channel_trigger"]
     start = time.perf_counter()
-    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_syn.cpu() if clean_by else None, clean_by)
+    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_scan.cpu() if clean_by else None, clean_by)
     timings["channel_clean"] = time.perf_counter() - start
     calibration = x_syn[:cfg.calibration_samples].cpu() if cfg.needs_calibration else None
     new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
@@ -469,16 +499,19 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         log(f"[defend] {bn_match_text(bn_match)} in {timings['bn_match']:.1f} s")
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = make_synthetic(new)
-        probed = probe(x_syn)
+        x_scan, y_scan = x_syn, y_syn
+        probed = probe(x_scan)
         found = probed["trigger"]
 
     start = time.perf_counter()
-    scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_syn, y_syn, cfg, found,
+    scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_scan, y_scan, cfg, found,
                                                                              probed["universal"])
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
+    if exclusion is not None:
+        exclusion["synthetic_excluded"] = excluded
     timings["scan"] = time.perf_counter() - start
-    teacher, distillation = gated_teacher(candidate, original, cfg, x_syn, verify_against, x_ft)
+    teacher, distillation = gated_teacher(candidate, original, cfg, x_scan, verify_against, x_ft)
     teacher = teacher.to(device) if teacher is not None else None
     if text := distillation_text(distillation):
         log(f"[defend] {text}")
@@ -547,14 +580,14 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         undistilled_history, undistilled_guard = guarded_finetune(
             undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None), progress=progress, x_trigger=x_trigger,
             left_out_class=left_out)
-        distillation["check"] = check = distill_check(new, undistilled, x_syn, cfg.distill_check)
+        distillation["check"] = check = distill_check(new, undistilled, x_scan, cfg.distill_check)
         if not check["kept"]:
             new, history, guard = undistilled, undistilled_history, undistilled_guard
         timings["distill_check"] = time.perf_counter() - start
         log(f"[defend] {distill_check_text(check)} ({timings['distill_check']:.1f} s)")
 
     start = time.perf_counter()
-    scan_after = histogram_report(new, x_syn, y_syn, cfg.pgd) if cfg.scan_before else None
+    scan_after = histogram_report(new, x_scan, y_scan, cfg.pgd) if cfg.scan_before else None
     timings["scan"] += time.perf_counter() - start
 
     start = time.perf_counter()

@@ -1040,6 +1040,57 @@ def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_s
         assert r["timings_s"]["competition_synthesize"] > 0
 
 
+def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_others(monkeypatch):
+    import cc_core.pipeline as pipeline
+
+    seen = {}
+    real_probe, real_scan = pipeline.probe_triggers, pipeline.scan_and_suspect
+
+    def recording_probe(model, x, cfg):
+        seen["probed"] = x.clone()
+        return real_probe(model, x, cfg)
+
+    def recording_scan(original, compact, x, y, *args, **kwargs):
+        seen["scanned"] = x.clone()
+        return real_scan(original, compact, x, y, *args, **kwargs)
+
+    def recording_finetune(model, x, *args, **kwargs):
+        seen["fine_tuned"] = x.clone()
+        return []
+
+    monkeypatch.setattr(pipeline, "probe_triggers", recording_probe)
+    monkeypatch.setattr(pipeline, "scan_and_suspect", recording_scan)
+    monkeypatch.setattr(ft, "finetune", recording_finetune)
+    cfg = _tiny_cfg(teacher_finetune=None, scan_synth={"tv_weight": 0.0, "n_samples": 16})
+    assert cfg.scan_synth_config == dataclasses.replace(cfg.synth, tv_weight=0.0, n_samples=16)
+    fine_tune_images = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
+    r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=fine_tune_images).report
+    scan_images, _, _ = synthesize(tiny_model(), cfg.scan_synth_config, progress=False)
+    assert torch.equal(seen["probed"], scan_images) and torch.equal(seen["scanned"], scan_images)
+    assert r["timings_s"]["synthesize_scan"] > 0
+    suspected = r["scan"]["suspected_target"]
+    kept = fine_tune_images[1] != (-1 if suspected is None else suspected)
+    assert torch.equal(seen["fine_tuned"], fine_tune_images[0][kept])
+    assert r["scan"]["synthetic_excluded"] == int((~kept).sum())  # counted on the fine-tune's images
+
+    seen.clear()
+    given = (torch.randn(10, 3, 32, 32), torch.arange(10) % 4)
+    defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=fine_tune_images,
+           scan_synthetic=given)
+    assert torch.equal(seen["probed"], given[0])
+
+
+def test_scan_synth_is_checked_at_the_edge():
+    assert resolve_config("cpu").scan_synth_config is None
+    with pytest.raises(ConfigError, match="scan_synth takes synthesis settings"):
+        resolve_config("cpu", scan_synth={"images": 10})
+    with pytest.raises(ConfigError, match="synthesis tv_weight must be >= 0"):
+        resolve_config("cpu", scan_synth={"tv_weight": -1.0})
+    with pytest.raises(ConfigError, match="scan_synth makes the scan's images before compaction"):
+        resolve_config("cpu", scan_synth={"tv_weight": 0.0}, synth_model="compact", compact={"rank_strategy": "energy"},
+                       trigger_channel_u=None, perturbation_channel_u=None)
+
+
 def test_resynthesized_class_has_its_label_and_count_and_leaves_the_model_as_it_was():
     from cc_core.pipeline import resynthesize_class
 
