@@ -281,8 +281,9 @@ class DefendConfig:
     @property
     def scan_synth_config(self) -> SynthConfig | None:
         """The synthesis settings of the scan's own images (``scan_synth`` over ``synth``); None when
-        the scan runs on the fine-tune's images."""
-        return None if self.scan_synth is None else dataclasses.replace(self.synth, **self.scan_synth)
+        the scan runs on the fine-tune's images, also when those settings are the fine-tune's."""
+        scan = None if self.scan_synth is None else dataclasses.replace(self.synth, **self.scan_synth)
+        return None if scan == self.synth else scan
 
     @property
     def needs_calibration(self) -> bool:
@@ -329,10 +330,10 @@ PRESETS: dict[str, DefendConfig] = {
     # matching the BatchNorm statistics after compaction (bn_match_samples, opt-in) gains 0.4-3.3 points
     # at 4x but gives some ASR back (GTSRB Input-Aware 4.79 -> 7.72%; sweep_defend_bn_match*.md);
     # the adversarial term costs ACC for no ASR gain;
-    # the synthesis keeps BN weight 1 and TV weight 1e-4, though BN 30 / TV 10 gives images as smooth as the
-    # data and WaNet 81.41 / 1.64 at 2x, 76.12 / 1.54 at 4x: on those images the blend probe's patterns flip
-    # into every class, so it no longer fires on the Blended model, whose 2x ASR goes 2.51 -> 40.30%
-    # (sweep_defend_{bn_weight,tv_weight,prior}*.md);
+    # the synthesis keeps BN weight 1 and TV weight 1e-4 (opt-in: --synth-bn-weight 30 --synth-tv-weight 10,
+    # with scan_synth={"bn_weight": 1.0, "tv_weight": 1e-4}): smooth images gain WaNet 0.7 / 2.7 points at
+    # 2x / 4x and Input-Aware 0.8 / 1.6, but with the scan on images of their own Blended falls 77.63 -> 65.08
+    # at 4x and Blended all-to-all's 2x ASR goes 3.45 -> 5.06% (sweep_defend_{bn_weight,tv_weight,prior,scan_split}*.md);
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
     # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:
@@ -461,7 +462,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         return probed
 
     def make_scan_synthetic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if cfg.scan_synth is None:
+        if cfg.scan_synth_config is None:
             return x, y
         start = time.perf_counter()
         if scan_synthetic is not None:

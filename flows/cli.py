@@ -304,8 +304,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.no_blend_probe:
         overrides["blend_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
-    synth |= {k: v for k, v in {"bn_weight": args.synth_bn_weight, "tv_weight": args.synth_tv_weight}.items()
-              if v is not None}
+    weights = {k: v for k, v in {"bn_weight": args.synth_bn_weight, "tv_weight": args.synth_tv_weight}.items()
+               if v is not None}
+    if weights:  # the scan keeps images made at the preset's weights, which its thresholds were set on
+        preset_synth = resolve_config(args.preset).synth
+        overrides["scan_synth"] = {k: getattr(preset_synth, k) for k in weights}
+    synth |= weights
     if args.competition_samples is not None:
         if args.competition_samples < 1:
             raise _input_error(f"--competition-samples must be >= 1, got {args.competition_samples}")
@@ -545,9 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-samples", type=int, help="number of synthetic images")
     p.add_argument("--synth-iterations", type=int, help="optimization steps per synthetic batch")
     p.add_argument("--synth-bn-weight", type=float,
-                   help="synthesis weight of the BatchNorm-statistics term against the CE (default: the preset's, 1)")
+                   help="synthesis weight of the BatchNorm-statistics term against the CE, for the fine-tune's images "
+                        "(default: the preset's, 1); the scan and the trigger probes keep images of their own made at "
+                        "the preset's weights")
     p.add_argument("--synth-tv-weight", type=float,
-                   help="synthesis weight of the total-variation (smoothness) prior (default: the preset's, 0.0001)")
+                   help="synthesis weight of the total-variation (smoothness) prior, for the fine-tune's images "
+                        "(default: the preset's, 0.0001; 10 gives images as smooth as CIFAR-10's); the scan keeps its own")
     p.add_argument("--competition-samples", type=int,
                    help="after compaction, make this many more synthetic images that the compact model classifies "
                         "unlike the original (adaptive DeepInversion) and fine-tune on them too (experiment; "

@@ -684,8 +684,10 @@ def test_defend_synthesis_weight_flags(field, tiny_file, tmp_path, monkeypatch, 
     args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--synth-{field.replace('_', '-')}"
     preset = getattr(resolve_config("cpu").synth, field)
     assert getattr(defend_config_from_cli(args, monkeypatch).synth, field) == preset
+    assert defend_config_from_cli(args, monkeypatch).scan_synth_config is None
     assert getattr(defend_config_from_cli([*args, flag, "0"], monkeypatch).synth, field) == 0.0
-    assert getattr(defend_config_from_cli([*args, flag, "2.5"], monkeypatch).synth, field) == 2.5
+    cfg = defend_config_from_cli([*args, flag, "2.5"], monkeypatch)
+    assert getattr(cfg.synth, field) == 2.5 and getattr(cfg.scan_synth_config, field) == preset  # the scan keeps its images
     assert main(["defend", *args, flag, "-1"]) == 2
     assert f"synthesis {field} must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -1081,7 +1083,10 @@ def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_ot
 
 
 def test_scan_synth_is_checked_at_the_edge():
-    assert resolve_config("cpu").scan_synth_config is None
+    cpu = resolve_config("cpu")
+    same = {"bn_weight": cpu.synth.bn_weight, "tv_weight": cpu.synth.tv_weight}
+    assert resolve_config("cpu", scan_synth=None).scan_synth_config is None
+    assert resolve_config("cpu", scan_synth=same).scan_synth_config is None  # one set of images, made once
     with pytest.raises(ConfigError, match="scan_synth takes synthesis settings"):
         resolve_config("cpu", scan_synth={"images": 10})
     with pytest.raises(ConfigError, match="synthesis tv_weight must be >= 0"):
