@@ -12,9 +12,9 @@ norms are averaged over channels, so wide and narrow layers weigh alike. Images 
 model's normalized input space and are kept inside the valid pixel range.
 
 The total-variation prior is the mean squared difference of neighbouring pixels in that space. The
-class defaults (BN weight 1, TV weight 1e-4) leave it idle: on the zoo's CIFAR-10 models the images
-end at 2.7-3.2, against 0.25 for real CIFAR-10 test images. BN weight 30 and TV weight 10 bring a
-batch to about 0.36 for the same CE; the presets keep the defaults (docs/PRESET.md says why).
+class defaults (BN weight 1, TV weight 1e-4) leave it idle: a batch of the zoo WaNet ends at 2.81,
+against 0.28 for real CIFAR-10 test images; BN weight 30 and TV weight 10 bring it to 0.36 for the
+same CE (benchmarks/results/synthesis_prior.md). The presets keep the defaults (docs/PRESET.md says why).
 
 The diversity term (``diversity_weight``) adds w_div * the mean cosine similarity of the penultimate
 features (the classifier's input, centered on the batch mean) over pairs of images of the same label
