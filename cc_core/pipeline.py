@@ -238,20 +238,16 @@ class DefendConfig:
         if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
             raise ConfigError("distill_check compares one fine-tune with and without distillation; "
                               f"resynthesize_suspected_target={self.resynthesize_suspected_target!r} fine-tunes twice")
-        for name in ("competition_synth", "scan_synth"):
+        for name, base, what in (("competition_synth", self.synth, "synthesis"), ("scan_synth", self.synth, "synthesis"),
+                                 ("teacher_finetune", self.finetune, "fine-tune"),
+                                 ("distill_finetune", self.finetune, "fine-tune")):
             if getattr(self, name) is not None:
                 try:
-                    dataclasses.replace(self.synth, **getattr(self, name))
+                    dataclasses.replace(base, **getattr(self, name))
                 except TypeError as e:
-                    raise ConfigError(f"{name} takes synthesis settings: {e}") from None
+                    raise ConfigError(f"{name} takes {what} settings: {e}") from None
         if self.scan_synth is not None and self.synth_model != "original":
             raise ConfigError("scan_synth makes the scan's images before compaction: it needs synth_model='original'")
-        for name in ("teacher_finetune", "distill_finetune"):
-            if getattr(self, name) is not None:
-                try:
-                    dataclasses.replace(self.finetune, **getattr(self, name))
-                except TypeError as e:
-                    raise ConfigError(f"{name} takes fine-tune settings: {e}") from None
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
         if self.bn_match_samples is not None:
