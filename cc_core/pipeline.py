@@ -437,15 +437,16 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     original = copy.deepcopy(model).eval().to(device)
     spec = original.cc_spec
 
-    def make_synthetic(source: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def make_synthetic(source: nn.Module, synth: SynthConfig = cfg.synth, given: tuple | None = synthetic,
+                       step: str = "synthesize", what: str = "") -> tuple[torch.Tensor, torch.Tensor, dict]:
         start = time.perf_counter()
-        if synthetic is not None:
-            x, y = (t.to(device) for t in synthetic)
+        if given is not None:
+            x, y = (t.to(device) for t in given)
             made = {"bn_loss": [float("nan")], "ce_loss": [float("nan")], "reused": True}
         else:
-            x, y, made = synthesize(source, cfg.synth, device=device, progress=progress)
-        timings["synthesize"] = time.perf_counter() - start
-        log(f"[defend] synthesized {len(y)} images in {timings['synthesize']:.1f} s "
+            x, y, made = synthesize(source, synth, device=device, progress=progress)
+        timings[step] = time.perf_counter() - start
+        log(f"[defend] synthesized {what}{len(y)} images in {timings[step]:.1f} s "
             f"(final BN loss {made['bn_loss'][-1]:.3f})")
         return x, y, made
 
@@ -457,22 +458,13 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             log(f"[defend] {text}")
         return probed
 
-    def make_scan_synthetic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if cfg.scan_synth_config is None:
-            return x, y
-        start = time.perf_counter()
-        if scan_synthetic is not None:
-            x, y = (t.to(device) for t in scan_synthetic)
-        else:
-            x, y, _ = synthesize(original, cfg.scan_synth_config, device=device, progress=progress)
-        timings["synthesize_scan"] = time.perf_counter() - start
-        log(f"[defend] synthesized the scan's {len(y)} images in {timings['synthesize_scan']:.1f} s")
-        return x, y
-
     probed = {"trigger": None, "universal": None, "channel_trigger": None}
     if cfg.synth_model == "original":
         x_syn, y_syn, synth_log = make_synthetic(original)
-        x_scan, y_scan = make_scan_synthetic(x_syn, y_syn)
+        x_scan, y_scan = x_syn, y_syn
+        if cfg.scan_synth_config is not None:
+            x_scan, y_scan, _ = make_synthetic(original, cfg.scan_synth_config, scan_synthetic, "synthesize_scan",
+                                              "the scan's ")
         probed = probe(x_scan)
     found, clean_by = probed["trigger"], probed["channel_trigger"]
     start = time.perf_counter()
@@ -505,7 +497,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
                                                                              probed["universal"])
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
-    if exclusion is not None:
+    if exclusion is not None:  # counted on the fine-tune's images, which need not be the scan's
         exclusion["synthetic_excluded"] = excluded
     timings["scan"] = time.perf_counter() - start
     teacher, distillation = gated_teacher(candidate, original, cfg, x_scan, verify_against, x_ft)

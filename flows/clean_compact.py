@@ -70,13 +70,16 @@ class ScanSettings:
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
     """The resolved DefendConfig of a flow run (validated here, at the edge).
 
-    The experiments that make more synthetic images after compaction are refused
-    (``resynthesize_suspected_target``, ``competition_synth``): the flow's tasks do not make them,
-    and silently leaving them out would not be what the config asked for (``cc_core.defend`` has
-    them; their sweeps: benchmarks/results/sweep_defend_{resynthesis*,competition}.md)."""
+    The experiments that make a second set of synthetic images are refused
+    (``resynthesize_suspected_target``, ``competition_synth``, and ``scan_synth`` when it differs from
+    ``synth``): the flow's tasks make one set, and silently leaving the other out would not be what
+    the config asked for (``cc_core.defend`` has them; their sweeps:
+    benchmarks/results/sweep_defend_{resynthesis*,competition,scan_split}.md)."""
     cfg = resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
-    for name in ("resynthesize_suspected_target", "competition_synth"):
-        if getattr(cfg, name) is not None:
+    asked = {"resynthesize_suspected_target": cfg.resynthesize_suspected_target,
+             "competition_synth": cfg.competition_synth, "scan_synth": cfg.scan_synth_config}
+    for name, value in asked.items():
+        if value is not None:
             raise ConfigError(f"{name} is not supported by the clean-compact flow; "
                               "use `cleancompact defend` or cc_core.defend for that experiment")
     return cfg

@@ -189,6 +189,9 @@ def test_flow_refuses_options_its_tasks_do_not_carry_out():
         build_config("cpu", 2.0, {"resynthesize_suspected_target": "cleaned"})
     with pytest.raises(ConfigError, match="competition_synth is not supported by the clean-compact flow"):
         build_config("cpu", 2.0, {"competition_synth": {"n_samples": 64, "competition_weight": 1.0}})
+    with pytest.raises(ConfigError, match="scan_synth is not supported by the clean-compact flow"):
+        build_config("cpu", 2.0, {"synth": {"tv_weight": 10.0}, "scan_synth": {"tv_weight": 1e-4}})
+    assert build_config("cpu", 2.0, {"scan_synth": {"tv_weight": 1e-4}}).scan_synth_config is None  # the same set
 
 
 def test_scan_settings_are_validated_at_the_edge():
