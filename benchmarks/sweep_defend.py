@@ -69,7 +69,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
 # ...but these, run after it: the cpu preset as shipped, blend probe on.
 BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", "pure_kd_blended", "hooi",
-                        "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always"), ({}, {}))
+                        "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always", "opt_in_stack"), ({}, {}))
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -477,6 +477,17 @@ GRIDS = {
                                    {"synth": {"bn_weight": 30.0, "tv_weight": 10.0},
                                     "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}, "patch_unlearn": "always"}, {})
                                   for ratio in (2.0, 4.0)],
+    # WaNet's three opt-ins that each gained ACC at 4x, stacked on the smooth fine-tune images (scan on its own
+    # images, as scan_split): BatchNorm matching with the teacher fine-tuned at lr 0.0002 (opt_in_combined), and
+    # with distillation alone from a teacher fine-tuned at lr 0.001 (pure_kd_clipped).
+    "opt_in_stack": [(f"scan_split; BatchNorm statistics matched on 512 images; {label}", ratio,
+                      {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4},
+                       "bn_match_samples": 512} | overrides, {})
+                     for label, overrides in (
+                         ("teacher fine-tuned at lr 0.0002", {"teacher_finetune": {"lr": 2e-4}}),
+                         ("teacher fine-tuned at lr 0.001, student distillation only (DISTILL_ALONE)",
+                          {"teacher_finetune": {}, "distill_finetune": DISTILL_ALONE}))
+                     for ratio in (2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
