@@ -133,6 +133,9 @@ class DefendConfig:
     # on smooth ones (BN 30, TV 10) the blend probe's patterns flip into every class and it stops firing
     # (sweep_defend_prior.md). None: one set for both.
     scan_synth: dict | None = None
+    # The scan's own images (scan_synth) also join the fine-tune, the suspected class's left out as from
+    # the others: the fine-tune then sees both kinds of image, twice as many, in the same epochs.
+    finetune_on_scan_synthetic: bool = False
     # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
     # Which inverted triggers the fine-tune unlearns (finetune.unlearn_weight > 0): "all-to-all"
@@ -248,6 +251,8 @@ class DefendConfig:
                     raise ConfigError(f"{name} takes {what} settings: {e}") from None
         if self.scan_synth is not None and self.synth_model != "original":
             raise ConfigError("scan_synth makes the scan's images before compaction: it needs synth_model='original'")
+        if self.finetune_on_scan_synthetic and self.scan_synth is None:
+            raise ConfigError("finetune_on_scan_synthetic adds the scan's own images to the fine-tune: it needs scan_synth")
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
         if self.bn_match_samples is not None:
@@ -497,6 +502,11 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
                                                                              probed["universal"])
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
+    n_made = len(y_syn)
+    if cfg.finetune_on_scan_synthetic and x_scan is not x_syn:
+        x_more, y_more, excluded_more = exclude_class(x_scan, y_scan, suspected)
+        x_ft, y_ft, excluded = torch.cat([x_ft, x_more]), torch.cat([y_ft, y_more]), excluded + excluded_more
+        n_made += len(y_scan)
     if exclusion is not None:  # counted on the fine-tune's images, which need not be the scan's
         exclusion["synthetic_excluded"] = excluded
     timings["scan"] = time.perf_counter() - start
@@ -522,7 +532,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     x_trigger = unlearn(x_ft) if unlearn is not None else None
     if exclusion is not None:
         log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
-            f"of {len(y_syn)} synthetic images left out of the fine-tune; the universal inverted trigger flips "
+            f"of {n_made} synthetic images left out of the fine-tune; the universal inverted trigger flips "
             f"{exclusion['flip_rate']:.0%}{' (all-to-all suspected)' if exclusion['all_to_all_suspected'] else ''}"
             f"{found_summary_text(exclusion['trigger'])}{'; a trigger is unlearned' if x_trigger is not None else ''}")
     start = time.perf_counter()

@@ -1082,6 +1082,29 @@ def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_ot
     assert torch.equal(seen["probed"], given[0])
 
 
+def test_finetune_on_scan_synthetic_fine_tunes_on_both_sets_less_the_suspected_class(monkeypatch):
+    import cc_core.pipeline as pipeline
+
+    seen = {}
+
+    def recording_finetune(model, x, y, *args, **kwargs):
+        seen["fine_tuned"] = (x.clone(), y.clone())
+        return []
+
+    real_exclude = pipeline.exclude_class
+    monkeypatch.setattr(ft, "finetune", recording_finetune)
+    monkeypatch.setattr(pipeline, "exclude_class", lambda x, y, target: real_exclude(x, y, 1))  # class 1 suspected
+    cfg = _tiny_cfg(teacher_finetune=None, scan_synth={"tv_weight": 0.0}, finetune_on_scan_synthetic=True)
+    fine_tune_images = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
+    scan_images = (torch.randn(8, 3, 32, 32), torch.arange(8) % 4)
+    r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=fine_tune_images,
+               scan_synthetic=scan_images).report
+    x, y = seen["fine_tuned"]
+    both = torch.cat([fine_tune_images[0][fine_tune_images[1] != 1], scan_images[0][scan_images[1] != 1]])
+    assert torch.equal(x, both) and not (y == 1).any()
+    assert r["scan"]["synthetic_excluded"] == 3 + 2
+
+
 def test_scan_synth_is_checked_at_the_edge():
     cpu = resolve_config("cpu")
     same = {"bn_weight": cpu.synth.bn_weight, "tv_weight": cpu.synth.tv_weight}
@@ -1091,6 +1114,8 @@ def test_scan_synth_is_checked_at_the_edge():
         resolve_config("cpu", scan_synth={"images": 10})
     with pytest.raises(ConfigError, match="synthesis tv_weight must be >= 0"):
         resolve_config("cpu", scan_synth={"tv_weight": -1.0})
+    with pytest.raises(ConfigError, match="finetune_on_scan_synthetic adds the scan's own images to the fine-tune"):
+        resolve_config("cpu", finetune_on_scan_synthetic=True)
     with pytest.raises(ConfigError, match="scan_synth makes the scan's images before compaction"):
         resolve_config("cpu", scan_synth={"tv_weight": 0.0}, synth_model="compact", compact={"rank_strategy": "energy"},
                        trigger_channel_u=None, perturbation_channel_u=None)
