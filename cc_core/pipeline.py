@@ -335,6 +335,9 @@ PRESETS: dict[str, DefendConfig] = {
     # with scan_synth={"bn_weight": 1.0, "tv_weight": 1e-4}): smooth images gain WaNet 0.7 / 2.7 points at
     # 2x / 4x and Input-Aware 0.8 / 1.6, but with the scan on images of their own Blended falls 77.63 -> 65.08
     # at 4x and Blended all-to-all's 2x ASR goes 3.45 -> 5.06% (sweep_defend_{bn_weight,tv_weight,prior,scan_split}*.md);
+    # stacked with bn_match_samples=512 and teacher_finetune={"lr": 2e-4} they take WaNet to 83.09 / 2.84 and
+    # 79.88 / 4.14, but GTSRB BadNet all-to-all's 2x ASR to 11.89% and Input-Aware's to 24.99%, with the scan's
+    # images in the fine-tune too (finetune_on_scan_synthetic) 3.26% and 21.45% (sweep_defend_{opt_in_stack,scan_union}*.md);
     # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
     # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
     # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:
