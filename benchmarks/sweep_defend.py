@@ -75,6 +75,11 @@ BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", 
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
+SMOOTH_SYNTH = {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}}  # images as smooth as the data (grid tv_weight's best)
+# ...for the fine-tune, the scan on images of its own at the preset's weights (DefendConfig.scan_synth)
+SCAN_SPLIT = SMOOTH_SYNTH | {"scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}}
+# ...with the BatchNorm matching and the unverified teacher fine-tuned at lr 0.0002 (grid opt_in_stack's first setting)
+STACKED = SCAN_SPLIT | {"bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4}}
 TRUE_TRIGGER = "true trigger"  # a row's extra: the attack's own trigger stands in for the probes' (Blended only)
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
@@ -450,11 +455,11 @@ GRIDS = {
     # tv_weight's best row (BN weight 30, TV weight 10: WaNet 81.41 / 1.64 and 76.12 / 1.54, against the preset's
     # 80.71 / 2.27 and 73.45 / 1.46) on the zoo's other models, before it goes into the presets.
     "prior": [("cpu preset, synthesis BatchNorm weight 30, TV weight 10", ratio,
-               {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}}, {}) for ratio in (2.0, 4.0)],
+               SMOOTH_SYNTH, {}) for ratio in (2.0, 4.0)],
     # With that prior, WaNet's nine other classes lose 1.3 points at 2x and class 0, left out, 2.7 (90.4 -> 63.5%).
     # The ways of giving class 0 back that let the warp back with the old images, and the BatchNorm matching
     # (opt-in), on the new images.
-    "prior_target": [(label, ratio, {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}} | overrides, {})
+    "prior_target": [(label, ratio, SMOOTH_SYNTH | overrides, {})
                      for ratio in (2.0, 4.0) for label, overrides in (
                          ("prior; suspected class re-synthesized through the fine-tuned model, fine-tuned again",
                           {"resynthesize_suspected_target": "finetuned"}),
@@ -462,29 +467,25 @@ GRIDS = {
                           {"resynthesize_suspected_target": "recognized"}),
                          ("prior; BatchNorm statistics matched on 512 synthetic images", {"bn_match_samples": 512}))]
                     + [("prior; left-out class masked out of the fine-tune's CE", ratio,
-                        {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}}, {"mask_left_out_class": True}) for ratio in (2.0, 4.0)],
+                        SMOOTH_SYNTH, {"mask_left_out_class": True}) for ratio in (2.0, 4.0)],
     # prior's smooth images with the scan (probes, suspicion, trigger channel clean, the gate's trigger check)
     # on images of its own, made with the weights its thresholds were set on (DefendConfig.scan_synth).
     "scan_split": [("cpu preset; fine-tune images at BN weight 30, TV weight 10; the scan's own at BN 1, TV 1e-4", ratio,
-                    {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}},
-                    {}) for ratio in (2.0, 4.0)],
+                    SCAN_SPLIT, {}) for ratio in (2.0, 4.0)],
     # scan_split's Blended 4x student fell to 65.08 where its blend pattern (flipping 22% after compaction) was
     # unlearned on the smooth images: the same with the pattern never unlearned (trigger channel clean kept).
     "scan_split_unlearn": [("scan_split, blend pattern never unlearned", 4.0,
-                            {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4},
-                             "patch_unlearn": "never"}, {})],
+                            SCAN_SPLIT | {"patch_unlearn": "never"}, {})],
     # ...and GTSRB BadNet all-to-all (2x ASR 1.26 -> 10.29% on smooth images), whose stamp flips 8% after
     # compaction, under the residual bar, so it is not unlearned: the same, always unlearned.
     "scan_split_unlearn_always": [("scan_split, found trigger always unlearned", ratio,
-                                   {"synth": {"bn_weight": 30.0, "tv_weight": 10.0},
-                                    "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}, "patch_unlearn": "always"}, {})
+                                   SCAN_SPLIT | {"patch_unlearn": "always"}, {})
                                   for ratio in (2.0, 4.0)],
     # WaNet's three opt-ins that each gained ACC at 4x, stacked on the smooth fine-tune images (scan on its own
     # images, as scan_split): BatchNorm matching with the teacher fine-tuned at lr 0.0002 (opt_in_combined), and
     # with distillation alone from a teacher fine-tuned at lr 0.001 (pure_kd_clipped).
     "opt_in_stack": [(f"scan_split; BatchNorm statistics matched on 512 images; {label}", ratio,
-                      {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4},
-                       "bn_match_samples": 512} | overrides, {})
+                      SCAN_SPLIT | {"bn_match_samples": 512} | overrides, {})
                      for label, overrides in (
                          ("teacher fine-tuned at lr 0.0002", {"teacher_finetune": {"lr": 2e-4}}),
                          ("teacher fine-tuned at lr 0.001, student distillation only (DISTILL_ALONE)",
@@ -492,31 +493,26 @@ GRIDS = {
                      for ratio in (2.0, 4.0)],
     # opt_in_stack's first setting (WaNet 83.09 / 2.84 at 2x, 79.88 / 4.14 at 4x) on the zoo's other models.
     "opt_in_stack_zoo": [("scan_split; BatchNorm statistics matched on 512 images; teacher fine-tuned at lr 0.0002", ratio,
-                          {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4},
-                           "bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4}}, {}) for ratio in (2.0, 4.0)],
+                          STACKED, {}) for ratio in (2.0, 4.0)],
     # ...and with twice the student's fine-tune epochs: opt_in_stack missed WaNet's 4x bound (drop <= 5) by 0.57.
     "opt_in_stack_epochs": [("scan_split; BatchNorm statistics matched on 512 images; teacher fine-tuned at lr 0.0002; "
                              "student fine-tuned 20 epochs", ratio,
-                             {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4},
-                              "bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4, "epochs": 10}}, {"epochs": 20})
+                             STACKED | {"teacher_finetune": {"lr": 2e-4, "epochs": 10}}, {"epochs": 20})
                             for ratio in (2.0, 4.0)],
     # Smooth images cost GTSRB BadNet all-to-all's removal (2x ASR 1.26 -> 10.29%), which the preset's rough
     # images give: the fine-tune on both sets (the scan's rough images join the smooth ones), alone and
     # with opt_in_stack_zoo's opt-ins.
     "scan_union": [(f"scan_split; fine-tune on both sets{label}", ratio,
-                    {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}, "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4},
-                     "finetune_on_scan_synthetic": True} | overrides, {})
+                    SCAN_SPLIT | {"finetune_on_scan_synthetic": True} | overrides, {})
                    for label, overrides in (
                        ("", {}),
                        ("; BatchNorm statistics matched on 512 images; teacher fine-tuned at lr 0.0002",
-                        {"bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4}}))
+                        STACKED))
                    for ratio in (2.0, 4.0)],
     # The smooth images' regressions without the unverified teacher: both sets in the fine-tune (GTSRB BadNet
     # all-to-all) and the BatchNorm matching (Blended 4x kept 79.71 with it in opt_in_stack_zoo, 65.08 without).
     "scan_union_bn_match": [("scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images", ratio,
-                             {"synth": {"bn_weight": 30.0, "tv_weight": 10.0},
-                              "scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}, "finetune_on_scan_synthetic": True,
-                              "bn_match_samples": 512}, {}) for ratio in (2.0, 4.0)],
+                             SCAN_SPLIT | {"finetune_on_scan_synthetic": True, "bn_match_samples": 512}, {}) for ratio in (2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
