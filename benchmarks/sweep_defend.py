@@ -71,13 +71,15 @@ BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for gri
 BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", "pure_kd_blended", "hooi",
                         "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always", "opt_in_stack",
                         "opt_in_stack_zoo", "scan_union",
-                        "opt_in_stack_epochs", "scan_union_bn_match"), ({}, {}))
+                        "opt_in_stack_epochs", "scan_union_bn_match", "scan_union_unlearn"), ({}, {}))
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
 SMOOTH_SYNTH = {"synth": {"bn_weight": 30.0, "tv_weight": 10.0}}  # images as smooth as the data (grid tv_weight's best)
 # ...for the fine-tune, the scan on images of its own at the preset's weights (DefendConfig.scan_synth)
 SCAN_SPLIT = SMOOTH_SYNTH | {"scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}}
+# ...with the scan's images in the fine-tune too and the BatchNorm statistics matched on 512 images
+SCAN_UNION_BN_MATCH = SCAN_SPLIT | {"finetune_on_scan_synthetic": True, "bn_match_samples": 512}
 # ...with the BatchNorm matching and the unverified teacher fine-tuned at lr 0.0002 (grid opt_in_stack's first setting)
 STACKED = SCAN_SPLIT | {"bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4}}
 TRUE_TRIGGER = "true trigger"  # a row's extra: the attack's own trigger stands in for the probes' (Blended only)
@@ -512,7 +514,10 @@ GRIDS = {
     # The smooth images' regressions without the unverified teacher: both sets in the fine-tune (GTSRB BadNet
     # all-to-all) and the BatchNorm matching (Blended 4x kept 79.71 with it in opt_in_stack_zoo, 65.08 without).
     "scan_union_bn_match": [("scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images", ratio,
-                             SCAN_SPLIT | {"finetune_on_scan_synthetic": True, "bn_match_samples": 512}, {}) for ratio in (2.0, 4.0)],
+                             SCAN_UNION_BN_MATCH, {}) for ratio in (2.0, 4.0)],
+    # ...with the inverted or probed trigger unlearned harder (the two all-to-all models above 5% at 4x)
+    "scan_union_unlearn": [(f"scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images; unlearn weight {w:g}",
+                            4.0, SCAN_UNION_BN_MATCH, {"unlearn_weight": w}) for w in (2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
