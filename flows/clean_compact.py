@@ -70,14 +70,14 @@ class ScanSettings:
 def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
     """The resolved DefendConfig of a flow run (validated here, at the edge).
 
-    The experiments that make a second set of synthetic images are refused
-    (``resynthesize_suspected_target``, ``competition_synth``, and ``scan_synth`` when it differs from
-    ``synth``): the flow's tasks make one set, and silently leaving the other out would not be what
-    the config asked for (``cc_core.defend`` has them; their sweeps:
-    benchmarks/results/sweep_defend_{resynthesis*,competition,scan_split}.md)."""
+    The experiments that make more synthetic images after compaction are refused
+    (``resynthesize_suspected_target``, ``competition_synth``): the flow's tasks do not make them,
+    and silently leaving them out would not be what the config asked for (``cc_core.defend`` has
+    them; their sweeps: benchmarks/results/sweep_defend_{resynthesis*,competition}.md). The scan's
+    own set (``scan_synth``) is made by its own synthesis task."""
     cfg = resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
     asked = {"resynthesize_suspected_target": cfg.resynthesize_suspected_target,
-             "competition_synth": cfg.competition_synth, "scan_synth": cfg.scan_synth_config}
+             "competition_synth": cfg.competition_synth}
     for name, value in asked.items():
         if value is not None:
             raise ConfigError(f"{name} is not supported by the clean-compact flow; "
@@ -158,24 +158,32 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
                     {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps},
                     {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device, scan_cfg.warp_cfg,
                     scan_cfg.patch_cfg)
+    scanned = None  # the scan's own synthetic images (cfg.scan_synth_config), made from the original
     if cfg.synth_model == "original":
         synthesized = steps.synthesize_task(run, original, cfg)
-        probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
-        compacted = steps.compact_task(run, original, cfg, synthesized["files"]["synthetic"], probed["channel_trigger"])
+        synthetic = synthesized["files"]["synthetic"]
+        if cfg.scan_synth_config is not None:
+            scanned = steps.synthesize_task(run, original, cfg, scan=True)
+        scan_images = scanned["files"]["synthetic"] if scanned else synthetic
+        probed = steps.trigger_probe_task(run, original, scan_images, cfg)
+        compacted = steps.compact_task(run, original, cfg, synthetic, probed["channel_trigger"], scan_images)
     else:
         compacted = steps.compact_task(run, original, cfg)
     compact = compacted["files"]["compact"]
     if cfg.synth_model == "compact":
         synthesized = steps.synthesize_task(run, compact, cfg)
-        probed = steps.trigger_probe_task(run, original, synthesized["files"]["synthetic"], cfg)
-    synthetic = synthesized["files"]["synthetic"]
+        synthetic = scan_images = synthesized["files"]["synthetic"]
+        probed = steps.trigger_probe_task(run, original, scan_images, cfg)
+    finetune_images = synthetic
+    if cfg.finetune_on_scan_synthetic and scanned is not None:
+        finetune_images = steps.join_synthetic_task(run, synthetic, scan_images)["files"]["synthetic"]
     adv_model = compact if cfg.adversarial_model == "compact" else original
-    adversarial = steps.adversarial_task(run, original, compact, adv_model, synthetic, cfg, probed["trigger"],
-                                         probed["universal"])
-    finetune_data = (synthetic, adversarial["files"].get("adversarial"))
+    adversarial = steps.adversarial_task(run, original, compact, adv_model, scan_images, cfg, probed["trigger"],
+                                         probed["universal"], finetune_images)
+    finetune_data = (finetune_images, adversarial["files"].get("adversarial"))
     suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
-    gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, synthetic, cfg,
-                                         adversarial["gate_trigger"], suspected)
+    gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, scan_images, cfg,
+                                         adversarial["gate_trigger"], suspected, finetune_images)
     teacher, teacher_tuned = gated["files"].get("teacher"), None
     if gated["distillation"]["teacher_finetune"]:
         teacher_tuned = steps.teacher_finetune_task(run, teacher, *finetune_data, cfg, suspected, trigger_file)
@@ -185,13 +193,14 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     if needs_distill_check(cfg, distillation):
         undistilled = steps.finetune_task(run, compact, *finetune_data, None, cfg, suspected, trigger_file,
                                           variant="undistilled")
-        checked = steps.distill_check_task(run, tuned["files"]["model"], undistilled["files"]["model"], synthetic, cfg)
+        checked = steps.distill_check_task(run, tuned["files"]["model"], undistilled["files"]["model"], scan_images,
+                                           cfg)
         distillation["check"] = checked["check"]
         checked["seconds"] += undistilled["seconds"]
         student = tuned if checked["check"]["kept"] else undistilled
     final = student["files"]["model"]
     evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
-                                    synthetic, cfg, eval_data, data_dir, attack_dir)
+                                    scan_images, cfg, eval_data, data_dir, attack_dir)
     exported = steps.export_task(run, final, original, threads, latency_batch)
 
     original_model, final_model = load_model(original), load_model(final)
@@ -202,6 +211,8 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     for name, out in (("synthesize", synthesized), ("trigger_probe", probed), ("adversarial", adversarial), ("finetune", tuned),
                       ("evaluate", evaluated), ("export", exported)):
         timings[name] = out["seconds"]
+    if scanned is not None:
+        timings["synthesize_scan"] = scanned["seconds"]
     if teacher_tuned is not None:
         timings["teacher_finetune"] = teacher_tuned["seconds"]
     if checked is not None:

@@ -163,12 +163,14 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
 
 @task(name="clean-compact", **COMPUTE)
 def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | None = None,
-                 trigger: dict | None = None) -> dict:
+                 trigger: dict | None = None, scan_file: str | None = None) -> dict:
     """Channel clean, Tucker-2 decomposition, clipping (clean), rank pruning (compact); plus the
     clipped full-rank model the fine-tune may distill from (distillation_gate_task decides).
-    ``synthetic_file``: synthetic images on which the sensitivity rank strategy measures the layers
-    (its first ``cfg.calibration_samples``) and the trigger channel clean measures ``trigger``, the
-    probes' firing trigger or an all-to-all universal perturbation (trigger_probe_task's "channel_trigger")."""
+    ``synthetic_file``: the fine-tune's synthetic images, on which the sensitivity rank strategy
+    measures the layers (its first ``cfg.calibration_samples``) and the BatchNorm matching runs.
+    ``scan_file``: the scan's images (default: the same), on which the trigger channel clean measures
+    ``trigger``, the probes' firing trigger or an all-to-all universal perturbation
+    (trigger_probe_task's "channel_trigger")."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
     from cc_core.pipeline import bn_match_text, channel_clean, distillation_teacher, match_compact_bn, trigger_clean_text
@@ -177,7 +179,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
         original = _load(model_file)
         start = time.perf_counter()
         x = _load_tensors(synthetic_file)["x"] if synthetic_file is not None else None
-        cleaned, channel_info = channel_clean(original, cfg, x if trigger else None, trigger)
+        x_scan = _load_tensors(scan_file)["x"] if scan_file is not None else x
+        cleaned, channel_info = channel_clean(original, cfg, x_scan if trigger else None, trigger)
         channel_seconds = time.perf_counter() - start
         calibration = x[:cfg.calibration_samples] if x is not None and cfg.needs_calibration else None
         new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
@@ -206,7 +209,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                   | ({"perturbation_channel_u": cfg.perturbation_channel_u} if cfg.perturbation_channel_u else {})
                   | ({"bn_match_samples": cfg.bn_match_samples} if cfg.bn_match_samples else {})
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
-                     if synthetic_file else {}), compute)
+                     if synthetic_file else {})
+                  | ({"scan_synthetic": scan_file} if scan_file not in (None, synthetic_file) else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
     trigger_info = out["channel_clean"]["trigger"]
     log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"], "trigger_channels_zeroed": trigger_info["n_pruned"]},
@@ -221,19 +225,46 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
 
 
 @task(name="synthesize", **COMPUTE)
-def synthesize_task(run: RunHandle, model_file: str, cfg) -> dict:
-    """BatchNorm-statistics synthetic images (no real data) from ``model_file``."""
+def synthesize_task(run: RunHandle, model_file: str, cfg, scan: bool = False) -> dict:
+    """BatchNorm-statistics synthetic images (no real data) from ``model_file``: the fine-tune's
+    (``cfg.synth``), or with ``scan`` the scan's own (``cfg.scan_synth_config``, which must be set;
+    step, file and metrics ``synthesize_scan``, ``scan_synthetic.safetensors``, ``synth_scan.*``)."""
     from cc_core.synth import synthesize
 
+    synth = cfg.scan_synth_config if scan else cfg.synth
+    if synth is None:
+        raise ValueError("synthesize_task(scan=True) needs cfg.scan_synth_config")
+    step = "synthesize_scan" if scan else "synthesize"
+
     def compute() -> dict:
-        x, y, log = synthesize(_load(model_file), cfg.synth, device=_device(cfg), progress=False)
-        return {"files": {"synthetic": _save_tensors(run.path / "synthetic.safetensors", x=x, y=y)},
+        x, y, log = synthesize(_load(model_file), synth, device=_device(cfg), progress=False)
+        path = run.path / ("scan_synthetic.safetensors" if scan else "synthetic.safetensors")
+        return {"files": {"synthetic": _save_tensors(path, x=x, y=y)},
                 "bn_loss": log["bn_loss"][-1], "ce_loss": log["ce_loss"][-1], "n": len(y)}
 
-    out = _cached(run, "synthesize", {"model": model_file, "synth": cfg.synth.to_dict()}, compute)
-    log_metrics(run, {"bn_loss": out["bn_loss"], "ce_loss": out["ce_loss"], "n": out["n"]}, "synth.")
-    log_metrics(run, {"synthesize": out["seconds"]}, "time.")
-    get_run_logger().info(f"synthesized {out['n']} images in {out['seconds']:.1f} s (BN loss {out['bn_loss']:.3f})")
+    out = _cached(run, step, {"model": model_file, "synth": synth.to_dict()}, compute)
+    log_metrics(run, {"bn_loss": out["bn_loss"], "ce_loss": out["ce_loss"], "n": out["n"]},
+                "synth_scan." if scan else "synth.")
+    log_metrics(run, {step: out["seconds"]}, "time.")
+    get_run_logger().info(f"synthesized {out['n']} {'scan ' if scan else ''}images in {out['seconds']:.1f} s "
+                          f"(BN loss {out['bn_loss']:.3f})")
+    return out
+
+
+@task(name="join-synthetic", **COMPUTE)
+def join_synthetic_task(run: RunHandle, synthetic_file: str, scan_file: str) -> dict:
+    """The fine-tune's images followed by the scan's (``DefendConfig.finetune_on_scan_synthetic``), in
+    one file; leaving a class out of it leaves it out of both, in the order cc_core.defend uses."""
+    def compute() -> dict:
+        import torch
+
+        a, b = _load_tensors(synthetic_file), _load_tensors(scan_file)
+        x, y = torch.cat([a["x"], b["x"]]), torch.cat([a["y"], b["y"]])
+        return {"files": {"synthetic": _save_tensors(run.path / "finetune_synthetic.safetensors", x=x, y=y)},
+                "n": len(y)}
+
+    out = _cached(run, "join_synthetic", {"synthetic": synthetic_file, "scan": scan_file}, compute)
+    get_run_logger().info(f"fine-tune on both sets of synthetic images: {out['n']} images")
     return out
 
 
@@ -273,14 +304,16 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
 
 @task(name="adversarial", **COMPUTE)
 def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_model_file: str,
-                     synthetic_file: str, cfg, trigger: dict | None = None, universal: dict | None = None) -> dict:
-    """The original model's adversarial class histogram on the synthetic images (the 'before'
-    side of the scan), the suspected target class whose synthetic images the fine-tune leaves
-    out, and, on the images the fine-tune keeps, PGD and the trigger the fine-tune unlearns (the
-    probes' firing ``trigger``, kept when it still flips the compacted model, or the universal
-    inverted trigger; see cc_core.pipeline.scan_and_suspect); and the trigger the distillation gate
-    verifies the teacher against ("gate_trigger", None when there is none). ``universal``: the
-    universal inversion trigger_probe_task made on the same model and images (None: made here)."""
+                     synthetic_file: str, cfg, trigger: dict | None = None, universal: dict | None = None,
+                     finetune_file: str | None = None) -> dict:
+    """The original model's adversarial class histogram on the scan's synthetic images
+    (``synthetic_file``; the 'before' side of the scan), the suspected target class whose synthetic
+    images the fine-tune leaves out, and, on the images the fine-tune keeps (``finetune_file``'s,
+    default the same), PGD and the trigger the fine-tune unlearns (the probes' firing ``trigger``,
+    kept when it still flips the compacted model, or the universal inverted trigger; see
+    cc_core.pipeline.scan_and_suspect); and the trigger the distillation gate verifies the teacher
+    against ("gate_trigger", None when there is none). ``universal``: the universal inversion
+    trigger_probe_task made on the same model and images (None: made here)."""
     from cc_core.adversarial import pgd
     from cc_core.pipeline import exclude_class, exclusion_summary, found_summary_text, scan_and_suspect
 
@@ -292,7 +325,12 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
         before, exclusion, unlearn, gate_trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger,
                                                                     universal)
         target = exclusion["suspected_target"] if exclusion else None
-        x_kept, y_kept, _ = exclude_class(x, y, target)
+        if finetune_file not in (None, synthetic_file):
+            t = _load_tensors(finetune_file)
+            x, y = t["x"].to(device), t["y"].to(device)
+        x_kept, y_kept, excluded = exclude_class(x, y, target)
+        if exclusion is not None:  # counted on the fine-tune's images, as cc_core.defend does
+            exclusion["synthetic_excluded"] = excluded
         files = {}
         if cfg.finetune.adv_weight > 0:
             x_adv = pgd(_load(adv_model_file).to(device), x_kept, y_kept, cfg.pgd)
@@ -304,6 +342,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
 
     out = _cached(run, "adversarial", {"original": original_file, "compact": compact_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
+                                       **({"finetune": finetune_file} if finetune_file not in (None, synthetic_file) else {}),
                                        "adv": cfg.finetune.adv_weight > 0,
                                        "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
@@ -343,24 +382,30 @@ def _finetune_data(synthetic_file: str, adversarial_file: str | None, trigger_fi
 
 @task(name="distillation-gate", **COMPUTE)
 def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_file: str, synthetic_file: str, cfg,
-                           trigger: dict | None, excluded_class: int | None = None) -> dict:
+                           trigger: dict | None, excluded_class: int | None = None,
+                           finetune_file: str | None = None) -> dict:
     """Whether the fine-tune distills from the clipped teacher (``teacher_file``; None without
     distillation): cc_core.pipeline.gated_teacher, verifying it against ``trigger`` (the adversarial
-    step's gate trigger) on the synthetic images, its agreement on those the fine-tune keeps (all but
-    ``excluded_class``'s). Returns the gate's record and, when it opens, the teacher's file."""
+    step's gate trigger) on the scan's synthetic images (``synthetic_file``), its agreement on those
+    the fine-tune keeps (``finetune_file``'s, default the same, but ``excluded_class``'s). Returns the
+    gate's record and, when it opens, the teacher's file."""
     from cc_core.pipeline import distillation_text, exclude_class, gated_teacher
 
     def compute() -> dict:
         device = _device(cfg)
         teacher = _load(teacher_file).to(device) if teacher_file is not None else None
         t = _load_tensors(synthetic_file)
-        x, y = t["x"].to(device), t["y"].to(device)
-        x_distill = exclude_class(x, y, excluded_class)[0]
+        x = t["x"].to(device)
+        if finetune_file not in (None, synthetic_file):
+            t = _load_tensors(finetune_file)
+        x_distill = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)[0]
         gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill)
         return {"files": {"teacher": teacher_file} if gated is not None else {}, "distillation": record}
 
     out = _cached(run, "distillation_gate", {"teacher": teacher_file, "original": original_file,
                                              "synthetic": synthetic_file, "kd_gate": cfg.kd_gate,
+                                             **({"finetune": finetune_file}
+                                                if finetune_file not in (None, synthetic_file) else {}),
                                              "teacher_finetune": cfg.teacher_finetune, "trigger": trigger,
                                              "excluded_class": excluded_class}, compute)
     record = out["distillation"]

@@ -189,9 +189,30 @@ def test_flow_refuses_options_its_tasks_do_not_carry_out():
         build_config("cpu", 2.0, {"resynthesize_suspected_target": "cleaned"})
     with pytest.raises(ConfigError, match="competition_synth is not supported by the clean-compact flow"):
         build_config("cpu", 2.0, {"competition_synth": {"n_samples": 64, "competition_weight": 1.0}})
-    with pytest.raises(ConfigError, match="scan_synth is not supported by the clean-compact flow"):
-        build_config("cpu", 2.0, {"synth": {"tv_weight": 10.0}, "scan_synth": {"tv_weight": 1e-4}})
     assert build_config("cpu", 2.0, {"scan_synth": {"tv_weight": 1e-4}}).scan_synth_config is None  # the same set
+
+
+def test_flow_with_the_scans_own_images_ends_where_defend_does(suspect, tmp_path):
+    """Two sets of synthetic images, the scan's joining the fine-tune: the flow's tasks hand each step
+    the set cc_core.defend gives it, so both end at the same weights."""
+    from cc_core import load_model
+    from cc_core.pipeline import defend
+    from flows.clean_compact import build_config
+
+    overrides = TINY | {"synth": TINY["synth"] | {"tv_weight": 0.5}, "scan_synth": {"tv_weight": 0.0},
+                        "finetune_on_scan_synthetic": True, "bn_match_samples": 16}
+    result = run_flow(suspect, overrides=overrides)
+    report = result["report"]
+    assert report["timings_s"]["synthesize_scan"] > 0 and report["timings_s"]["synthesize"] > 0
+    c = registry(suspect)
+    flow_model = load_model(c.download_artifacts(result["run_id"], "package/finetuned.safetensors", str(tmp_path)))
+    direct = defend(load_model(suspect["file"]), config=build_config("cpu", 2.0, overrides), progress=False,
+                    log=lambda *a: None)
+    assert report["scan"]["synthetic_excluded"] == direct.report["scan"]["synthetic_excluded"]
+    flow_state, direct_state = flow_model.state_dict(), direct.model.state_dict()
+    assert flow_state.keys() == direct_state.keys()
+    for k, v in direct_state.items():
+        assert torch.equal(flow_state[k], v), k
 
 
 def test_scan_settings_are_validated_at_the_edge():
