@@ -72,6 +72,12 @@ BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", 
                         "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always", "opt_in_stack",
                         "opt_in_stack_zoo", "scan_union",
                         "opt_in_stack_epochs", "scan_union_bn_match", "scan_union_unlearn"), ({}, {}))
+# ...and every grid above ran with the synthesis the cpu preset had until the smooth + rough images
+# (grid scan_union_bn_match's setting) became its default: one set of images at BN weight 1 and TV
+# weight 1e-4, no BatchNorm matching.
+PRESET_BEFORE_SMOOTH = {"synth": {"bn_weight": 1.0, "tv_weight": 1e-4}, "scan_synth": None,
+                        "finetune_on_scan_synthetic": False, "bn_match_samples": None}
+BASES = {grid: (PRESET_BEFORE_SMOOTH | base, ft) for grid, (base, ft) in BASES.items()}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -555,13 +561,15 @@ def true_trigger_probe(attack):
 
 
 def row_config(grid: str, ratio: float, overrides: dict, ft: dict) -> tuple:
-    """(DefendConfig, compact overrides) of one row of ``grid``: the cpu preset with the grid's base
-    (BASES) and the row's DefendConfig and fine-tune overrides on top."""
+    """(DefendConfig, DefendConfig overrides) of one row of ``grid``: the cpu preset with the grid's
+    base (BASES) and the row's DefendConfig and fine-tune overrides on top."""
     base, base_ft = BASES[grid]
     compact = base.get("compact", {}) | overrides.get("compact", {})
-    cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False,
-                         **(base | overrides | {"compact": compact}))
-    return cfg, compact
+    merged = base | overrides | {"compact": compact}
+    if "synth" in base and "synth" in overrides:  # a row's synthesis settings refine its base's
+        merged["synth"] = base["synth"] | overrides["synth"]
+    cfg = resolve_config("cpu", ratio=ratio, finetune=base_ft | ft, scan_before=False, **merged)
+    return cfg, merged
 
 
 def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
@@ -578,7 +586,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
         real = {}  # number of real training images -> (x, y), for the oracle grid
         for label, ratio, overrides, ft, *extra in GRIDS[grid]:
             n_real = next((e for e in extra if isinstance(e, int)), None)  # the oracle grid's real images
-            cfg, compact = row_config(grid, ratio, overrides, ft)
+            cfg, merged = row_config(grid, ratio, overrides, ft)
             made = {}
             for role, synth in (("fine-tune", cfg.synth), ("scan", cfg.scan_synth_config)):
                 if synth is None:
@@ -600,7 +608,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
             r = result.report
             distillation = r["distillation"] or {}
             rows.append({"model": name, "ratio": ratio, "setting": label,
-                         "overrides": base | overrides | {"compact": compact}, "finetune": base_ft | ft,
+                         "overrides": merged, "finetune": base_ft | ft,
                          "channel_u": cfg.channel_u, "channel_mode": cfg.channel_mode, "tau": cfg.tau, "normalizer": cfg.normalizer,
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
                          "suspected_target": r["scan"]["suspected_target"], "true_target": all_to_one_target(attack),

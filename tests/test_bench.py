@@ -271,3 +271,19 @@ def test_every_sweep_row_resolves_to_a_valid_defend_config():
     cfg, _ = row_config("kd_budget", ratio, overrides, ft)
     assert "2048 synthetic images, 90 epochs" in label and cfg.synth.n_samples == 2048
     assert cfg.distill_finetune == DISTILL_ALONE | {"epochs": 90} and cfg.teacher_finetune == {}
+
+
+def test_sweep_rows_keep_the_synthesis_they_ran_with():
+    """The grids ran before the smooth + rough images were considered for the preset: their bases pin
+    the one rough set, and a row's own synthesis settings refine it rather than replace it."""
+    from benchmarks.sweep_defend import GRIDS, row_config
+
+    label, ratio, overrides, ft = GRIDS["bn_weight"][-1]
+    cfg, _ = row_config("bn_weight", ratio, overrides, ft)
+    assert (cfg.synth.bn_weight, cfg.synth.tv_weight) == (overrides["synth"]["bn_weight"], 1e-4)
+    assert cfg.scan_synth_config is None and cfg.bn_match_samples is None and not cfg.finetune_on_scan_synthetic
+    label, ratio, overrides, ft = GRIDS["scan_union_bn_match"][0]
+    cfg, merged = row_config("scan_union_bn_match", ratio, overrides, ft)
+    assert (cfg.synth.bn_weight, cfg.synth.tv_weight) == (30.0, 10.0) and cfg.finetune_on_scan_synthetic
+    assert (cfg.scan_synth_config.bn_weight, cfg.scan_synth_config.tv_weight) == (1.0, 1e-4)
+    assert cfg.bn_match_samples == 512 and merged["synth"] == {"bn_weight": 30.0, "tv_weight": 10.0}
