@@ -523,7 +523,7 @@ GRIDS = {
                              SCAN_UNION_BN_MATCH, {}) for ratio in (2.0, 4.0)],
     # ...with the inverted or probed trigger unlearned harder (the two all-to-all models above 5% at 4x)
     "scan_union_unlearn": [(f"scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images; unlearn weight {w:g}",
-                            4.0, SCAN_UNION_BN_MATCH, {"unlearn_weight": w}) for w in (2.0, 4.0)],
+                            4.0, SCAN_UNION_BN_MATCH, {"unlearn_weight": w}) for w in (1.0, 2.0, 4.0)],
     # A defense takes about 3 of issue 4's 10 minutes here, 6 s of them the fine-tune: pure_kd_clipped's
     # students spent more of the rest on distillation steps (epochs, learning rate) and synthetic images.
     "kd_budget": [(f"pure_kd_clipped with {n} synthetic images, {epochs} epochs" + (f", lr {lr:g}" if lr else ""),
