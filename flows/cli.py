@@ -310,6 +310,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
         preset_synth = resolve_config(args.preset).synth
         overrides["scan_synth"] = {k: getattr(preset_synth, k) for k in weights}
     synth |= weights
+    if args.finetune_on_scan_synthetic:
+        if "scan_synth" not in overrides and resolve_config(args.preset).scan_synth is None:
+            raise _input_error("--finetune-on-scan-synthetic adds the scan's own images to the fine-tune: give the "
+                               "fine-tune images of their own with --synth-bn-weight or --synth-tv-weight")
+        overrides["finetune_on_scan_synthetic"] = True
     if args.competition_samples is not None:
         if args.competition_samples < 1:
             raise _input_error(f"--competition-samples must be >= 1, got {args.competition_samples}")
@@ -555,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-tv-weight", type=float,
                    help="synthesis weight of the total-variation (smoothness) prior, for the fine-tune's images "
                         "(default: the preset's, 0.0001; 10 gives images as smooth as CIFAR-10's); the scan keeps its own")
+    p.add_argument("--finetune-on-scan-synthetic", action="store_true",
+                   help="fine-tune on the scan's images too (the suspected class left out of both sets): with "
+                        "--synth-bn-weight 30 --synth-tv-weight 10 --bn-match 512, the setting that lowered the "
+                        "zoo's mean ACC drop most without a teacher fine-tune (docs/MEASUREMENTS.md)")
     p.add_argument("--competition-samples", type=int,
                    help="after compaction, make this many more synthetic images that the compact model classifies "
                         "unlike the original (adaptive DeepInversion) and fine-tune on them too (experiment; "

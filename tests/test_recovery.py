@@ -693,6 +693,16 @@ def test_defend_synthesis_weight_flags(field, tiny_file, tmp_path, monkeypatch, 
     assert not (tmp_path / "o").exists()
 
 
+def test_finetune_on_scan_synthetic_flag(tiny_file, tmp_path, monkeypatch, capsys):
+    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
+    assert not defend_config_from_cli(args, monkeypatch).finetune_on_scan_synthetic
+    cfg = defend_config_from_cli([*args, "--synth-tv-weight", "10", "--finetune-on-scan-synthetic"], monkeypatch)
+    assert cfg.finetune_on_scan_synthetic and cfg.scan_synth_config.tv_weight == resolve_config("cpu").synth.tv_weight
+    assert main(["defend", *args, "--finetune-on-scan-synthetic"]) == 2  # one set of images: nothing to add
+    assert "give the fine-tune images of their own with --synth-bn-weight" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_defend_online_adversarial_flags(tiny_file, tmp_path, monkeypatch, capsys):
     args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
     cfg = defend_config_from_cli([*args, "--online-adv-weight", "1", "--online-adv-eps", "2"], monkeypatch).finetune
