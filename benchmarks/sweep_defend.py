@@ -71,7 +71,8 @@ BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for gri
 BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", "pure_kd_blended", "hooi",
                         "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always", "opt_in_stack",
                         "opt_in_stack_zoo", "scan_union",
-                        "opt_in_stack_epochs", "scan_union_bn_match", "scan_union_unlearn"), ({}, {}))
+                        "opt_in_stack_epochs", "scan_union_bn_match", "scan_union_unlearn",
+                        "preset_and_candidate"), ({}, {}))
 # ...and every grid above ran with the synthesis the cpu preset had until the smooth + rough images
 # (grid scan_union_bn_match's setting) became its default: one set of images at BN weight 1 and TV
 # weight 1e-4, no BatchNorm matching.
@@ -521,6 +522,10 @@ GRIDS = {
     # all-to-all) and the BatchNorm matching (Blended 4x kept 79.71 with it in opt_in_stack_zoo, 65.08 without).
     "scan_union_bn_match": [("scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images", ratio,
                              SCAN_UNION_BN_MATCH, {}) for ratio in (2.0, 4.0)],
+    # The preset as shipped and the candidate side by side, ACC and wall time, on a machine of its own
+    "preset_and_candidate": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
+        ("cpu preset", {}),
+        ("scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images", SCAN_UNION_BN_MATCH))],
     # ...with the inverted or probed trigger unlearned harder (the two all-to-all models above 5% at 4x)
     "scan_union_unlearn": [(f"scan_split; fine-tune on both sets; BatchNorm statistics matched on 512 images; unlearn weight {w:g}",
                             4.0, SCAN_UNION_BN_MATCH, {"unlearn_weight": w}) for w in (1.0, 2.0, 4.0)],
