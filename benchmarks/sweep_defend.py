@@ -68,7 +68,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 # since 89f8225, after every grid here was run; a row that wants either sets it).
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
 # ...but these, run after it: the cpu preset as shipped, blend probe on.
-BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "kd_budget", "pure_kd_blended", "hooi",
+BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "preset", "kd_budget", "pure_kd_blended", "hooi",
                         "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always", "opt_in_stack",
                         "opt_in_stack_zoo", "scan_union",
                         "opt_in_stack_epochs", "scan_union_bn_match", "scan_union_unlearn",
@@ -412,6 +412,9 @@ GRIDS = {
                          "gradient norm 1", ratio, {"teacher_finetune": {}, "distill_finetune": DISTILL_ALONE}, {})
                         for ratio in (2.0, 4.0)],
     "preset_4x": [("cpu preset", 4.0, {}, {})],  # RESULTS.md has no 4x GTSRB rows
+    # The shipped preset at both of issue 4's ratios; with --seed, on models of the zoo's recipe trained from
+    # other seeds, to see how far one preset's result moves with the model it defends.
+    "preset": [("cpu preset", ratio, {}, {}) for ratio in (2.0, 4.0)],
     # The Blended all-to-one model, with the blend probe (its teacher verified, used as is) and without
     # it (its teacher fine-tuned first, as pure_kd's unverified teachers are), each against the preset.
     "pure_kd_blended": [(label + probe_label, ratio, overrides | probe, {}) for ratio in (2.0, 4.0)
@@ -577,9 +580,11 @@ def row_config(grid: str, ratio: float, overrides: dict, ft: dict) -> tuple:
     return cfg, merged
 
 
-def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
+def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = None) -> dict:
+    """Every row of ``grid`` on each zoo model in ``models`` of ``recipe_name``, trained from the
+    recipe's seed unless ``seed`` gives another (trained and cached under its own name if needed)."""
     torch.manual_seed(0)
-    recipe = RECIPES[recipe_name]
+    recipe = RECIPES[recipe_name] | ({} if seed is None else {"seed": seed})
     test = load_dataset(recipe["dataset"], "test")
     train = None  # loaded by the first row that uses real images
     rows = []
@@ -612,7 +617,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                                 log=lambda *a: None, synthetic=(x, y), scan_synthetic=made.get("scan"))
             r = result.report
             distillation = r["distillation"] or {}
-            rows.append({"model": name, "ratio": ratio, "setting": label,
+            rows.append({"model": name, "train_seed": recipe["seed"], "ratio": ratio, "setting": label,
                          "overrides": merged, "finetune": base_ft | ft,
                          "channel_u": cfg.channel_u, "channel_mode": cfg.channel_mode, "tau": cfg.tau, "normalizer": cfg.normalizer,
                          "channels_zeroed": r["channel_clean"]["n_pruned"], **r["metrics"],
@@ -629,15 +634,16 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE) -> dict
                   f"({r['timings_s']['total']:.0f} s)", flush=True)
         rows += [{"model": name, "setting": f"synthesis (shared): {what}", "seconds": seconds}
                  for what, _, _, seconds in synthetic.values()]
-    recipe_flag = "" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}"
-    return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}{recipe_flag}", "machine": machine(),
-            "grid": grid, "recipe": recipe_name, "dataset": recipe["dataset"], "rows": rows}
+    flags = ("" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}") + ("" if seed is None else f" --seed {seed}")
+    return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}{flags}", "machine": machine(),
+            "grid": grid, "recipe": recipe_name, "dataset": recipe["dataset"], "train_seed": recipe["seed"], "rows": rows}
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# C&C sweep: grid `{result['grid']}`\n",
-             f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}. "
+             f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}"
+             f"{train_seed_text(result)}. "
              f"ACC/ASR in %, on the real {DATASET_NAMES[result.get('dataset', 'cifar10')]} test set (never seen by the defense). Every setting uses the "
              "`cpu` preset except what its label says, and the same synthetic images (made once per model "
              "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
@@ -656,6 +662,12 @@ def markdown(result: dict) -> str:
                      f"{100 * (r['acc_before'] - r['acc_after']):.2f} | {_target_class_acc(r)} | {100 * r['asr_before']:.2f} | "
                      f"{100 * r['asr_after']:.2f} | {r['seconds_excl_synthesis']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def train_seed_text(result: dict) -> str:
+    """', models trained from seed N' when the sweep's models are not the zoo's own (seed 0)."""
+    seed = result.get("train_seed", RECIPES[result.get("recipe", DEFAULT_RECIPE)]["seed"])
+    return "" if seed == RECIPES[DEFAULT_RECIPE]["seed"] else f", models trained from seed {seed} (the zoo's: 0)"
 
 
 def synthesis_label(synth: SynthConfig) -> str:
@@ -702,13 +714,17 @@ def main() -> None:
     parser.add_argument("--name", help="results file name under benchmarks/results/ (default "
                         "sweep_defend_<grid>, with _<recipe> for a recipe other than the default); "
                         "give one to keep another model set's results beside the committed ones")
+    parser.add_argument("--seed", type=int, help="train the models from this seed instead of the recipe's "
+                        "(cached as <name>-seed<N>); the results file gets a _seed<N> suffix")
     args = parser.parse_args()
     if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name.startswith(".")):
         parser.error(f"--name must be a plain file name, got {args.name!r}")
-    result = run(args.models, args.grid, args.recipe)
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    result = run(args.models, args.grid, args.recipe, args.seed)
     if args.name:
         result["command"] += f" --name {args.name}"
-    suffix = "" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}"
+    suffix = ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}") + ("" if args.seed is None else f"_seed{args.seed}")
     print(*write_results(args.name or f"sweep_defend_{args.grid}{suffix}", result, markdown(result)), sep="\n")
 
 

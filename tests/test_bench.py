@@ -42,6 +42,14 @@ def test_zoo_commands_carry_the_attack_overrides():
     assert "--cross-ratio" not in flags(zoo.command("wanet", bench.RECIPES["gtsrb-resnet18"], out="o"))
 
 
+def test_a_zoo_model_from_another_seed_is_trained_and_cached_under_its_own_name():
+    reseeded = bench.RECIPES["cifar10-resnet18"] | {"seed": 2}
+    assert zoo.model_name("wanet", reseeded) == zoo.model_name("wanet") + "-seed2"
+    assert zoo.model_dir("wanet", reseeded) != zoo.model_dir("wanet")
+    assert "--seed 2" in " ".join(zoo.command("wanet", reseeded))
+    assert zoo.model_name("wanet", bench.RECIPES["cifar10-resnet18"] | {"seed": 0}) == zoo.model_name("wanet")
+
+
 @pytest.mark.parametrize("kwargs", [{"defense": "cc"}, {"defense": "none", "ratio": 2.0},
                                     {"defense": "cc", "ratio": 1.0}, {"defense": "fineprune", "ratio": 2.0}])
 def test_bad_rows_are_refused(kwargs):
