@@ -306,12 +306,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     weights = {k: v for k, v in {"bn_weight": args.synth_bn_weight, "tv_weight": args.synth_tv_weight}.items()
                if v is not None}
+    preset = resolve_config(args.preset)
     if weights:  # the scan keeps images made at the preset's weights, which its thresholds were set on
-        preset_synth = resolve_config(args.preset).synth
-        overrides["scan_synth"] = {k: getattr(preset_synth, k) for k in weights}
+        overrides["scan_synth"] = {k: getattr(preset.synth, k) for k in weights}
     synth |= weights
     if args.finetune_on_scan_synthetic:
-        if "scan_synth" not in overrides and resolve_config(args.preset).scan_synth is None:
+        if "scan_synth" not in overrides and preset.scan_synth is None:
             raise _input_error("--finetune-on-scan-synthetic adds the scan's own images to the fine-tune: give the "
                                "fine-tune images of their own with --synth-bn-weight or --synth-tv-weight")
         overrides["finetune_on_scan_synthetic"] = True

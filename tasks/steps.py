@@ -76,6 +76,13 @@ def _load_tensors(path: str) -> dict:
     return load_file(path)
 
 
+def _second_file(file: str | None, first: str | None) -> str | None:
+    """``file`` when it names a second set of images, else None (it is absent or ``first`` itself).
+    A step keys its cache on the second set only when there is one, so one-set runs keep the keys
+    their finished steps were stored under."""
+    return file if file not in (None, first) else None
+
+
 def _load(path: str):
     from cc_core.io import load_model
 
@@ -175,6 +182,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     from cc_core.io import save_model
     from cc_core.pipeline import bn_match_text, channel_clean, distillation_teacher, match_compact_bn, trigger_clean_text
 
+    scan_file = _second_file(scan_file, synthetic_file)
+
     def compute() -> dict:
         original = _load(model_file)
         start = time.perf_counter()
@@ -210,7 +219,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                   | ({"bn_match_samples": cfg.bn_match_samples} if cfg.bn_match_samples else {})
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {})
-                  | ({"scan_synthetic": scan_file} if scan_file not in (None, synthetic_file) else {}), compute)
+                  | ({"scan_synthetic": scan_file} if scan_file else {}), compute)
     log_metrics(run, {"params_after": out["params_after"], "ratio_achieved": out["ratio_achieved"]}, "model.")
     trigger_info = out["channel_clean"]["trigger"]
     log_metrics(run, {"channels_zeroed": out["channel_clean"]["n_pruned"], "trigger_channels_zeroed": trigger_info["n_pruned"]},
@@ -317,6 +326,8 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
     from cc_core.adversarial import pgd
     from cc_core.pipeline import exclude_class, exclusion_summary, found_summary_text, scan_and_suspect
 
+    finetune_file = _second_file(finetune_file, synthetic_file)
+
     def compute() -> dict:
         t = _load_tensors(synthetic_file)
         device = _device(cfg)
@@ -325,7 +336,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
         before, exclusion, unlearn, gate_trigger = scan_and_suspect(original, _load(compact_file).to(device), x, y, cfg, trigger,
                                                                     universal)
         target = exclusion["suspected_target"] if exclusion else None
-        if finetune_file not in (None, synthetic_file):
+        if finetune_file:
             t = _load_tensors(finetune_file)
             x, y = t["x"].to(device), t["y"].to(device)
         x_kept, y_kept, excluded = exclude_class(x, y, target)
@@ -342,7 +353,7 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
 
     out = _cached(run, "adversarial", {"original": original_file, "compact": compact_file, "adv_model": adv_model_file,
                                        "synthetic": synthetic_file, "pgd": cfg.pgd.to_dict(),
-                                       **({"finetune": finetune_file} if finetune_file not in (None, synthetic_file) else {}),
+                                       **({"finetune": finetune_file} if finetune_file else {}),
                                        "adv": cfg.finetune.adv_weight > 0,
                                        "unlearn": cfg.finetune.unlearn_weight > 0,
                                        "exclude_suspected_target": cfg.exclude_suspected_target,
@@ -391,12 +402,14 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
     gate's record and, when it opens, the teacher's file."""
     from cc_core.pipeline import distillation_text, exclude_class, gated_teacher
 
+    finetune_file = _second_file(finetune_file, synthetic_file)
+
     def compute() -> dict:
         device = _device(cfg)
         teacher = _load(teacher_file).to(device) if teacher_file is not None else None
         t = _load_tensors(synthetic_file)
         x = t["x"].to(device)
-        if finetune_file not in (None, synthetic_file):
+        if finetune_file:
             t = _load_tensors(finetune_file)
         x_distill = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)[0]
         gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill)
@@ -404,8 +417,7 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
 
     out = _cached(run, "distillation_gate", {"teacher": teacher_file, "original": original_file,
                                              "synthetic": synthetic_file, "kd_gate": cfg.kd_gate,
-                                             **({"finetune": finetune_file}
-                                                if finetune_file not in (None, synthetic_file) else {}),
+                                             **({"finetune": finetune_file} if finetune_file else {}),
                                              "teacher_finetune": cfg.teacher_finetune, "trigger": trigger,
                                              "excluded_class": excluded_class}, compute)
     record = out["distillation"]
