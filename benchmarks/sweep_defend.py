@@ -21,7 +21,7 @@ import torch
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES, distill_check_flips
 from benchmarks.blend_probe import true_blend
 from benchmarks.common import machine, shared_synthetic, write_results
-from benchmarks.zoo import ensure_model, model_name
+from benchmarks.zoo import RECIPE as ZOO_RECIPE, ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import ImageData, load_dataset, normalize
 from cc_core.io import load_model
@@ -672,9 +672,9 @@ def markdown(result: dict) -> str:
 
 
 def train_seed_text(result: dict) -> str:
-    """', models trained from seed N' when the sweep's models are not the zoo's own (seed 0)."""
-    seed = result.get("train_seed", RECIPES[result.get("recipe", DEFAULT_RECIPE)]["seed"])
-    return "" if seed == RECIPES[DEFAULT_RECIPE]["seed"] else f", models trained from seed {seed} (the zoo's: 0)"
+    """', models trained from seed N' when the sweep's models are not the zoo's own (zoo.RECIPE's seed)."""
+    seed = result.get("train_seed", ZOO_RECIPE["seed"])
+    return "" if seed == ZOO_RECIPE["seed"] else f", models trained from seed {seed} (the zoo's: {ZOO_RECIPE['seed']})"
 
 
 def synthesis_label(synth: SynthConfig) -> str:
