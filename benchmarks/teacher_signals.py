@@ -13,8 +13,11 @@ model's teacher as the defense builds it, from the model's cached synthetic imag
 - the same inversion made afresh on the teacher: its flip rate and all-to-all verdict;
 - the probes' firing trigger, if any, and its flip rate on the teacher (what the gate checks when a probe fires).
 
-Run: python -m benchmarks.teacher_signals [--models blended-a2a wanet ...] [--recipe R]
-Writes benchmarks/results/teacher_signals[_R].{json,md}.
+With --warp-probe the preset runs the warp probe too (a firing field's channels are zeroed as well);
+with --seed N the models are the zoo recipe's trained from seed N (benchmarks.zoo.model_name).
+
+Run: python -m benchmarks.teacher_signals [--models blended-a2a wanet ...] [--recipe R] [--seed N] [--warp-probe]
+Writes benchmarks/results/teacher_signals[_R][_seedN][_warp_probe].{json,md}.
 """
 from __future__ import annotations
 
@@ -38,12 +41,12 @@ COMMAND = "python -m benchmarks.teacher_signals"
 DEFAULT_MODELS = ["badnet", "blended", "blended-a2a", "wanet", "inputaware-a2a"]
 
 
-def zoo_model_probed(name: str, recipe: dict) -> tuple:
-    """(original, attack, cpu preset, its cached synthetic images, probe_triggers' report with the
-    universal inversion made) for the zoo model ``name`` of ``recipe``."""
+def zoo_model_probed(name: str, recipe: dict, warp_probe: bool = False) -> tuple:
+    """(original, attack, cpu preset (with the warp probe when ``warp_probe``), its cached synthetic
+    images, probe_triggers' report with the universal inversion made) for the zoo model ``name`` of ``recipe``."""
     directory = ensure_model(name, recipe)
     original, attack = load_model(directory / "model.safetensors").eval(), load_attack(directory)
-    cfg = resolve_config("cpu")
+    cfg = resolve_config("cpu", **({"warp_probe": {}} if warp_probe else {}))
     x, _, _ = shared_synthetic(model_name(name, recipe), original, cfg.synth)
     probed = probe_triggers(original, x, cfg)
     if probed["universal"] is None:
@@ -52,20 +55,21 @@ def zoo_model_probed(name: str, recipe: dict) -> tuple:
     return original, attack, cfg, x, probed
 
 
-def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
-    """The measurements above for the zoo model ``name`` of recipe ``recipe_name`` and its teacher
-    under the cpu preset."""
-    recipe = RECIPES[recipe_name]
-    original, attack, cfg, x, probed = zoo_model_probed(name, recipe)
+def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = None, warp_probe: bool = False) -> dict:
+    """The measurements above for the zoo model ``name`` of recipe ``recipe_name`` (trained from
+    ``seed`` when given) and its teacher under the cpu preset (with the warp probe when ``warp_probe``)."""
+    recipe = RECIPES[recipe_name] | ({} if seed is None else {"seed": seed})
+    original, attack, cfg, x, probed = zoo_model_probed(name, recipe, warp_probe)
     found, clean_by = probed["trigger"], probed["channel_trigger"]
     cleaned, info = channel_clean(original, cfg, x if clean_by else None, clean_by)
     teacher = distillation_teacher(cleaned, cfg)
     flip, delta = universal_inversion(probed["universal"])
     own_flip, _ = flip_report(teacher, x, cfg.inversion)
     test = load_dataset(recipe["dataset"], "test")
-    real = evaluate(teacher, test, attack)
+    real, before = evaluate(teacher, test, attack), evaluate(original, test)
     fired = trigger_score(found)
     return {"model": model_name(name, recipe), "channels_zeroed": info["n_pruned"], "teacher_acc": real["acc"], "teacher_asr": real["asr"],
+            "per_class_acc_original": before["per_class_acc"], "per_class_acc_teacher": real["per_class_acc"],
             "agreement": teacher_agreement(teacher, original, x, None)[0],
             "flip_rate_original": flip["flip_rate"], "all_to_all": all_to_all_suspected(flip),
             "flip_rate_teacher": trigger_flip_rate(teacher, x, perturbation_trigger(flip, delta, len(x)), len(x)),
@@ -74,16 +78,18 @@ def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE) -> dict:
             "trigger_flip_rate_teacher": trigger_flip_rate(teacher, x, found, found["n"]) if fired else None}
 
 
-def run(models: list[str], recipe_name: str = DEFAULT_RECIPE) -> dict:
+def run(models: list[str], recipe_name: str = DEFAULT_RECIPE, seed: int | None = None, warp_probe: bool = False) -> dict:
     torch.manual_seed(0)
     rows = []
     for name in models:
-        row = teacher_row(name, recipe_name)
+        row = teacher_row(name, recipe_name, seed, warp_probe)
         rows.append(row)
         print(f"{name}: teacher {row['teacher_acc']:.4f} / {row['teacher_asr']:.4f}, agreement {row['agreement']:.3f}, "
               f"inverted flips {row['flip_rate_original']:.2f} -> {row['flip_rate_teacher']:.2f}", flush=True)
-    recipe_flag = "" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}"
-    return {"command": f"{COMMAND} --models {' '.join(models)}{recipe_flag}", "machine": machine(), "rows": rows}
+    flags = (("" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}") + ("" if seed is None else f" --seed {seed}")
+             + (" --warp-probe" if warp_probe else ""))
+    return {"command": f"{COMMAND} --models {' '.join(models)}{flags}", "machine": machine(), "warp_probe": warp_probe,
+            "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -94,26 +100,40 @@ def markdown(result: dict) -> str:
              "probe's channels), its singular values clipped at full rank. ACC / ASR in % on the real CIFAR-10 test set "
              "(never seen by a signal); the other columns on the model's 1024 synthetic images: agreement with the "
              "original's classes, the universal inverted perturbation (made on the original) and its flip rate on "
-             "the original -> on the teacher, one made on the teacher, and the probes' firing trigger.\n",
+             "the original -> on the teacher, one made on the teacher, and the probes' firing trigger"
+             + (" (the warp probe on)" if result.get("warp_probe") else "") + ". Per class: the teacher's ACC "
+             "minus the original's, in points, classes 0-9.\n",
              "| model | channels zeroed | teacher ACC / ASR | agreement | inverted on the original: flips original -> teacher "
-             "(all-to-all) | inverted on the teacher: flips (all-to-all) | probes' trigger: flips on the teacher |",
-             "|---|---|---|---|---|---|---|"]
+             "(all-to-all) | inverted on the teacher: flips (all-to-all) | probes' trigger: flips on the teacher | per class |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         trigger = f"{r['trigger']}: {r['trigger_flip_rate_teacher']:.2f}" if r["trigger"] else "none fires"
         lines.append(f"| {r['model']} | {r['channels_zeroed']} | {100 * r['teacher_acc']:.2f} / {100 * r['teacher_asr']:.2f} | "
                      f"{100 * r['agreement']:.1f}% | {r['flip_rate_original']:.2f} -> {r['flip_rate_teacher']:.2f} "
                      f"({'yes' if r['all_to_all'] else 'no'}) | {r['own_flip_rate']:.2f} ({'yes' if r['own_all_to_all'] else 'no'}) "
-                     f"| {trigger} |")
+                     f"| {trigger} | {per_class_change(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def per_class_change(row: dict) -> str:
+    """The teacher's per-class ACC minus the original's, in points ('-' for rows made before it was recorded)."""
+    if "per_class_acc_teacher" not in row:
+        return "-"
+    return " ".join(f"{100 * (t - o):+.1f}" for t, o in zip(row["per_class_acc_teacher"], row["per_class_acc_original"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
+    parser.add_argument("--seed", type=int, help="the zoo recipe's models trained from this seed (cached as <name>-seed<N>)")
+    parser.add_argument("--warp-probe", action="store_true", help="run the preset with the warp probe on")
     args = parser.parse_args()
-    result = run(args.models, args.recipe)
-    name = "teacher_signals" + ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    result = run(args.models, args.recipe, args.seed, args.warp_probe)
+    name = ("teacher_signals" + ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}")
+            + ("" if args.seed is None else f"_seed{args.seed}") + ("_warp_probe" if args.warp_probe else ""))
     json_path, md_path = write_results(name, result, markdown(result))
     print(f"wrote {json_path} and {md_path}")
 
