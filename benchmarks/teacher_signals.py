@@ -45,7 +45,8 @@ def zoo_model_probed(name: str, recipe: dict, warp_probe: bool = False) -> tuple
     """(original, attack, cpu preset (with the warp probe when ``warp_probe``), its cached synthetic
     images, probe_triggers' report with the universal inversion made) for the zoo model ``name`` of ``recipe``."""
     directory = ensure_model(name, recipe)
-    original, attack = load_model(directory / "model.safetensors").eval(), load_attack(directory)
+    original = load_model(directory / "model.safetensors").eval()
+    attack = load_attack(directory) if (directory / "attack.json").exists() else None  # a clean model has none
     cfg = resolve_config("cpu", **({"warp_probe": {}} if warp_probe else {}))
     x, _, _ = shared_synthetic(model_name(name, recipe), original, cfg.synth)
     probed = probe_triggers(original, x, cfg)
@@ -84,7 +85,7 @@ def run(models: list[str], recipe_name: str = DEFAULT_RECIPE, seed: int | None =
     for name in models:
         row = teacher_row(name, recipe_name, seed, warp_probe)
         rows.append(row)
-        print(f"{name}: teacher {row['teacher_acc']:.4f} / {row['teacher_asr']:.4f}, agreement {row['agreement']:.3f}, "
+        print(f"{name}: teacher {acc_asr_text(row)}, agreement {row['agreement']:.3f}, "
               f"inverted flips {row['flip_rate_original']:.2f} -> {row['flip_rate_teacher']:.2f}", flush=True)
     flags = (("" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}") + ("" if seed is None else f" --seed {seed}")
              + (" --warp-probe" if warp_probe else ""))
@@ -108,11 +109,17 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         trigger = f"{r['trigger']}: {r['trigger_flip_rate_teacher']:.2f}" if r["trigger"] else "none fires"
-        lines.append(f"| {r['model']} | {r['channels_zeroed']} | {100 * r['teacher_acc']:.2f} / {100 * r['teacher_asr']:.2f} | "
+        lines.append(f"| {r['model']} | {r['channels_zeroed']} | {acc_asr_text(r)} | "
                      f"{100 * r['agreement']:.1f}% | {r['flip_rate_original']:.2f} -> {r['flip_rate_teacher']:.2f} "
                      f"({'yes' if r['all_to_all'] else 'no'}) | {r['own_flip_rate']:.2f} ({'yes' if r['own_all_to_all'] else 'no'}) "
                      f"| {trigger} | {per_class_change(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def acc_asr_text(row: dict) -> str:
+    """'ACC / ASR' of the teacher in %; a clean model's ASR is '-'."""
+    asr = "-" if row["teacher_asr"] is None else f"{100 * row['teacher_asr']:.2f}"
+    return f"{100 * row['teacher_acc']:.2f} / {asr}"
 
 
 def per_class_change(row: dict) -> str:
