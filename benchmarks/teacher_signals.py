@@ -22,6 +22,7 @@ Writes benchmarks/results/teacher_signals[_R][_seedN][_warp_probe].{json,md}.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -49,7 +50,9 @@ def zoo_model_probed(name: str, recipe: dict, warp_probe: bool = False) -> tuple
     attack = load_attack(directory) if (directory / "attack.json").exists() else None  # a clean model has none
     cfg = resolve_config("cpu", **({"warp_probe": {}} if warp_probe else {}))
     x, _, _ = shared_synthetic(model_name(name, recipe), original, cfg.synth)
+    start = time.perf_counter()
     probed = probe_triggers(original, x, cfg)
+    probed["seconds"] = time.perf_counter() - start
     if probed["universal"] is None:
         flip, delta = flip_report(original, x, cfg.inversion)
         probed["universal"] = {"flip": flip, "delta": delta.tolist()}
@@ -75,7 +78,7 @@ def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None =
             "flip_rate_original": flip["flip_rate"], "all_to_all": all_to_all_suspected(flip),
             "flip_rate_teacher": trigger_flip_rate(teacher, x, perturbation_trigger(flip, delta, len(x)), len(x)),
             "own_flip_rate": own_flip["flip_rate"], "own_all_to_all": all_to_all_suspected(own_flip),
-            "trigger": trigger_text(found) if fired else None,
+            "probe_seconds": probed["seconds"], "trigger": trigger_text(found) if fired else None,
             "trigger_flip_rate_teacher": trigger_flip_rate(teacher, x, found, found["n"]) if fired else None}
 
 
@@ -105,14 +108,14 @@ def markdown(result: dict) -> str:
              + (" (the warp probe on)" if result.get("warp_probe") else "") + ". Per class: the teacher's ACC "
              "minus the original's, in points, classes 0-9.\n",
              "| model | channels zeroed | teacher ACC / ASR | agreement | inverted on the original: flips original -> teacher "
-             "(all-to-all) | inverted on the teacher: flips (all-to-all) | probes' trigger: flips on the teacher | per class |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(all-to-all) | inverted on the teacher: flips (all-to-all) | probes' trigger: flips on the teacher | probes s | per class |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         trigger = f"{r['trigger']}: {r['trigger_flip_rate_teacher']:.2f}" if r["trigger"] else "none fires"
         lines.append(f"| {r['model']} | {r['channels_zeroed']} | {acc_asr_text(r)} | "
                      f"{100 * r['agreement']:.1f}% | {r['flip_rate_original']:.2f} -> {r['flip_rate_teacher']:.2f} "
                      f"({'yes' if r['all_to_all'] else 'no'}) | {r['own_flip_rate']:.2f} ({'yes' if r['own_all_to_all'] else 'no'}) "
-                     f"| {trigger} | {per_class_change(r)} |")
+                     f"| {trigger} | {r['probe_seconds']:.0f} | {per_class_change(r)} |")
     return "\n".join(lines) + "\n"
 
 
