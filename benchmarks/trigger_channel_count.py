@@ -9,8 +9,9 @@ teacher as the defense builds it (outlier channels zeroed by CLP, then these, si
 clipped at full rank):
 
 - on the real test set (never seen by a signal): ACC / ASR;
-- on the synthetic images: the found trigger's flip rate (what the clean and the distillation gate
-  check), and agreement with the original's classes (the gate's fidelity bar).
+- on the synthetic images: the found trigger's flip rate on the teacher (what the distillation gate
+  checks) and before the clipping (what the trigger channel clean checks), and agreement with the
+  original's classes (the gate's fidelity bar).
 
 Run: python -m benchmarks.trigger_channel_count [--models wanet ...] [--recipe R] [--seed N] [--warp-probe]
 Writes benchmarks/results/trigger_channel_count[_R][_seedN][_warp_probe].{json,md}.
@@ -58,6 +59,7 @@ def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = 
         step = {"k": k, "z": channels[k - 1]["z"] if k else None, "layer": channels[k - 1]["layer"] if k else None,
                 "acc": real["acc"], "asr": real["asr"], "per_class_acc": real["per_class_acc"],
                 "flip_rate": trigger_flip_rate(teacher, x, found, found["n"]),
+                "flip_rate_unclipped": trigger_flip_rate(cleaned, x, found, found["n"]),
                 "agreement": teacher_agreement(teacher, original, x, None)[0]}
         result["steps"].append(step)
         print(f"{name} k={k}: ACC {step['acc']:.4f} ASR {step['asr']:.4f} flips {step['flip_rate']:.3f} "
@@ -84,11 +86,11 @@ def markdown(result: dict) -> str:
         lines.append(f"## {r['model']}: {r['trigger'] or 'no probe fires'}\n")
         if not r["steps"]:
             continue
-        lines += ["| k | channel zeroed (z) | ACC | ASR | trigger's flips | agreement |", "|---|---|---|---|---|---|"]
+        lines += ["| k | channel zeroed (z) | ACC | ASR | trigger's flips (before clipping) | agreement |", "|---|---|---|---|---|---|"]
         for s in r["steps"]:
             channel = f"{s['layer']} ({s['z']:.1f})" if s["k"] else "-"
             asr = "-" if s["asr"] is None else f"{100 * s['asr']:.2f}"
-            lines.append(f"| {s['k']} | {channel} | {100 * s['acc']:.2f} | {asr} | {s['flip_rate']:.3f} | "
+            lines.append(f"| {s['k']} | {channel} | {100 * s['acc']:.2f} | {asr} | {s['flip_rate']:.3f} ({s['flip_rate_unclipped']:.3f}) | "
                          f"{100 * s['agreement']:.1f}% |")
         lines.append("")
     return "\n".join(lines) + "\n"
