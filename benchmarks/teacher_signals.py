@@ -138,12 +138,16 @@ def main() -> None:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
     parser.add_argument("--seed", type=int, help="the zoo recipe's models trained from this seed (cached as <name>-seed<N>)")
     parser.add_argument("--warp-probe", action="store_true", help="run the preset with the warp probe on")
+    parser.add_argument("--name", help="results file name under benchmarks/results/ (default "
+                        "teacher_signals[_<recipe>][_seed<N>][_warp_probe])")
     args = parser.parse_args()
     if args.seed is not None and args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     result = run(args.models, args.recipe, args.seed, args.warp_probe)
-    name = ("teacher_signals" + ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}")
-            + ("" if args.seed is None else f"_seed{args.seed}") + ("_warp_probe" if args.warp_probe else ""))
+    if args.name:
+        result["command"] += f" --name {args.name}"
+    name = args.name or ("teacher_signals" + ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}")
+                         + ("" if args.seed is None else f"_seed{args.seed}") + ("_warp_probe" if args.warp_probe else ""))
     json_path, md_path = write_results(name, result, markdown(result))
     print(f"wrote {json_path} and {md_path}")
 
