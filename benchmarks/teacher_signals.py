@@ -126,9 +126,7 @@ def acc_asr_text(row: dict) -> str:
 
 
 def per_class_change(row: dict) -> str:
-    """The teacher's per-class ACC minus the original's, in points ('-' for rows made before it was recorded)."""
-    if "per_class_acc_teacher" not in row:
-        return "-"
+    """The teacher's per-class ACC minus the original's, in points."""
     return " ".join(f"{100 * (t - o):+.1f}" for t, o in zip(row["per_class_acc_teacher"], row["per_class_acc_original"]))
 
 
