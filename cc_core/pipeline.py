@@ -94,6 +94,12 @@ class DefendConfig:
     # channel clean above, zero the channels it excites most (effect z-score > this, per layer).
     # Needs synthetic images before compaction (synth_model="original").
     trigger_channel_u: float | None = None
+    # Whether the channel clean above also runs when a probe's trigger fires (False: that trigger's
+    # channels alone are zeroed, found on the original). On WaNet models of the zoo recipe, CLP's
+    # outlier channels can carry whole classes: seed 0's 7 take it 85.41 -> 80.86 (bird 77 -> 57%,
+    # frog 89 -> 65%), and the distilled student inherits that; its field's channels alone, clipped,
+    # give a teacher at 84.17 / 2.64 (MEASUREMENTS.md, "One preset, four WaNet models of one recipe").
+    clp_with_trigger: bool = True
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe fires
     # and the scan calls that perturbation all-to-all (it is then the trigger the distillation gate
     # verifies the teacher against): the channels it excites with z > this are zeroed (None = off).
@@ -278,6 +284,9 @@ class DefendConfig:
             if all(probe is None for probe in probes) or self.synth_model != "original":
                 raise ConfigError("trigger_channel_u needs a trigger probe and synthetic images made before compaction "
                                   "(patch_probe, warp_probe or blend_probe set, synth_model='original')")
+        if not self.clp_with_trigger and self.trigger_channel_u is None:
+            raise ConfigError("clp_with_trigger=False leaves a firing trigger's channels to the trigger channel clean, "
+                              "which is off (trigger_channel_u=None)")
 
     @property
     def scan_synth_config(self) -> SynthConfig | None:
@@ -775,18 +784,24 @@ TRIGGER_RECORD_KEYS = ("kind", "row", "col", "size", "value", "shift", "pattern"
 def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
                   found: dict | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with its outlier-Lipschitz channels (``cfg.channel_u``) zeroed, shrunk or
-    held at their mean (``cfg.channel_mode``; the model itself when off), then the trigger channel
+    held at their mean (``cfg.channel_mode``; the model itself when off, and when a probe's trigger
+    fires and ``cfg.clp_with_trigger`` is False), then the trigger channel
     clean (``trigger_clean``) with ``found`` (channel_trigger's: the probes' firing trigger or an
     all-to-all universal perturbation) on synthetic images ``x``;
     and {"u", "mode", "pruned": {conv: n}, "n_pruned", "trigger": trigger_clean's record}."""
     from cc_core.baselines.clp import clp
 
-    if cfg.channel_u is None:
+    if cfg.channel_u is None or (not cfg.clp_with_trigger and probe_fired(found)):
         cleaned, info = model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
     else:
         cleaned, info = clp(model, cfg.channel_u, cfg.channel_mode)
     cleaned, info["trigger"] = trigger_clean(cleaned, x, found, cfg)
     return cleaned, info
+
+
+def probe_fired(found: dict | None) -> bool:
+    """Whether channel_trigger's ``found`` is a probe's firing trigger (not the universal perturbation)."""
+    return bool(trigger_score(found)) and found.get("kind") != "perturbation"
 
 
 def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,

@@ -269,6 +269,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["channel_mode"] = args.channel_mode
     if args.no_channel_clean:
         overrides["channel_u"] = None
+    if args.trigger_clean_only:
+        overrides["clp_with_trigger"] = False
     if args.keep_target_synthetic:
         overrides["exclude_suspected_target"] = False
     if args.unlearn_scope:
@@ -597,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbation-channel-u", type=float,
                    help="when no probe fires and the scan's universal inverted perturbation is all-to-all, zero the "
                         "channels it excites above this per-layer z-score (cpu preset: 4)")
+    p.add_argument("--trigger-clean-only", action="store_true",
+                   help="when a probe's trigger fires, zero only the channels it excites, not the channel clean's "
+                        "outlier channels as well (experimental; docs/MEASUREMENTS.md)")
     p.add_argument("--no-trigger-clean", action="store_true",
                    help="no trigger channel clean (neither a probe's trigger nor the all-to-all perturbation)")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")

@@ -800,6 +800,19 @@ def test_defend_perturbation_channel_clean_is_on_in_the_preset_and_no_trigger_cl
     assert (cfg.trigger_channel_u, cfg.perturbation_channel_u) == (trigger_u, perturbation_u)
 
 
+@pytest.mark.parametrize("flags, clp_with_trigger", [([], True), (["--trigger-clean-only"], False)])
+def test_defend_trigger_clean_only_flag(flags, clp_with_trigger, tiny_file, tmp_path, monkeypatch):
+    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
+    assert cfg.clp_with_trigger is clp_with_trigger
+
+
+def test_defend_trigger_clean_only_without_a_trigger_clean_is_refused(tiny_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["defend", str(tiny_file), "--ratio", "2", "--out", str(out), "--trigger-clean-only",
+                 "--no-trigger-clean"]) == 2
+    assert "trigger_channel_u" in capsys.readouterr().err and not out.exists()
+
+
 def test_defend_missing_model(tmp_path, capsys):
     assert main(["defend", str(tmp_path / "none.pt"), "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
     assert "model file not found" in capsys.readouterr().err
@@ -1313,6 +1326,29 @@ def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
     assert torch.equal(pruned.conv.weight[keep], model.conv.weight[keep]) and model.conv.weight[3].abs().sum() > 0
     with pytest.raises(ConfigError):
         prune_trigger_channels(model, x, x_triggered, u=0.0)
+
+
+def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp_where_none_fires():
+    from cc_core.pipeline import channel_clean
+
+    model = StampNet()
+    with torch.no_grad():  # channel 7: CLP's outlier (large weights) that never fires (bias far below zero)
+        model.conv.weight[7], model.conv.bias[7] = 2.0, -1000.0
+    x = _dim_images(64)
+    stamp = {"kind": "patch", "row": 10, "col": 20, "size": 3, "value": 1.0, "flip_rate": 0.9, "n": len(x),
+             "target_class_estimate": 1, "concentration": 1.0, "mapping_consistency": 1.0}
+    model.fc.weight.data[:, 3] = torch.tensor([-20.0, 20.0])  # the stamp's channel decides the class: it fires
+    cfg = resolve_config("cpu")
+    both, info = channel_clean(model, cfg, x, stamp)
+    assert info["u"] == cfg.channel_u and both.conv.weight[7].abs().sum() == 0  # CLP, then the stamp's channels
+    only, info = channel_clean(model, cfg.replace(clp_with_trigger=False), x, stamp)
+    assert info["u"] is None and info["n_pruned"] == 0 and info["trigger"]["n_pruned"] >= 1
+    assert only.conv.weight[3].abs().sum() == 0 and torch.equal(only.conv.weight[7], model.conv.weight[7])
+    assert model.conv.weight[3].abs().sum() > 0  # the original is not touched
+    unfired, info = channel_clean(model, cfg.replace(clp_with_trigger=False), x, None)
+    assert info["u"] == cfg.channel_u and unfired.conv.weight[7].abs().sum() == 0  # no trigger: CLP as always
+    with pytest.raises(ConfigError, match="trigger_channel_u"):
+        cfg.replace(clp_with_trigger=False, trigger_channel_u=None)
 
 
 def test_an_all_to_all_universal_perturbation_cleans_channels_even_where_it_no_longer_flips_and_a_stamp_does_not():
