@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--name", help="results file name under benchmarks/results/ (default "
                         "teacher_signals[_<recipe>][_seed<N>][_warp_probe])")
     args = parser.parse_args()
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name.startswith(".")):
+        parser.error(f"--name must be a plain file name, got {args.name!r}")
     if args.seed is not None and args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     result = run(args.models, args.recipe, args.seed, args.warp_probe)
