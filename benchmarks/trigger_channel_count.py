@@ -41,7 +41,7 @@ def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = 
     channels (highest z first), the teacher with the first k zeroed: {"k", "z" (the k-th channel's),
     "acc", "asr", "flip_rate", "agreement"}."""
     recipe = RECIPES[recipe_name] | ({} if seed is None else {"seed": seed})
-    original, attack, cfg, x, probed = zoo_model_probed(name, recipe, warp_probe)
+    original, attack, cfg, x, probed = zoo_model_probed(name, recipe, ["--warp-probe"] if warp_probe else [])
     found = probed["trigger"]
     result = {"model": model_name(name, recipe), "trigger": trigger_text(found) if found else None, "steps": []}
     if found is None:
