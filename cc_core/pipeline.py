@@ -95,10 +95,13 @@ class DefendConfig:
     # Needs synthetic images before compaction (synth_model="original").
     trigger_channel_u: float | None = None
     # Whether the channel clean above also runs when a probe's trigger fires (False: that trigger's
-    # channels alone are zeroed, found on the original). On WaNet models of the zoo recipe, CLP's
-    # outlier channels can carry whole classes: seed 0's 7 take it 85.41 -> 80.86 (bird 77 -> 57%,
-    # frog 89 -> 65%), and the distilled student inherits that; its field's channels alone, clipped,
-    # give a teacher at 84.17 / 2.64 (MEASUREMENTS.md, "One preset, four WaNet models of one recipe").
+    # channels alone are zeroed, found on the original). CLP's outlier channels can carry whole
+    # classes: on the WaNet of the zoo recipe retrained from seed 0 they and the clipping leave the
+    # teacher at 79.39% (trigger_channel_count_warp_probe.md), and the distilled 2x student inherits
+    # that (80.41); the warp probe's field channels alone give a teacher at 84.17 / 2.64
+    # (teacher_signals_warp_probe_trigger_clean_only.md) and a 2x student at 83.76 / 2.50
+    # (MEASUREMENTS.md, "When a probe's trigger fires, its channels alone"). Not measured on stamps
+    # or blend patterns yet, so on in the presets.
     clp_with_trigger: bool = True
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe fires
     # and the scan calls that perturbation all-to-all (it is then the trigger the distillation gate
