@@ -38,10 +38,12 @@ COMMAND = "python -m benchmarks.trigger_channel_count"
 
 def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = None, warp_probe: bool = False) -> dict:
     """The zoo model ``name``'s firing trigger and, for k = 0 .. all of the trigger channel clean's
-    channels (highest z first), the teacher with the first k zeroed: {"k", "z" (the k-th channel's),
-    "acc", "asr", "flip_rate", "agreement"}."""
+    channels (highest z first), the teacher with the first k zeroed: {"k", "z", "layer", "channel" (the
+    k-th channel's), "acc", "asr", "per_class_acc", "flip_rate", "flip_rate_unclipped", "agreement"}."""
     recipe = RECIPES[recipe_name] | ({} if seed is None else {"seed": seed})
     original, attack, cfg, x, probed = zoo_model_probed(name, recipe, ["--warp-probe"] if warp_probe else [])
+    if attack is None:
+        raise ValueError(f"{name} has no attack spec: this measures a backdoor's removal")
     found = probed["trigger"]
     result = {"model": model_name(name, recipe), "trigger": trigger_text(found) if found else None, "steps": []}
     if found is None:
@@ -52,17 +54,18 @@ def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = 
     cleaned, _ = clp(original, cfg.channel_u, cfg.channel_mode)
     pairs = conv_bn_pairs(cleaned)
     for k in range(len(channels) + 1):
+        zeroed = channels[k - 1] if k else {"z": None, "layer": None, "channel": None}
         if k:
-            zero_channel(cleaned, pairs, channels[k - 1]["layer"], channels[k - 1]["channel"])
+            zero_channel(cleaned, pairs, zeroed["layer"], zeroed["channel"])
         teacher = clipped_full_rank(cleaned, cfg)
         real = evaluate(teacher, test, attack)
-        step = {"k": k, "z": channels[k - 1]["z"] if k else None, "layer": channels[k - 1]["layer"] if k else None,
+        step = {"k": k, "z": zeroed["z"], "layer": zeroed["layer"], "channel": zeroed["channel"],
                 "acc": real["acc"], "asr": real["asr"], "per_class_acc": real["per_class_acc"],
                 "flip_rate": trigger_flip_rate(teacher, x, found, found["n"]),
                 "flip_rate_unclipped": trigger_flip_rate(cleaned, x, found, found["n"]),
                 "agreement": teacher_agreement(teacher, original, x, None)[0]}
         result["steps"].append(step)
-        print(f"{name} k={k}: ACC {step['acc']:.4f} ASR {step['asr']:.4f} flips {step['flip_rate']:.3f} "
+        print(f"{name} k={k}: ACC {step['acc']:.4f} ASR {step['asr']} flips {step['flip_rate']:.3f} "
               f"agreement {step['agreement']:.3f}", flush=True)
     return result
 
