@@ -65,7 +65,7 @@ def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = 
                 "flip_rate_unclipped": trigger_flip_rate(cleaned, x, found, found["n"]),
                 "agreement": teacher_agreement(teacher, original, x, None)[0]}
         result["steps"].append(step)
-        print(f"{name} k={k}: ACC {step['acc']:.4f} ASR {step['asr']} flips {step['flip_rate']:.3f} "
+        print(f"{name} k={k}: ACC {step['acc']:.4f} ASR {step['asr']:.4f} flips {step['flip_rate']:.3f} "
               f"agreement {step['agreement']:.3f}", flush=True)
     return result
 
