@@ -496,8 +496,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
     original.to(device)
     new = new.to(device).eval()
-    log(f"[defend] clean+compact: {channel_info['n_pruned']} outlier channels zeroed"
-        f"{trigger_clean_text(channel_info['trigger'])}, "
+    log(f"[defend] clean+compact: {channel_clean_text(channel_info)}, "
         f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
         f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
     candidate = distillation_teacher(cleaned, cfg)
@@ -791,13 +790,16 @@ def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = 
     fires and ``cfg.clp_with_trigger`` is False), then the trigger channel
     clean (``trigger_clean``) with ``found`` (channel_trigger's: the probes' firing trigger or an
     all-to-all universal perturbation) on synthetic images ``x``;
-    and {"u", "mode", "pruned": {conv: n}, "n_pruned", "trigger": trigger_clean's record}."""
+    and {"u", "mode", "pruned": {conv: n}, "n_pruned", "clp_skipped" (for the firing trigger),
+    "trigger": trigger_clean's record}."""
     from cc_core.baselines.clp import clp
 
-    if cfg.channel_u is None or (not cfg.clp_with_trigger and probe_fired(found)):
+    skip_clp = cfg.channel_u is not None and not cfg.clp_with_trigger and probe_fired(found)
+    if cfg.channel_u is None or skip_clp:
         cleaned, info = model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
     else:
         cleaned, info = clp(model, cfg.channel_u, cfg.channel_mode)
+    info["clp_skipped"] = skip_clp
     cleaned, info["trigger"] = trigger_clean(cleaned, x, found, cfg)
     return cleaned, info
 
@@ -832,6 +834,13 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
         return model, info
     pruned, channels = prune_trigger_channels(model, x, apply_found_trigger(x, found, model.cc_spec), u)
     return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}
+
+
+def channel_clean_text(info: dict) -> str:
+    """The defend log's words for channel_clean's record ``info``."""
+    clp_text = ("no outlier-channel clean (a probe's trigger fired)" if info.get("clp_skipped")
+                else f"{info['n_pruned']} outlier channels zeroed")
+    return clp_text + trigger_clean_text(info["trigger"])
 
 
 def trigger_clean_text(info: dict) -> str:

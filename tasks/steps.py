@@ -180,7 +180,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     (trigger_probe_task's "channel_trigger")."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import bn_match_text, channel_clean, distillation_teacher, match_compact_bn, trigger_clean_text
+    from cc_core.pipeline import bn_match_text, channel_clean, channel_clean_text, distillation_teacher, match_compact_bn
 
     scan_file = _second_file(scan_file, synthetic_file)
 
@@ -226,8 +226,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                 "clean.")
     log_metrics(run, out["timings"], "time.")
     log_artifact(run, out["files"]["plan"], "compact")
-    get_run_logger().info(f"clean+compact: {out['channel_clean']['n_pruned']} outlier channels zeroed"
-                          f"{trigger_clean_text(trigger_info)}, {out['params_after']:,} parameters ({out['ratio_achieved']:.2f}x)")
+    get_run_logger().info(f"clean+compact: {channel_clean_text(out['channel_clean'])}, {out['params_after']:,} parameters "
+                          f"({out['ratio_achieved']:.2f}x)")
     if out.get("bn_match"):
         get_run_logger().info(bn_match_text(out["bn_match"]))
     return out

@@ -1329,7 +1329,7 @@ def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
 
 
 def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp_where_none_fires():
-    from cc_core.pipeline import channel_clean
+    from cc_core.pipeline import channel_clean, channel_clean_text
 
     model = StampNet()
     with torch.no_grad():  # channel 7: CLP's outlier (large weights) that never fires (bias far below zero)
@@ -1341,10 +1341,12 @@ def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp
     cfg = resolve_config("cpu")
     both, info = channel_clean(model, cfg, x, stamp)
     assert info["u"] == cfg.channel_u and both.conv.weight[7].abs().sum() == 0  # CLP, then the stamp's channels
+    assert not info["clp_skipped"] and channel_clean_text(info).startswith(f"{info['n_pruned']} outlier channels zeroed")
     only, info = channel_clean(model, cfg.replace(clp_with_trigger=False), x, stamp)
     assert info["u"] is None and info["n_pruned"] == 0 and info["trigger"]["n_pruned"] >= 1
     assert only.conv.weight[3].abs().sum() == 0 and torch.equal(only.conv.weight[7], model.conv.weight[7])
     assert model.conv.weight[3].abs().sum() > 0  # the original is not touched
+    assert info["clp_skipped"] and channel_clean_text(info).startswith("no outlier-channel clean (a probe's trigger fired), then")
     unfired, info = channel_clean(model, cfg.replace(clp_with_trigger=False), x, None)
     assert info["u"] == cfg.channel_u and unfired.conv.weight[7].abs().sum() == 0  # no trigger: CLP as always
     with pytest.raises(ConfigError, match="trigger_channel_u"):
