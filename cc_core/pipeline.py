@@ -100,8 +100,8 @@ class DefendConfig:
     # teacher at 79.39% (trigger_channel_count_warp_probe.md), and the distilled 2x student inherits
     # that (80.41); the warp probe's field channels alone give a teacher at 84.17 / 2.64
     # (teacher_signals_warp_probe_trigger_clean_only.md) and a 2x student at 83.76 / 2.50
-    # (MEASUREMENTS.md, "When a probe's trigger fires, its channels alone"). Not measured on stamps
-    # or blend patterns yet, so on in the presets.
+    # (MEASUREMENTS.md, "When a probe's trigger fires, its channels alone"; on a retrained zoo BadNet
+    # it gains 1.2 / 0.6 points at 2x / 4x). Not measured on a blend pattern yet, so on in the presets.
     clp_with_trigger: bool = True
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe fires
     # and the scan calls that perturbation all-to-all (it is then the trigger the distillation gate
