@@ -433,10 +433,11 @@ GRIDS = {
     "preset_warp_probe_trigger_clean_only": [("cpu preset + warp probe, the firing trigger's channels only (no CLP)", ratio,
                                               {"warp_probe": {}, "clp_with_trigger": False}, {}) for ratio in (2.0, 4.0)],
     # ...which leaves the 4x drop 0.2-0.8 points over the bound; BatchNorm matching gained the warp probe's 4x rows
-    # 0.7-1.9 points (preset_warp_probe_bn_match).
+    # 0.7-1.9 points (preset_warp_probe_bn_match). At both ratios: a candidate for the cpu preset.
     "preset_warp_probe_trigger_clean_only_bn_match": [(
         "cpu preset + warp probe, the firing trigger's channels only (no CLP), BatchNorm statistics matched on 512 "
-        "synthetic images", 4.0, {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512}, {})],
+        "synthetic images", ratio, {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512}, {})
+        for ratio in (2.0, 4.0)],
     # The Blended all-to-one model, with the blend probe (its teacher verified, used as is) and without
     # it (its teacher fine-tuned first, as pure_kd's unverified teachers are), each against the preset.
     "pure_kd_blended": [(label + probe_label, ratio, overrides | probe, {}) for ratio in (2.0, 4.0)
