@@ -51,7 +51,7 @@ def finished(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r.get("state_type") not in ("SCHEDULED", "PENDING", "RUNNING")]
 
 
-@pytest.mark.parametrize("bridge, versions", [("watcher", 3), ("webhook", 1)])
+@pytest.mark.parametrize("bridge, versions", [("watcher", 2), ("webhook", 1)])
 def test_registration_triggers_cleaning_exactly_once(tmp_path, bridge, versions):
     from tasks.registry import register_suspect
 
