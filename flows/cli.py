@@ -263,14 +263,18 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["compact"] = {"rank_strategy": args.rank_strategy}
     if args.bn_match is not None:
         overrides["bn_match_samples"] = args.bn_match
+    if args.no_bn_match:
+        overrides["bn_match_samples"] = None
+    if args.bn_match_scope:
+        overrides["bn_match_scope"] = args.bn_match_scope
     if args.channel_u is not None:
         overrides["channel_u"] = args.channel_u
     if args.channel_mode:
         overrides["channel_mode"] = args.channel_mode
     if args.no_channel_clean:
         overrides["channel_u"] = None
-    if args.trigger_clean_only:
-        overrides["clp_with_trigger"] = False
+    if args.trigger_clean_only is not None:
+        overrides["clp_with_trigger"] = not args.trigger_clean_only
     if args.keep_target_synthetic:
         overrides["exclude_suspected_target"] = False
     if args.unlearn_scope:
@@ -295,20 +299,23 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides["distill_finetune"] = DISTILL_ALONE | ({"epochs": args.distill_epochs} if args.distill_epochs else {})
     if args.distill_check is not None:
         overrides["distill_check"] = args.distill_check
-    if args.no_trigger_clean or (args.no_patch_probe and not args.warp_probe and args.no_blend_probe):
+    preset = resolve_config(args.preset)
+    warp_probe = preset.warp_probe is not None if args.warp_probe is None else args.warp_probe
+    if args.no_trigger_clean or (args.no_patch_probe and not warp_probe and args.no_blend_probe):
         overrides["trigger_channel_u"] = None
+        if args.trigger_clean_only is None:  # without a trigger's channels to zero, CLP's always are
+            overrides["clp_with_trigger"] = True
     if args.no_trigger_clean:
         overrides["perturbation_channel_u"] = None
     if args.no_patch_probe:
         overrides["patch_probe"] = None
-    if args.warp_probe:
-        overrides["warp_probe"] = {}
+    if args.warp_probe is not None:
+        overrides["warp_probe"] = {} if args.warp_probe else None
     if args.no_blend_probe:
         overrides["blend_probe"] = None
     synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
     weights = {k: v for k, v in {"bn_weight": args.synth_bn_weight, "tv_weight": args.synth_tv_weight}.items()
                if v is not None}
-    preset = resolve_config(args.preset)
     if weights:  # the scan keeps images made at the preset's weights, which its thresholds were set on
         overrides["scan_synth"] = {k: getattr(preset.synth, k) for k in weights}
     synth |= weights
@@ -532,10 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-strategy", choices=["uniform", "energy", "sensitivity"],
                    help="rank allocation across layers: one channel fraction, one kept-energy fraction, or "
                         "where the output change measured on synthetic images per parameter saved is smallest")
-    p.add_argument("--bn-match", type=int, metavar="N",
-                   help="after compaction, move each BatchNorm's running statistics so the compact model's normalized "
-                        "outputs on the first N synthetic images have the clipped full-rank model's per-channel mean "
-                        "and std (off in the presets; docs/MEASUREMENTS.md)")
+    bn_match = p.add_mutually_exclusive_group()
+    bn_match.add_argument("--bn-match", type=int, metavar="N",
+                          help="after compaction, move each BatchNorm's running statistics so the compact model's "
+                               "normalized outputs on the first N synthetic images have the clipped full-rank model's "
+                               "per-channel mean and std (off in the presets; docs/MEASUREMENTS.md)")
+    bn_match.add_argument("--no-bn-match", action="store_true", help="no BatchNorm statistics matching")
+    p.add_argument("--bn-match-scope", choices=("always", "trigger"),
+                   help="match the BatchNorm statistics always, or only when a probe's trigger fired (and its channels "
+                        "were zeroed on the model matched to)")
     p.add_argument("--channel-u", type=_positive_float,
                    help="clean channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
     p.add_argument("--channel-mode", choices=["zero", "shrink", "mean"],
@@ -588,9 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-patch-probe", action="store_true",
                    help="scan without the patch probe (and so, without --warp-probe and with --no-blend-probe, "
                         "without the trigger channel clean)")
-    p.add_argument("--warp-probe", action="store_true",
+    p.add_argument("--warp-probe", action=argparse.BooleanOptionalAction,
                    help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
-                        "(off in the presets: on the zoo WaNet it cost ACC at 4x; docs/PRESET.md)")
+                        "(off in the presets; docs/PRESET.md)")
     p.add_argument("--no-blend-probe", action="store_true",
                    help="do not probe for a blend trigger (a pattern mixed in at opacity 0.2) when no stamp or warp "
                         "fires (on in the presets, ~40 s on 2 CPU cores; docs/PRESET.md)")
@@ -599,9 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbation-channel-u", type=float,
                    help="when no probe fires and the scan's universal inverted perturbation is all-to-all, zero the "
                         "channels it excites above this per-layer z-score (cpu preset: 4)")
-    p.add_argument("--trigger-clean-only", action="store_true",
-                   help="when a probe's trigger fires, zero only the channels it excites, not the channel clean's "
-                        "outlier channels as well (experimental; docs/MEASUREMENTS.md)")
+    clp_with_trigger = p.add_mutually_exclusive_group()
+    clp_with_trigger.add_argument("--trigger-clean-only", action="store_true", default=None,
+                                  help="when a probe's trigger fires, zero only the channels it excites, not the "
+                                       "channel clean's outlier channels as well (off in the presets; docs/PRESET.md)")
+    clp_with_trigger.add_argument("--clp-with-trigger", dest="trigger_clean_only", action="store_false",
+                                  help="zero the channel clean's outlier channels also when a probe's trigger fires")
     p.add_argument("--no-trigger-clean", action="store_true",
                    help="no trigger channel clean (neither a probe's trigger nor the all-to-all perturbation)")
     p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")

@@ -196,7 +196,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                                   calibration=calibration, **cfg.compact)
         teacher = distillation_teacher(cleaned, cfg)
         start = time.perf_counter()
-        bn_match = match_compact_bn(new, cleaned, cfg, x, teacher)
+        bn_match = match_compact_bn(new, cleaned, cfg, x, teacher, trigger)
         bn_match_seconds = time.perf_counter() - start
         files = {"compact": str(run.path / "compact.safetensors"), "plan": str(run.path / "plan.json")}
         save_model(new, files["compact"], plan=plan)
@@ -217,6 +217,8 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
                                    "trigger_channel_u": cfg.trigger_channel_u, "trigger": trigger}
                   | ({"perturbation_channel_u": cfg.perturbation_channel_u} if cfg.perturbation_channel_u else {})
                   | ({"bn_match_samples": cfg.bn_match_samples} if cfg.bn_match_samples else {})
+                  | ({"bn_match_scope": cfg.bn_match_scope} if cfg.bn_match_scope != "always" else {})
+                  | ({"clp_with_trigger": False} if not cfg.clp_with_trigger else {})
                   | ({"synthetic": synthetic_file, "calibration_samples": cfg.calibration_samples}
                      if synthetic_file else {})
                   | ({"scan_synthetic": scan_file} if scan_file else {}), compute)

@@ -7,7 +7,7 @@ from torch import nn
 from cc_core import clean_compact
 from cc_core.compact.bn_match import bn_input_stats, bn_layers, match_bn_statistics
 from cc_core.errors import ConfigError
-from cc_core.pipeline import defend, resolve_config
+from cc_core.pipeline import clipped_full_rank, defend, match_compact_bn, resolve_config
 from flows.cli import main
 from tests.helpers import tiny_model
 from tests.test_recovery import _tiny_cfg, defend_config_from_cli
@@ -119,3 +119,35 @@ def test_the_bn_match_flag(tiny_file, tmp_path, monkeypatch, capsys):
     assert main(["defend", *args, "--bn-match", "0"]) == 2
     assert "bn_match_samples must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    matched = [*args, "--bn-match", "512", "--bn-match-scope", "trigger"]
+    assert defend_config_from_cli(matched, monkeypatch).bn_match_scope == "trigger"
+    assert defend_config_from_cli([*args, "--no-bn-match"], monkeypatch).bn_match_samples is None
+    with pytest.raises(SystemExit) as e:
+        main(["defend", *matched, "--no-bn-match"])
+    assert e.value.code == 2 and "not allowed with argument --bn-match" in capsys.readouterr().err
+
+
+def bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
+
+
+@pytest.mark.parametrize("scope, found, moved", [
+    ("always", None, True),
+    ("trigger", None, False),  # nothing fired: the clipped model keeps whatever backdoor it has
+    ("trigger", {"kind": "perturbation", "flip_rate": 0.9}, False),  # the all-to-all inversion is not a probe's
+    ("trigger", {"kind": "patch", "flip_rate": 0.9}, True),
+])
+def test_bn_match_scope_trigger_matches_only_after_a_probes_trigger_fired(scope, found, moved):
+    model = tiny_model()
+    student, _ = clean_compact(copy.deepcopy(model), ratio=2.0, tau=3.0, rank_multiple=4)
+    cfg = resolve_config("cpu", bn_match_samples=16, bn_match_scope=scope, tau=3.0)
+    before = bn_buffers(student)
+    record = match_compact_bn(student, model, cfg, images(16), clipped_full_rank(model, cfg), found)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, bn_buffers(student)))
+    assert changed is moved
+    assert record["images"] == (16 if moved else 0) and ("skipped" in record) is not moved
+
+
+def test_bad_bn_match_scope_is_refused():
+    with pytest.raises(ConfigError, match="bn_match_scope must be one of always, trigger"):
+        resolve_config("cpu", bn_match_scope="never")

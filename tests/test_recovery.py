@@ -801,10 +801,34 @@ def test_defend_perturbation_channel_clean_is_on_in_the_preset_and_no_trigger_cl
     assert (cfg.trigger_channel_u, cfg.perturbation_channel_u) == (trigger_u, perturbation_u)
 
 
-@pytest.mark.parametrize("flags, clp_with_trigger", [([], True), (["--trigger-clean-only"], False)])
-def test_defend_trigger_clean_only_flag(flags, clp_with_trigger, tiny_file, tmp_path, monkeypatch):
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert cfg.clp_with_trigger is clp_with_trigger
+@pytest.mark.parametrize("flags, clp_with_trigger", [([], True), (["--trigger-clean-only"], False),
+                                                     (["--trigger-clean-only", "--clp-with-trigger"], None),
+                                                     (["--clp-with-trigger"], True)])
+def test_defend_trigger_clean_only_flag(flags, clp_with_trigger, tiny_file, tmp_path, monkeypatch, capsys):
+    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags]
+    if clp_with_trigger is None:
+        with pytest.raises(SystemExit) as e:
+            main(["defend", *args])
+        assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+        return
+    assert defend_config_from_cli(args, monkeypatch).clp_with_trigger is clp_with_trigger
+
+
+@pytest.mark.parametrize("preset_overrides", [{}, {"warp_probe": {}, "clp_with_trigger": False}])
+def test_defend_probe_flags_turn_the_presets_probes_on_and_off(preset_overrides, tiny_file, tmp_path, monkeypatch):
+    """Each of the probes' switches works both ways, whatever the preset has; without a trigger clean
+    (--no-trigger-clean, or no probe left) the channel clean's outlier channels are zeroed always."""
+    import cc_core.pipeline as pipeline
+
+    monkeypatch.setitem(pipeline.PRESETS, "cpu", pipeline.PRESETS["cpu"].replace(**preset_overrides))
+    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
+    assert defend_config_from_cli([*args, "--warp-probe"], monkeypatch).warp_probe is not None
+    assert defend_config_from_cli([*args, "--no-warp-probe"], monkeypatch).warp_probe is None
+    for flags in (["--no-trigger-clean"], ["--no-patch-probe", "--no-warp-probe", "--no-blend-probe"]):
+        cfg = defend_config_from_cli([*args, *flags], monkeypatch)
+        assert cfg.trigger_channel_u is None and cfg.clp_with_trigger
+    cfg = defend_config_from_cli([*args, "--no-patch-probe", "--no-blend-probe"], monkeypatch)
+    assert (cfg.trigger_channel_u is None) is ("warp_probe" not in preset_overrides)  # the preset's warp probe is left
 
 
 def test_defend_trigger_clean_only_without_a_trigger_clean_is_refused(tiny_file, tmp_path, capsys):
