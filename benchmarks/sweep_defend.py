@@ -68,7 +68,7 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
 # since 89f8225, after every grid here was run; a row that wants either sets it).
 BASES = {grid: (base | {"distill_check": None, "blend_probe": None}, ft) for grid, (base, ft) in BASES.items()}
 # ...but these, run after it: the cpu preset as shipped, blend probe on.
-BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "preset", "preset_2x_removal", "preset_warp_probe", "preset_warp_probe_bn_match", "preset_warp_probe_trigger_clean_only",
+BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "preset", "preset_2x_removal", "preset_warp_probe", "preset_warp_probe_bn_match", "preset_warp_probe_trigger_clean_only", "preset_warp_probe_trigger_clean_only_bn_match_scoped",
                         "preset_warp_probe_trigger_clean_only_bn_match", "kd_budget", "pure_kd_blended", "hooi",
                         "bn_match", "bn_match_zoo", "activation", "activation_compact", "diversity", "opt_in_combined", "bn_weight", "tv_weight", "prior", "prior_target", "scan_split", "scan_split_unlearn", "scan_split_unlearn_always", "opt_in_stack",
                         "opt_in_stack_zoo", "scan_union",
@@ -437,6 +437,14 @@ GRIDS = {
     "preset_warp_probe_trigger_clean_only_bn_match": [(
         "cpu preset + warp probe, the firing trigger's channels only (no CLP), BatchNorm statistics matched on 512 "
         "synthetic images", ratio, {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512}, {})
+        for ratio in (2.0, 4.0)],
+    # ...the same with the matching only where a probe's trigger fired (bn_match_scope="trigger"): on the
+    # models where one fires the rows are the grid's above; where none does (all-to-all, input-specific
+    # triggers, clean models) there is no matching, as in the preset.
+    "preset_warp_probe_trigger_clean_only_bn_match_scoped": [(
+        "cpu preset + warp probe, the firing trigger's channels only (no CLP), BatchNorm statistics matched on 512 "
+        "synthetic images when a probe's trigger fired", ratio,
+        {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512, "bn_match_scope": "trigger"}, {})
         for ratio in (2.0, 4.0)],
     # The Blended all-to-one model, with the blend probe (its teacher verified, used as is) and without
     # it (its teacher fine-tuned first, as pure_kd's unverified teachers are), each against the preset.
