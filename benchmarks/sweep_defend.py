@@ -80,6 +80,11 @@ BASES |= dict.fromkeys(("pure_kd", "pure_kd_clipped", "preset_4x", "preset", "pr
 PRESET_BEFORE_SMOOTH = {"synth": {"bn_weight": 1.0, "tv_weight": 1e-4}, "scan_synth": None,
                         "finetune_on_scan_synthetic": False, "bn_match_samples": None}
 BASES = {grid: (PRESET_BEFORE_SMOOTH | base, ft) for grid, (base, ft) in BASES.items()}
+# ...and before the preset probed for a warp, zeroed a firing trigger's channels without CLP's and
+# matched the BatchNorm statistics after one fired (grid preset_warp_probe_trigger_clean_only_bn_match_scoped's
+# setting, the preset since 2026-12-06): a row that wants any of these sets it.
+PRESET_BEFORE_TRIGGER_CHANNELS = {"warp_probe": None, "clp_with_trigger": True, "bn_match_scope": "always"}
+BASES = {grid: (PRESET_BEFORE_TRIGGER_CHANNELS | base, ft) for grid, (base, ft) in BASES.items()}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb

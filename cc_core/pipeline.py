@@ -102,7 +102,8 @@ class DefendConfig:
     # that (80.41); the warp probe's field channels alone give a teacher at 84.17 / 2.64
     # (teacher_signals_warp_probe_trigger_clean_only.md) and a 2x student at 83.76 / 2.50
     # (MEASUREMENTS.md, "When a probe's trigger fires, its channels alone"; on a retrained zoo BadNet
-    # it gains 1.2 / 0.6 points at 2x / 4x). Not measured on a blend pattern yet, so on in the presets.
+    # it gains 1.2 / 0.6 points at 2x / 4x). False in the presets (TRIGGER_CHANNELS). Without a trigger
+    # channel clean (trigger_channel_u=None) CLP runs whatever this says.
     clp_with_trigger: bool = True
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe fires
     # and the scan calls that perturbation all-to-all (it is then the trigger the distillation gate
@@ -163,11 +164,10 @@ class DefendConfig:
     # The scan's warp probe (cc_core.scan.warp_probe; None: off), run when no stamp fires: a smooth
     # field under a pixel of shift that moves the synthetic images into one class is a warp
     # trigger (WaNet). A field that fires is used as a firing stamp is (target class, trigger
-    # channel clean, distillation gate, unlearning per ``patch_unlearn``). Off in the presets: on
-    # the zoo WaNet it finds the warp (class 0) and its trigger channel clean takes ASR to 1.52 /
-    # 0.21% at 2x / 4x, but for 80.78 / 69.38 ACC against 80.77 / 73.38 without it (the fine-tune
-    # already removes that backdoor: 2.29 / 1.59%), and its teacher fails the gate's fidelity bar
-    # (benchmarks/results/warp_probe_bench.md, sweep_defend_warp.md). `scan` keeps it on.
+    # channel clean, distillation gate, unlearning per ``patch_unlearn``). On in the presets since
+    # 2026-12-06 (TRIGGER_CHANNELS), with the field's channels zeroed alone; with CLP's as well it cost
+    # the zoo WaNet ACC (80.78 / 69.38 at 2x / 4x against 80.77 / 73.38 without it, its teacher failing
+    # the gate's fidelity bar: benchmarks/results/warp_probe_bench.md, sweep_defend_warp.md).
     warp_probe: WarpProbeConfig | None = None
     # The blend probe (cc_core.scan.blend_probe; None: off), run when neither a stamp nor a field
     # fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images into one
@@ -295,9 +295,6 @@ class DefendConfig:
             if all(probe is None for probe in probes) or self.synth_model != "original":
                 raise ConfigError("trigger_channel_u needs a trigger probe and synthetic images made before compaction "
                                   "(patch_probe, warp_probe or blend_probe set, synth_model='original')")
-        if not self.clp_with_trigger and self.trigger_channel_u is None:
-            raise ConfigError("clp_with_trigger=False leaves a firing trigger's channels to the trigger channel clean, "
-                              "which is off (trigger_channel_u=None)")
 
     @property
     def scan_synth_config(self) -> SynthConfig | None:
@@ -325,6 +322,17 @@ class DefendConfig:
 # A student that learns from its teacher alone (DefendConfig.distill_finetune; `--distill-alone`).
 DISTILL_ALONE = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30, "max_grad_norm": 1.0}
 
+# Since 2026-12-06: probe for a warp too; where a probe's trigger fires, zero its channels alone (not
+# CLP's outlier channels) and match the compact model's BatchNorm statistics to the clipped full-rank
+# model's. On the three WaNet models of the zoo recipe (seeds 0-2) this took the 2x drop from 3.23 /
+# 1.52 / 2.79 (ASR 6.00 / 2.69 / 63.12%) to 1.56 / 1.42 / 0.89 (ASR <= 2.92%) and the 4x drop from
+# 11.43 / 8.17 / 10.08 to 4.54 / 4.79 / 4.01 (ASR <= 4.03%); the retrained zoo BadNet 2x / 4x from
+# 83.88 / 1.13, 80.42 / 1.38 to 85.10 / 1.27, 81.77 / 1.49 (sweep_defend_preset_warp_probe_trigger_clean_only_bn_match*.md;
+# docs/MEASUREMENTS.md, "Where a probe's trigger fires: its channels alone, and the statistics matched").
+# Where no probe fires nothing of this runs but the warp probe itself.
+TRIGGER_CHANNELS = {"warp_probe": WarpProbeConfig(), "clp_with_trigger": False, "bn_match_samples": 512,
+                    "bn_match_scope": "trigger"}
+
 PRESETS: dict[str, DefendConfig] = {
     # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
     # recovery,clean}.md): the channel clean (u 3) removes the backdoor, clipping below tau 4 only
@@ -348,8 +356,9 @@ PRESETS: dict[str, DefendConfig] = {
     # WaNet at most 1.3 more points at 4x (sweep_defend_kd_budget.md);
     # HOOI factors change nothing (sweep_defend_hooi.md), activation-aware ones, fitted to the synthetic
     # images, keep more of the backdoor and cost 0.7-1.4 points at 4x (sweep_defend_activation*.md);
-    # matching the BatchNorm statistics after compaction (bn_match_samples, opt-in) gains 0.4-3.3 points
-    # at 4x but gives some ASR back (GTSRB Input-Aware 4.79 -> 7.72%; sweep_defend_bn_match*.md);
+    # matching the BatchNorm statistics after compaction (bn_match_samples) gains 0.4-3.3 points
+    # at 4x but gives some ASR back (GTSRB Input-Aware 4.79 -> 7.72%; sweep_defend_bn_match*.md), so it
+    # runs only where a probe's trigger fired (TRIGGER_CHANNELS above);
     # the adversarial term costs ACC for no ASR gain;
     # the synthesis keeps BN weight 1 and TV weight 1e-4 (opt-in: --synth-bn-weight 30 --synth-tv-weight 10,
     # with scan_synth={"bn_weight": 1.0, "tv_weight": 1e-4}): smooth images gain WaNet 0.7 / 2.7 points at
@@ -372,13 +381,13 @@ PRESETS: dict[str, DefendConfig] = {
         synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified", blend_probe=BlendProbeConfig()),
+        kd_gate="verified", blend_probe=BlendProbeConfig(), **TRIGGER_CHANNELS),
     "paper": DefendConfig(
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0, perturbation_channel_u=4.0,
         synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
         pgd=PGDConfig(steps=20), synth_model="original",
         finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified", blend_probe=BlendProbeConfig()),
+        kd_gate="verified", blend_probe=BlendProbeConfig(), **TRIGGER_CHANNELS),
 }
 
 
@@ -802,7 +811,8 @@ def channel_clean(model: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = 
     "trigger": trigger_clean's record}."""
     from cc_core.baselines.clp import clp
 
-    skip_clp = cfg.channel_u is not None and not cfg.clp_with_trigger and probe_fired(found)
+    skip_clp = (cfg.channel_u is not None and not cfg.clp_with_trigger and cfg.trigger_channel_u is not None
+                and probe_fired(found))
     if cfg.channel_u is None or skip_clp:
         cleaned, info = model, {"u": None, "mode": None, "pruned": {}, "n_pruned": 0}
     else:

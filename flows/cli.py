@@ -303,8 +303,9 @@ def cmd_defend(args: argparse.Namespace) -> int:
     warp_probe = preset.warp_probe is not None if args.warp_probe is None else args.warp_probe
     if args.no_trigger_clean or (args.no_patch_probe and not warp_probe and args.no_blend_probe):
         overrides["trigger_channel_u"] = None
-        if args.trigger_clean_only is None:  # without a trigger's channels to zero, CLP's always are
-            overrides["clp_with_trigger"] = True
+        if args.trigger_clean_only:
+            raise _input_error("--trigger-clean-only zeroes a firing trigger's channels in place of CLP's: "
+                               "it needs the trigger channel clean and a probe")
     if args.no_trigger_clean:
         overrides["perturbation_channel_u"] = None
     if args.no_patch_probe:
@@ -543,11 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn_match.add_argument("--bn-match", type=int, metavar="N",
                           help="after compaction, move each BatchNorm's running statistics so the compact model's "
                                "normalized outputs on the first N synthetic images have the clipped full-rank model's "
-                               "per-channel mean and std (off in the presets; docs/MEASUREMENTS.md)")
+                               "per-channel mean and std (presets: 512, after a probe's trigger fired; docs/PRESET.md)")
     bn_match.add_argument("--no-bn-match", action="store_true", help="no BatchNorm statistics matching")
     p.add_argument("--bn-match-scope", choices=("always", "trigger"),
-                   help="match the BatchNorm statistics always, or only when a probe's trigger fired (and its channels "
-                        "were zeroed on the model matched to)")
+                   help="match the BatchNorm statistics always, or only when a probe's trigger fired and its channels "
+                        "were zeroed on the model matched to (presets: trigger)")
     p.add_argument("--channel-u", type=_positive_float,
                    help="clean channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
     p.add_argument("--channel-mode", choices=["zero", "shrink", "mean"],
@@ -602,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without the trigger channel clean)")
     p.add_argument("--warp-probe", action=argparse.BooleanOptionalAction,
                    help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
-                        "(off in the presets; docs/PRESET.md)")
+                        "(on in the presets; docs/PRESET.md)")
     p.add_argument("--no-blend-probe", action="store_true",
                    help="do not probe for a blend trigger (a pattern mixed in at opacity 0.2) when no stamp or warp "
                         "fires (on in the presets, ~40 s on 2 CPU cores; docs/PRESET.md)")
@@ -614,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     clp_with_trigger = p.add_mutually_exclusive_group()
     clp_with_trigger.add_argument("--trigger-clean-only", action="store_true", default=None,
                                   help="when a probe's trigger fires, zero only the channels it excites, not the "
-                                       "channel clean's outlier channels as well (off in the presets; docs/PRESET.md)")
+                                       "channel clean's outlier channels as well (on in the presets; docs/PRESET.md)")
     clp_with_trigger.add_argument("--clp-with-trigger", dest="trigger_clean_only", action="store_false",
                                   help="zero the channel clean's outlier channels also when a probe's trigger fires")
     p.add_argument("--no-trigger-clean", action="store_true",

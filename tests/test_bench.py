@@ -295,3 +295,16 @@ def test_sweep_rows_keep_the_synthesis_they_ran_with():
     assert (cfg.synth.bn_weight, cfg.synth.tv_weight) == (30.0, 10.0) and cfg.finetune_on_scan_synthetic
     assert (cfg.scan_synth_config.bn_weight, cfg.scan_synth_config.tv_weight) == (1.0, 1e-4)
     assert cfg.bn_match_samples == 512 and merged["synth"] == {"bn_weight": 30.0, "tv_weight": 10.0}
+
+
+def test_grids_run_before_the_trigger_channels_preset_keep_the_preset_they_ran_with():
+    """`--grid preset` measured the cpu preset before it probed for warps, zeroed a firing trigger's
+    channels alone and matched BatchNorm statistics after one; the scoped grid is the preset since."""
+    from benchmarks.sweep_defend import GRIDS, row_config
+    from cc_core.pipeline import resolve_config
+
+    cfg, _ = row_config("preset", *GRIDS["preset"][0][1:])
+    assert cfg.warp_probe is None and cfg.clp_with_trigger and cfg.bn_match_samples is None
+    grid = "preset_warp_probe_trigger_clean_only_bn_match_scoped"
+    for _, ratio, overrides, ft in GRIDS[grid]:
+        assert row_config(grid, ratio, overrides, ft)[0] == resolve_config("cpu", ratio=ratio, scan_before=False)

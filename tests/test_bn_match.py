@@ -98,10 +98,12 @@ def test_models_with_different_batchnorm_layers_are_refused():
 
 def test_defend_matches_the_compact_models_statistics_when_asked_and_records_it():
     model = tiny_model()
-    r = defend(model, config=_tiny_cfg(bn_match_samples=16), progress=False, log=lambda *a: None).report
+    r = defend(model, config=_tiny_cfg(bn_match_samples=16, bn_match_scope="always"), progress=False,
+               log=lambda *a: None).report
     assert r["bn_match"]["images"] == 16 and r["bn_match"]["layers"] == len(bn_layers(model))
     assert "bn_match" in r["timings_s"]
-    assert resolve_config("cpu").bn_match_samples is None  # off in the presets
+    cpu = resolve_config("cpu")
+    assert (cpu.bn_match_samples, cpu.bn_match_scope) == (512, "trigger")  # in the presets, after a trigger fired
 
 
 @pytest.mark.parametrize("kw, message", [({"bn_match_samples": 0}, "bn_match_samples must be a positive integer"),
@@ -114,7 +116,7 @@ def test_bad_bn_match_settings_are_refused(kw, message):
 
 def test_the_bn_match_flag(tiny_file, tmp_path, monkeypatch, capsys):
     args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
-    assert defend_config_from_cli(args, monkeypatch).bn_match_samples is None
+    assert defend_config_from_cli(args, monkeypatch).bn_match_samples == 512
     assert defend_config_from_cli([*args, "--bn-match", "512"], monkeypatch).bn_match_samples == 512
     assert main(["defend", *args, "--bn-match", "0"]) == 2
     assert "bn_match_samples must be a positive integer" in capsys.readouterr().err

@@ -16,7 +16,8 @@ TINY_PATCH_PROBE = {"sizes": [3], "stride": 4, "screen": 4, "finalists": 2, "n":
 TINY = {"tau": 3.0, "compact": {"rank_multiple": 4},
         "synth": {"n_samples": 32, "batch_size": 32, "iterations": 10},
         "pgd": {"steps": 2}, "finetune": {"epochs": 1, "batch_size": 16}, "inversion": {"steps": 5},
-        "patch_probe": TINY_PATCH_PROBE, "blend_probe": {"steps": 5, "n": 16, "batch_size": 8}}
+        "patch_probe": TINY_PATCH_PROBE, "warp_probe": {"steps": 5, "n": 16, "batch_size": 8},
+        "blend_probe": {"steps": 5, "n": 16, "batch_size": 8}}
 TINY_SCAN = {"n_samples": 16, "iterations": 5, "pgd_steps": 2, "inversion_steps": 5, "patch_probe": TINY_PATCH_PROBE}
 OPEN_GATES = {"min_speedup": None, "max_concentration": None}
 
@@ -61,7 +62,7 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
     import mlflow.onnx
 
     result = run_flow(suspect, overrides=TINY | {"teacher_finetune": {"lr": 2e-4}, "distill_check": {"steps": 5},
-                                                 "bn_match_samples": 16})
+                                                 "bn_match_samples": 16, "bn_match_scope": "always"})
     assert result["status"] == "promoted" and result["registered"]["created"]
     c, target = registry(suspect), suspect["name"] + "-cc"
     version = str(result["registered"]["version"])
@@ -200,7 +201,8 @@ def test_flow_with_the_scans_own_images_ends_where_defend_does(suspect, tmp_path
     from flows.clean_compact import build_config
 
     overrides = TINY | {"synth": TINY["synth"] | {"tv_weight": 0.5}, "scan_synth": {"tv_weight": 0.0},
-                        "finetune_on_scan_synthetic": True, "bn_match_samples": 16}
+                        "finetune_on_scan_synthetic": True, "bn_match_samples": 16,
+                        "bn_match_scope": "always"}
     result = run_flow(suspect, overrides=overrides)
     report = result["report"]
     assert report["timings_s"]["synthesize_scan"] > 0 and report["timings_s"]["synthesize"] > 0

@@ -506,10 +506,13 @@ def test_defend_config_validation():
         DefendConfig(channel_mode="soft")
     with pytest.raises(ConfigError, match="inversion steps must be >= 1"):
         resolve_config("cpu", inversion={"steps": 0})
+    with pytest.raises(ConfigError, match="bn_match_samples needs synthetic images made before compaction"):
+        resolve_config("cpu", synth_model="compact")
     with pytest.raises(ConfigError, match="need synth_model='original'"):
-        resolve_config("cpu", compact={"rank_strategy": "sensitivity"}, synth_model="compact")
+        resolve_config("cpu", compact={"rank_strategy": "sensitivity"}, synth_model="compact", bn_match_samples=None)
     with pytest.raises(ConfigError, match="need synth_model='original'"):
-        resolve_config("cpu", compact={"rank_strategy": "energy", "method": "activation"}, synth_model="compact")
+        resolve_config("cpu", compact={"rank_strategy": "energy", "method": "activation"}, synth_model="compact",
+                       bn_match_samples=None)
     with pytest.raises(ConfigError, match="calibration_samples must be a positive integer"):
         resolve_config("cpu", calibration_samples=0)
     with pytest.raises(ConfigError, match="trigger_channel_u needs a trigger probe"):
@@ -524,7 +527,7 @@ def test_defend_config_validation():
         resolve_config("cpu", perturbation_channel_u=-1.0)
     with pytest.raises(ConfigError, match="perturbation_channel_u needs synthetic images made before compaction"):
         resolve_config("cpu", perturbation_channel_u=4.0, trigger_channel_u=None, compact={"rank_strategy": "energy"},
-                       synth_model="compact")
+                       synth_model="compact", bn_match_samples=None)
     with pytest.raises(ConfigError, match="patch_unlearn must be one of residual, always, never"):
         resolve_config("cpu", patch_unlearn="sometimes")
     assert resolve_config("cpu", trigger_channel_u=None, patch_probe=None).patch_probe is None
@@ -783,7 +786,9 @@ def test_defend_distill_check_flag(flags, expected, tiny_file, tmp_path, monkeyp
 
 @pytest.mark.parametrize("flags, blend, trigger_clean", [([], True, True), (["--no-blend-probe"], False, True),
                                                           (["--no-patch-probe"], True, True),
-                                                          (["--no-patch-probe", "--no-blend-probe"], False, False)])
+                                                          (["--no-patch-probe", "--no-blend-probe"], False, True),
+                                                          (["--no-patch-probe", "--no-blend-probe", "--no-warp-probe"],
+                                                           False, False)])
 def test_defend_blend_probe_is_on_in_the_preset_and_its_flag_turns_it_off(flags, blend, trigger_clean, tiny_file,
                                                                          tmp_path, monkeypatch):
     from cc_core.scan import BlendProbeConfig
@@ -801,7 +806,7 @@ def test_defend_perturbation_channel_clean_is_on_in_the_preset_and_no_trigger_cl
     assert (cfg.trigger_channel_u, cfg.perturbation_channel_u) == (trigger_u, perturbation_u)
 
 
-@pytest.mark.parametrize("flags, clp_with_trigger", [([], True), (["--trigger-clean-only"], False),
+@pytest.mark.parametrize("flags, clp_with_trigger", [([], False), (["--trigger-clean-only"], False),
                                                      (["--trigger-clean-only", "--clp-with-trigger"], None),
                                                      (["--clp-with-trigger"], True)])
 def test_defend_trigger_clean_only_flag(flags, clp_with_trigger, tiny_file, tmp_path, monkeypatch, capsys):
@@ -814,10 +819,10 @@ def test_defend_trigger_clean_only_flag(flags, clp_with_trigger, tiny_file, tmp_
     assert defend_config_from_cli(args, monkeypatch).clp_with_trigger is clp_with_trigger
 
 
-@pytest.mark.parametrize("preset_overrides", [{}, {"warp_probe": {}, "clp_with_trigger": False}])
+@pytest.mark.parametrize("preset_overrides", [{}, {"warp_probe": None, "clp_with_trigger": True}])
 def test_defend_probe_flags_turn_the_presets_probes_on_and_off(preset_overrides, tiny_file, tmp_path, monkeypatch):
-    """Each of the probes' switches works both ways, whatever the preset has; without a trigger clean
-    (--no-trigger-clean, or no probe left) the channel clean's outlier channels are zeroed always."""
+    """Each of the probes' switches works both ways, whatever the preset has; the trigger clean is off
+    with --no-trigger-clean and when no probe is left."""
     import cc_core.pipeline as pipeline
 
     monkeypatch.setitem(pipeline.PRESETS, "cpu", pipeline.PRESETS["cpu"].replace(**preset_overrides))
@@ -826,16 +831,16 @@ def test_defend_probe_flags_turn_the_presets_probes_on_and_off(preset_overrides,
     assert defend_config_from_cli([*args, "--no-warp-probe"], monkeypatch).warp_probe is None
     for flags in (["--no-trigger-clean"], ["--no-patch-probe", "--no-warp-probe", "--no-blend-probe"]):
         cfg = defend_config_from_cli([*args, *flags], monkeypatch)
-        assert cfg.trigger_channel_u is None and cfg.clp_with_trigger
+        assert cfg.trigger_channel_u is None
     cfg = defend_config_from_cli([*args, "--no-patch-probe", "--no-blend-probe"], monkeypatch)
-    assert (cfg.trigger_channel_u is None) is ("warp_probe" not in preset_overrides)  # the preset's warp probe is left
+    assert (cfg.trigger_channel_u is None) is ("warp_probe" in preset_overrides)  # the preset's warp probe is left
 
 
 def test_defend_trigger_clean_only_without_a_trigger_clean_is_refused(tiny_file, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["defend", str(tiny_file), "--ratio", "2", "--out", str(out), "--trigger-clean-only",
                  "--no-trigger-clean"]) == 2
-    assert "trigger_channel_u" in capsys.readouterr().err and not out.exists()
+    assert "--trigger-clean-only zeroes a firing trigger's channels" in capsys.readouterr().err and not out.exists()
 
 
 def test_defend_missing_model(tmp_path, capsys):
@@ -1363,7 +1368,7 @@ def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp
     stamp = {"kind": "patch", "row": 10, "col": 20, "size": 3, "value": 1.0, "flip_rate": 0.9, "n": len(x),
              "target_class_estimate": 1, "concentration": 1.0, "mapping_consistency": 1.0}
     model.fc.weight.data[:, 3] = torch.tensor([-20.0, 20.0])  # the stamp's channel decides the class: it fires
-    cfg = resolve_config("cpu")
+    cfg = resolve_config("cpu", clp_with_trigger=True)
     both, info = channel_clean(model, cfg, x, stamp)
     assert info["u"] == cfg.channel_u and both.conv.weight[7].abs().sum() == 0  # CLP, then the stamp's channels
     assert not info["clp_skipped"] and channel_clean_text(info).startswith(f"{info['n_pruned']} outlier channels zeroed")
@@ -1374,8 +1379,8 @@ def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp
     assert info["clp_skipped"] and channel_clean_text(info).startswith("no outlier-channel clean (a probe's trigger fired), then")
     unfired, info = channel_clean(model, cfg.replace(clp_with_trigger=False), x, None)
     assert info["u"] == cfg.channel_u and unfired.conv.weight[7].abs().sum() == 0  # no trigger: CLP as always
-    with pytest.raises(ConfigError, match="trigger_channel_u"):
-        cfg.replace(clp_with_trigger=False, trigger_channel_u=None)
+    no_trigger_clean, info = channel_clean(model, cfg.replace(clp_with_trigger=False, trigger_channel_u=None), x, stamp)
+    assert not info["clp_skipped"] and no_trigger_clean.conv.weight[7].abs().sum() == 0  # nothing else cleans: CLP
 
 
 def test_an_all_to_all_universal_perturbation_cleans_channels_even_where_it_no_longer_flips_and_a_stamp_does_not():
