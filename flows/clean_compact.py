@@ -27,9 +27,10 @@ from tasks.tracking import (RunHandle, cc_home, client, default_tracking_uri, en
 @dataclasses.dataclass(frozen=True)
 class ScanSettings:
     """The data-free pre-scan of the suspect (smaller than the fine-tune's synthesis). ``warp_probe``:
-    also run the warp probe (~60 s on 2 CPU cores). Off for the clean-compact flow's pre-scan, like
-    the defend preset's: on the scan's synthetic images it has not fired on any zoo model
-    (benchmarks/results/scan.md); the audit flow, the scheduled `cleancompact scan`, turns it on.
+    also run the warp probe (~60 s on 2 CPU cores). Off for the clean-compact flow's pre-scan: on the
+    scan's synthetic images it has not fired on any zoo model (benchmarks/results/scan.md), while the
+    defense's own probes (the preset's, warp probe included) run on the fine-tune's larger set; the
+    audit flow, the scheduled `cleancompact scan`, turns it on.
     ``patch_probe``: the patch probe's settings (PatchProbeConfig fields; {} its defaults, None off)."""
 
     n_samples: int = 256
