@@ -78,7 +78,8 @@ def test_flow_registers_candidate_and_champion_with_every_artifact(suspect, tmp_
                 "scan.concentration_after", "onnx.max_abs_diff", "onnx.speedup", "time.finetune", "synth.bn_loss",
                 "scan.patch_flip_rate"):
         assert key in run.data.metrics, key
-    assert "scan.warp_flip_rate" not in run.data.metrics  # the pre-scan's warp probe is off by default
+    # the preset's warp probe, among the defense's probes (no stamp fires on the tiny model; the pre-scan runs none)
+    assert "scan.warp_flip_rate" in run.data.metrics
     # No trigger fires on the tiny model, so the gate cannot verify its teacher: asked to, the flow fine-tunes it first.
     assert "time.teacher_finetune" in run.data.metrics and "teacher_finetune.syn" in run.data.metrics
     # ...and, asked to, checks the distilled student against one fine-tuned without the teacher.

@@ -465,7 +465,7 @@ def _tiny_cfg(**kw) -> DefendConfig:
                           patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
                           warp_probe={"steps": 5, "n": 16, "batch_size": 8},
                           blend_probe={"steps": 5, "n": 16, "batch_size": 8},
-                          inversion={"steps": 10, "restarts": 1}, **kw)
+                          **({"inversion": {"steps": 10, "restarts": 1}} | kw))
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
