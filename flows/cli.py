@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
                         "(cpu preset), whenever it fires, or never")
     p.add_argument("--no-patch-probe", action="store_true",
-                   help="scan without the patch probe (and so, without --warp-probe and with --no-blend-probe, "
+                   help="scan without the patch probe (and so, with --no-warp-probe and --no-blend-probe, "
                         "without the trigger channel clean)")
     p.add_argument("--warp-probe", action=argparse.BooleanOptionalAction,
                    help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
