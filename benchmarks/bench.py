@@ -215,12 +215,33 @@ def _column_name(defense: str, ratio: float | None) -> str:
     return "No defense" if defense == "none" else f"{defense.upper() if defense != 'cc' else 'C&C'} {ratio:g}x"
 
 
+def _other_training(done: dict, row: Row) -> float | None:
+    """The original ACC ``row`` was measured on where it differs from its model's `none` row: the zoo
+    retrains a model that is not cached, and a retraining on another CPU gives other weights."""
+    reference, r = done.get(Row(row.recipe, row.attack, "none").id), done.get(row.id)
+    if row.defense == "none" or reference is None or r is None:
+        return None
+    acc = r["metrics"]["acc_before"]
+    return acc if abs(acc - reference["metrics"]["acc_before"]) > 1e-6 else None
+
+
 def _acc_asr_table(done: dict, rows: list[Row], columns: list[tuple[str, float | None]]) -> list[str]:
+    """One line per model, one cell per column; a cell measured on another training of the model than
+    its `No defense` cell is marked and footnoted with that training's ACC."""
     head = [_column_name(d, r) for d, r in columns]
-    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines, notes = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"], []
     for model in dict.fromkeys((r.recipe, r.attack) for r in rows):
-        cells = [_cell(done, Row(model[0], model[1], d, r)) for d, r in columns]
+        cells = []
+        for d, r in columns:
+            row = Row(model[0], model[1], d, r)
+            other = _other_training(done, row)
+            cells.append(_cell(done, row) + ("" if other is None else " †"))
+            if other is not None:
+                notes.append(f"{row.id} (its original ACC {_pct(other)})")
         lines.append(f"| {Row(model[0], model[1], 'none').model} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "† measured on another training of the zoo model than the `No defense` cell's: "
+                  + "; ".join(notes) + "."]
     return lines
 
 

@@ -74,7 +74,8 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     (tmp_path / "bench").mkdir()
     written = [(bench.Row("cifar10-resnet18", "badnet", "cc", 2.0), 0.85, 0.84, 0.03),
                (bench.Row("cifar10-resnet18", "wanet", "cc", 2.0), 0.85, 0.82, 0.04),
-               (bench.Row("cifar10-resnet18", "badnet", "none"), 0.85, 0.85, 0.97)]
+               (bench.Row("cifar10-resnet18", "badnet", "none"), 0.85, 0.85, 0.97),
+               (bench.Row("cifar10-resnet18", "badnet", "clp", 2.0), 0.8523, 0.20, 0.01)]
     for row, *values in written:
         fields = _fake_row(row, *values)
         if row.attack == "wanet":
@@ -103,7 +104,10 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     assert ("| cifar10-resnet18-w0.25-badnet-cc-2x | 0 | 52 | 1.00 | - | - | patch 3x3 white at (29, 29): flips 0.94, "
             "0.00 after compaction | stamp flips 0.25 after CLP: 13 channels zeroed, then 0.00 "
             "| yes (the trigger flips 0.00 on the teacher) |") in text
-    assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | not run | 84.00 / 3.00 |" in text
+    # the CLP row ran on another training of the model (original ACC 85.23, not the none row's 85.00)
+    assert "| cifar10-resnet18-w0.25-badnet | 85.00 / 97.00 | not run | 20.00 / 1.00 † | 84.00 / 3.00 |" in text
+    assert ("† measured on another training of the zoo model than the `No defense` cell's: "
+            "cifar10-resnet18-w0.25-badnet-clp-2x (its original ACC 85.23).") in text
     # mean drop (1 + 3) / 2 = 2 points > 1.5: missed by 0.50, over 2 of the 8 settings
     assert "C&C 2x over 2 of 8 settings: mean ACC drop 2.00 points" in text
     assert "max ASR 4.00% (target <= 5%): **MISSED**; mean drop over target by 0.50 points." in text
