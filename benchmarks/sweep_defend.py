@@ -85,6 +85,7 @@ BASES = {grid: (PRESET_BEFORE_SMOOTH | base, ft) for grid, (base, ft) in BASES.i
 # setting, the preset since 2026-12-06): a row that wants any of these sets it.
 PRESET_BEFORE_TRIGGER_CHANNELS = {"warp_probe": None, "clp_with_trigger": True, "bn_match_scope": "always"}
 BASES = {grid: (PRESET_BEFORE_TRIGGER_CHANNELS | base, ft) for grid, (base, ft) in BASES.items()}
+BASES["preset_synthesis_512"] = ({}, {})  # the preset since 2026-12-06
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -451,6 +452,10 @@ GRIDS = {
         "synthetic images when a probe's trigger fired", ratio,
         {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512, "bn_match_scope": "trigger"}, {})
         for ratio in (2.0, 4.0)],
+    # The preset since 2026-12-06 takes 10.6-11.9 min a defense with the CLI's export on an fp32 EPYC (Zen 3),
+    # 400-409 s of it synthesis: half the synthetic images, at the same 200 iterations.
+    "preset_synthesis_512": [("cpu preset, 512 synthetic images x 200 iterations", ratio, {"synth": {"n_samples": 512}}, {})
+                             for ratio in (2.0, 4.0)],
     # The Blended all-to-one model, with the blend probe (its teacher verified, used as is) and without
     # it (its teacher fine-tuned first, as pure_kd's unverified teachers are), each against the preset.
     "pure_kd_blended": [(label + probe_label, ratio, overrides | probe, {}) for ratio in (2.0, 4.0)
