@@ -780,7 +780,8 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
             "flip_rate_compact": residual, "unlearned": unlearned}
         if unlearned:
             unlearn = lambda images: apply_found_trigger(images, found, spec)  # noqa: E731
-    summary = exclusion_summary(target, suspicion["inversion"]["concentration"], excluded, flip,
+    inversion = suspicion["inversion"]
+    summary = exclusion_summary(target, inversion["concentration"] if inversion else None, excluded, flip,
                                 suspicion["all_to_all"], fired)
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, universal, len(x))
 

@@ -776,15 +776,21 @@ def trigger_all_to_all(flip: dict | None, found: dict | None) -> bool:
     return all_to_all_suspected(flip) or (bool(trigger_score(found)) and all_to_all_suspected(found))
 
 
-def flagged_target(adversarial: dict, inversion: dict, found: dict | None = None) -> int | None:
+def names_target(found: dict | None) -> bool:
+    """A probe's trigger fires (trigger_score) into one class (concentration >= TARGET_FROM_INVERSION):
+    the first signal flagged_target reads, so the ones after it are not needed."""
+    return bool(trigger_score(found)) and found["concentration"] >= TARGET_FROM_INVERSION
+
+
+def flagged_target(adversarial: dict, inversion: dict | None, found: dict | None = None) -> int | None:
     """The target class a signal flags: a probe's top class when its trigger (stamp or warp) fires
     (trigger_score) into one class (concentration >= TARGET_FROM_INVERSION), else the channel
     inversion's top class when its concentration reaches TARGET_FROM_INVERSION, else the
     adversarial histogram's top class when its anomaly index exceeds ANOMALY_THRESHOLD; None when
     none flags one. The universal inversion names no target: when it sends everything to one
     class, that class is as often a clean model's easiest sink as the target (on the zoo WaNet it
-    named 9, not 0; sweep_defend_unlearn.md)."""
-    if trigger_score(found) and found["concentration"] >= TARGET_FROM_INVERSION:
+    named 9, not 0; sweep_defend_unlearn.md). ``inversion`` may be None only when ``found`` names the target."""
+    if names_target(found):
         return found["target_class_estimate"]
     if inversion["concentration"] >= TARGET_FROM_INVERSION:
         return inversion["target_class_estimate"]
@@ -797,13 +803,14 @@ def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg
                      inversion_cfg: InversionConfig = InversionConfig(), found: dict | None = None,
                      universal: tuple[dict, torch.Tensor] | None = None) -> dict:
     """{"target": flagged class or None, "adversarial": histogram report, "inversion": channel
-    inversion report, "flip": universal inversion report, "trigger": its delta (1, C, H, W, pixel
-    units) when it fires, else None, "found": ``found`` (a probe's report on ``model`` and ``x``,
+    inversion report (None when ``found`` names the target: not made), "flip": universal
+    inversion report, "trigger": its delta (1, C, H, W, pixel units) when it fires, else None,
+    "found": ``found`` (a probe's report on ``model`` and ``x``,
     made beforehand; None when none fired), "all_to_all": whether the flip or the
     found trigger looks all-to-all} of ``model`` on synthetic images ``x`` (N, C, H, W) with labels ``y`` (N,).
     ``universal``: flip_report's (report, delta) on ``model`` and ``x`` when made beforehand."""
     adversarial = histogram_report(model, x, y, pgd_cfg)
-    inversion = inversion_report(model, x, inversion_cfg)
+    inversion = None if names_target(found) else inversion_report(model, x, inversion_cfg)
     flip, delta = universal if universal is not None else flip_report(model, x, inversion_cfg)
     delta = delta.to(x.device)
     return {"target": flagged_target(adversarial, inversion, found), "adversarial": adversarial,

@@ -901,6 +901,27 @@ def test_flagged_target_needs_a_signal_that_fires(inversion, anomaly, target):
     assert flagged_target(adversarial, {"concentration": inversion, "target_class_estimate": 5}) == target
 
 
+@pytest.mark.parametrize("found, inverted", [
+    ({"kind": "patch", "flip_rate": 0.9, "concentration": 1.0, "target_class_estimate": 3}, False),  # names class 3
+    ({"kind": "patch", "flip_rate": 0.9, "concentration": 0.3, "target_class_estimate": 3,
+      "mapping_consistency": 0.2}, True),  # fires, spread out
+    ({"kind": "patch", "flip_rate": 0.05, "concentration": 1.0, "target_class_estimate": 3}, True),  # does not fire
+    (None, True)])
+def test_suspected_target_inverts_through_channels_only_when_no_probe_names_the_target(monkeypatch, found, inverted):
+    import cc_core.scan as scan_module
+
+    calls = []
+    monkeypatch.setattr(scan_module, "inversion_report", lambda *a: calls.append(a) or {
+        "concentration": 0.9, "target_class_estimate": 5})
+    model = build_model("resnet18", num_classes=10, width=0.125).eval()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    universal = ({"flip_rate": 0.0, "mapping_consistency": 0.0, "concentration": 0.0}, torch.zeros(1, 3, 32, 32))
+    s = scan_module.suspected_target(model, x, y, PGDConfig(steps=1), found=found, universal=universal)
+    assert bool(calls) == inverted
+    assert (s["inversion"] is None) == (not inverted)
+    assert s["target"] == (5 if inverted else 3)
+
+
 def test_exclude_class_leaves_out_exactly_that_label():
     from cc_core.pipeline import exclude_class
 
