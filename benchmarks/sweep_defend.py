@@ -85,6 +85,8 @@ BASES = {grid: (PRESET_BEFORE_SMOOTH | base, ft) for grid, (base, ft) in BASES.i
 # setting, the preset since 2026-12-06): a row that wants any of these sets it.
 PRESET_BEFORE_TRIGGER_CHANNELS = {"warp_probe": None, "clp_with_trigger": True, "bn_match_scope": "always"}
 BASES = {grid: (PRESET_BEFORE_TRIGGER_CHANNELS | base, ft) for grid, (base, ft) in BASES.items()}
+# ...and with the 1024 synthetic images the preset made until grid preset_synthesis_512 halved them.
+BASES = {grid: (base | {"synth": {"n_samples": 1024} | base.get("synth", {})}, ft) for grid, (base, ft) in BASES.items()}
 BASES["preset_synthesis_512"] = ({}, {})  # the preset since 2026-12-06
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44

@@ -333,6 +333,12 @@ DISTILL_ALONE = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30, "max_gra
 TRIGGER_CHANNELS = {"warp_probe": WarpProbeConfig(), "clp_with_trigger": False, "bn_match_samples": 512,
                     "bn_match_scope": "trigger"}
 
+# Since 2026-12-06: 512 synthetic images for the cpu preset, not 1024, at the same 200 iterations.
+# A defense with 1024 took 10.6 / 11.9 min (BadNet / WaNet, CLI with export) on an fp32 EPYC (Zen 3),
+# 400-409 s of it synthesis; with 512 the zoo BadNet and the WaNet models from seeds 0-2 keep issue 4's
+# bounds (sweep_defend_preset_synthesis_512*.md; docs/MEASUREMENTS.md, "Half the synthetic images").
+CPU_SYNTHETIC_IMAGES = 512
+
 PRESETS: dict[str, DefendConfig] = {
     # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
     # recovery,clean}.md): the channel clean (u 3) removes the backdoor, clipping below tau 4 only
@@ -378,7 +384,7 @@ PRESETS: dict[str, DefendConfig] = {
     # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
     "cpu": DefendConfig(
         compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0, perturbation_channel_u=4.0,
-        synth=SynthConfig(n_samples=1024, batch_size=128, iterations=200),
+        synth=SynthConfig(n_samples=CPU_SYNTHETIC_IMAGES, batch_size=128, iterations=200),
         pgd=PGDConfig(steps=10), synth_model="original",
         finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
         kd_gate="verified", blend_probe=BlendProbeConfig(), **TRIGGER_CHANNELS),

@@ -298,7 +298,11 @@ def test_sweep_rows_keep_the_synthesis_they_ran_with():
     cfg, merged = row_config("scan_union_bn_match", ratio, overrides, ft)
     assert (cfg.synth.bn_weight, cfg.synth.tv_weight) == (30.0, 10.0) and cfg.finetune_on_scan_synthetic
     assert (cfg.scan_synth_config.bn_weight, cfg.scan_synth_config.tv_weight) == (1.0, 1e-4)
-    assert cfg.bn_match_samples == 512 and merged["synth"] == {"bn_weight": 30.0, "tv_weight": 10.0}
+    assert cfg.bn_match_samples == 512 and merged["synth"] == {"n_samples": 1024, "bn_weight": 30.0, "tv_weight": 10.0}
+    # the preset's 1024 images until it halved them, unless a row sets its own number
+    assert row_config("preset", *GRIDS["preset"][0][1:])[0].synth.n_samples == 1024
+    label, ratio, overrides, ft = GRIDS["synthesis"][1]
+    assert row_config("synthesis", ratio, overrides, ft)[0].synth.n_samples == overrides["synth"]["n_samples"] == 512
 
 
 def test_grids_run_before_the_trigger_channels_preset_keep_the_preset_they_ran_with():
@@ -311,4 +315,8 @@ def test_grids_run_before_the_trigger_channels_preset_keep_the_preset_they_ran_w
     assert cfg.warp_probe is None and cfg.clp_with_trigger and cfg.bn_match_samples is None
     grid = "preset_warp_probe_trigger_clean_only_bn_match_scoped"
     for _, ratio, overrides, ft in GRIDS[grid]:
-        assert row_config(grid, ratio, overrides, ft)[0] == resolve_config("cpu", ratio=ratio, scan_before=False)
+        shipped = resolve_config("cpu", ratio=ratio, scan_before=False, synth={"n_samples": 1024})
+        assert row_config(grid, ratio, overrides, ft)[0] == shipped
+    for _, ratio, overrides, ft in GRIDS["preset_synthesis_512"]:  # the preset since it halved the synthesis
+        assert row_config("preset_synthesis_512", ratio, overrides, ft)[0] == resolve_config("cpu", ratio=ratio,
+                                                                                            scan_before=False)
