@@ -454,8 +454,8 @@ GRIDS = {
         "synthetic images when a probe's trigger fired", ratio,
         {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512, "bn_match_scope": "trigger"}, {})
         for ratio in (2.0, 4.0)],
-    # The preset since 2026-12-06 takes 10.6-11.9 min a defense with the CLI's export on an fp32 EPYC (Zen 3),
-    # 400-409 s of it synthesis: half the synthetic images, at the same 200 iterations.
+    # With 1024 synthetic images the preset of 2026-12-06 took 10.6-11.9 min a defense with the CLI's export
+    # on an fp32 EPYC (Zen 3), 400-409 s of it synthesis: half the images, at the same 200 iterations.
     "preset_synthesis_512": [("cpu preset, 512 synthetic images x 200 iterations", ratio, {"synth": {"n_samples": 512}}, {})
                              for ratio in (2.0, 4.0)],
     # The Blended all-to-one model, with the blend probe (its teacher verified, used as is) and without
