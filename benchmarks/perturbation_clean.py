@@ -58,7 +58,7 @@ def model_rows(name: str, us: list[float]) -> list[dict]:
     cleaned, info = channel_clean(original, cfg, x if found else None, found)
     flip, delta = universal_inversion(probed["universal"])
     perturbation = perturbation_trigger(flip, delta, len(x))
-    test = load_dataset(recipe["dataset"], "test")
+    test = load_dataset(recipe["dataset"], "val")
     base = {"model": model_name(name, recipe), "probe_fires": bool(trigger_score(found)),
             "channels_zeroed": info["n_pruned"], "flip_rate_original": flip["flip_rate"],
             "all_to_all": all_to_all_suspected(flip)}

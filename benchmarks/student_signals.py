@@ -78,7 +78,7 @@ def students(name: str, ratio: float):
     """The zoo model ``name`` defended at ``ratio`` under each of SETTINGS, from the same cached
     synthetic images: yields (setting label, DefendResult, synthetic images x)."""
     recipe = RECIPES[RECIPE]
-    test = load_dataset(recipe["dataset"], "test")
+    test = load_dataset(recipe["dataset"], "val")
     directory = ensure_model(name, recipe)
     model, attack = load_model(directory / "model.safetensors"), load_attack(directory)
     for label, overrides in SETTINGS:

@@ -628,7 +628,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE, seed: i
     recipe's seed unless ``seed`` gives another (trained and cached under its own name if needed)."""
     torch.manual_seed(0)
     recipe = RECIPES[recipe_name] | ({} if seed is None else {"seed": seed})
-    test = load_dataset(recipe["dataset"], "test")
+    test = load_dataset(recipe["dataset"], "val")
     train = None  # loaded by the first row that uses real images
     rows = []
     for name in models:
@@ -679,7 +679,14 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE, seed: i
                  for what, _, _, seconds in synthetic.values()]
     flags = ("" if recipe_name == DEFAULT_RECIPE else f" --recipe {recipe_name}") + ("" if seed is None else f" --seed {seed}")
     return {"command": f"{COMMAND} --grid {grid} --models {' '.join(models)}{flags}", "machine": machine(),
-            "grid": grid, "recipe": recipe_name, "dataset": recipe["dataset"], "train_seed": recipe["seed"], "rows": rows}
+            "grid": grid, "recipe": recipe_name, "dataset": recipe["dataset"], "train_seed": recipe["seed"],
+            "eval_split": "val", "rows": rows}
+
+
+def split_text(result: dict) -> str:
+    """Which images a sweep scored on: the test set's validation half since the tuning protocol
+    (docs/PROTOCOL.md), the whole test set before it."""
+    return {"val": "test set's validation half"}.get(result.get("eval_split"), "test set (the whole of it, before the tuning protocol)")
 
 
 def markdown(result: dict) -> str:
@@ -687,7 +694,7 @@ def markdown(result: dict) -> str:
     lines = [f"# C&C sweep: grid `{result['grid']}`\n",
              f"`{result['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}"
              f"{train_seed_text(result)}. "
-             f"ACC/ASR in %, on the real {DATASET_NAMES[result.get('dataset', 'cifar10')]} test set (never seen by the defense). Every setting uses the "
+             f"ACC/ASR in %, on the real {DATASET_NAMES[result.get('dataset', 'cifar10')]} {split_text(result)} (never seen by the defense). Every setting uses the "
              "`cpu` preset except what its label says, and the same synthetic images (made once per model "
              "and synthesis setting from the original model). Targets (issue 4): ASR <= 5 and ACC drop <= 3 at 2x, <= 5 at 4x.\n",
              "| model | ratio | setting | channels zeroed | suspected target (images left out) | ACC before | ACC after | drop | target-class ACC before -> after | ASR before | ASR after | s |",

@@ -31,7 +31,7 @@ SETTINGS = ((1.0, 1e-4), (10.0, 1e-4), (30.0, 1e-4), (100.0, 1e-4), (30.0, 1.0),
 
 def real_variation(model, dataset: str) -> float:
     """Total variation of REAL_SAMPLES seeded test images in ``model``'s normalized input space."""
-    test = load_dataset(dataset, "test")
+    test = load_dataset(dataset, "val")
     pick = np.random.default_rng(0).choice(len(test), REAL_SAMPLES, replace=False)
     x, _ = test.subset(pick).tensors()
     return float(total_variation(normalize(x.float() / 255, model.cc_spec.mean, model.cc_spec.std)))

@@ -100,7 +100,7 @@ def sweep(student: nn.Module, original: nn.Module, real: dict, x: torch.Tensor, 
 
 def run(models: list[str], ratios: list[float], recipe_name: str) -> dict:
     recipe = RECIPES[recipe_name]
-    test = load_dataset(recipe["dataset"], "test")
+    test = load_dataset(recipe["dataset"], "val")
     out = []
     for name in models:
         directory = ensure_model(name, recipe)

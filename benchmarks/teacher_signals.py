@@ -79,7 +79,7 @@ def teacher_row(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None =
     teacher = distillation_teacher(cleaned, cfg)
     flip, delta = universal_inversion(probed["universal"])
     own_flip, _ = flip_report(teacher, x, cfg.inversion)
-    test = load_dataset(recipe["dataset"], "test")
+    test = load_dataset(recipe["dataset"], "val")
     real, before = evaluate(teacher, test, attack), evaluate(original, test)
     fired = trigger_score(found)
     return {"model": model_name(name, recipe), "channels_zeroed": info["n_pruned"],

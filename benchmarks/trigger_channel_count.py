@@ -50,7 +50,7 @@ def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = 
         return result
     _, info = channel_clean(original, cfg, x, probed["channel_trigger"])
     channels = info["trigger"]["channels"]
-    test = load_dataset(recipe["dataset"], "test")
+    test = load_dataset(recipe["dataset"], "val")
     cleaned, _ = clp(original, cfg.channel_u, cfg.channel_mode)
     pairs = conv_bn_pairs(cleaned)
     for k in range(len(channels) + 1):

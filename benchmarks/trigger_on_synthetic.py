@@ -54,7 +54,7 @@ def measure(name: str, directory: Path, samples: int, dataset: str, probe: Patch
     attack = load_attack(directory)
     synth = dataclasses.replace(resolve_config("cpu").synth, n_samples=samples)
     x_syn = shared_synthetic(name, model, synth)[0].cpu()
-    test = load_dataset(dataset, "test")
+    test = load_dataset(dataset, "val")
     pick = np.random.default_rng(0).choice(len(test), REAL_SAMPLES, replace=False)
     x_real, _ = test.subset(pick).tensors()
     x_real = normalize(x_real.float() / 255, model.cc_spec.mean, model.cc_spec.std)

@@ -63,6 +63,8 @@ def command(attack: str, recipe: dict = RECIPE, out: Path | str | None = None,
            "--epochs", str(extra.get("epochs", recipe["epochs"])),
            "--batch-size", str(recipe["batch_size"]), "--lr", str(recipe["lr"]),
            "--schedule", recipe["schedule"], "--seed", str(recipe["seed"]), "--threads", "2"]
+    if "target" in extra:
+        cmd += ["--target", str(extra["target"])]
     if "cross_ratio" in extra:
         cmd += ["--cross-ratio", str(extra["cross_ratio"])]
     for key, value in extra.get("attack_params", {}).items():

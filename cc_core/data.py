@@ -80,6 +80,11 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 # File prefixes per split; GTSRB's train split may be the shipped 25% subset.
 SPLIT_PREFIXES = {("gtsrb", "train"): ("gtsrb_train", "gtsrb_train_subset")}
+# The tuning protocol (docs/PROTOCOL.md): the test set in two halves, stratified by class and fixed by
+# this seed. Every sweep that chooses a setting scores on "val"; reported numbers come from "report".
+TEST_HALVES = ("val", "report")
+TEST_HALF_SEED = 0
+SPLITS = ("train", "test", *TEST_HALVES)
 
 
 @dataclass
@@ -145,10 +150,27 @@ def _files_for(directory: Path, prefix: str) -> list[str]:
             or sorted(glob.glob(str(directory / f"{prefix}_[0-9]*.npz"))))
 
 
+def test_half(data: ImageData, half: str, seed: int = TEST_HALF_SEED) -> ImageData:
+    """One of the two halves of a test set (``val`` or ``report``): each class's samples in a seeded
+    order, the first half of them (rounded down) in ``val``, the rest in ``report``; original order kept."""
+    if half not in TEST_HALVES:
+        raise ConfigError(f"a test half is one of {', '.join(TEST_HALVES)}, got {half!r}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(data.num_classes):
+        members = rng.permutation(np.flatnonzero(data.y == c))
+        cut = len(members) // 2
+        chosen.append(members[:cut] if half == "val" else members[cut:])
+    return data.subset(np.sort(np.concatenate(chosen)))
+
+
 def load_dataset(name: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> ImageData:
-    """A named dataset split (``train``/``test``) from the data directory, or an image folder path."""
-    if split not in ("train", "test"):
-        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    """A named dataset split from the data directory, or an image folder path. ``val`` and ``report``
+    are the two halves of ``test`` (:func:`test_half`)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split in TEST_HALVES:
+        return test_half(load_dataset(name, "test", data_dir), split)
     if Path(name).expanduser().is_dir():
         return load_image_folder(name)
     info = get_dataset_info(name)

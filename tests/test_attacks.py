@@ -127,8 +127,8 @@ def test_input_aware_triggers_depend_on_the_input(x):
 
 
 def test_bad_attack_input(tmp_path):
-    with pytest.raises(AttackSpecError, match=r"unknown attack 'trojan'; choose from badnet\[-a2a\]"):
-        build_attack("trojan", 10)
+    with pytest.raises(AttackSpecError, match=r"unknown attack 'refool'; choose from adapblend\[-a2a\]"):
+        build_attack("refool", 10)
     with pytest.raises(InputError, match=r"target class 12 is out of range for 10 classes \(0..9\)"):
         build_attack("badnet", 10, target=12)
     with pytest.raises(ConfigError, match="poisoning ratio must be in"):
@@ -144,3 +144,80 @@ def test_bad_attack_input(tmp_path):
     (tmp_path / "attack.safetensors").unlink()
     with pytest.raises(AttackSpecError, match="needs its tensors in"):
         load_attack(tmp_path)
+
+
+def test_sig_adds_the_horizontal_sinusoid(x):
+    from cc_core.attacks import SIG
+
+    attack = SIG(num_classes=10, params={"delta": 0.1, "frequency": 4})
+    mid = torch.full((1, 3, 32, 32), 0.5)
+    out = attack.apply_trigger(mid)
+    j = torch.arange(32)
+    expected = 0.5 + 0.1 * torch.sin(2 * torch.pi * j * 4 / 32)
+    assert torch.allclose(out[0, 1, 7], expected, atol=1e-6)
+    assert torch.equal(out[0, :, 0], out[0, :, 31])  # constant down the columns, same on every channel
+    assert out.min() >= 0 and attack.apply_trigger(x).max() <= 1
+
+
+def test_low_frequency_pattern_has_no_energy_above_its_cutoff():
+    from cc_core.attacks import LowFrequency
+
+    attack = LowFrequency(num_classes=10, params={"eps": 0.05, "cutoff": 0.1})
+    p = attack.pattern
+    assert p.shape == (3, 32, 32) and torch.isclose(p.abs().max(), torch.tensor(0.05))
+    power = torch.fft.rfft2(p).abs()
+    fy, fx = torch.fft.fftfreq(32)[:, None], torch.fft.rfftfreq(32)[None, :]
+    assert power[:, ((fy ** 2 + fx ** 2).sqrt() > 0.1)].max() < 1e-4
+    assert not torch.equal(p, LowFrequency(num_classes=10, seed=1).pattern)
+
+
+def test_bpp_dithering_quantizes_and_keeps_the_mean(x):
+    from cc_core.attacks import BPP
+    from cc_core.attacks.bpp import dither
+
+    attack = BPP(num_classes=10, params={"levels": 4})
+    out = attack.apply_trigger(x)
+    assert torch.allclose(out * 3, torch.round(out * 3), atol=1e-5)  # 4 levels: 0, 1/3, 2/3, 1
+    # error diffusion keeps each image's local mean where plain rounding of a flat grey does not
+    grey = torch.full((1, 3, 32, 32), 0.4)
+    assert abs(dither(grey, 4).mean() - 0.4) < 0.01
+    assert abs(BPP(num_classes=10, params={"levels": 4, "dithering": False}).apply_trigger(grey).mean() - 1 / 3) < 1e-6
+
+
+def test_trojan_patch_changes_only_its_box(x):
+    from cc_core.attacks import TrojanPatch
+
+    attack = TrojanPatch(num_classes=10, params={"size": 5, "row": 10, "col": 20})
+    changed = (attack.apply_trigger(x) != x).any(1).any(0)
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert rows.min() >= 10 and rows.max() < 15 and cols.min() >= 20 and cols.max() < 25
+    assert changed[12, 22]  # the centre pixel is always in the mask
+    with pytest.raises(ConfigError):
+        TrojanPatch(num_classes=10, params={"size": 5, "row": 30})
+
+
+def test_adaptive_blend_poisons_with_partial_tiles_and_tests_with_all(x):
+    from cc_core.attacks import AdaptiveBlend
+
+    attack = AdaptiveBlend(num_classes=10, target=3)
+    full = attack.apply_trigger(x)
+    assert torch.allclose(full, 0.8 * x + 0.2 * attack.pattern, atol=1e-6)
+    y = torch.arange(6)
+    poison = torch.tensor([True, True, False, False, False, False])
+    cross = torch.tensor([False, False, True, False, False, False])
+    xp, yp = attack.poison_batch(x, y, poison, cross, torch.Generator().manual_seed(0))
+    assert yp.tolist() == [3, 3, 2, 3, 4, 5]
+    tile = 8  # 4 x 4 tiles of 8 px
+    for row, keep in ((0, 8), (2, 4)):  # payload: half of the 16 tiles; cross: a quarter
+        moved = (xp[row] != x[row]).any(0).view(4, tile, 4, tile).any(3).any(1)
+        assert int(moved.sum()) == keep
+    assert torch.equal(xp[3:], x[3:])
+
+
+@pytest.mark.parametrize("name", ["sig", "lowfreq", "bpp", "trojan", "adapblend"])
+def test_unseen_zoo_attacks_round_trip_through_their_spec(tmp_path, x, name):
+    attack = build_attack(name, 10, target=7, seed=3)
+    attack.save(tmp_path)
+    again = load_attack(tmp_path)
+    assert type(again) is type(attack) and again.target == 7
+    assert torch.allclose(again.apply_trigger(x), attack.apply_trigger(x))

@@ -11,7 +11,7 @@ import torch
 from cc_core.data import (Archive, ChecksumError, DataNotFoundError, ImageData, augment,
                           download_dataset, get_dataset_info, load_dataset, random_crop,
                           random_hflip, resolve_data_dir)
-from cc_core.errors import InputError
+from cc_core.errors import ConfigError, InputError
 
 SHARED = os.environ.get("CC_DATA_DIR")
 
@@ -133,3 +133,29 @@ def test_shared_data_loads():
     assert len(test) == 10_000 and test.num_classes == 10 and test.x.dtype == np.uint8
     gtsrb = load_dataset("gtsrb", "train")
     assert gtsrb.num_classes == 43 and len(gtsrb) == 9802
+
+
+def test_the_test_halves_split_each_class_and_together_are_the_test_set():
+    from cc_core.data import test_half
+
+    y = np.repeat(np.arange(4), [10, 11, 6, 1])
+    data = ImageData(np.arange(len(y), dtype=np.uint8)[:, None, None, None].repeat(3, 3), y, list("abcd"))
+    val, report = test_half(data, "val"), test_half(data, "report")
+    ids = lambda d: set(d.x[:, 0, 0, 0].tolist())  # noqa: E731
+    assert ids(val).isdisjoint(ids(report)) and ids(val) | ids(report) == set(range(len(y)))
+    assert np.bincount(val.y, minlength=4).tolist() == [5, 5, 3, 0]
+    assert np.all(np.diff(val.x[:, 0, 0, 0]) > 0)  # the original order
+    assert ids(test_half(data, "val")) == ids(val)  # fixed by the seed
+    assert ids(test_half(data, "val", seed=1)) != ids(val)
+    with pytest.raises(ConfigError, match="a test half is one of val, report"):
+        test_half(data, "train")
+
+
+def test_load_dataset_gives_the_halves_of_the_test_split(tmp_path):
+    from cc_core.data import load_dataset as load
+
+    x = np.zeros((20, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "cifar10_test.npz", x=x, y=np.arange(20) % 10, classes=np.array(list("abcdefghij")))
+    assert len(load("cifar10", "val", tmp_path)) == 10 and len(load("cifar10", "report", tmp_path)) == 10
+    with pytest.raises(ConfigError, match="split must be one of train, test, val, report"):
+        load("cifar10", "holdout", tmp_path)

@@ -1,0 +1,86 @@
+"""Global additive triggers: a fixed signal added to every pixel of the image.
+
+- SIG (Barni et al., ICIP 2019): a horizontal sinusoid, v(i, j) = delta * sin(2 pi j f / W).
+  The paper poisons clean-label; here the poisoned samples are relabelled (poison-label), which
+  a 20-epoch run learns; the trigger is the same.
+- Low frequency (Zeng et al., ICCV 2021, BackdoorBench's "lf"): a smooth pattern with no energy
+  above a cut-off frequency. BackdoorBench low-passes a universal adversarial perturbation of a
+  clean model; here the pattern is seeded noise, low-passed the same way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cc_core.attacks.base import Attack, register_attack
+
+
+def add_pattern(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """clamp(x + pattern, 0, 1); ``pattern`` (C or 1, h, w) is resized to x's (N, C, H, W) size."""
+    pattern = pattern.to(x.device, x.dtype)
+    if pattern.shape[-2:] != x.shape[-2:]:
+        pattern = F.interpolate(pattern[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return (x + pattern).clamp(0, 1)
+
+
+def sinusoid(size: int, delta: float, frequency: float) -> torch.Tensor:
+    """(1, size, size): delta * sin(2 pi j frequency / size) along the columns j."""
+    j = torch.arange(size, dtype=torch.float32)
+    return (delta * torch.sin(2 * math.pi * j * frequency / size)).expand(size, size)[None].clone()
+
+
+def low_pass_pattern(size: int, seed: int, cutoff: float, eps: float) -> torch.Tensor:
+    """(3, size, size) seeded Gaussian noise with every frequency above ``cutoff`` (cycles per
+    pixel) removed, scaled to max |value| = eps."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(3, size, size, generator=g)
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    keep = (fy ** 2 + fx ** 2).sqrt() <= cutoff
+    smooth = torch.fft.irfft2(torch.fft.rfft2(noise) * keep, s=(size, size))
+    return eps * smooth / smooth.abs().max()
+
+
+@register_attack
+@dataclass
+class SIG(Attack):
+    """x' = clamp(x + delta sin(2 pi j f / W)): the same horizontal sinusoid on every channel."""
+
+    name = "sig"
+
+    @classmethod
+    def default_params(cls) -> dict:
+        return {"delta": 20 / 255, "frequency": 6}
+
+    def build(self) -> None:
+        self.pattern = sinusoid(self.image_size, self.params["delta"], self.params["frequency"])
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)
+
+
+@register_attack
+@dataclass
+class LowFrequency(Attack):
+    """x' = clamp(x + p), p a seeded pattern low-passed at ``cutoff`` cycles/pixel, |p| <= eps."""
+
+    name = "lowfreq"
+
+    @classmethod
+    def default_params(cls) -> dict:
+        return {"eps": 0.08, "cutoff": 0.1}
+
+    def build(self) -> None:
+        self.pattern = low_pass_pattern(self.image_size, self.seed + 3, self.params["cutoff"], self.params["eps"])
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pattern = tensors["pattern"]
