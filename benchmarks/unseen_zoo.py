@@ -7,7 +7,8 @@
 Families the tuning zoo does not have (SIG, low frequency, BPP, a TrojanNN-shaped patch, Adap-Blend),
 all-to-one targets other than 0, two seeds for two of them, a GTSRB setting, and clean models of
 other seeds and another architecture for the scan's false positives. Models are trained with the
-tuning zoo's recipe into <cache>/unseen/<name>. ``run`` scans each model and defends it with the
+tuning zoo's recipe into <cache>/unseen/<name>, then kept in fp16 under benchmarks/models/unseen/
+(committed: every machine judges the same weights; the cache is filled from there). ``run`` scans each model and defends it with the
 ``cpu`` preset at each ratio and synthesis seed, scored on the test set's reporting half; each row
 is a JSON file under results/unseen_zoo/<commit>/, so the rows of every revision of the defense
 stay in the record, and a row that exists is not run again. It refuses a tree with uncommitted
@@ -32,6 +33,9 @@ from benchmarks.zoo import RECIPE, cache_dir, command, ensure_model
 from cc_core.fileio import git_commit
 
 ROWS = RESULTS / "unseen_zoo"
+# The built models, committed so that every machine judges the same weights (fp16: 1.4 MB each).
+MODELS = Path(__file__).resolve().parent / "models" / "unseen"
+MODEL_FILES = ("model.safetensors", "attack.json", "attack.safetensors", "metrics.json")
 FLAG_RISK = 0.5  # the audit's default --flag
 PRESET = "cpu"
 
@@ -96,30 +100,65 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def store_half(path: Path) -> None:
+    """Rewrite a model file with its floating-point tensors in fp16 (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def ensure(s: Setting) -> Path:
+    """The model of ``s`` in the cache: there already, copied from the committed copy, or trained,
+    stored in fp16 and committed (copied to MODELS)."""
+    import shutil
+
+    if (s.directory / "metrics.json").exists():
+        return s.directory
+    kept = MODELS / s.name
+    s.directory.mkdir(parents=True, exist_ok=True)
+    if (kept / "metrics.json").exists():
+        for name in MODEL_FILES:
+            if (kept / name).exists():
+                shutil.copy2(kept / name, s.directory / name)
+        return s.directory
+    print(f"[unseen] {s.name}: {' '.join(s.command())}", flush=True)
+    ensure_model(s.attack, s.recipe, quiet=True, overrides=s.overrides, out=s.directory)
+    store_half(s.directory / "model.safetensors")
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (s.directory / name).exists():
+            shutil.copy2(s.directory / name, kept / name)
+    return s.directory
+
+
 def build(settings: list[Setting]) -> None:
-    """Train every missing model (cached ones are kept) and write results/unseen_zoo_models.{json,md}."""
+    """Make every missing model (ensure) and write results/unseen_zoo_models.{json,md}."""
     for s in settings:
-        print(f"[unseen] {s.name}: {' '.join(s.command())}", flush=True)
-        ensure_model(s.attack, s.recipe, quiet=True, overrides=s.overrides, out=s.directory)
+        ensure(s)
     render_models()
 
 
 def render_models() -> None:
     rows = []
     for s in SETTINGS:
-        metrics_file = s.directory / "metrics.json"
+        metrics_file = MODELS / s.name / "metrics.json"
         if not metrics_file.exists():
             continue
         m = json.loads(metrics_file.read_text())
         rows.append({"name": s.name, "setting": dataclasses.asdict(s), "acc": m["acc"], "asr": m["asr"], "ra": m["ra"],
                      "per_class_acc": m["per_class_acc"], "train_seconds": m["train_seconds"],
-                     "sha256": file_digest(s.directory / "model.safetensors"), "command": " ".join(s.command())})
+                     "sha256": file_digest(MODELS / s.name / "model.safetensors"), "command": " ".join(s.command())})
     result = {"machine": machine(), "recipe": RECIPE, "models": rows}
     md = ["# The unseen zoo's models\n",
           f"Trained with `python -m benchmarks.unseen_zoo build` on {result['machine']['cpu']}, "
           f"{result['machine']['cores']} cores, torch {result['machine']['torch']}; the tuning zoo's recipe "
-          f"{json.dumps(RECIPE)} with each row's changes. ACC / ASR / RA in % on the whole test set (as the "
-          "trainer measures); sha256 of model.safetensors, so a rebuilt model shows as a different one.\n",
+          f"{json.dumps(RECIPE)} with each row's changes. ACC / ASR / RA in % on the whole test set, as the "
+          "trainer measured them in fp32; the committed weights (benchmarks/models/unseen/) are those weights in "
+          "fp16, and the sha256 is theirs, so a model trained again shows as a different one.\n",
           "| model | attack | target | seed | ACC | ASR | RA | train min | sha256 | command |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -198,9 +237,10 @@ def run(settings: list[Setting], ratios: list[float], seeds: list[int]) -> None:
 
     commit = code_commit()
     for s in settings:
-        if not (s.directory / "metrics.json").exists():
+        if not (s.directory / "metrics.json").exists() and not (MODELS / s.name / "metrics.json").exists():
             print(f"[unseen] {s.name}: not built (python -m benchmarks.unseen_zoo build --models {s.name})", flush=True)
             continue
+        ensure(s)
         model = load_model(s.directory / "model.safetensors").eval()
         attack = load_attack(s.directory) if s.backdoored else None
         data = load_dataset(s.dataset, "report")

@@ -89,6 +89,39 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, 
     return (pix + delta.detach() - m) / s
 
 
+def add_pixel_delta(x: torch.Tensor, delta: torch.Tensor, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) with the pixel-unit perturbation ``delta`` (1, C, H, W)
+    added and the pixels kept in [0, 1]."""
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    return ((pix + delta.to(x.device)).clamp(0, 1) - mean) / std
+
+
+def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """``delta`` scaled down onto the L2 ball of ``radius`` when it lies outside it."""
+    norm = delta.flatten().norm()
+    return delta * (radius / norm) if norm > radius else delta
+
+
+def universal_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, steps: int,
+                           mean, std, start: torch.Tensor | None = None, mixed_precision: bool = True) -> torch.Tensor:
+    """One pixel-space perturbation delta (1, C, H, W), ||delta||_2 <= radius, that raises the mean CE
+    of ``model`` on all of the normalized inputs ``x`` (N, C, H, W) with labels ``y``: projected
+    gradient ascent with normalized steps of 2.5 radius / steps, from ``start`` (zero when None), pixels
+    kept in [0, 1]. A backdoor is such a perturbation, small and shared by every input (I-BAU's
+    premise); a clean model has no single small one that moves most images."""
+    pix, m, s = _to_pixels(x.detach(), mean, std)
+    delta = (torch.zeros_like(pix[:1]) if start is None else start.detach().clone().to(pix)).requires_grad_(True)
+    step = 2.5 * radius / steps
+    for _ in range(steps):
+        with autocast(pix.device, mixed_precision):
+            logits = model(((pix + delta).clamp(0, 1) - m) / s)
+        grad, = torch.autograd.grad(F.cross_entropy(logits.float(), y), delta)
+        with torch.no_grad():
+            delta += step * grad / grad.flatten().norm().clamp_min(1e-12)
+            delta.copy_(project_l2(delta, radius))
+    return delta.detach()
+
+
 @torch.no_grad()
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted classes (N,) of normalized inputs ``x`` (N, C, H, W), in eval mode."""

@@ -3,6 +3,8 @@
   L = w_syn * CE(F(x_s), y_s)  +  w_adv * CE(F(x_adv), y_s)  +  w_unl * CE(F(x_trig), y_s)
       + w_kd * T^2 KL(T(x_s) || F(x_s))  +  w_feat * mean_l ||F_l(x_s) - T_l(x_s)||^2 / ||T_l(x_s)||^2
       + w_onl * CE(F(x_s + d), y_s),  d = PGD against F as it is at this step (||d||_inf <= eps)
+      + w_uni * CE(F(x_s + u), y_s),  u = one universal perturbation (||u||_2 <= r) against F as it is
+                                          at the start of each epoch
 x_s: BN-statistics synthetic images with labels y_s; x_adv: their adversarial versions, trained
 towards the BENIGN label y_s so backdoor-like perturbations stop flipping predictions; x_trig:
 the same images carrying the scan's inverted trigger (one universal perturbation), also trained
@@ -14,6 +16,13 @@ term gives every layer its own target instead of only the logits. The online ter
 batch afresh against the student being trained (towards the left-out class when there is one and
 ``online_adv_targeted``, else away from y_s), where x_adv is made once, before the fine-tune.
 Each term is switched off by a zero weight; with every term off the model is returned untouched.
+
+The universal term is the one that needs no trigger found: a backdoor is a small perturbation that
+moves every input to one place, so the student is asked, epoch after epoch, for the single
+perturbation of L2 norm ``universal_radius`` (pixel units) that raises its loss most on
+``universal_samples`` of the synthetic images (``universal_steps`` of projected ascent, started
+from the previous epoch's), and trained to keep the synthetic labels under it (I-BAU, Zeng et al.
+2022, with the implicit hypergradient replaced by this alternation and real data by synthetic).
 
 With ``mixup_alpha`` > 0 the clean synthetic branch (the synthetic CE, both distillation terms)
 sees mixup images x = lam x_i + (1 - lam) x_j, lam ~ Beta(alpha, alpha) per batch: the CE goes
@@ -61,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, perturb, predictions
+from cc_core.adversarial import PGDConfig, add_pixel_delta, perturb, predictions, universal_perturbation
 from cc_core.data import random_crop, random_hflip
 from cc_core.device import autocast, channels_last, precision
 from cc_core.errors import ConfigError
@@ -102,13 +111,17 @@ class FinetuneConfig:
     online_adv_eps: float = 8 / 255
     online_adv_steps: int = 5
     online_adv_targeted: bool = True
+    universal_weight: float = 0.0
+    universal_radius: float = 3.0
+    universal_steps: int = 10
+    universal_samples: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("fine-tune needs epochs >= 0, batch_size >= 1 and lr > 0")
         if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight,
-               self.online_adv_weight) < 0:
+               self.online_adv_weight, self.universal_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
         if not self.mixup_alpha >= 0:
             raise ConfigError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha!r}")
@@ -119,13 +132,17 @@ class FinetuneConfig:
         if not self.online_adv_eps > 0 or self.online_adv_steps < 1:
             raise ConfigError("the online adversarial term needs online_adv_eps > 0 and online_adv_steps >= 1, got "
                               f"{self.online_adv_eps!r} and {self.online_adv_steps!r}")
+        if not self.universal_radius > 0 or self.universal_steps < 1 or self.universal_samples < 1:
+            raise ConfigError("the universal term needs universal_radius > 0, universal_steps >= 1 and "
+                              f"universal_samples >= 1, got {self.universal_radius!r}, {self.universal_steps!r} "
+                              f"and {self.universal_samples!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (None turns clipping off), got {self.max_grad_norm!r}")
 
     @property
     def active(self) -> bool:
-        return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.unlearn_weight,
-                                       self.kd_weight, self.feature_weight, self.online_adv_weight) > 0
+        return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight,
+                                       self.feature_weight, self.online_adv_weight, self.universal_weight) > 0
 
     @property
     def needs_teacher(self) -> bool:
@@ -336,6 +353,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     online = online_pgd(cfg)
     online_target = left_out_class if cfg.online_adv_targeted else None
+    universal = None
+    universal_set = torch.randperm(n, generator=gen)[:cfg.universal_samples] if cfg.universal_weight else None
 
     def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return masked_cross_entropy(logits, labels, masked, cfg.label_smoothing)
@@ -345,8 +364,12 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
         model.train()
         if cfg.freeze_bn:
             _set_bn_eval(model)
+        if universal_set is not None:
+            universal = universal_perturbation(model, x_syn[universal_set], y_syn[universal_set], cfg.universal_radius,
+                                               cfg.universal_steps, model.cc_spec.mean, model.cc_spec.std,
+                                               start=universal, mixed_precision=cfg.mixed_precision)
         order = torch.randperm(n, generator=gen)
-        sums = {"syn": 0.0, "adv": 0.0, "unlearn": 0.0, "kd": 0.0, "feat": 0.0, "online_adv": 0.0}
+        sums = {"syn": 0.0, "adv": 0.0, "unlearn": 0.0, "kd": 0.0, "feat": 0.0, "online_adv": 0.0, "universal": 0.0}
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xs, ys = x_syn[idx], y_syn[idx]
@@ -368,6 +391,7 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                 out_a = model(xa).float() if cfg.adv_weight else None
                 out_t = model(xt).float() if cfg.unlearn_weight else None
                 out_o = model(xo).float() if xo is not None else None
+                out_u = model(add_pixel_delta(xs, universal, model.cc_spec)).float() if universal is not None else None
                 if cfg.needs_teacher:
                     with torch.no_grad():
                         target = teacher(xs).float()
@@ -389,6 +413,12 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                 term = ce(out_o, ys)
                 sums["online_adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.online_adv_weight * term
+            if out_u is not None:
+                term = ce(out_u, ys)
+                if mix is not None:
+                    term = lam * term + (1 - lam) * ce(out_u, ys[partner])
+                sums["universal"] += float(term.detach()) * len(idx)
+                loss = loss + cfg.universal_weight * term
             if cfg.kd_weight:
                 term = distillation_loss(drop_class(out_s, kd_dropped), drop_class(target, kd_dropped),
                                          cfg.kd_temperature)

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, _to_pixels, class_histogram, concentration, pgd, predictions
+from cc_core.adversarial import PGDConfig, _to_pixels, add_pixel_delta, class_histogram, concentration, pgd, predictions
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.compact.clip import normalizer_value
 from cc_core.compact.tucker import unfold
@@ -170,13 +170,6 @@ def channel_outliers(model: nn.Module, u: float = 3.0) -> list[dict]:
 
     return [{"layer": name, "channel": k, "z": z} for z, name, k in layer_scores(model, conv_bn_pairs(model))
             if z > u]
-
-
-def add_pixel_delta(x: torch.Tensor, delta: torch.Tensor, spec) -> torch.Tensor:
-    """Normalized images ``x`` (N, C, H, W) with the pixel-unit perturbation ``delta`` (1, C, H, W)
-    added and the pixels kept in [0, 1]."""
-    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
-    return ((pix + delta.to(x.device)).clamp(0, 1) - mean) / std
 
 
 def _optimize_delta(model: nn.Module, x: torch.Tensor, objective,

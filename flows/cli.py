@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from flows.pipeline_cli import risk_threshold
+
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -411,10 +413,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_json(out, report)
+    verdict = EXIT_GATE_FAILED if args.fail_on is not None and report["risk"] >= args.fail_on else EXIT_OK
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "spectra"} |
                          {"spectra": [{k: v for k, v in s.items() if k != "normalized"} for s in report["spectra"]]}, indent=2))
-        return EXIT_OK
+        return verdict
     names = model.cc_spec.class_names
     target = report["target_class_estimate"]
     label = (f"{target} ({names[target]})" if names else str(target)) + (
@@ -447,7 +450,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
           f"{report['anomaly_index']:.1f}): " + " ".join(str(c) for c in report["histogram"]))
     top = sorted(report["spectra"], key=lambda s: -s["max_normalized"])[:5]
     print(_table([(s["layer"], f"{s['max_normalized']:.2f}") for s in top], ("layer", "max normalized sv")))
-    return EXIT_OK
+    if verdict:
+        print(f"risk {report['risk']:.2f} >= --fail-on {args.fail_on:g}: exit {verdict}")
+    return verdict
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -684,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warp-probe", action="store_true", help="skip the warp probe (~40 s on 2 CPU cores)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--fail-on", type=risk_threshold, metavar="RISK",
+                   help="exit 1 when the risk score is >= RISK (0-1; the audit flags from 0.5), for CI gates")
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("bench", help="the paper's tables on this machine (cached, resumable rows)")

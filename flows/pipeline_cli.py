@@ -83,6 +83,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_GATE_FAILED if result["status"] == "rejected" else EXIT_OK
 
 
+def risk_threshold(text: str) -> float:
+    """A risk threshold in [0, 1] from the command line (argparse type: a bad one exits 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     _quiet_prefect()
     from flows.audit import audit_flow
@@ -90,12 +101,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     rows = audit_flow(policy=args.policy, max_age_hours=args.max_age_hours, flag_risk=args.flag,
                       names=args.names, ratio=args.ratio, preset=args.preset, tracking_uri=args.tracking_uri,
                       gates=_key_values(args.gate or [], "--gate"), limit=args.limit)
+    failing = [r for r in rows if args.fail_on is not None and r["risk"] >= args.fail_on]
+    if args.json:
+        print(json.dumps({"versions": rows, "failing": [f"models:/{r['name']}/{r['version']}" for r in failing]},
+                         indent=2, default=str))
+        return EXIT_GATE_FAILED if failing else EXIT_OK
     for r in rows:
         print(f"models:/{r['name']}/{r['version']}: risk {r['risk']:.2f}, target {r['target']}, "
               f"{r['verdict']}" + (f", cleaned: {r['clean_status']}" if "clean_status" in r else ""))
     if not rows:
         print("nothing due for audit")
-    return EXIT_OK
+    if failing:
+        print(f"{len(failing)} version(s) at risk >= --fail-on {args.fail_on:g}: exit {EXIT_GATE_FAILED}")
+    return EXIT_GATE_FAILED if failing else EXIT_OK
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -248,6 +266,9 @@ def add_commands(sub) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--gate", action="append", metavar="NAME=LIMIT")
     p.add_argument("--limit", type=int)
+    p.add_argument("--fail-on", type=risk_threshold, metavar="RISK",
+                   help="exit 1 when any audited version's risk is >= RISK (0-1), for CI gates")
+    p.add_argument("--json", action="store_true", help="print the audited versions as JSON")
     tracking(p)
     p.set_defaults(func=cmd_audit)
 

@@ -112,3 +112,34 @@ def test_evaluate_with_wrong_label_space(tmp_path, capsys):
              classes=np.array([str(i) for i in range(43)]))
     assert _exit_code(["evaluate", str(path), "--eval-data", "gtsrb", "--data-dir", str(tmp_path)]) == 2
     assert "the evaluation data has labels up to 42 but the model has 10 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("risk,fail_on,expected", [(0.8, "0.5", 1), (0.2, "0.5", 0), (0.5, "0.5", 1), (0.9, None, 0)])
+def test_scan_fail_on_gates_on_the_risk(model_file, monkeypatch, capsys, risk, fail_on, expected):
+    import cc_core.scan
+
+    report = {"risk": risk, "risk_signals": {"inversion": risk, "all_to_all": 0.0, "patch": 0.0, "warp": 0.0,
+                                             "adversarial": 0.0},
+              "target_class_estimate": 3, "all_to_all_suspected": False, "concentration": 0.1, "anomaly_index": 1.0,
+              "histogram": [1] * 10, "inversion": {"n_channel_outliers": 0, "histogram": None},
+              "flip": {"flip_rate": 0.1, "mapping_consistency": 0.2, "delta_pixels_changed": 0.01},
+              "patch": None, "warp": None, "spectra": [{"layer": "conv1", "max_normalized": 1.0}],
+              "config": {"inversion": {"u": 3.0}}}
+    monkeypatch.setattr(cc_core.scan, "scan", lambda *a, **k: report)
+    argv = ["scan", str(model_file), "--arch", "resnet18", "--json"] + (["--fail-on", fail_on] if fail_on else [])
+    assert main(argv) == expected
+    assert json.loads(capsys.readouterr().out)["risk"] == risk
+    assert _exit_code(["scan", str(model_file), "--arch", "resnet18", "--fail-on", "1.5"]) == 2
+
+
+def test_audit_fail_on_exits_1_when_a_version_is_at_risk(monkeypatch, capsys):
+    import flows.audit
+
+    rows = [{"name": "vendor-net", "version": 1, "risk": 0.9, "target": 2, "verdict": "flagged"},
+            {"name": "vendor-net", "version": 2, "risk": 0.1, "target": 0, "verdict": "clear"}]
+    monkeypatch.setattr(flows.audit, "audit_flow", lambda **kwargs: rows)
+    assert main(["audit", "--policy", "scan-only", "--fail-on", "0.5", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["failing"] == ["models:/vendor-net/1"]
+    assert main(["audit", "--policy", "scan-only", "--fail-on", "0.95"]) == 0
+    assert main(["audit", "--policy", "scan-only"]) == 0
+    assert "models:/vendor-net/1: risk 0.90" in capsys.readouterr().out
