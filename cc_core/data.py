@@ -193,6 +193,22 @@ def load_dataset(name: str, split: str = "test", data_dir: str | os.PathLike | N
     return ImageData(x, y, classes, info.name)
 
 
+def ensure_dataset(name: str, split: str = "test", data_dir: str | os.PathLike | None = None,
+                   progress: bool = True) -> ImageData:
+    """``load_dataset``, but where the data is missing and no directory was named (neither
+    ``data_dir`` nor ``$CC_DATA_DIR``), the public archives are downloaded into the per-user cache
+    first, their checksums verified (a mismatch keeps nothing and raises ChecksumError)."""
+    try:
+        return load_dataset(name, split, data_dir)
+    except DataNotFoundError:
+        if data_dir or os.environ.get("CC_DATA_DIR"):
+            raise
+    print(f"[data] no {name} data in {resolve_data_dir()}: downloading the public archive once "
+          "(checksum verified; set CC_DATA_DIR or --data-dir to use a copy you have)", file=sys.stderr, flush=True)
+    download_dataset(name, progress=progress)
+    return load_dataset(name, split)
+
+
 def load_image_folder(root: str | os.PathLike, size: tuple[int, int] = (32, 32)) -> ImageData:
     """``root/<class name>/<image>`` (classes sorted by name), resized to ``size`` (bilinear)."""
     from PIL import Image, UnidentifiedImageError

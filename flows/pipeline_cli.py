@@ -155,12 +155,12 @@ def _demo_model(data_dir: str | None) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded default (SQLite MLflow, Prefect's local server)."""
     _quiet_prefect()
-    from cc_core.data import load_dataset
+    from cc_core.data import ensure_dataset
     from tasks.registry import register_suspect
     from tasks.tracking import default_tracking_uri
 
     start = time.perf_counter()
-    load_dataset("cifar10", "test", args.data_dir)  # fail early, with where to get it, if missing
+    ensure_dataset("cifar10", "test", args.data_dir)  # downloaded into the cache where missing
     model_dir = _demo_model(args.data_dir)
     uri = default_tracking_uri()
     version = register_suspect(uri, DEMO_MODEL, model_dir / "model.safetensors", model_dir,

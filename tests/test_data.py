@@ -159,3 +159,60 @@ def test_load_dataset_gives_the_halves_of_the_test_split(tmp_path):
     assert len(load("cifar10", "val", tmp_path)) == 10 and len(load("cifar10", "report", tmp_path)) == 10
     with pytest.raises(ConfigError, match="split must be one of train, test, val, report"):
         load("cifar10", "holdout", tmp_path)
+
+
+@pytest.fixture()
+def archive_server(tmp_path):
+    """A local HTTP server serving tmp_path/served/ (the fake CIFAR-10 archive)."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    labels, _ = _fake_cifar10_archive(served / "cifar-10-binary.tar.gz")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cifar-10-binary.tar.gz", served / "cifar-10-binary.tar.gz", labels
+    server.shutdown()
+
+
+def _serve_as_cifar10(monkeypatch, tmp_path, url: str, md5: str) -> Path:
+    import dataclasses
+
+    import cc_core.data
+
+    monkeypatch.delenv("CC_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = cc_core.data.DATASETS["cifar10"]
+    monkeypatch.setitem(cc_core.data.DATASETS, "cifar10", dataclasses.replace(info, archives={"binary": Archive(url, md5)}))
+    return tmp_path / "cache" / "cleancompact" / "data"
+
+
+def test_first_run_downloads_and_verifies_the_missing_dataset(archive_server, monkeypatch, tmp_path):
+    from cc_core.data import ensure_dataset
+
+    url, archive, labels = archive_server
+    cache = _serve_as_cifar10(monkeypatch, tmp_path, url, hashlib.md5(archive.read_bytes()).hexdigest())
+    test = ensure_dataset("cifar10", "test", progress=False)
+    assert len(test) == 3 and test.y.tolist() == labels[9:].tolist()
+    assert sorted(p.name for p in cache.glob("*.npz")) == ["cifar10_test.npz", "cifar10_train.npz"]
+    archive.unlink()  # a second run finds the data and downloads nothing
+    assert len(ensure_dataset("cifar10", "train", progress=False)) == 9
+    monkeypatch.setenv("CC_DATA_DIR", str(tmp_path / "elsewhere"))  # a directory the user named is never filled
+    with pytest.raises(DataNotFoundError):
+        ensure_dataset("cifar10", "test", progress=False)
+
+
+def test_demo_with_a_corrupt_download_exits_2_and_keeps_nothing(archive_server, monkeypatch, tmp_path, capsys):
+    from flows.cli import main
+
+    url, _, _ = archive_server
+    cache = _serve_as_cifar10(monkeypatch, tmp_path, url, "0" * 32)
+    monkeypatch.setenv("CC_HOME", str(tmp_path / "home"))
+    assert main(["demo"]) == 2
+    assert "expected 00000000000000000000000000000000" in capsys.readouterr().err
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+    assert not (tmp_path / "home").exists() or not list((tmp_path / "home").rglob("*.safetensors"))
