@@ -311,12 +311,18 @@ class DefendConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "DefendConfig":
-        for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe", "blend_probe", "distill_check"):
-            if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
-                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
-        if "compact" in changes:
-            changes["compact"] = self.compact | changes["compact"]
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; a section (synth, finetune, ...) given as a dict changes only its keys.
+        An unknown field or a value of the wrong type is a ConfigError."""
+        try:
+            for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe", "blend_probe",
+                        "distill_check"):
+                if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
+                    changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+            if "compact" in changes:
+                changes["compact"] = self.compact | changes["compact"]
+            return dataclasses.replace(self, **changes)
+        except TypeError as e:
+            raise ConfigError(f"invalid setting: {e}") from None
 
 
 # A student that learns from its teacher alone (DefendConfig.distill_finetune; `--distill-alone`).

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flows.pipeline_cli import risk_threshold
+from flows.pipeline_cli import merge_settings, parse_settings, risk_threshold
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -351,7 +351,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             ft[key] = 0.0
     overrides |= {"synth": synth, "finetune": ft}
-    cfg = resolve_config(args.preset, **overrides)
+    cfg = resolve_config(args.preset, **merge_settings(overrides, parse_settings(args.set or [])))
     model = _load(args)
     eval_data = load_dataset(args.eval_data, "test", args.data_dir) if args.eval_data else None
     attack = load_attack(args.attack) if args.attack else None
@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("defend", help="remove a backdoor and compress, data-free (C&C)")
     _add_model_args(p)
     p.add_argument("--ratio", type=float, required=True, help="compression of the whole model (> 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override, repeatable, applied last: a DefendConfig field, dotted for a section "
+                        "(e.g. finetune.universal_weight=1); JSON values")
     p.add_argument("--tau", type=_positive_float, help="clip level of normalized singular values")
     p.add_argument("--no-clip", action="store_true", help="no singular-value clipping (ablation)")
     p.add_argument("--normalizer", choices=["max", "mean", "median", "rms", "none"])

@@ -31,6 +31,39 @@ def _key_values(items: list[str], what: str) -> dict:
     return out
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``--set`` values -> nested config overrides: ``finetune.epochs=5`` -> {"finetune": {"epochs": 5}};
+    values are JSON where they parse (numbers, true/false/null, objects), else text; later items win."""
+    from cc_core.errors import InputError
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        path = key.split(".")
+        if not sep or not all(path):
+            raise InputError(f"--set expects KEY=VALUE with KEY a config field (dotted for a section, "
+                             f"e.g. finetune.epochs=5), got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise InputError(f"--set {item!r}: {part} was set to a value before, not a section")
+            node = node[part]
+        node[path[-1]] = parsed
+    return out
+
+
+def merge_settings(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` laid over it, sections merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge_settings(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -40,7 +73,7 @@ def _quiet_prefect() -> None:
 
 
 def _flow_overrides(args: argparse.Namespace) -> dict:
-    overrides = _key_values(args.set or [], "--set")
+    overrides = parse_settings(args.set or [])
     if args.tau is not None:
         overrides["tau"] = args.tau
     return overrides
@@ -245,7 +278,8 @@ def add_commands(sub) -> None:
     p.add_argument("--tau", type=float)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help='DefendConfig override, JSON values (e.g. finetune=\'{"epochs": 5}\')')
+                   help="config override, repeatable: a DefendConfig field, dotted for a section "
+                        "(e.g. finetune.epochs=5); JSON values")
     p.add_argument("--gate", action="append", metavar="NAME=LIMIT",
                    help="gate limit, e.g. max_acc_drop=0.03, min_speedup=null to disable")
     p.add_argument("--eval-data", help="dataset name or image folder, to measure ACC (and ASR with an attack)")

@@ -143,3 +143,39 @@ def test_audit_fail_on_exits_1_when_a_version_is_at_risk(monkeypatch, capsys):
     assert main(["audit", "--policy", "scan-only", "--fail-on", "0.95"]) == 0
     assert main(["audit", "--policy", "scan-only"]) == 0
     assert "models:/vendor-net/1: risk 0.90" in capsys.readouterr().out
+
+
+def test_set_takes_dotted_keys_and_json_values():
+    from cc_core.errors import InputError
+    from flows.pipeline_cli import merge_settings, parse_settings
+
+    assert parse_settings(["finetune.epochs=5", "finetune.universal_weight=1.5", "tau=null", "device=cpu",
+                           "synth={\"n_samples\": 64}", "synth.iterations=10"]) == {
+        "finetune": {"epochs": 5, "universal_weight": 1.5}, "tau": None, "device": "cpu",
+        "synth": {"n_samples": 64, "iterations": 10}}
+    assert merge_settings({"finetune": {"epochs": 3, "lr": 0.1}, "ratio": 2}, {"finetune": {"epochs": 5}}) == {
+        "finetune": {"epochs": 5, "lr": 0.1}, "ratio": 2}
+    for bad in (["finetune"], ["finetune..epochs=1"], ["tau=3", "tau.x=1"]):
+        with pytest.raises(InputError):
+            parse_settings(bad)
+
+
+def test_defend_set_reaches_the_config(model_file, tmp_path, monkeypatch):
+    import cc_core.pipeline
+
+    seen = {}
+
+    def fake_defend(model, config, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cc_core.pipeline, "defend", fake_defend)
+    with pytest.raises(SystemExit):
+        main(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
+              "--finetune-epochs", "3", "--set", "finetune.universal_weight=1", "--set", "finetune.universal_radius=4",
+              "--set", "exclude_suspected_target=false"])
+    cfg = seen["config"]
+    assert cfg.finetune.universal_weight == 1.0 and cfg.finetune.universal_radius == 4.0 and cfg.finetune.epochs == 3
+    assert cfg.exclude_suspected_target is False
+    assert _exit_code(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
+                       "--set", "finetune.no_such_field=1"]) == 2
