@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("CC_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-# glibc's default allocator costs ~1.5x in training (STACK.md); harmless elsewhere.
+# glibc's default allocator costs ~1.5x in training (docs/STACK.md); harmless elsewhere.
 # Where this project's checkouts keep the datasets (CI, tests, demo) when CC_DATA_DIR is unset.
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FAST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",

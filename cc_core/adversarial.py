@@ -1,4 +1,4 @@
-"""Adversarial synthetic data: untargeted L-inf PGD (METHOD.md step 6).
+"""Adversarial synthetic data: untargeted L-inf PGD (docs/METHOD.md step 6).
 
 On a backdoored model, untargeted perturbations of synthetic images mostly land in the
 backdoor target class: the backdoor is the shortest way out of every class. The adversarial

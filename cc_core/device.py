@@ -38,7 +38,7 @@ def precision(device: torch.device, enabled: bool = True) -> str:
 
 def autocast(device: torch.device, enabled: bool = True):
     """fp16 AMP on CUDA; bf16 autocast on a CPU that runs bf16 natively (about 2x faster than
-    fp32 there, STACK.md); plain fp32 on any other CPU."""
+    fp32 there, docs/STACK.md); plain fp32 on any other CPU."""
     dtype = precision(device, enabled)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16, enabled=dtype == "float16")

@@ -1,4 +1,4 @@
-"""Recovery fine-tune of the compact model on synthetic data only (METHOD.md step 7).
+"""Recovery fine-tune of the compact model on synthetic data only (docs/METHOD.md step 7).
 
   L = w_syn * CE(F(x_s), y_s)  +  w_adv * CE(F(x_adv), y_s)  +  w_unl * CE(F(x_trig), y_s)
       + w_kd * T^2 KL(T(x_s) || F(x_s))  +  w_feat * mean_l ||F_l(x_s) - T_l(x_s)||^2 / ||T_l(x_s)||^2

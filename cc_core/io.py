@@ -2,7 +2,7 @@
 
 Reads ``.safetensors`` and PyTorch state dicts (``torch.load(weights_only=True)``, which
 refuses pickled code); writes ``.safetensors`` whose metadata rebuilds the module, compacted
-ones included (ARCHITECTURE.md, "Model files"). The format is detected from the file's bytes,
+ones included (docs/ARCHITECTURE.md, "Model files"). The format is detected from the file's bytes,
 not its name. Every problem with the input raises a :class:`~cc_core.errors.ModelFileError`
 subclass whose message says what is wrong and what to do.
 """

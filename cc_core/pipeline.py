@@ -1,7 +1,7 @@
 """End to end (``cc_core.defend``): clean + compact, synthesize, adversarial, recovery fine-tune, evaluate, export.
 
-``defend(model, ratio)`` runs METHOD.md steps 1-7 without any real data and returns the new
-model with a report in the ``cleancompact.report/1`` shape (ARCHITECTURE.md). Presets:
+``defend(model, ratio)`` runs docs/METHOD.md steps 1-7 without any real data and returns the new
+model with a report in the ``cleancompact.report/1`` shape (docs/ARCHITECTURE.md). Presets:
 ``cpu`` (what finishes in minutes on 2 CPU cores) and ``paper`` (full-size, GPU-scale).
 """
 from __future__ import annotations

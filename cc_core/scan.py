@@ -1,6 +1,6 @@
 """Data-free backdoor scan: five signals, no real data.
 
-1. Adversarial histogram (METHOD.md step 6): where untargeted PGD sends synthetic images. Its
+1. Adversarial histogram (docs/METHOD.md step 6): where untargeted PGD sends synthetic images. Its
    concentration is (p_max - 1/C) / (1 - 1/C); the anomaly index is the robust z-score (median
    absolute deviation) of the top class count, as in Neural Cleanse.
 2. Channel outliers: output channels whose Lipschitz upper bound (CLP's UCLC, BN folded in)

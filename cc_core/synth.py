@@ -1,4 +1,4 @@
-"""Data-free synthetic inputs from a model's own BatchNorm statistics (METHOD.md step 5).
+"""Data-free synthetic inputs from a model's own BatchNorm statistics (docs/METHOD.md step 5).
 
   min_x  sum_j a_j (||mu_j(x) - mu_j||^2 + ||sigma_j(x) - sigma_j||^2)  +  w_ce * CE(F(x), y)
          (+ optional total-variation and L2 image priors)

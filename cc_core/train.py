@@ -1,6 +1,6 @@
 """Seeded, resumable classifier training with optional backdoor poisoning.
 
-Fast on CPU (STACK.md): bf16 autocast (where the CPU runs it natively), channels_last,
+Fast on CPU (docs/STACK.md): bf16 autocast (where the CPU runs it natively), channels_last,
 whole-batch tensor augmentation; the same loop runs on CUDA with fp16 AMP. A checkpoint is
 written after every epoch; calling again with the same output directory resumes from it.
 """

@@ -22,7 +22,7 @@ def emit_model_version_created(name: str, version: int | str, via: str, tracking
     """Emit the event for ``models:/name/version``; returns the Event (None if not sent)."""
     from prefect.events import emit_event
 
-    version = int(version)  # str over REST, int over SQLite (STACK.md)
+    version = int(version)  # str over REST, int over SQLite (docs/STACK.md)
     return emit_event(
         event=EVENT,
         resource={"prefect.resource.id": f"{RESOURCE_PREFIX}.{name}.{version}",

@@ -4,7 +4,7 @@ MLflow signs each delivery as ``X-MLflow-Signature: v1,<base64 HMAC-SHA256(secre
 "{delivery_id}.{timestamp}.{body}")>`` with ``X-MLflow-Delivery-Id`` and ``X-MLflow-Timestamp``
 headers. Requests with a bad signature, a timestamp outside ``max_skew_s`` (replays) or a
 delivery id seen before (MLflow retries) do not emit anything. Webhooks fire only for writes
-through ``mlflow server`` with a SQL store (STACK.md); :func:`register_webhook` creates one.
+through ``mlflow server`` with a SQL store (docs/STACK.md); :func:`register_webhook` creates one.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The ``cleancompact`` command line.
 
-Exit codes (ARCHITECTURE.md): 0 ok, 1 the run completed but a gate failed, 2 bad input
+Exit codes (docs/ARCHITECTURE.md): 0 ok, 1 the run completed but a gate failed, 2 bad input
 (one clear message, no traceback), anything else a bug.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model registry conventions (ARCHITECTURE.md, "MLflow conventions").
+"""Model registry conventions (docs/ARCHITECTURE.md, "MLflow conventions").
 
 A suspect model version holds its weights as plain files (``.safetensors`` or a state dict,
 optionally ``attack.json`` beside them); the cleaned model is registered as ``<source>-cc`` with
@@ -174,7 +174,7 @@ def cleaned_versions(client, target: str, source_uri: str, config_hash: str | No
 
 def alias_version(client, name: str, alias: str) -> int | None:
     """The version an alias points at, or None (read via the alias API: search results leave
-    ``aliases`` empty, STACK.md)."""
+    ``aliases`` empty, docs/STACK.md)."""
     from mlflow.exceptions import MlflowException
 
     try:

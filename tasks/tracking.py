@@ -77,7 +77,7 @@ def mlflow_globals(tracking_uri: str):
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """The id of experiment ``name``, created (with a local artifact root on SQLite) if missing.
 
-    Created up front and passed by id: ``set_experiment`` races between processes (STACK.md)."""
+    Created up front and passed by id: ``set_experiment`` races between processes (docs/STACK.md)."""
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)

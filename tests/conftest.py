@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Prefect and MLflow read these at import time (STACK.md, "Environment for tests/CI").
+# Prefect and MLflow read these at import time (docs/STACK.md, "Environment for tests/CI").
 _STATE = Path(tempfile.mkdtemp(prefix="cc-tests-"))
 os.environ.update({
     "PREFECT_HOME": str(_STATE / "prefect"),

@@ -1,4 +1,4 @@
-"""The clean step: clip normalized singular values at ``tau`` (METHOD.md steps 2-3).
+"""The clean step: clip normalized singular values at ``tau`` (docs/METHOD.md steps 2-3).
 
   T1 = row norms of G_(1);  G_(1) <- G_(1) * min(tau * n1 / T1, 1)
   T2 = row norms of G_(2);  G_(2) <- G_(2) * min(tau * n2 / T2, 1)

@@ -1,6 +1,6 @@
 """Tucker-2 decomposition of conv weights on the two channel modes, and plain SVD for 1x1.
 
-Notation (METHOD.md step 1): ``W`` has shape (O, I, K, K).
+Notation (docs/METHOD.md step 1): ``W`` has shape (O, I, K, K).
   W_(1) = unfold(W, 0) in R^{O x (I K K)},  U1 = its left singular vectors (O x r1)
   W_(2) = unfold(W, 1) in R^{I x (O K K)},  U2 = its left singular vectors (I x r2)
   G = W x1 U1^T x2 U2^T  (r1 x r2 x K x K),  W = G x1 U1 x2 U2  (exact at full rank)
