@@ -8,8 +8,8 @@ from cc_core.io import load_model, read_metadata, save_model
 from cc_core.models import ModelSpec, build_model, count_params, list_models
 from cc_core.pipeline import DefendConfig, defend
 
-__version__ = "0.1.0"
+from cc_core.version import __version__
 
-__all__ = ["CleanCompactError", "CompactConfig", "CompactionPlan", "DefendConfig", "InputError",
+__all__ = ["__version__", "CleanCompactError", "CompactConfig", "CompactionPlan", "DefendConfig", "InputError",
            "ModelSpec", "build_model", "clean_compact", "count_params", "defend", "list_models",
            "load_model", "read_metadata", "save_model"]

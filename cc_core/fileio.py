@@ -38,7 +38,7 @@ def git_commit() -> str | None:
 
 def code_version() -> str:
     """This package's version plus, in a git checkout, its commit: which code computed a result."""
-    from cc_core import __version__
+    from cc_core.version import __version__
 
     commit = git_commit()
     return f"{__version__}+{commit}" if commit else __version__

@@ -96,7 +96,7 @@ def test_anp_masks_and_budget_pruning():
 
 def test_defend_cli_clp_and_anp_needs_clean_data(tmp_path, capsys):
     from cc_core import save_model
-    from flows.cli import main
+    from cleancompact.cli import main
 
     path = save_model(tiny_model(), tmp_path / "tiny.safetensors")
     out = tmp_path / "clp"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from benchmarks import bench, zoo
 from cc_core import ModelSpec
 from cc_core.errors import InputError
-from flows.cli import main
+from cleancompact.cli import main
 
 
 def test_rows_have_unique_ids_and_commands_that_select_exactly_themselves():

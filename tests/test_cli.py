@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cc_core import build_model, load_model
-from flows.cli import main
+from cleancompact.cli import main
 
 
 @pytest.fixture()
@@ -58,7 +58,7 @@ def test_bad_input_exits_2_with_one_message(argv, message, model_file, tmp_path,
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", str(tmp_path / "x.pt")],
+    proc = subprocess.run([sys.executable, "-m", "cleancompact.cli", "inspect", str(tmp_path / "x.pt")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: model file not found: {tmp_path / 'x.pt'}"
@@ -87,7 +87,7 @@ def test_train_backdoor_and_evaluate_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--attack", "trojan", "--dataset", "cifar10"], "unknown attack 'trojan'"),
+    (["--attack", "refool", "--dataset", "cifar10"], "unknown attack 'refool'"),
     (["--attack", "badnet", "--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--attack", "badnet", "--dataset", "cifar10", "--target", "10"], "target class 10 is out of range"),
     (["--attack", "badnet", "--dataset", "cifar10", "--data-dir", "{empty}"], "no cifar10 train data in"),
@@ -147,7 +147,7 @@ def test_audit_fail_on_exits_1_when_a_version_is_at_risk(monkeypatch, capsys):
 
 def test_set_takes_dotted_keys_and_json_values():
     from cc_core.errors import InputError
-    from flows.pipeline_cli import merge_settings, parse_settings
+    from cleancompact.pipeline_cli import merge_settings, parse_settings
 
     assert parse_settings(["finetune.epochs=5", "finetune.universal_weight=1.5", "tau=null", "device=cpu",
                            "synth={\"n_samples\": 64}", "synth.iterations=10"]) == {

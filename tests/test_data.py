@@ -207,7 +207,7 @@ def test_first_run_downloads_and_verifies_the_missing_dataset(archive_server, mo
 
 
 def test_demo_with_a_corrupt_download_exits_2_and_keeps_nothing(archive_server, monkeypatch, tmp_path, capsys):
-    from flows.cli import main
+    from cleancompact.cli import main
 
     url, _, _ = archive_server
     cache = _serve_as_cifar10(monkeypatch, tmp_path, url, "0" * 32)

@@ -21,7 +21,7 @@ from cc_core.scan import adversarial_score, anomaly_index, scan
 from cc_core.synth import (BNStatsLoss, ClassifierInput, NoBatchNormError, SynthConfig, balanced_labels, js_divergence,
                            same_class_similarity, synthesize, total_variation)
 from benchmarks.bench import suspicion_record
-from flows.cli import main
+from cleancompact.cli import main
 from tests.helpers import tiny_model
 
 

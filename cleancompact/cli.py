@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flows.pipeline_cli import merge_settings, parse_settings, risk_threshold
+from cleancompact.pipeline_cli import merge_settings, parse_settings, risk_threshold
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run rows whose results exist")
     p.set_defaults(func=cmd_bench)
 
-    from flows.pipeline_cli import add_commands
+    from cleancompact.pipeline_cli import add_commands
 
     add_commands(sub)
     return parser

@@ -169,7 +169,7 @@ def _demo_model(data_dir: str | None) -> Path:
         return zoo
     out = cc_home() / "demo" / "cifar10-resnet18-w0.25-badnet-6ep"
     if not (out / "metrics.json").exists():
-        from flows.cli import main as cli_main
+        import subprocess
 
         r = DEMO_RECIPE
         print(f"[demo] no cached backdoored model: training one ({r['epochs']} epochs, "
@@ -179,7 +179,7 @@ def _demo_model(data_dir: str | None) -> Path:
                 "--lr", str(r["lr"]), "--seed", str(r["seed"]), "--threads", "2", "--out", str(out)]
         if data_dir:
             argv += ["--data-dir", data_dir]
-        code = cli_main(argv)
+        code = subprocess.run([sys.executable, "-m", "cleancompact", *argv]).returncode  # the same command, its own process
         if code:
             raise SystemExit(code)
     return out

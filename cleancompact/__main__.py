@@ -1,0 +1,5 @@
+import sys
+
+from cleancompact.cli import main
+
+sys.exit(main())
