@@ -224,7 +224,8 @@ def defend_row(setting: Setting, model, attack, data, ratio: float, seed: int) -
     return {"metrics": {k: m[k] for k in ("acc_before", "acc_after", "asr_before", "asr_after", "ra_before", "ra_after")},
             "per_class_acc_before": m["per_class_acc_before"], "per_class_acc_after": m["per_class_acc_after"],
             "max_class_drop": per_class_drop(m["per_class_acc_before"], m["per_class_acc_after"]),
-            "suspected_target": report["scan"]["suspected_target"], "trigger": report["scan"]["trigger"],
+            "suspected_target": report["scan"]["suspected_target"], "target_estimate": report["scan"].get("target_estimate"),
+            "target_signals": report["scan"].get("target_signals"), "trigger": report["scan"]["trigger"],
             "synthetic_excluded": report["scan"]["synthetic_excluded"],
             "compression": report["model"]["compression"], "timings_s": report["timings_s"] | {"synthesis_shared": synth_seconds},
             "config_digest": hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]}
@@ -269,7 +270,7 @@ def summary_text(row: dict) -> str:
     m = row["metrics"]
     asr = "" if m["asr_after"] is None else f", ASR {_pct(m['asr_before'])} -> {_pct(m['asr_after'])}"
     return (f"ACC {_pct(m['acc_before'])} -> {_pct(m['acc_after'])}{asr}, worst class -{100 * row['max_class_drop']:.1f}, "
-            f"suspected {row['suspected_target']} ({row['wall_s']:.0f} s)")
+            f"estimated target {row['target_estimate']}, left out {row['suspected_target']} ({row['wall_s']:.0f} s)")
 
 
 def _spread(values: list[float]) -> str:
@@ -296,7 +297,7 @@ def render() -> None:
         m0 = rows[0]["machine"]
         md += [f"## Commit {commit}\n", f"{m0['cpu']}, {m0['cores']} cores, torch {m0['torch']}.\n",
                "| model | true target | scan flagged | scan target | ratio | ACC before | ACC after | ASR before | ASR after | "
-               "worst class | suspected target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "worst class | defense's target estimate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in SETTINGS:
             scans = [r for r in rows if r["model"] == s.name and r["kind"] == "scan"]
             ccs = [r for r in rows if r["model"] == s.name and r["kind"] == "cc"]
@@ -314,7 +315,7 @@ def render() -> None:
                 md.append(f"| {s.name} | {truth} | {flagged} | {targets} | {ratio:g}x | {cells['acc_before']} | "
                           f"{cells['acc_after']} | {cells['asr_before']} | {cells['asr_after']} | "
                           f"{max(100 * r['max_class_drop'] for r in at):.1f} | "
-                          f"{' '.join(str(r['suspected_target']) for r in at)} |")
+                          f"{' '.join(str(r['target_estimate']) for r in at)} |")
         md.append("")
     write(RESULTS / "unseen_zoo", {"commits": commits}, "\n".join(md) + "\n")
 

@@ -737,15 +737,35 @@ def universal_inversion(universal: dict | None) -> tuple[dict, torch.Tensor] | N
 
 
 def exclusion_summary(target: int | None, inversion_concentration: float | None, excluded: int,
-                      flip: dict | None = None, all_to_all: bool = False, trigger: dict | None = None) -> dict:
-    """The report's record of which synthetic images the fine-tune left out, of the universal
-    inverted trigger (flip rate, consistency), of the all-to-all verdict, and of the probes'
-    firing trigger (``trigger``, None when none fired)."""
+                      flip: dict | None = None, all_to_all: bool = False, trigger: dict | None = None,
+                      suspicion: dict | None = None) -> dict:
+    """The report's record of which synthetic images the fine-tune left out (``suspected_target``: the
+    class left out, None when none was), of the universal inverted trigger (flip rate, consistency), of
+    the all-to-all verdict, of the probes' firing trigger (``trigger``, None when none fired), and of
+    what each target signal said (target_signals)."""
     return {"suspected_target": target, "inversion_concentration": inversion_concentration,
             "synthetic_excluded": excluded,
             "flip_rate": flip["flip_rate"] if flip else None,
             "flip_mapping_consistency": flip["mapping_consistency"] if flip else None,
-            "all_to_all_suspected": all_to_all, "trigger": trigger}
+            "all_to_all_suspected": all_to_all, "trigger": trigger, **target_signals(suspicion)}
+
+
+def target_signals(suspicion: dict | None) -> dict:
+    """What each signal says the target is and how strongly: the firing probe's class (its flip rate),
+    the channel inversion's top class (its concentration; None when not run) and the adversarial
+    histogram's (its anomaly index); ``target_estimate`` is the class the scan flags (flagged_target;
+    None when no signal is strong enough) and ``target_signals_agree`` whether every signal that names
+    a class names that one."""
+    if suspicion is None:
+        return {"target_estimate": None, "target_signals": None, "target_signals_agree": None}
+    found, inversion, adversarial = suspicion["found"], suspicion["inversion"], suspicion["adversarial"]
+    signals = {"probe": [found["target_class_estimate"], found["flip_rate"]] if trigger_score(found) else None,
+               "channel_inversion": ([inversion["target_class_estimate"], inversion["concentration"]]
+                                     if inversion else None),
+               "adversarial": [adversarial["target_class_estimate"], adversarial["anomaly_index"]]}
+    named = {sig[0] for sig in signals.values() if sig is not None}
+    return {"target_estimate": suspicion["target"], "target_signals": signals,
+            "target_signals_agree": len(named) == 1}
 
 
 def found_summary_text(trigger: dict | None) -> str:
@@ -795,7 +815,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
             unlearn = lambda images: apply_found_trigger(images, found, spec)  # noqa: E731
     inversion = suspicion["inversion"]
     summary = exclusion_summary(target, inversion["concentration"] if inversion else None, excluded, flip,
-                                suspicion["all_to_all"], fired)
+                                suspicion["all_to_all"], fired, suspicion)
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, universal, len(x))
 
 
