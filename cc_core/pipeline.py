@@ -29,6 +29,7 @@ from cc_core.finetune import FinetuneConfig, finetune, guard_text, guarded_finet
 from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
+from cc_core.settings import parse_toml
 from cc_core.scan import (RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
                           all_to_all_suspected, apply_found_trigger, blend_probe, flip_mapping, flip_report, found_trigger, histogram_report, patch_probe,
                           patch_score, perturbation_trigger, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
@@ -39,23 +40,14 @@ UNLEARN_SCOPES = ("all-to-all", "any")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
 BN_MATCH_SCOPES = ("always", "trigger")
-# The "verified" gate's fidelity bar: on the synthetic images, the zoo BadNet's clipped teacher
-# agrees with the original on 100%, the zoo WaNet's (CLP and the warp probe's trigger channels
-# zeroed) on 95.1% (benchmarks/results/warp_probe_bench.md); distilling from that one cost WaNet
-# 5.1 ACC points at 2x (sweep_defend_warp.md).
+# The "verified" gate's fidelity bar: the share of synthetic images on which the teacher agrees with
+# the original (a teacher that loses more than this costs its student accuracy; docs/PRESET.md).
 TEACHER_AGREEMENT = 0.99
-# The distillation check (DefendConfig.distill_check): the distilled student is kept when the
-# universal inversion flips at most this much more of the synthetic images on it than on the
-# undistilled one. On the zoo at 2x (benchmarks/results/student_signals.md), distilling from the
-# teacher fine-tuned at lr 0.0002 moved the flip rate 0.56 -> 0.43 on WaNet (real ASR 2.29 ->
-# 3.90) and 0.40 -> 0.76 on Blended (8.18 -> 32.39); the margin lies between.
+# The distillation check keeps a distilled student when the universal inversion flips at most this
+# much more of the synthetic images on it than on the undistilled one (docs/PRESET.md).
 DISTILL_FLIP_MARGIN = 0.1
 DISTILL_CHECK_SAMPLES = 512
-# The check's inversion (what ``distill_check=True`` means): one run of 50 steps. On the zoo WaNet,
-# Blended and Blended all-to-all students at 2x and 4x it gives the verdict of the scan's 3 x 100
-# steps in about a fifth of the time (benchmarks/results/distill_check_cost.md). More restarts do
-# not help the check: flip_report keeps the run whose flips scatter most (the scan's all-to-all
-# criterion), which can be one that flips fewer images.
+# What ``distill_check=True`` runs: one inversion of 50 steps, the scan's verdict at a fifth of its cost.
 DISTILL_CHECK_INVERSION = InversionConfig(steps=50, restarts=1)
 
 
@@ -78,149 +70,81 @@ def check_inversion(value) -> InversionConfig | None:
 
 @dataclass(frozen=True)
 class DefendConfig:
-    """Every knob of a defend run. ``compact`` holds extra clean_compact options."""
+    """Every setting of a defense. The presets (cc_core/presets/*.toml) set some of them; why each
+    preset value is what it is, with the measurements behind it: docs/PRESET.md."""
 
     ratio: float = 2.0
+    # Clipping of normalized singular values (METHOD.md step 2); None: no clipping.
     tau: float | None = 4.0
     normalizer: str = "mean"
-    # Channel clean before the Tucker step: zero output channels whose channel Lipschitz bound is
-    # an outlier in its layer (> mean + u * std, CLP's data-free criterion). Not in the paper; on
-    # the zoo it is what removes the backdoor (benchmarks/results/sweep_defend.md). None = off.
+    # CLP's data-free channel clean before the Tucker step: zero output channels whose Lipschitz
+    # bound exceeds their layer's mean + u std (None: off), or shrink / hold them (channel_mode).
     channel_u: float | None = 3.0
-    # What the channel clean does to an outlier channel: "zero" it (CLP), "shrink" its bound to
-    # the threshold (its BN scale times (mean + u * std) / bound) or hold it at its "mean" output.
     channel_mode: str = "zero"
-    # Trigger-guided channel clean (cc_core.trigger_clean; None = off): when a probe's trigger (the
-    # patch probe's stamp or the warp probe's field) fires on the original and still flips >= RESIDUAL_FLIP of the synthetic images after the
-    # channel clean above, zero the channels it excites most (effect z-score > this, per layer).
-    # Needs synthetic images before compaction (synth_model="original").
+    # When a probe's trigger fires on the synthetic images, zero the channels it excites (effect
+    # z-score > u per layer; cc_core.trigger_clean). None: off. Needs synth_model="original".
     trigger_channel_u: float | None = None
-    # Whether the channel clean above also runs when a probe's trigger fires (False: that trigger's
-    # channels alone are zeroed, found on the original). CLP's outlier channels can carry whole
-    # classes: on the WaNet of the zoo recipe retrained from seed 0 they and the clipping leave the
-    # teacher at 79.39% (trigger_channel_count_warp_probe.md), and the distilled 2x student inherits
-    # that (80.41); the warp probe's field channels alone give a teacher at 84.17 / 2.64
-    # (teacher_signals_warp_probe_trigger_clean_only.md) and a 2x student at 83.76 / 2.50
-    # (MEASUREMENTS.md, "When a probe's trigger fires, its channels alone"; on a retrained zoo BadNet
-    # it gains 1.2 / 0.6 points at 2x / 4x). False in the presets (TRIGGER_CHANNELS). Without a trigger
-    # channel clean (trigger_channel_u=None) CLP runs whatever this says.
+    # Whether CLP's channel clean also runs when a probe's trigger fires (False: that trigger's channels alone).
     clp_with_trigger: bool = True
-    # The same clean with the scan's universal inverted perturbation as the trigger, when no probe fires
-    # and the scan calls that perturbation all-to-all (it is then the trigger the distillation gate
-    # verifies the teacher against): the channels it excites with z > this are zeroed (None = off).
-    # Unlike a probe's trigger it runs whatever the perturbation flips after the channel clean above: on
-    # the zoo's all-to-all Blended model it flips 6% there, yet the clipped teacher keeps 6.94% real ASR;
-    # u 4 zeroes 6 channels and takes the teacher to 83.02 / 3.10 from 82.39 / 6.94, u 3 costs it 4 ACC
-    # points (benchmarks/results/perturbation_clean.md).
+    # The same clean with the scan's universal inverted perturbation as the trigger, when no probe
+    # fires and that perturbation maps each class to its own (all-to-all). None: off.
     perturbation_channel_u: float | None = None
-    compact: dict = field(default_factory=dict)
+    compact: dict = field(default_factory=dict)  # extra clean_compact options (rank_strategy, ...)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
     finetune: FinetuneConfig = FinetuneConfig()
-    adversarial_model: str = "compact"
+    adversarial_model: str = "compact"  # which model PGD attacks for the adversarial term
+    # "original": synthesize from the suspect before compaction (probes, channel cleans and BN
+    # matching need it); "compact": from the compacted model.
     synth_model: str = "compact"
     scan_before: bool = True
-    # Leave the synthetic images labelled with the suspected target class (suspected_target) out
-    # of the fine-tune: synthesized through the backdoored model, they carry the trigger, and
-    # training on them teaches it back (sweep_defend_target.md).
+    # Leave the synthetic images of the suspected target class out of the fine-tune (they carry
+    # the trigger; leaving them out costs that class accuracy).
     exclude_suspected_target: bool = True
-    # ...and put as many images of that class back, made again through the channel-cleaned model
-    # ("cleaned", before the fine-tune) or through the fine-tuned model ("finetuned", which is then
-    # fine-tuned a second time with them), or put back those of its own synthetic images the fine-tuned
-    # model also puts in that class ("recognized", then fine-tuned again; WaNet 2x: class 0 back to
-    # 80.6%, ASR 7.99%, sweep_defend_recognized.md); None: the class stays out.
+    # Put images of the left-out class back: made through the cleaned model ("cleaned"), through
+    # the fine-tuned one ("finetuned", then fine-tuned again), or those the fine-tuned model
+    # recognizes ("recognized"). None: the class stays out.
     resynthesize_suspected_target: str | None = None
-    # Adaptive DeepInversion after compaction: SynthConfig overrides (e.g. {"n_samples": 512,
-    # "competition_weight": 1.0}) for a second round of synthetic images, made from the original
-    # model and, with a competition_weight > 0, pushed to where the compact model disagrees with
-    # it; they join the fine-tune (the suspected target's class is not made). None: no second
-    # round; a competition_weight of 0 makes plain images (the control). On the zoo WaNet at 2x the
-    # competing images cost 5-9 ACC points, plain ones gained 0.3 (sweep_defend_competition.md).
+    # A second round of synthetic images after compaction (SynthConfig overrides; with a
+    # competition_weight, pushed to where compact and original disagree). None: no second round.
     competition_synth: dict | None = None
-    # The scan's own synthetic images: SynthConfig overrides of ``synth`` for a second set, made from the
-    # original model with the same seed, on which the trigger probes, the scan's suspicion, the trigger
-    # channel clean and the distillation gate's trigger check run; the fine-tune keeps ``synth``'s images.
-    # The probes' thresholds were set on images made with SynthConfig's default weights (BN 1, TV 1e-4);
-    # on smooth ones (BN 30, TV 10) the blend probe's patterns flip into every class and it stops firing
-    # (sweep_defend_prior.md). None: one set for both.
+    # SynthConfig overrides for the scan's own synthetic images (the probes, the channel cleans, the
+    # scan and the distillation gate use them; the fine-tune keeps ``synth``'s). None: one set.
     scan_synth: dict | None = None
-    # The scan's own images (scan_synth) also join the fine-tune, the suspected class's left out as from
-    # the others: the fine-tune then sees both kinds of image, twice as many, in the same epochs.
-    finetune_on_scan_synthetic: bool = False
+    finetune_on_scan_synthetic: bool = False  # the scan's images join the fine-tune too
     # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
-    # Which inverted triggers the fine-tune unlearns (finetune.unlearn_weight > 0): "all-to-all"
-    # only when the scan finds one that flips each class to its own class, "any" whenever the
-    # universal inversion fires.
+    # Which inverted trigger the fine-tune unlearns (finetune.unlearn_weight > 0): only an
+    # all-to-all one, or any that fires.
     unlearn_scope: str = "all-to-all"
-    # The scan's patch probe (cc_core.scan.patch_probe; None: off). A stamp that fires names the
-    # target class (or marks the trigger all-to-all), guides the trigger channel clean and, with an
-    # unlearning weight, is the trigger the fine-tune unlearns in place of the universal one, per
-    # ``patch_unlearn``: "residual" only when it still flips >= RESIDUAL_FLIP of the synthetic
-    # images on the compacted model before the fine-tune (on the zoo BadNet the channel clean
-    # already removes the backdoor, and unlearning an inverted trigger there cost 1.5-3.6 ACC
-    # points, sweep_defend_unlearn.md), "always", or "never".
+    # The probes (cc_core.scan; None: off): solid patches, smooth warps (run when no patch fires),
+    # smooth blended patterns (run when neither fires). A firing probe's trigger names the target,
+    # guides the trigger channel clean, verifies the teacher and may be unlearned (patch_unlearn).
     patch_probe: PatchProbeConfig | None = PatchProbeConfig()
-    # The scan's warp probe (cc_core.scan.warp_probe; None: off), run when no stamp fires: a smooth
-    # field under a pixel of shift that moves the synthetic images into one class is a warp
-    # trigger (WaNet). A field that fires is used as a firing stamp is (target class, trigger
-    # channel clean, distillation gate, unlearning per ``patch_unlearn``). On in the presets since
-    # 2026-12-06 (TRIGGER_CHANNELS), with the field's channels zeroed alone; with CLP's as well it cost
-    # the zoo WaNet ACC (80.78 / 69.38 at 2x / 4x against 80.77 / 73.38 without it, its teacher failing
-    # the gate's fidelity bar: benchmarks/results/warp_probe_bench.md, sweep_defend_warp.md).
     warp_probe: WarpProbeConfig | None = None
-    # The blend probe (cc_core.scan.blend_probe; None: off), run when neither a stamp nor a field
-    # fires: a smooth pattern that, blended in at a low opacity, moves the synthetic images into one
-    # class (or each class to its own) is a blend trigger (Blended), used as a firing stamp is. On in
-    # the presets: on the zoo Blended model its channel-cleaned teacher passes the gate and C&C goes
-    # from 81.20 / 15.33 to 82.00 / 2.51 at 2x and from 75.30 / 1.40 to 77.63 / 2.46 at 4x (the bench
-    # rows, RESULTS.md; undistilled, 79.72 / 1.81 and 69.93 / 0.13, sweep_defend_blend.md). It fires
-    # on none of the other zoo models that reach it, GTSRB's fragile Input-Aware models held back by
-    # its specificity rule (scan.BLEND_SPECIFICITY; blend_probe{,_rest,_rest_gtsrb-resnet18}.md).
     blend_probe: BlendProbeConfig | None = None
+    # Unlearn a firing probe's trigger: when it still flips >= RESIDUAL_FLIP of the synthetic
+    # images after compaction ("residual"), "always" or "never".
     patch_unlearn: str = "residual"
-    # When the fine-tune distills (finetune.kd_weight / feature_weight > 0) from the clipped full-rank
-    # teacher: "always", or "verified": only when a probe found a trigger (or the scan's universal
-    # inverted perturbation is all-to-all) and it flips < RESIDUAL_FLIP of the synthetic images on
-    # the teacher, which is faithful (gated_teacher). Distillation pins the student to its
-    # teacher, backdoor included: it gave the zoo BadNet (whose teacher the probe verifies clean)
-    # +0.8 / +2.1 ACC points at 2x / 4x, the all-to-all Blended model (verified against the
-    # perturbation) +4.7 / +10.7 and half its ASR (teacher_signals.md), and the zoo WaNet (no
-    # trigger found to verify against) its backdoor back (4x ASR 1.6 -> 84%, sweep_defend_distill{,2}.md).
+    # Distill from the clipped full-rank teacher "always", or only when a found trigger no longer
+    # flips it and it agrees with the original ("verified": gated_teacher). An unverified teacher
+    # hands its backdoor on.
     kd_gate: str = "always"
-    # A teacher the gate does not verify (any, under "always") is fine-tuned first with the student's
-    # recipe (the same images, class left out and unlearning; no distillation) and these fine-tune
-    # overrides ({}: as is), then distilled from; None: not used under "verified", used as is under
-    # "always". The fine-tune takes from the teacher what it takes from the student, the backdoor,
-    # and gives back what the clean step cost it (sweep_defend_teacher*.md).
+    # Fine-tune overrides for an unverified teacher, fine-tuned before it is distilled from ({}: the
+    # student's recipe); None: not used under "verified".
     teacher_finetune: dict | None = None
-    # Fine-tune overrides for a student that distills (its teacher verified, or fine-tuned first):
-    # None (the presets) trains it with ``finetune`` as is, distillation added to the synthetic CE.
-    # DISTILL_ALONE trains it on the teacher's soft labels alone, on mixup images, 30 epochs, its
-    # gradients clipped: with a teacher fine-tuned at lr 0.001 (teacher_finetune={}), the zoo WaNet goes
-    # 80.71 / 2.27 -> 81.54 / 4.27 at 2x and 73.45 / 1.46 -> 76.59 / 3.79 at 4x (unclipped 81.53 / 2.69
-    # and 77.72 / 3.03, but then the GTSRB BadNet all-to-all 4x student fell to 50.77, clipped 94.58;
-    # sweep_defend_pure_kd*.md).
+    # Fine-tune overrides for a student that distills (DISTILL_ALONE: from its teacher alone); None: as is.
     distill_finetune: dict | None = None
-    # With a teacher the gate does not verify (fine-tuned first, or any under "always"), also
-    # fine-tune the student without distillation, and keep the distilled student only when the
-    # scan's universal inversion (these settings; None: no check) flips at most DISTILL_FLIP_MARGIN
-    # more of the synthetic images on it than on the undistilled one: a backdoor the teacher hands
-    # on shows there. It does not see a trigger the additive inversion cannot express (a warp, an
-    # input-specific one: GTSRB Input-Aware's student kept 42.56% ASR past it, bench_614903b/).
-    # True / False (from a flag or a file) mean DISTILL_CHECK_INVERSION / None; a dict overrides it.
+    # Keep a student distilled from an unverified teacher only when the universal inversion flips
+    # at most DISTILL_FLIP_MARGIN more of the synthetic images on it than on one fine-tuned without
+    # the teacher (True / False / inversion settings; check_inversion).
     distill_check: InversionConfig | None = None
-    # How many synthetic images compact.rank_strategy="sensitivity" measures each layer on.
+    # Synthetic images the "sensitivity" rank strategy measures each layer on.
     calibration_samples: int = 256
-    # After compaction, each BatchNorm's running statistics are moved so that on the first this-many
-    # synthetic images the compact model's normalized outputs have the per-channel mean and std of the
-    # clipped full-rank model's (cc_core.compact.bn_match; None = off). Needs synthetic images made before
-    # compaction (synth_model="original").
+    # Match the compact model's BatchNorm statistics to the clipped full-rank model's on this many
+    # synthetic images (cc_core.compact.bn_match; None: off), "always" or only where a probe's
+    # trigger fired ("trigger").
     bn_match_samples: int | None = None
-    # When that matching runs: "always", or only when a probe's trigger fired ("trigger"), so that the
-    # model matched to has had that trigger's channels zeroed. Matching to a clipped model whose
-    # backdoor nothing found hands on what is left of it (GTSRB Input-Aware at 4x: ASR 4.79 -> 7.72%,
-    # sweep_defend_bn_match_zoo_gtsrb-resnet18.md).
     bn_match_scope: str = "always"
     device: str = "auto"
     threads: int | None = None
@@ -325,83 +249,35 @@ class DefendConfig:
             raise ConfigError(f"invalid setting: {e}") from None
 
 
-# A student that learns from its teacher alone (DefendConfig.distill_finetune; `--distill-alone`).
+# A student that learns from its teacher alone (DefendConfig.distill_finetune, opt-in).
 DISTILL_ALONE = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30, "max_grad_norm": 1.0}
 
-# Since 2026-12-06: probe for a warp too; where a probe's trigger fires, zero its channels alone (not
-# CLP's outlier channels) and match the compact model's BatchNorm statistics to the clipped full-rank
-# model's. On the three WaNet models of the zoo recipe (seeds 0-2) this took the 2x drop from 3.23 /
-# 1.52 / 2.79 (ASR 6.00 / 2.69 / 63.12%) to 1.56 / 1.42 / 0.89 (ASR <= 2.92%) and the 4x drop from
-# 11.43 / 8.17 / 10.08 to 4.54 / 4.79 / 4.01 (ASR <= 4.03%); the retrained zoo BadNet 2x / 4x from
-# 83.88 / 1.13, 80.42 / 1.38 to 85.10 / 1.27, 81.77 / 1.49 (sweep_defend_preset_warp_probe_trigger_clean_only_bn_match*.md;
-# docs/MEASUREMENTS.md, "Where a probe's trigger fires: its channels alone, and the statistics matched").
-# Where no probe fires nothing of this runs but the warp probe itself.
-TRIGGER_CHANNELS = {"warp_probe": WarpProbeConfig(), "clp_with_trigger": False, "bn_match_samples": 512,
-                    "bn_match_scope": "trigger"}
 
-# Since 2026-12-06: 512 synthetic images for the cpu preset, not 1024, at the same 200 iterations.
-# A defense with 1024 took 10.6 / 11.9 min (BadNet / WaNet, CLI with export) on an fp32 EPYC (Zen 3),
-# 400-409 s of it synthesis; with 512, 6.7-7.8 min, and the zoo's BadNet and WaNet keep issue 4's bounds
-# at 2x and 4x, the WaNet recipe trained from seed 1 too; from seed 2 its 4x drop goes 4.01 -> 5.35, past
-# the bound (sweep_defend_preset_synthesis_512*.md; docs/MEASUREMENTS.md, "Half the synthetic images").
-CPU_SYNTHETIC_IMAGES = 512
+def preset_settings(name: str) -> dict:
+    """The settings of preset ``name`` as its file (cc_core/presets/<name>.toml) writes them: the fields
+    that differ from DefendConfig's defaults. Why each is what it is: docs/PRESET.md."""
+    from importlib import resources
 
-PRESETS: dict[str, DefendConfig] = {
-    # Chosen on the zoo BadNet and WaNet models (benchmarks/results/sweep_defend_{focused,energy,
-    # recovery,clean}.md): the channel clean (u 3) removes the backdoor, clipping below tau 4 only
-    # costs ACC (tau 3: -0.5 to -0.9 points, tau 2: -3 to -6, `max` normalizer worse still);
-    # energy rank allocation beats uniform by 1-12 ACC points at the same budget, and ranks chosen by
-    # their damage measured on 256 synthetic images beat energy by another 0.5-4.9 (sweep_defend_allocation.md);
-    # logit distillation from the clipped full-rank model carries the WaNet backdoor back (ASR 4-6 ->
-    # 10-24%, and 1.6 -> 84% at 4x under sensitivity ranks, even with the left-out class's logit out
-    # of it: 29%, sweep_defend_distill2.md) but adds 0.8 / 2.1 ACC points on BadNet at 2x / 4x
-    # (sweep_defend_distill.md), whose teacher the patch probe verifies clean, so it runs as is only
-    # when verified (kd_gate); a teacher nothing verifies is not used. Fine-tuning such a teacher first
-    # (teacher_finetune, opt-in) helps WaNet at lr 0.0002 (82.54 / 3.90 at 2x, 77.27 / 4.64 at 4x, against
-    # 80.77 / 2.29 and 73.38 / 1.59 undistilled; sweep_defend_teacher{,2,3}.md) but hands the Blended
-    # student its teacher's backdoor (82.39 / 32.39 at 2x against 81.23 / 8.18 undistilled); the
-    # distillation check (distill_check, opt-in) catches that one, but not GTSRB Input-Aware's, whose
-    # input-specific trigger the inversion cannot express: with both in the preset its ASR went 17.93 ->
-    # 42.56% (bench_614903b/); at the student's lr 0.001, with the student learning from the teacher
-    # alone (distill_finetune=DISTILL_ALONE, opt-in), WaNet gains 0.8 / 3.1 points at 2x / 4x, but GTSRB
-    # Input-Aware's teacher keeps 21% ASR and hands it on (17.48 -> 20.51% at 2x; sweep_defend_pure_kd*.md),
-    # as does the Blended model's with the blend probe off (15.33 -> 18.19%); more epochs or images gain
-    # WaNet at most 1.3 more points at 4x (sweep_defend_kd_budget.md);
-    # HOOI factors change nothing (sweep_defend_hooi.md), activation-aware ones, fitted to the synthetic
-    # images, keep more of the backdoor and cost 0.7-1.4 points at 4x (sweep_defend_activation*.md);
-    # matching the BatchNorm statistics after compaction (bn_match_samples) gains 0.4-3.3 points
-    # at 4x but gives some ASR back (GTSRB Input-Aware 4.79 -> 7.72%; sweep_defend_bn_match*.md), so it
-    # runs only where a probe's trigger fired (TRIGGER_CHANNELS above);
-    # the adversarial term costs ACC for no ASR gain;
-    # the synthesis keeps BN weight 1 and TV weight 1e-4 (opt-in: --synth-bn-weight 30 --synth-tv-weight 10,
-    # with scan_synth={"bn_weight": 1.0, "tv_weight": 1e-4}): smooth images gain WaNet 0.7 / 2.7 points at
-    # 2x / 4x and Input-Aware 0.8 / 1.6, but with the scan on images of their own Blended falls 77.63 -> 65.08
-    # at 4x and Blended all-to-all's 2x ASR goes 3.45 -> 5.06% (sweep_defend_{bn_weight,tv_weight,prior,scan_split}*.md);
-    # stacked with bn_match_samples=512 and teacher_finetune={"lr": 2e-4} they take WaNet to 83.09 / 2.84 and
-    # 79.88 / 4.14, but GTSRB BadNet all-to-all's 2x ASR to 11.89% and Input-Aware's to 24.99%, with the scan's
-    # images in the fine-tune too (finetune_on_scan_synthetic) 3.26% and 21.45% (sweep_defend_{opt_in_stack,scan_union}*.md);
-    # fine-tune lr 0.01 diverges (orthonormal Tucker factors, all scale in the core); BatchNorm
-    # statistics stay frozen (re-estimating them on synthetic data brings the backdoor back); the
-    # synthetic images of the suspected target class stay out of the fine-tune (sweep_defend_target.md:
-    # ASR 2x 2.71 / 8.08 / 26.36 -> 1.51 / 1.61 / 7.72 on BadNet / WaNet / Blended, for -0.3 / -1.5 /
-    # +1.2 ACC points) and its logit stays in the fine-tune's CE (masked out: +0.5-1.3 ACC points
-    # but WaNet 2x ASR 2.29 -> 15.07%, sweep_defend_masked.md); the scan's universal inverted trigger is unlearned when it is all-to-all
-    # (sweep_defend_unlearn_gtsrb-resnet18.md: GTSRB BadNet all-to-all ASR 75.1 / 44.6 -> 9.4 / 8.9
-    # at 2x / 4x for -0.2 / -0.6 ACC points) and not otherwise (sweep_defend_unlearn.md: on the
-    # CIFAR-10 BadNet, whose backdoor the channel clean already removes, it cost 1.5 / 3.6 points).
-    "cpu": DefendConfig(
-        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0, perturbation_channel_u=4.0,
-        synth=SynthConfig(n_samples=CPU_SYNTHETIC_IMAGES, batch_size=128, iterations=200),
-        pgd=PGDConfig(steps=10), synth_model="original",
-        finetune=FinetuneConfig(epochs=10, batch_size=128, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified", blend_probe=BlendProbeConfig(), **TRIGGER_CHANNELS),
-    "paper": DefendConfig(
-        compact={"rank_strategy": "sensitivity"}, trigger_channel_u=3.0, perturbation_channel_u=4.0,
-        synth=SynthConfig(n_samples=10240, batch_size=256, iterations=1000),
-        pgd=PGDConfig(steps=20), synth_model="original",
-        finetune=FinetuneConfig(epochs=50, batch_size=256, lr=0.001, kd_weight=1.0, adv_weight=0.0, unlearn_weight=1.0),
-        kd_gate="verified", blend_probe=BlendProbeConfig(), **TRIGGER_CHANNELS),
-}
+    if name not in PRESET_NAMES:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    return parse_toml(resources.files("cc_core.presets").joinpath(f"{name}.toml").read_text(), f"preset {name}")
+
+
+def config_from_dict(settings: dict, base: "DefendConfig | None" = None) -> "DefendConfig":
+    """``base`` (DefendConfig's defaults when None) with ``settings`` laid over it: top-level keys are
+    DefendConfig fields, a dict changes only the keys it names of a section (synth, finetune, ...)."""
+    return (base or DefendConfig()).replace(**settings)
+
+
+def with_seed(cfg: "DefendConfig", seed: int) -> "DefendConfig":
+    """``cfg`` with ``seed`` in every section that has one (synthesis, PGD, fine-tune, inversion, probes)."""
+    changes = {f.name: {"seed": seed} for f in dataclasses.fields(cfg)
+               if dataclasses.is_dataclass(getattr(cfg, f.name)) and hasattr(getattr(cfg, f.name), "seed")}
+    return cfg.replace(**changes)
+
+
+PRESET_NAMES = ("cpu", "paper")
+PRESETS: dict[str, DefendConfig] = {name: config_from_dict(preset_settings(name)) for name in PRESET_NAMES}
 
 
 def resolve_config(preset: str = "cpu", **overrides) -> DefendConfig:

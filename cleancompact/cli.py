@@ -50,6 +50,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load pickled whole-module files (runs code from the file: trusted files only)")
 
 
+def _add_settings_args(g) -> None:
+    g.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml or .json) with DefendConfig's keys, "
+                                                     "over the preset")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="one setting, repeatable, over the preset and --config: a DefendConfig field, dotted for "
+                        "a section (finetune.epochs=20, patch_probe=null); JSON values")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The overrides of --config FILE with --set over them."""
+    from cc_core.settings import read_settings
+
+    base = read_settings(args.config) if args.config else {}
+    return merge_settings(base, parse_settings(args.set or []))
+
+
+def _defend_config(args: argparse.Namespace, fixed: dict):
+    """The preset, --config, --set, then the dedicated flags (``fixed``, --seed)."""
+    from cc_core.pipeline import resolve_config, with_seed
+
+    cfg = resolve_config(args.preset, **merge_settings(_settings(args), fixed))
+    return cfg if args.seed is None else with_seed(cfg, args.seed)
+
+
 def _load(args: argparse.Namespace):
     from cc_core.io import load_model
 
@@ -252,113 +276,18 @@ def cmd_defend(args: argparse.Namespace) -> int:
     """Clean & Compact a model with no real data; write model, ONNX and report.json to --out."""
     from cc_core.attacks import load_attack
     from cc_core.data import load_dataset
-    from cc_core.pipeline import DISTILL_ALONE, defend, defend_baseline, export_package, resolve_config
+    from cc_core.pipeline import defend, defend_baseline, export_package
 
-    overrides: dict = {"ratio": args.ratio, "device": args.device, "threads": args.threads}
-    if args.tau is not None:
-        overrides["tau"] = args.tau
-    if args.no_clip:
-        overrides["tau"] = None
-    if args.normalizer:
-        overrides["normalizer"] = args.normalizer
-    if args.rank_strategy:
-        overrides["compact"] = {"rank_strategy": args.rank_strategy}
-    if args.bn_match is not None:
-        overrides["bn_match_samples"] = args.bn_match
-    if args.no_bn_match:
-        overrides["bn_match_samples"] = None
-    if args.bn_match_scope:
-        overrides["bn_match_scope"] = args.bn_match_scope
-    if args.channel_u is not None:
-        overrides["channel_u"] = args.channel_u
-    if args.channel_mode:
-        overrides["channel_mode"] = args.channel_mode
-    if args.no_channel_clean:
-        overrides["channel_u"] = None
-    if args.trigger_clean_only is not None:
-        overrides["clp_with_trigger"] = not args.trigger_clean_only
-    if args.keep_target_synthetic:
-        overrides["exclude_suspected_target"] = False
-    if args.unlearn_scope:
-        overrides["unlearn_scope"] = args.unlearn_scope
-    if args.patch_unlearn:
-        overrides["patch_unlearn"] = args.patch_unlearn
-    if args.trigger_channel_u is not None:
-        overrides["trigger_channel_u"] = args.trigger_channel_u
-    if args.perturbation_channel_u is not None:
-        overrides["perturbation_channel_u"] = args.perturbation_channel_u
-    if args.kd_gate:
-        overrides["kd_gate"] = args.kd_gate
-    if args.teacher_finetune_lr is not None:
-        overrides["teacher_finetune"] = {"lr": args.teacher_finetune_lr}
-    if args.no_teacher_finetune:
-        overrides["teacher_finetune"] = None
-    if args.distill_epochs is not None and not args.distill_alone:
-        raise _input_error("--distill-epochs sets the epochs of --distill-alone")
-    if args.distill_alone:
-        if args.distill_epochs is not None and args.distill_epochs < 1:
-            raise _input_error(f"--distill-epochs must be >= 1, got {args.distill_epochs}")
-        overrides["distill_finetune"] = DISTILL_ALONE | ({"epochs": args.distill_epochs} if args.distill_epochs else {})
-    if args.distill_check is not None:
-        overrides["distill_check"] = args.distill_check
-    preset = resolve_config(args.preset)
-    warp_probe = preset.warp_probe is not None if args.warp_probe is None else args.warp_probe
-    if args.no_trigger_clean or (args.no_patch_probe and not warp_probe and args.no_blend_probe):
-        overrides["trigger_channel_u"] = None
-        if args.trigger_clean_only:
-            raise _input_error("--trigger-clean-only zeroes a firing trigger's channels in place of CLP's: "
-                               "it needs the trigger channel clean and a probe")
-    if args.no_trigger_clean:
-        overrides["perturbation_channel_u"] = None
-    if args.no_patch_probe:
-        overrides["patch_probe"] = None
-    if args.warp_probe is not None:
-        overrides["warp_probe"] = {} if args.warp_probe else None
-    if args.no_blend_probe:
-        overrides["blend_probe"] = None
-    synth = {k: v for k, v in {"n_samples": args.synth_samples, "iterations": args.synth_iterations}.items() if v}
-    weights = {k: v for k, v in {"bn_weight": args.synth_bn_weight, "tv_weight": args.synth_tv_weight}.items()
-               if v is not None}
-    if weights:  # the scan keeps images made at the preset's weights, which its thresholds were set on
-        overrides["scan_synth"] = {k: getattr(preset.synth, k) for k in weights}
-    synth |= weights
-    if args.finetune_on_scan_synthetic:
-        if "scan_synth" not in overrides and preset.scan_synth is None:
-            raise _input_error("--finetune-on-scan-synthetic adds the scan's own images to the fine-tune: give the "
-                               "fine-tune images of their own with --synth-bn-weight or --synth-tv-weight")
-        overrides["finetune_on_scan_synthetic"] = True
-    if args.competition_samples is not None:
-        if args.competition_samples < 1:
-            raise _input_error(f"--competition-samples must be >= 1, got {args.competition_samples}")
-        if not args.competition_weight >= 0:
-            raise _input_error(f"--competition-weight must be >= 0, got {args.competition_weight}")
-        overrides["competition_synth"] = {"n_samples": args.competition_samples,
-                                          "competition_weight": args.competition_weight}
-    ft = {k: v for k, v in {"epochs": args.finetune_epochs, "adv_weight": args.adv_weight,
-                            "unlearn_weight": args.unlearn_weight, "kd_weight": args.kd_weight,
-                            "feature_weight": args.feature_weight, "mixup_alpha": args.mixup_alpha,
-                            "ema_decay": args.ema_decay, "label_smoothing": args.label_smoothing,
-                            "online_adv_weight": args.online_adv_weight, "online_adv_steps": args.online_adv_steps,
-                            "online_adv_eps": None if args.online_adv_eps is None else args.online_adv_eps / 255}.items()
-          if v is not None}
-    if args.online_adv_untargeted:
-        ft["online_adv_targeted"] = False
-    for key in ("mask_left_out_class", "kd_mask_left_out_class"):
-        if getattr(args, key) is not None:
-            ft[key] = getattr(args, key)
-    for flag, key in (("no_synth_loss", "synth_weight"), ("no_adv_loss", "adv_weight"),
-                      ("no_unlearn", "unlearn_weight"), ("no_kd", "kd_weight")):
-        if getattr(args, flag):
-            ft[key] = 0.0
-    overrides |= {"synth": synth, "finetune": ft}
-    cfg = resolve_config(args.preset, **merge_settings(overrides, parse_settings(args.set or [])))
+    given = {"device": args.device, "threads": args.threads}
+    cfg = _defend_config(args, {"ratio": args.ratio} | {k: v for k, v in given.items() if v is not None})
     model = _load(args)
     eval_data = load_dataset(args.eval_data, "test", args.data_dir) if args.eval_data else None
     attack = load_attack(args.attack) if args.attack else None
     if attack is not None and eval_data is None:
         raise _input_error("--attack needs --eval-data to measure ASR")
     if args.method == "cc":
-        result = defend(model, config=cfg, eval_data=eval_data, attack=attack, progress=not args.quiet)
+        result = defend(model, config=cfg, eval_data=eval_data, attack=attack, progress=not args.quiet,
+                        log=(lambda *a: None) if args.quiet or args.json else print)
     else:
         clean = None
         if args.method == "anp":
@@ -366,10 +295,13 @@ def cmd_defend(args: argparse.Namespace) -> int:
                 raise _input_error("--method anp needs --clean-data (ANP is not data-free)")
             clean = _clean_subset(args)
         result = defend_baseline(model, args.method, args.ratio, eval_data, attack, clean,
-                                 device=args.device, progress=not args.quiet)
-    out = export_package(result, model, args.out, threads=args.threads or 2,
+                                 device=cfg.device, progress=not args.quiet)
+    out = export_package(result, model, args.out, threads=cfg.threads or 2,
                          latency_batch=args.latency_batch)
     r = result.report
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return EXIT_OK
     m, o = r["metrics"], r["onnx"]
     scan = r["scan"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
@@ -389,13 +321,28 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The resolved settings of a defense (preset, --config, --set) as YAML (a valid --config file) or JSON."""
+    cfg = _defend_config(args, {})
+    settings = json.loads(json.dumps(cfg.to_dict(), default=str))
+    if args.json:
+        print(json.dumps(settings, indent=2))
+    else:
+        import yaml
+
+        print(f"# cleancompact defend settings: preset {args.preset}"
+              + (f", {args.config}" if args.config else "") + "".join(f", --set {s}" for s in args.set or []))
+        print(yaml.safe_dump(settings, sort_keys=False), end="")
+    return EXIT_OK
+
+
 def _clean_subset(args: argparse.Namespace):
     """A seeded --clean-fraction of the clean data's train split (ANP's 1%)."""
     from cc_core.data import load_dataset
 
     if not 0 < args.clean_fraction <= 1:
         raise _input_error(f"--clean-fraction must be in (0, 1], got {args.clean_fraction}")
-    return load_dataset(args.clean_data, "train", args.data_dir).sample(args.clean_fraction, args.seed)
+    return load_dataset(args.clean_data, "train", args.data_dir).sample(args.clean_fraction, args.seed or 0)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -478,6 +425,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cc_core import __version__
+    from cc_core.pipeline import PRESET_NAMES
 
     parser = _Parser(prog="cleancompact", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cleancompact {__version__}")
@@ -536,151 +484,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-archives", action="store_true")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("defend", help="remove a backdoor and compress, data-free (C&C)")
-    _add_model_args(p)
-    p.add_argument("--ratio", type=float, required=True, help="compression of the whole model (> 1)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config override, repeatable, applied last: a DefendConfig field, dotted for a section "
-                        "(e.g. finetune.universal_weight=1); JSON values")
-    p.add_argument("--tau", type=_positive_float, help="clip level of normalized singular values")
-    p.add_argument("--no-clip", action="store_true", help="no singular-value clipping (ablation)")
-    p.add_argument("--normalizer", choices=["max", "mean", "median", "rms", "none"])
-    p.add_argument("--rank-strategy", choices=["uniform", "energy", "sensitivity"],
-                   help="rank allocation across layers: one channel fraction, one kept-energy fraction, or "
-                        "where the output change measured on synthetic images per parameter saved is smallest")
-    bn_match = p.add_mutually_exclusive_group()
-    bn_match.add_argument("--bn-match", type=int, metavar="N",
-                          help="after compaction, move each BatchNorm's running statistics so the compact model's "
-                               "normalized outputs on the first N synthetic images have the clipped full-rank model's "
-                               "per-channel mean and std (presets: 512, after a probe's trigger fired; docs/PRESET.md)")
-    bn_match.add_argument("--no-bn-match", action="store_true", help="no BatchNorm statistics matching")
-    p.add_argument("--bn-match-scope", choices=("always", "trigger"),
-                   help="match the BatchNorm statistics always, or only when a probe's trigger fired and its channels "
-                        "were zeroed on the model matched to (presets: trigger)")
-    p.add_argument("--channel-u", type=_positive_float,
-                   help="clean channels whose Lipschitz bound exceeds mean + u*std of their layer (default 3)")
-    p.add_argument("--channel-mode", choices=["zero", "shrink", "mean"],
-                   help="zero those channels (CLP, the default), shrink their bound to the threshold, "
-                        "or hold them at their mean output")
-    p.add_argument("--no-channel-clean", action="store_true", help="no channel clean: the paper's C&C (ablation)")
-    p.add_argument("--keep-target-synthetic", action="store_true",
-                   help="fine-tune on every synthetic image, also those of the suspected target class (ablation)")
-    p.add_argument("--mask-left-out-class", action=argparse.BooleanOptionalAction,
-                   help="mask the left-out suspected class's logit out of the fine-tune's CE, so the fine-tune "
-                        "does not push it down on every image (default: the preset's)")
-    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
-    p.add_argument("--method", choices=["cc", "clp", "anp"], default="cc",
-                   help="cc: Clean & Compact; clp / anp: baselines pruned to the same parameter budget")
-    p.add_argument("--clean-data", help="ANP only: dataset whose train split supplies clean samples")
-    p.add_argument("--clean-fraction", type=float, default=0.01, help="ANP only: fraction of it (default 1%%)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synth-samples", type=int, help="number of synthetic images")
-    p.add_argument("--synth-iterations", type=int, help="optimization steps per synthetic batch")
-    p.add_argument("--synth-bn-weight", type=float,
-                   help="synthesis weight of the BatchNorm-statistics term against the CE, for the fine-tune's images "
-                        "(default: the preset's, 1); the scan and the trigger probes keep images of their own made at "
-                        "the preset's weights")
-    p.add_argument("--synth-tv-weight", type=float,
-                   help="synthesis weight of the total-variation (smoothness) prior, for the fine-tune's images "
-                        "(default: the preset's, 0.0001; 10 gives images as smooth as CIFAR-10's); the scan keeps its own")
-    p.add_argument("--finetune-on-scan-synthetic", action="store_true",
-                   help="fine-tune on the scan's images too (the suspected class left out of both sets): with "
-                        "--synth-bn-weight 30 --synth-tv-weight 10 --bn-match 512, the setting that lowered the "
-                        "zoo's mean ACC drop most without a teacher fine-tune (docs/MEASUREMENTS.md)")
-    p.add_argument("--competition-samples", type=int,
-                   help="after compaction, make this many more synthetic images that the compact model classifies "
-                        "unlike the original (adaptive DeepInversion) and fine-tune on them too (experiment; "
-                        "default: none)")
-    p.add_argument("--competition-weight", type=float, default=1.0,
-                   help="weight of that round's competition term (default 1; 0 makes plain images, the control)")
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--no-synth-loss", action="store_true", help="fine-tune without the synthetic CE term")
-    p.add_argument("--no-adv-loss", action="store_true", help="fine-tune without the adversarial term")
-    p.add_argument("--adv-weight", type=float, help="weight of the adversarial term (cpu preset: 0, measured)")
-    p.add_argument("--unlearn-weight", type=float,
-                   help="weight of the unlearning term: the scan's inverted trigger on the synthetic images, trained "
-                        "towards their benign labels (only when the scan finds one)")
-    p.add_argument("--no-unlearn", action="store_true", help="fine-tune without the unlearning term")
-    p.add_argument("--unlearn-scope", choices=("all-to-all", "any"),
-                   help="unlearn the inverted trigger only when the scan calls it all-to-all (cpu preset), or whenever it fires")
-    p.add_argument("--patch-unlearn", choices=("residual", "always", "never"),
-                   help="unlearn the patch probe's firing stamp only when it still flips the compacted model "
-                        "(cpu preset), whenever it fires, or never")
-    p.add_argument("--no-patch-probe", action="store_true",
-                   help="scan without the patch probe (and so, with --no-warp-probe and --no-blend-probe, "
-                        "without the trigger channel clean)")
-    p.add_argument("--warp-probe", action=argparse.BooleanOptionalAction,
-                   help="also probe for a warp trigger when no stamp fires, and use its field as a stamp is used "
-                        "(on in the presets; docs/PRESET.md)")
-    p.add_argument("--no-blend-probe", action="store_true",
-                   help="do not probe for a blend trigger (a pattern mixed in at opacity 0.2) when no stamp or warp "
-                        "fires (on in the presets, ~40 s on 2 CPU cores; docs/PRESET.md)")
-    p.add_argument("--trigger-channel-u", type=float,
-                   help="zero the channels the probe's stamp excites above this per-layer z-score (cpu preset: 3)")
-    p.add_argument("--perturbation-channel-u", type=float,
-                   help="when no probe fires and the scan's universal inverted perturbation is all-to-all, zero the "
-                        "channels it excites above this per-layer z-score (cpu preset: 4)")
-    clp_with_trigger = p.add_mutually_exclusive_group()
-    clp_with_trigger.add_argument("--trigger-clean-only", action="store_true", default=None,
-                                  help="when a probe's trigger fires, zero only the channels it excites, not the "
-                                       "channel clean's outlier channels as well (on in the presets; docs/PRESET.md)")
-    clp_with_trigger.add_argument("--clp-with-trigger", dest="trigger_clean_only", action="store_false",
-                                  help="zero the channel clean's outlier channels also when a probe's trigger fires")
-    p.add_argument("--no-trigger-clean", action="store_true",
-                   help="no trigger channel clean (neither a probe's trigger nor the all-to-all perturbation)")
-    p.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
-    p.add_argument("--kd-weight", type=float,
-                   help="weight of logit distillation from the clipped full-rank model (presets: 1, behind --kd-gate)")
-    p.add_argument("--kd-gate", choices=("always", "verified"),
-                   help="distill from the teacher always, or as is only when the probes' trigger is verified gone "
-                        "from it (else not used, or fine-tuned first with --teacher-finetune-lr; presets: verified)")
-    p.add_argument("--teacher-finetune-lr", type=float,
-                   help="fine-tune a teacher the gate does not verify at this learning rate, with the student's "
-                        "recipe, before distilling from it (off in the presets: at 0.0002 it helps WaNet but hands Blended's "
-                        "and GTSRB Input-Aware's backdoor back; at 0.001, with --distill-alone, docs/MEASUREMENTS.md)")
-    p.add_argument("--no-teacher-finetune", action="store_true",
-                   help="never fine-tune the teacher (the presets' default): under --kd-gate verified an unverified "
-                        "teacher is not used")
-    p.add_argument("--distill-alone", action="store_true",
-                   help="a student that distills learns its teacher's soft labels alone (no synthetic CE), on mixup "
-                        "images, for 30 epochs, its gradients clipped to norm 1 (off in the presets)")
-    p.add_argument("--distill-epochs", type=int, help="the epochs of --distill-alone (default 30)")
-    p.add_argument("--distill-check", action=argparse.BooleanOptionalAction,
-                   help="with a teacher the gate does not verify, fine-tune the student with and without "
-                        "distillation and keep the distilled one only if the universal inversion flips at most "
-                        "10 points more of the synthetic images on it (default: the preset's, off)")
-    p.add_argument("--kd-mask-left-out-class", action=argparse.BooleanOptionalAction,
-                   help="leave the left-out suspected class's logit out of the distillation, so a teacher that "
-                        "still carries the backdoor cannot hold its target class up (default: the preset's)")
-    p.add_argument("--feature-weight", type=float,
-                   help="weight of BatchNorm-output (feature) distillation from the teacher; 0 turns it off")
-    p.add_argument("--mixup-alpha", type=float,
-                   help="fine-tune the synthetic CE and the distillation on mixup images, Beta(a, a) weights; "
-                        "0 turns it off (default: the preset's)")
-    p.add_argument("--ema-decay", type=float,
-                   help="end the fine-tune on the moving average of the student's weights with this decay, "
-                        "in [0, 1); 0 turns it off (default: the preset's)")
-    p.add_argument("--label-smoothing", type=float,
-                   help="smooth the fine-tune's CE targets by this much, in [0, 1), so a left-out class keeps "
-                        "a small target on every image (default: the preset's, 0)")
-    p.add_argument("--online-adv-weight", type=float,
-                   help="weight of the online adversarial term: each fine-tune batch, PGD against the student as it "
-                        "trains (towards the left-out suspected class), fit to the images' own labels; 0 turns it "
-                        "off (default: the preset's, 0)")
-    p.add_argument("--online-adv-eps", type=float,
-                   help="the online PGD's L-inf radius, in pixel levels out of 255 (default 8)")
-    p.add_argument("--online-adv-steps", type=int, help="the online PGD's steps per batch (default 5)")
-    p.add_argument("--online-adv-untargeted", action="store_true",
-                   help="untargeted online PGD (away from each image's label) instead of towards the left-out class")
-    p.add_argument("--eval-data", help="dataset name or image folder, to MEASURE ACC/ASR (not used by the defense)")
-    p.add_argument("--attack", help="attack spec (attack.json or its directory), to measure ASR/RA")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--latency-batch", type=int, default=128)
-    p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("defend", help="remove a backdoor and compress, data-free (C&C)",
+                       description="Clean & Compact a model with no real data. Every setting of the defense is a "
+                                   "field of cc_core.pipeline.DefendConfig: see them with `cleancompact config show`, "
+                                   "change them with --config FILE or --set KEY=VALUE.")
+    g = p.add_argument_group("the model")
+    _add_model_args(g)
+    g = p.add_argument_group("the defense")
+    g.add_argument("--ratio", type=float, required=True, help="compression of the whole model's parameters (> 1)")
+    g.add_argument("--preset", choices=list(PRESET_NAMES), default="cpu",
+                   help="cpu: minutes on 2 CPU cores (default); paper: the paper's budget, for a GPU")
+    _add_settings_args(g)
+    g.add_argument("--method", choices=["cc", "clp", "anp"], default="cc",
+                   help="cc (default), or a baseline at the same parameter budget: clp (data-free), anp")
+    g.add_argument("--clean-data", help="anp only: dataset whose train split supplies clean images (anp is not data-free)")
+    g.add_argument("--clean-fraction", type=float, default=0.01, help="anp only: fraction of that split (default 0.01)")
+    g = p.add_argument_group("measuring (the defense itself never sees these)")
+    g.add_argument("--eval-data", help="dataset name (cifar10, gtsrb) or image folder: ACC before and after")
+    g.add_argument("--attack", help="attack spec (attack.json or its directory): ASR and RA before and after")
+    g.add_argument("--data-dir", help="dataset directory (default: $CC_DATA_DIR, else ~/.cache/cleancompact/data)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="directory for model.safetensors, model.onnx and report.json")
+    g.add_argument("--latency-batch", type=int, default=128, help="batch size of the ONNX latency comparison")
+    g.add_argument("--json", action="store_true", help="print report.json instead of the summary table")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or step log")
+    g = p.add_argument_group("running")
+    g.add_argument("--device", help="auto (the settings' default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--seed", type=int, help="seed of every random step: synthesis, probes, fine-tune (default: "
+                                            "the settings', 0 in the presets)")
     p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("config", help="print the settings a defense would run with")
+    config_sub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    p = config_sub.add_parser("show", help="the resolved settings (preset, --config, --set) as YAML or JSON")
+    p.add_argument("--preset", choices=list(PRESET_NAMES), default="cpu")
+    _add_settings_args(p)
+    p.add_argument("--seed", type=int, help="as defend's --seed")
+    p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("scan", help="data-free backdoor risk report")
     _add_model_args(p)

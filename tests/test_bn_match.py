@@ -114,19 +114,15 @@ def test_bad_bn_match_settings_are_refused(kw, message):
         resolve_config("cpu", **kw)
 
 
-def test_the_bn_match_flag(tiny_file, tmp_path, monkeypatch, capsys):
+def test_the_bn_match_settings_from_the_command_line(tiny_file, tmp_path, monkeypatch, capsys):
     args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
     assert defend_config_from_cli(args, monkeypatch).bn_match_samples == 512
-    assert defend_config_from_cli([*args, "--bn-match", "512"], monkeypatch).bn_match_samples == 512
-    assert main(["defend", *args, "--bn-match", "0"]) == 2
+    assert defend_config_from_cli([*args, "--set", "bn_match_samples=64"], monkeypatch).bn_match_samples == 64
+    assert main(["defend", *args, "--set", "bn_match_samples=0"]) == 2
     assert "bn_match_samples must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    matched = [*args, "--bn-match", "512", "--bn-match-scope", "trigger"]
-    assert defend_config_from_cli(matched, monkeypatch).bn_match_scope == "trigger"
-    assert defend_config_from_cli([*args, "--no-bn-match"], monkeypatch).bn_match_samples is None
-    with pytest.raises(SystemExit) as e:
-        main(["defend", *matched, "--no-bn-match"])
-    assert e.value.code == 2 and "not allowed with argument --bn-match" in capsys.readouterr().err
+    assert defend_config_from_cli([*args, "--set", "bn_match_scope=always"], monkeypatch).bn_match_scope == "always"
+    assert defend_config_from_cli([*args, "--set", "bn_match_samples=null"], monkeypatch).bn_match_samples is None
 
 
 def bn_buffers(model: nn.Module) -> list[torch.Tensor]:

@@ -172,7 +172,7 @@ def test_defend_set_reaches_the_config(model_file, tmp_path, monkeypatch):
     monkeypatch.setattr(cc_core.pipeline, "defend", fake_defend)
     with pytest.raises(SystemExit):
         main(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
-              "--finetune-epochs", "3", "--set", "finetune.universal_weight=1", "--set", "finetune.universal_radius=4",
+              "--set", "finetune.epochs=3", "--set", "finetune.universal_weight=1", "--set", "finetune.universal_radius=4",
               "--set", "exclude_suspected_target=false"])
     cfg = seen["config"]
     assert cfg.finetune.universal_weight == 1.0 and cfg.finetune.universal_radius == 4.0 and cfg.finetune.epochs == 3

@@ -2,7 +2,6 @@
 import copy
 import dataclasses
 import json
-import re
 
 import pytest
 import torch
@@ -634,10 +633,15 @@ def test_adversarial_score_is_zero_up_to_the_anomaly_threshold_and_rises_towards
 @pytest.mark.parametrize("extra, message", [
     (["--ratio", "1"], "ratio must be > 1"),
     (["--ratio", "0.5"], "ratio must be > 1"),
-    (["--ratio", "2", "--tau", "0"], "argument --tau: must be > 0"),
-    (["--ratio", "2", "--tau", "-1"], "argument --tau: must be > 0"),
-    (["--ratio", "2", "--competition-samples", "0"], "--competition-samples must be >= 1"),
-    (["--ratio", "2", "--competition-samples", "8", "--competition-weight", "-1"], "--competition-weight must be >= 0"),
+    (["--ratio", "2", "--set", "tau=0"], "tau must be > 0"),
+    (["--ratio", "2", "--set", "finetune.online_adv_eps=0"], "online_adv_eps > 0"),
+    (["--ratio", "2", "--set", "finetune.mixup_alpha=-1"], "mixup_alpha must be >= 0"),
+    (["--ratio", "2", "--set", "finetune_on_scan_synthetic=true"], "it needs scan_synth"),
+    (["--ratio", "2", "--set", "patch_probe=null", "--set", "warp_probe=null", "--set", "blend_probe=null"],
+     "trigger_channel_u needs a trigger probe"),
+    (["--ratio", "2", "--set", "distill_finetune={\"epoch\": 1}"], "distill_finetune takes fine-tune settings"),
+    (["--ratio", "2", "--set", "finetune.no_such_setting=1"], "invalid setting"),
+    (["--ratio", "2", "--config", "missing.toml"], "cannot read settings file"),
 ])
 def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -669,85 +673,116 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
     return seen["config"]
 
 
-@pytest.mark.parametrize("field, good, bad, message", [("mixup_alpha", "0.4", "-1", "mixup_alpha must be >= 0"),
-                                                       ("ema_decay", "0.9", "1", r"ema_decay must be in \[0, 1\)"),
-                                                       ("label_smoothing", "0.1", "1.5", r"label_smoothing must be in"),
-                                                       ("online_adv_weight", "0.5", "-1", "weights must be >= 0"),
-                                                       ("online_adv_steps", "3", "0", "online_adv_steps >= 1")])
-def test_defend_fine_tune_number_flags(field, good, bad, message, tiny_file, tmp_path, monkeypatch, capsys):
-    args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--{field.replace('_', '-')}"
-    assert getattr(defend_config_from_cli(args, monkeypatch).finetune, field) == getattr(resolve_config("cpu").finetune, field)
-    assert getattr(defend_config_from_cli([*args, flag, good], monkeypatch).finetune, field) == float(good)
-    assert main(["defend", *args, flag, bad]) == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "o").exists()
+def config_or_refusal(args: list[str], monkeypatch, capsys) -> "DefendConfig | str":
+    """defend_config_from_cli's DefendConfig, or the CLI's error message when it refuses the settings (exit 2)."""
+    import cc_core.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "defend", lambda model, config, **kwargs: seen.setdefault("config", config) and 0)
+    try:
+        code = main(["defend", *args])
+    except Exception:
+        code = None
+    if "config" in seen:
+        return seen["config"]
+    assert code == 2
+    return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field", ["bn_weight", "tv_weight"])
-def test_defend_synthesis_weight_flags(field, tiny_file, tmp_path, monkeypatch, capsys):
-    args, flag = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")], f"--synth-{field.replace('_', '-')}"
-    preset = getattr(resolve_config("cpu").synth, field)
-    assert getattr(defend_config_from_cli(args, monkeypatch).synth, field) == preset
-    assert defend_config_from_cli(args, monkeypatch).scan_synth_config is None
-    assert getattr(defend_config_from_cli([*args, flag, "0"], monkeypatch).synth, field) == 0.0
-    cfg = defend_config_from_cli([*args, flag, "2.5"], monkeypatch)
-    assert getattr(cfg.synth, field) == 2.5 and getattr(cfg.scan_synth_config, field) == preset  # the scan keeps its images
-    assert main(["defend", *args, flag, "-1"]) == 2
-    assert f"synthesis {field} must be >= 0" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
 
 
-def test_finetune_on_scan_synthetic_flag(tiny_file, tmp_path, monkeypatch, capsys):
+def _candidates(path: str, value) -> list:
+    """Values to try for one setting: other choices of a string, the other boolean, nearby numbers."""
+    from cc_core.baselines.clp import CHANNEL_MODES
+    from cc_core.pipeline import BN_MATCH_SCOPES, KD_GATES, PATCH_UNLEARN, UNLEARN_SCOPES
+
+    choices = {"normalizer": ["max", "median"], "channel_mode": list(CHANNEL_MODES), "adversarial_model": ["original"],
+               "synth_model": ["compact"], "unlearn_scope": list(UNLEARN_SCOPES), "patch_unlearn": list(PATCH_UNLEARN),
+               "kd_gate": list(KD_GATES), "bn_match_scope": list(BN_MATCH_SCOPES), "device": ["cpu"],
+               "resynthesize_suspected_target": ["recognized"], "compact.rank_strategy": ["energy"]}
+    if path in choices:
+        return [c for c in choices[path] if c != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, (list, tuple)) and value:
+        return [list(value[:1]), list(value[-1:])]
+    if isinstance(value, int):
+        return [value + 1, value * 2, 1]
+    if isinstance(value, float):
+        return [value * 2 if value else 0.5, value / 2, 0.25]
+    return {"threads": [2], "tau": [3.0], "channel_u": [2.5], "trigger_channel_u": [2.5], "perturbation_channel_u": [3.5],
+            "bn_match_samples": [64], "distill_check": [True], "teacher_finetune": [{"lr": 0.0001}],
+            "distill_finetune": [{"epochs": 3}], "competition_synth": [{"n_samples": 64}],
+            "scan_synth": [{"tv_weight": 1.0}], "finetune.max_grad_norm": [5.0]}.get(path, [])
+
+
+# Settings that cannot change alone: each needs another one beside it (DefendConfig refuses it alone).
+NEEDS_ANOTHER = {"synth_model": "compact synthesis has no images before compaction for the probes' channel clean",
+                 "finetune_on_scan_synthetic": "needs scan_synth"}
+
+
+@pytest.mark.parametrize("how", ["set", "config"])
+def test_every_setting_reaches_the_config_through_set_and_config(how, tiny_file, tmp_path, monkeypatch, capsys):
+    """Each leaf of the resolved cpu preset, given a new value through --set or a --config file, comes
+    out of the CLI in the DefendConfig it hands to cc_core.defend (which the report writes as is)."""
+    import yaml
+
+    preset = _leaves(resolve_config("cpu").to_dict())
     args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
-    assert not defend_config_from_cli(args, monkeypatch).finetune_on_scan_synthetic
-    cfg = defend_config_from_cli([*args, "--synth-tv-weight", "10", "--finetune-on-scan-synthetic"], monkeypatch)
-    assert cfg.finetune_on_scan_synthetic and cfg.scan_synth_config.tv_weight == resolve_config("cpu").synth.tv_weight
-    assert main(["defend", *args, "--finetune-on-scan-synthetic"]) == 2  # one set of images: nothing to add
-    assert "give the fine-tune images of their own with --synth-bn-weight" in capsys.readouterr().err
+    reached, refused = [], {}
+    for path, value in preset.items():
+        if path == "ratio":
+            continue
+        for candidate in _candidates(path, value):
+            nested: dict = {}
+            node = nested
+            for part in path.split(".")[:-1]:
+                node = node.setdefault(part, {})
+            node[path.split(".")[-1]] = candidate
+            if how == "set":
+                extra = ["--set", f"{path}={json.dumps(candidate)}"]
+            else:
+                file = tmp_path / "settings.yaml"
+                file.write_text(yaml.safe_dump(nested))
+                extra = ["--config", str(file)]
+            cfg = config_or_refusal([*args, *extra], monkeypatch, capsys)
+            if isinstance(cfg, str):
+                refused[path] = cfg
+                continue
+            got = _leaves(json.loads(json.dumps(cfg.to_dict())))
+            if path in got:
+                assert got[path] == candidate, path
+            elif isinstance(candidate, dict):  # a dict setting expands into a section
+                assert all(got[f"{path}.{k}"] == v for k, v in _leaves(candidate).items()), path
+            else:  # distill_check=true: a section of the default settings
+                assert any(key.startswith(f"{path}.") for key in got), path
+            reached.append(path)
+            refused.pop(path, None)
+            break
+        else:
+            assert path in refused or path in NEEDS_ANOTHER, f"no value to try for {path}"
+    assert set(refused) <= set(NEEDS_ANOTHER), refused
+    assert len(reached) >= len(preset) - 1 - len(NEEDS_ANOTHER)
     assert not (tmp_path / "o").exists()
 
 
-def test_defend_online_adversarial_flags(tiny_file, tmp_path, monkeypatch, capsys):
-    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
-    cfg = defend_config_from_cli([*args, "--online-adv-weight", "1", "--online-adv-eps", "2"], monkeypatch).finetune
-    assert (cfg.online_adv_weight, cfg.online_adv_eps, cfg.online_adv_targeted) == (1.0, pytest.approx(2 / 255), True)
-    assert not defend_config_from_cli([*args, "--online-adv-untargeted"], monkeypatch).finetune.online_adv_targeted
-    assert main(["defend", *args, "--online-adv-eps", "0"]) == 2
-    assert "online_adv_eps > 0" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+def test_a_settings_file_and_set_layer_over_the_preset_in_order(tiny_file, tmp_path, monkeypatch):
+    (tmp_path / "s.toml").write_text("tau = 3.0\n[finetune]\nepochs = 4\nlr = 0.002\n")
+    args = [str(tiny_file), "--ratio", "3", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "s.toml")]
+    cfg = defend_config_from_cli([*args, "--set", "finetune.epochs=6", "--seed", "5"], monkeypatch)
+    assert (cfg.ratio, cfg.tau, cfg.finetune.epochs, cfg.finetune.lr) == (3.0, 3.0, 6, 0.002)
+    assert cfg.finetune.kd_weight == resolve_config("cpu").finetune.kd_weight  # the rest of the section stays
+    assert cfg.synth.seed == cfg.pgd.seed == cfg.finetune.seed == cfg.warp_probe.seed == 5
+    assert defend_config_from_cli(args, monkeypatch).synth.seed == 0
 
-
-@pytest.mark.parametrize("field", ["mask_left_out_class", "kd_mask_left_out_class"])
-@pytest.mark.parametrize("flags, expected", [([], None), (["--{}"], True), (["--no-{}"], False)])
-def test_defend_flags_reach_the_fine_tune_config(field, flags, expected, tiny_file, tmp_path, monkeypatch):
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "3", "--no-kd", "--out", str(tmp_path / "o"),
-                                  *(f.format(field.replace("_", "-")) for f in flags)], monkeypatch)
-    expected = getattr(resolve_config("cpu").finetune, field) if expected is None else expected
-    assert cfg.ratio == 3 and cfg.finetune.kd_weight == 0 and getattr(cfg.finetune, field) is expected
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("flags, expected", [([], "preset"), (["--teacher-finetune-lr", "0.0001"], {"lr": 0.0001}),
-                                             (["--no-teacher-finetune"], None)])
-def test_defend_teacher_finetune_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert cfg.teacher_finetune == (resolve_config("cpu").teacher_finetune if expected == "preset" else expected)
-
-
-@pytest.mark.parametrize("flags, expected", [
-    ([], None), (["--distill-alone"], DISTILL_ALONE),
-    (["--distill-alone", "--distill-epochs", "5"], DISTILL_ALONE | {"epochs": 5})])
-def test_defend_distill_alone_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert cfg.distill_finetune == expected
-
-
-@pytest.mark.parametrize("flags, message", [(["--distill-epochs", "5"], "sets the epochs of --distill-alone"),
-                                            (["--distill-alone", "--distill-epochs", "0"], "must be >= 1")])
-def test_defend_refuses_bad_distill_epochs(flags, message, tiny_file, tmp_path, capsys):
-    assert main(["defend", str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
 
 
 def test_a_student_distilling_alone_takes_that_recipe_and_its_teacher_the_undistilled_one():
@@ -765,82 +800,6 @@ def test_a_student_distilling_alone_takes_that_recipe_and_its_teacher_the_undist
     assert finetune_config(no_kd, teacher) == no_kd.finetune  # a student that does not distill keeps its CE
     with pytest.raises(ConfigError, match="distill_finetune takes fine-tune settings"):
         cfg.replace(distill_finetune={"epoch": 1})
-
-
-@pytest.mark.parametrize("flags, expected", [
-    ([], None), (["--competition-samples", "256"], {"n_samples": 256, "competition_weight": 1.0}),
-    (["--competition-samples", "64", "--competition-weight", "0"], {"n_samples": 64, "competition_weight": 0.0})])
-def test_defend_competition_flags(flags, expected, tiny_file, tmp_path, monkeypatch):
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert cfg.competition_synth == expected
-
-
-@pytest.mark.parametrize("flags, expected", [([], "preset"), (["--distill-check"], "default"), (["--no-distill-check"], None)])
-def test_defend_distill_check_flag(flags, expected, tiny_file, tmp_path, monkeypatch):
-    from cc_core.pipeline import DISTILL_CHECK_INVERSION
-
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    wanted = {"preset": resolve_config("cpu").distill_check, "default": DISTILL_CHECK_INVERSION, None: None}[expected]
-    assert cfg.distill_check == wanted
-
-
-@pytest.mark.parametrize("flags, blend, trigger_clean", [([], True, True), (["--no-blend-probe"], False, True),
-                                                          (["--no-patch-probe"], True, True),
-                                                          (["--no-patch-probe", "--no-blend-probe"], False, True),
-                                                          (["--no-patch-probe", "--no-blend-probe", "--no-warp-probe"],
-                                                           False, False)])
-def test_defend_blend_probe_is_on_in_the_preset_and_its_flag_turns_it_off(flags, blend, trigger_clean, tiny_file,
-                                                                         tmp_path, monkeypatch):
-    from cc_core.scan import BlendProbeConfig
-
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert cfg.blend_probe == (BlendProbeConfig() if blend else None)
-    assert (cfg.trigger_channel_u is not None) is trigger_clean  # no probe left: no trigger to clean channels for
-
-
-@pytest.mark.parametrize("flags, trigger_u, perturbation_u", [([], 3.0, 4.0), (["--perturbation-channel-u", "3.5"], 3.0, 3.5),
-                                                                (["--no-trigger-clean"], None, None)])
-def test_defend_perturbation_channel_clean_is_on_in_the_preset_and_no_trigger_clean_turns_both_off(
-        flags, trigger_u, perturbation_u, tiny_file, tmp_path, monkeypatch):
-    cfg = defend_config_from_cli([str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags], monkeypatch)
-    assert (cfg.trigger_channel_u, cfg.perturbation_channel_u) == (trigger_u, perturbation_u)
-
-
-@pytest.mark.parametrize("flags, clp_with_trigger", [([], False), (["--trigger-clean-only"], False),
-                                                     (["--trigger-clean-only", "--clp-with-trigger"], None),
-                                                     (["--clp-with-trigger"], True)])
-def test_defend_trigger_clean_only_flag(flags, clp_with_trigger, tiny_file, tmp_path, monkeypatch, capsys):
-    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o"), *flags]
-    if clp_with_trigger is None:
-        with pytest.raises(SystemExit) as e:
-            main(["defend", *args])
-        assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
-        return
-    assert defend_config_from_cli(args, monkeypatch).clp_with_trigger is clp_with_trigger
-
-
-@pytest.mark.parametrize("preset_overrides", [{}, {"warp_probe": None, "clp_with_trigger": True}])
-def test_defend_probe_flags_turn_the_presets_probes_on_and_off(preset_overrides, tiny_file, tmp_path, monkeypatch):
-    """Each of the probes' switches works both ways, whatever the preset has; the trigger clean is off
-    with --no-trigger-clean and when no probe is left."""
-    import cc_core.pipeline as pipeline
-
-    monkeypatch.setitem(pipeline.PRESETS, "cpu", pipeline.PRESETS["cpu"].replace(**preset_overrides))
-    args = [str(tiny_file), "--ratio", "2", "--out", str(tmp_path / "o")]
-    assert defend_config_from_cli([*args, "--warp-probe"], monkeypatch).warp_probe is not None
-    assert defend_config_from_cli([*args, "--no-warp-probe"], monkeypatch).warp_probe is None
-    for flags in (["--no-trigger-clean"], ["--no-patch-probe", "--no-warp-probe", "--no-blend-probe"]):
-        cfg = defend_config_from_cli([*args, *flags], monkeypatch)
-        assert cfg.trigger_channel_u is None
-    cfg = defend_config_from_cli([*args, "--no-patch-probe", "--no-blend-probe"], monkeypatch)
-    assert (cfg.trigger_channel_u is None) is ("warp_probe" in preset_overrides)  # the preset's warp probe is left
-
-
-def test_defend_trigger_clean_only_without_a_trigger_clean_is_refused(tiny_file, tmp_path, capsys):
-    out = tmp_path / "o"
-    assert main(["defend", str(tiny_file), "--ratio", "2", "--out", str(out), "--trigger-clean-only",
-                 "--no-trigger-clean"]) == 2
-    assert "--trigger-clean-only zeroes a firing trigger's channels" in capsys.readouterr().err and not out.exists()
 
 
 def test_defend_missing_model(tmp_path, capsys):
