@@ -417,6 +417,38 @@ def _speed_section() -> list[str]:
     return path.read_text().splitlines()[1:]
 
 
+def _preset_text(r: dict) -> str:
+    """'current' when the row's C&C settings are the cpu preset's today (device, threads and ratio aside),
+    else the top-level settings it differs in; '-' for rows without settings (baselines, no defense)."""
+    from cc_core.pipeline import resolve_config
+
+    config = r.get("config")
+    if not config or r["row"]["defense"] != "cc":
+        return "-"
+    current = json.loads(json.dumps(resolve_config("cpu", ratio=r["row"]["ratio"]).to_dict(), default=str))
+    ignored = {"device", "threads", "ratio"}
+    differ = sorted(k for k in current if k not in ignored and config.get(k) != current[k])
+    return "current" if not differ else "older (" + ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "") + ")"
+
+
+def _split_text(r: dict) -> str:
+    return {"report": "report half", "val": "val half"}.get(r.get("eval_split"), "whole test set")
+
+
+def _worst_class_table(done: dict) -> list[str]:
+    """Per C&C row: the class that lost most of its own accuracy, before -> after, in %."""
+    lines = ["| row | worst class | its ACC before -> after | mean drop |", "|---|---|---|---|"]
+    for rid, r in done.items():
+        m = r["metrics"]
+        before, after = m.get("per_class_acc_before"), m.get("per_class_acc_after")
+        if r["row"]["defense"] != "cc" or not before or not after:
+            continue
+        worst = max(range(len(before)), key=lambda c: before[c] - after[c])
+        lines.append(f"| {rid} | {worst} | {_pct(before[worst])} -> {_pct(after[worst])} | "
+                     f"{100 * (m['acc_before'] - m['acc_after']):.2f} |")
+    return lines
+
+
 def render() -> Path:
     """Write benchmarks/RESULTS.md from the rows in benchmarks/results/bench/ (never typed in)."""
     done = load_rows()
@@ -444,6 +476,10 @@ def render() -> Path:
           "The zoo's all-to-one models target class 0; all-to-all models have no single target. The last two "
           "columns are recorded from the commit that added the universal inversion on (- = an earlier row).\n",
           *_suspicion_table(done), "",
+          "## The class each C&C run cost most\n",
+          "A mean drop of a few points can hide one class that no longer works: the largest loss of one class's "
+          "own accuracy, in %.\n",
+          *_worst_class_table(done), "",
           "## Parameters and onnxruntime latency of each defended model (CPU, 2 threads, one process)\n",
           *_size_table(done), "",
           "## Speed-up at full width\n", *_speed_section(), "",
@@ -456,9 +492,11 @@ def render() -> Path:
           "class whose synthetic images the fine-tune leaves out) and the histogram after.\n", *_cost_table(done), "",
           "## Commands\n",
           "Each row ran at the commit shown; C&C rows name how the ranks were allocated (`sensitivity` is the "
-          "current `cpu` preset; `-` = a row from before the config was recorded, see docs/MEASUREMENTS.md).\n",
-          "| row | commit | precision | ranks | command |", "|---|---|---|---|---|",
-          *[f"| {rid} | {r['machine'].get('git_commit', '-')} | {_precision(r)} | {_rank_strategy(r)} | `{r['command']}` |"
-            for rid, r in done.items()]]
+          "current `cpu` preset; `-` = a row from before the config was recorded, see docs/MEASUREMENTS.md); "
+          "'preset' says whether a C&C row ran today's `cpu` preset or an older one (and the settings that differ); "
+          "'scored on' which test images (docs/PROTOCOL.md: rows before the protocol used the whole test set).\n",
+          "| row | commit | precision | ranks | preset | scored on | command |", "|---|---|---|---|---|---|---|",
+          *[f"| {rid} | {r['machine'].get('git_commit', '-')} | {_precision(r)} | {_rank_strategy(r)} | {_preset_text(r)} | "
+            f"{_split_text(r)} | `{r['command']}` |" for rid, r in done.items()]]
     RESULTS_MD.write_text("\n".join(md) + "\n")
     return RESULTS_MD

@@ -320,3 +320,20 @@ def test_grids_run_before_the_trigger_channels_preset_keep_the_preset_they_ran_w
     for _, ratio, overrides, ft in GRIDS["preset_synthesis_512"]:  # the preset since it halved the synthesis
         assert row_config("preset_synthesis_512", ratio, overrides, ft)[0] == resolve_config("cpu", ratio=ratio,
                                                                                             scan_before=False)
+
+
+def test_render_names_each_rows_preset_split_and_worst_class():
+    from benchmarks.bench import _preset_text, _split_text, _worst_class_table
+    from cc_core.pipeline import resolve_config
+
+    current = resolve_config("cpu", ratio=2.0).to_dict()
+    row = {"row": {"defense": "cc", "ratio": 2.0}, "config": current,
+           "metrics": {"acc_before": 0.8, "acc_after": 0.7, "per_class_acc_before": [0.9, 0.8, 0.7],
+                       "per_class_acc_after": [0.85, 0.5, 0.7]}}
+    assert _preset_text(row) == "current"
+    older = row | {"config": current | {"tau": 3.0, "kd_gate": "always"}}
+    assert _preset_text(older) == "older (kd_gate, tau)"
+    assert _preset_text(row | {"row": {"defense": "clp", "ratio": 2.0}}) == "-"
+    assert _split_text(row) == "whole test set" and _split_text(row | {"eval_split": "report"}) == "report half"
+    table = _worst_class_table({"r": row})
+    assert table[-1] == "| r | 1 | 80.00 -> 50.00 | 10.00 |"
