@@ -326,7 +326,7 @@ def test_render_names_each_rows_preset_split_and_worst_class():
     from benchmarks.bench import _preset_text, _split_text, _worst_class_table
     from cc_core.pipeline import resolve_config
 
-    current = resolve_config("cpu", ratio=2.0).to_dict()
+    current = json.loads(json.dumps(resolve_config("cpu", ratio=2.0).to_dict()))  # as a row file holds it
     row = {"row": {"defense": "cc", "ratio": 2.0}, "config": current,
            "metrics": {"acc_before": 0.8, "acc_after": 0.7, "per_class_acc_before": [0.9, 0.8, 0.7],
                        "per_class_acc_after": [0.85, 0.5, 0.7]}}
