@@ -89,6 +89,7 @@ BASES = {grid: (PRESET_BEFORE_TRIGGER_CHANNELS | base, ft) for grid, (base, ft) 
 BASES = {grid: (base | {"synth": {"n_samples": 1024} | base.get("synth", {})}, ft) for grid, (base, ft) in BASES.items()}
 BASES["preset_synthesis_512"] = ({}, {})  # the preset since 2026-12-06
 BASES["universal_unlearn"] = ({}, {})
+BASES["universal_unlearn_4x"] = ({}, {})
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
 DISTILL_ALONE_UNCLIPPED = {"synth_weight": 0.0, "mixup_alpha": 1.0, "epochs": 30}  # DISTILL_ALONE as first run, at 3bbf9cb
@@ -468,6 +469,9 @@ GRIDS = {
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}),
         ("universal unlearning r 5, no class left out", {"exclude_suspected_target": False},
          {"universal_weight": 1.0, "universal_radius": 5.0}))],
+    "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
+        ("cpu preset", {}, {}),
+        ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],
     # The Blended all-to-one model, with the blend probe (its teacher verified, used as is) and without
     # it (its teacher fine-tuned first, as pure_kd's unverified teachers are), each against the preset.
     "pure_kd_blended": [(label + probe_label, ratio, overrides | probe, {}) for ratio in (2.0, 4.0)
