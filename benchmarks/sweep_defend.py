@@ -91,6 +91,7 @@ BASES["preset_synthesis_512"] = ({}, {})  # the preset since 2026-12-06
 BASES["universal_unlearn"] = ({}, {})
 BASES["universal_unlearn_4x"] = ({}, {})
 BASES["universal_mild"] = ({}, {})
+BASES["no_probe_no_class_left_out"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -481,6 +482,9 @@ GRIDS = {
         ("probes off, no class left out, universal r 2 w 0.5", NO_PROBES | {"exclude_suspected_target": False},
          {"universal_weight": 0.5, "universal_radius": 2.0}),
         ("no class left out, universal r 3 w 0.2", {"exclude_suspected_target": False}, {"universal_weight": 0.2}))],
+    # ...and the row universal_mild lacks: probes off, no class left out, no universal term.
+    "no_probe_no_class_left_out": [("probes off, no class left out", 2.0,
+                                    NO_PROBES | {"exclude_suspected_target": False}, {})],
     "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
         ("cpu preset", {}, {}),
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],
