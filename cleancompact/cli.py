@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cleancompact.pipeline_cli import merge_settings, parse_settings, risk_threshold
+from cleancompact.pipeline_cli import key_values, merge_settings, parse_settings, risk_threshold
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -169,20 +169,6 @@ def _dataset_choices() -> str:
     return ", ".join(DATASETS)
 
 
-def _parse_attack_params(items: list[str]) -> dict:
-    """``["s=1.0", "k=4"]`` -> ``{"s": 1.0, "k": 4}`` (values parsed as JSON, else kept as text)."""
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise _input_error(f"--attack-param expects KEY=VALUE, got {item!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
-
-
 def cmd_train_backdoor(args: argparse.Namespace) -> int:
     """Train a (backdoored) classifier; write model, attack spec and metrics to --out."""
     import numpy as np
@@ -199,7 +185,7 @@ def cmd_train_backdoor(args: argparse.Namespace) -> int:
     if args.attack != "none":
         attack = build_attack(args.attack, info.num_classes, target=args.target, ratio=args.ratio,
                               seed=args.seed, cross_ratio=args.cross_ratio,
-                              params=_parse_attack_params(args.attack_param))
+                              params=key_values(args.attack_param, "--attack-param"))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       schedule=args.schedule, hflip=info.hflip, seed=args.seed,
                       mixed_precision=not args.no_mixed_precision, threads=args.threads,

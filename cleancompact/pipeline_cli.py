@@ -16,13 +16,15 @@ DEMO_RECIPE = {"arch": "resnet18", "width": 0.25, "attack": "badnet", "epochs": 
                "lr": 0.2, "seed": 0}
 
 
-def _key_values(items: list[str], what: str) -> dict:
+def key_values(items: list[str], what: str) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``: values are JSON where they parse, else text; a later
+    item wins. An item without ``=`` or without a key is an InputError naming the option ``what``."""
+    from cc_core.errors import InputError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            from cc_core.errors import InputError
-
+        if not sep or not key:
             raise InputError(f"{what} expects KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
@@ -33,26 +35,21 @@ def _key_values(items: list[str], what: str) -> dict:
 
 def parse_settings(items: list[str]) -> dict:
     """``--set`` values -> nested config overrides: ``finetune.epochs=5`` -> {"finetune": {"epochs": 5}};
-    values are JSON where they parse (numbers, true/false/null, objects), else text; later items win."""
+    values as key_values parses them."""
     from cc_core.errors import InputError
 
     out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
+    for key, value in key_values(items, "--set").items():
         path = key.split(".")
-        if not sep or not all(path):
+        if not all(path):
             raise InputError(f"--set expects KEY=VALUE with KEY a config field (dotted for a section, "
-                             f"e.g. finetune.epochs=5), got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
+                             f"e.g. finetune.epochs=5), got {key!r}")
         node = out
         for part in path[:-1]:
             if not isinstance(node.setdefault(part, {}), dict):
-                raise InputError(f"--set {item!r}: {part} was set to a value before, not a section")
+                raise InputError(f"--set {key!r}: {part} was set to a value before, not a section")
             node = node[part]
-        node[path[-1]] = parsed
+        node[path[-1]] = value
     return out
 
 
@@ -109,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.clean_compact import clean_compact_flow
 
     result = clean_compact_flow(args.source, ratio=args.ratio, preset=args.preset, overrides=_flow_overrides(args),
-                                gates=_key_values(args.gate or [], "--gate"), eval_data=args.eval_data,
+                                gates=key_values(args.gate or [], "--gate"), eval_data=args.eval_data,
                                 data_dir=args.data_dir, attack=args.attack, registered_name=args.name,
                                 tracking_uri=args.tracking_uri, arch=args.arch, num_classes=args.num_classes)
     _print_result(result)
@@ -133,7 +130,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     rows = audit_flow(policy=args.policy, max_age_hours=args.max_age_hours, flag_risk=args.flag,
                       names=args.names, ratio=args.ratio, preset=args.preset, tracking_uri=args.tracking_uri,
-                      gates=_key_values(args.gate or [], "--gate"), limit=args.limit)
+                      gates=key_values(args.gate or [], "--gate"), limit=args.limit)
     failing = [r for r in rows if args.fail_on is not None and r["risk"] >= args.fail_on]
     if args.json:
         print(json.dumps({"versions": rows, "failing": [f"models:/{r['name']}/{r['version']}" for r in failing]},
