@@ -5,9 +5,12 @@ CUDA provider and verify it really loaded: onnxruntime silently falls back to CP
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,23 @@ class ProviderUnavailableError(CleanCompactError):
     """The requested onnxruntime execution provider did not load."""
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter's own noise kept off the user's terminal: torch.onnx's logger warnings (operators of
+    packages that are not installed, such as torchvision's) and the deprecation warnings of its
+    dependencies. Errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...] | None = None,
                 opset: int = 18) -> Path:
     """Export ``model`` (eval mode, fp32, CPU) to a single self-contained ONNX file whose
@@ -31,9 +51,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     model = model.eval().float().to("cpu")
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                input_names=["input"], output_names=["logits"],
-                                dynamic_shapes=({0: batch},), verbose=False)
+    with quiet_exporter():
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                    input_names=["input"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), verbose=False)
     with atomic_path(path, suffix=".onnx") as tmp:
         program.save(tmp, external_data=False)
     return path

@@ -231,3 +231,17 @@ def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_model(model, tmp_path / "m.safetensors")
     assert not any(tmp_path.iterdir())
+
+
+def test_onnx_export_keeps_the_exporters_noise_off_the_terminal(tmp_path, caplog):
+    import logging
+    import warnings
+
+    from cc_core.export import export_onnx
+
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(build_model("resnet18", width=0.125), tmp_path / "m.onnx")
+    assert not [r for r in caplog.records if r.name.startswith("torch.onnx")]
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert (tmp_path / "m.onnx").stat().st_size > 0
