@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES, distill_check_flips
-from benchmarks.blend_probe import true_blend
+from benchmarks.experiments.blend_probe import true_blend
 from benchmarks.common import machine, shared_synthetic, write_results
 from benchmarks.zoo import RECIPE as ZOO_RECIPE, ensure_model, model_name
 from cc_core.attacks import load_attack
@@ -533,7 +533,7 @@ GRIDS = {
                   for w in (10.0, 30.0) for ratio in (2.0, 4.0)],
     # bn_weight 30 gained 0.6 / 2.1 points on WaNet at 2x / 4x. The images stay far rougher than the data: their
     # mean squared neighbour difference (total_variation, normalized space) is 2.8 against 0.28 for real
-    # CIFAR-10 test images (benchmarks/synthesis_prior.md), so the preset's TV weight (1e-4) does nothing. On one batch of 128 at BN weight 30,
+    # CIFAR-10 test images (benchmarks/experiments/synthesis_prior.md), so the preset's TV weight (1e-4) does nothing. On one batch of 128 at BN weight 30,
     # TV weight 1 / 3 / 10 brings it to 1.07 / 0.61 / 0.36, with the BN and CE losses where they were.
     "tv_weight": [(f"cpu preset, synthesis BatchNorm weight 30, TV weight {tv:g}", ratio,
                    {"synth": {"bn_weight": 30.0, "tv_weight": tv}}, {}) for tv in (1.0, 3.0, 10.0) for ratio in (2.0, 4.0)],

@@ -22,7 +22,7 @@ def cpu_bf16_is_native() -> bool:
 
     Without it (an AVX2-only CPU) torch falls back to reference bf16 kernels: ResNet-18 w0.25
     training and input-gradient steps measured 12x slower than fp32 on such a machine
-    (``python -m benchmarks.precision``)."""
+    (``python -m benchmarks.experiments.precision``)."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -52,7 +52,7 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
 
     Convolutions then run in oneDNN's native NHWC layout whatever the input's layout: on ResNet-18
     w0.25 and its compactions, forward + backward to the input ran 1.2-1.3x faster and a training
-    step 1.1-1.4x, in fp32 on 2 CPU cores (``python -m benchmarks.memory_format``). Nested blocks convert
+    step 1.1-1.4x, in fp32 on 2 CPU cores (``python -m benchmarks.experiments.memory_format``). Nested blocks convert
     nothing twice."""
     converted = [t for t in (*model.parameters(), *model.buffers())
                  if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last)]

@@ -94,7 +94,7 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     deviations of 0, not a variance for any data. A channels_last ``x`` is reduced as the
     (N*H*W, C) matrix it is in memory. With channels_last weights this made a synthesis step of ResNet-18
     w0.25 1.48x faster than ``mean`` + ``var`` with contiguous ones, in fp32 on 2 CPU cores
-    (``python -m benchmarks.synthesis_step``)."""
+    (``python -m benchmarks.experiments.synthesis_step``)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         x, dims = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), (0,)
     else:

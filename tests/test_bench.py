@@ -1,5 +1,6 @@
 """The benchmark runner's bookkeeping: rows, filters, and the RESULTS.md renderer."""
 import json
+import re
 
 import pytest
 import torch
@@ -113,8 +114,9 @@ def test_render_reports_cells_missing_rows_and_the_target_verdict(tmp_path, monk
     assert "max ASR 4.00% (target <= 5%): **MISSED**; mean drop over target by 0.50 points." in text
     assert "C&C 4x: no row run yet" in text
     assert "Machines: test cpu, 2 cores, torch x, bf16; test cpu, 2 cores, torch x, fp32." in text
-    assert ("| cifar10-resnet18-w0.25-wanet-cc-2x | abc1234 | fp32 | sensitivity | "
-            "`cleancompact bench run --recipe cifar10-resnet18 --attacks wanet --defenses cc --ratios 2`") in text
+    assert re.search(r"\| cifar10-resnet18-w0\.25-wanet-cc-2x \| abc1234 \| fp32 \| sensitivity \| older \([a-z_, .]+\) \| "
+                     r"whole test set \| `cleancompact bench run --recipe cifar10-resnet18 --attacks wanet --defenses cc "
+                     r"--ratios 2` \|", text)
     # a row from before commit, config and precision were kept (it ran bf16 autocast)
     assert "| cifar10-resnet18-w0.25-badnet-cc-2x | - | bf16 | - |" in text
     assert "| cifar10-resnet18-w0.25-wanet-cc-2x | test cpu, fp32 | 3.0 | finetune 3.0 |" in text
@@ -219,7 +221,7 @@ class PatchDetector(torch.nn.Module):
 
 @pytest.mark.parametrize("attack_name", ["badnet", "badnet-a2a"])
 def test_trigger_rate_counts_what_the_true_trigger_sends_to_the_attack_label(attack_name):
-    from benchmarks.trigger_on_synthetic import trigger_rate
+    from benchmarks.experiments.trigger_on_synthetic import trigger_rate
     from cc_core.attacks.base import build_attack
     from cc_core.data import normalize
 

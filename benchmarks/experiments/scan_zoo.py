@@ -1,6 +1,6 @@
 """Does `cleancompact scan` tell the zoo's backdoored models from a clean one of the same recipe?
 
-Run: python -m benchmarks.scan_zoo [--models badnet wanet none] [--seeds 0 1 2] [--l1 0.01 0.1 0.3 1.0]
+Run: python -m benchmarks.experiments.scan_zoo [--models badnet wanet none] [--seeds 0 1 2] [--l1 0.01 0.1 0.3 1.0]
 Runs the CLI (`cleancompact scan MODEL --seed S --out ...`, otherwise default settings) on each
 zoo model (trained into the cache if missing) once per seed (the seed draws the synthetic images
 and PGD's random start, so the spread over seeds is the scan's own noise) and writes benchmarks/results/scan.{json,md}: the risk score, the
@@ -156,7 +156,7 @@ def main() -> None:
             print(f"{attack} seed {seed}: risk {rows[-1]['risk']:.2f}, target {rows[-1]['target_class_estimate']}",
                   flush=True)
     sweep = [row for attack in args.models for row in l1_sweep(attack, args.l1)]
-    command = (f"python -m benchmarks.scan_zoo --models {' '.join(args.models)} --seeds {' '.join(map(str, args.seeds))} "
+    command = (f"python -m benchmarks.experiments.scan_zoo --models {' '.join(args.models)} --seeds {' '.join(map(str, args.seeds))} "
                f"--l1 {' '.join(f'{v:g}' for v in args.l1)}")
     this_run = machine()
     for row in rows + sweep:

@@ -1,7 +1,7 @@
 """Contiguous vs channels_last weights (``cc_core.device.channels_last``) for the steps the defense
 spends its time in.
 
-Run: python -m benchmarks.memory_format   (writes benchmarks/results/memory_format.*)
+Run: python -m benchmarks.experiments.memory_format   (writes benchmarks/results/memory_format.*)
 - input gradient: forward + backward to a batch of 128 contiguous images with frozen weights
   (synthesis, PGD, the scan's trigger inversions);
 - fine-tune step: one SGD step of the weights on a batch of 128 (the recovery fine-tune);
@@ -23,7 +23,7 @@ from benchmarks.common import interleaved_medians, machine, provenance, write_re
 from cc_core import build_model, clean_compact
 from cc_core.device import autocast
 
-COMMAND = "python -m benchmarks.memory_format"
+COMMAND = "python -m benchmarks.experiments.memory_format"
 
 
 def _loss(model, x, y) -> torch.Tensor:

@@ -4,13 +4,13 @@ The distillation check (cc_core.pipeline.distill_check) runs the scan's universa
 a distilled and an undistilled student and keeps the distilled one only if its flip rate is at
 most DISTILL_FLIP_MARGIN above the undistilled one's. With the default inversion (3 restarts x
 100 Adam steps of 128 images) the two inversions are most of the check's cost. This benchmark
-defends each zoo model with and without distillation (benchmarks.student_signals.students), runs
+defends each zoo model with and without distillation (benchmarks.experiments.student_signals.students), runs
 the inversion on each student for every (steps, restarts) in the grid, and reports each
 setting's flip rates, verdict and seconds next to the real test set's ACC / ASR of both students
 (never used by the check). A restart count k is the best of the first k seeds, chosen as
 flip_report chooses, so one set of runs per step count serves every k.
 
-Run: python -m benchmarks.distill_check_cost [--models wanet blended blended-a2a] [--ratios 2 4]
+Run: python -m benchmarks.experiments.distill_check_cost [--models wanet blended blended-a2a] [--ratios 2 4]
 Writes benchmarks/results/distill_check_cost.{json,md}.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ import time
 import torch
 
 from benchmarks.common import machine, write_results
-from benchmarks.student_signals import students
+from benchmarks.experiments.student_signals import students
 from cc_core.pipeline import DISTILL_CHECK_SAMPLES, DISTILL_FLIP_MARGIN
 from cc_core.scan import InversionConfig, flip_report, restart_rank
 
-COMMAND = "python -m benchmarks.distill_check_cost"
+COMMAND = "python -m benchmarks.experiments.distill_check_cost"
 STEPS = (25, 50, 100)
 RESTARTS = 3
 REFERENCE = (100, 3)  # InversionConfig's defaults, what the check ran with when it was chosen

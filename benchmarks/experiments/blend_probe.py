@@ -1,6 +1,6 @@
 """Does the blend probe find a blend trigger on synthetic images, and stay quiet where there is none?
 
-Run: python -m benchmarks.blend_probe [--attacks blended-a2a blended badnet wanet inputaware-a2a]
+Run: python -m benchmarks.experiments.blend_probe [--attacks blended-a2a blended badnet wanet inputaware-a2a]
      [--alphas 0.1 0.2] [--seeds 0] [--recipe R] [--name blend_probe]
      (writes benchmarks/results/NAME.{json,md}; NAME_R for another recipe than the default)
 For each zoo model (trained if not cached): the synthetic images the `cpu` preset makes (shared with
@@ -28,7 +28,7 @@ from cc_core.attacks.base import load_attack
 from cc_core.pipeline import resolve_config
 from cc_core.scan import BLEND_THRESHOLD, BlendProbeConfig, blend_pattern, blend_probe, blend_score, trigger_flip_rate
 
-COMMAND = "python -m benchmarks.blend_probe"
+COMMAND = "python -m benchmarks.experiments.blend_probe"
 
 
 def true_blend(attack) -> dict | None:

@@ -16,7 +16,7 @@ addition) and data-free statistics on the synthetic images that a rule could cho
 - log-odds gap: the mean over the fine-tune's images of z_t - logsumexp(z_others), the student's
   minus the original model's.
 
-Run: python -m benchmarks.target_bias [--models wanet badnet] [--ratios 2 4]
+Run: python -m benchmarks.experiments.target_bias [--models wanet badnet] [--ratios 2 4]
 Writes benchmarks/results/target_bias.{json,md}.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from cc_core.evalmode import eval_mode
 from cc_core.io import load_model
 from cc_core.pipeline import defend, resolve_config
 
-COMMAND = "python -m benchmarks.target_bias"
+COMMAND = "python -m benchmarks.experiments.target_bias"
 BIASES = [0.25 * i for i in range(17)]
 
 

@@ -15,7 +15,7 @@ measured with signals that need no real data, on those synthetic images:
 
 The real test set's ACC / ASR is measured beside them, never used by a signal.
 
-Run: python -m benchmarks.student_signals [--models wanet blended badnet] [--ratio 2]
+Run: python -m benchmarks.experiments.student_signals [--models wanet blended badnet] [--ratio 2]
 Writes benchmarks/results/student_signals.{json,md}.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from cc_core.io import load_model
 from cc_core.pipeline import defend, resolve_config
 from cc_core.scan import InversionConfig, flip_report
 
-COMMAND = "python -m benchmarks.student_signals"
+COMMAND = "python -m benchmarks.experiments.student_signals"
 RECIPE = "cifar10-resnet18"
 PULL_EPS = 2 / 255
 # (label, DefendConfig overrides). With a teacher fine-tune set, the preset's gate still distills

@@ -17,7 +17,7 @@ With --warp-probe the preset runs the warp probe too (a firing field's channels 
 --trigger-clean-only a firing trigger's channels are zeroed without CLP's (DefendConfig.clp_with_trigger);
 with --seed N the models are the zoo recipe's trained from seed N (benchmarks.zoo.model_name).
 
-Run: python -m benchmarks.teacher_signals [--models blended-a2a wanet ...] [--recipe R] [--seed N] [--warp-probe]
+Run: python -m benchmarks.experiments.teacher_signals [--models blended-a2a wanet ...] [--recipe R] [--seed N] [--warp-probe]
      [--trigger-clean-only]
 Writes benchmarks/results/teacher_signals[_R][_seedN][_warp_probe][_trigger_clean_only].{json,md}.
 """
@@ -41,7 +41,7 @@ from cc_core.pipeline import (channel_clean, distillation_teacher, probe_trigger
 from cc_core.scan import (all_to_all_suspected, flip_report, perturbation_trigger, trigger_flip_rate, trigger_score,
                           trigger_text)
 
-COMMAND = "python -m benchmarks.teacher_signals"
+COMMAND = "python -m benchmarks.experiments.teacher_signals"
 DEFAULT_MODELS = ["badnet", "blended", "blended-a2a", "wanet", "inputaware-a2a"]
 # The preset options a run can turn on: flag -> DefendConfig overrides.
 OPTIONS = {"--warp-probe": {"warp_probe": {}}, "--trigger-clean-only": {"clp_with_trigger": False}}

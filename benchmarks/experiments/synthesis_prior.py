@@ -1,6 +1,6 @@
 """How rough are the synthetic images, and what do the BatchNorm and total-variation weights change?
 
-Run: python -m benchmarks.synthesis_prior [--attack wanet] [--batch 128]
+Run: python -m benchmarks.experiments.synthesis_prior [--attack wanet] [--batch 128]
      (writes benchmarks/results/synthesis_prior.{json,md})
 For the zoo model of ``--attack`` (trained if not cached): one seeded batch of synthetic images per
 setting of the synthesis's BN weight and TV weight (the `cpu` preset's other settings: 200 Adam
@@ -24,7 +24,7 @@ from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
 from cc_core.synth import synthesize, total_variation
 
-COMMAND = "python -m benchmarks.synthesis_prior"
+COMMAND = "python -m benchmarks.experiments.synthesis_prior"
 REAL_SAMPLES = 1000
 SETTINGS = ((1.0, 1e-4), (10.0, 1e-4), (30.0, 1e-4), (100.0, 1e-4), (30.0, 1.0), (30.0, 3.0), (30.0, 10.0))
 

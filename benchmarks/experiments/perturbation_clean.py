@@ -13,7 +13,7 @@ perturbation as the trigger, at several u, on each model's teacher as the defens
   teacher's agreement with the original (plus the share it gives the class the perturbation maps
   to the original's: the gate's count for an all-to-all trigger), and whether the gate would pass.
 
-Run: python -m benchmarks.perturbation_clean [--models blended-a2a ...] [--u 4 3 2.5 2]
+Run: python -m benchmarks.experiments.perturbation_clean [--models blended-a2a ...] [--u 4 3 2.5 2]
 Writes benchmarks/results/perturbation_clean.{json,md}.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.bench import RECIPES
 from benchmarks.common import machine, write_results
-from benchmarks.teacher_signals import zoo_model_probed
+from benchmarks.experiments.teacher_signals import zoo_model_probed
 from benchmarks.zoo import model_name
 from cc_core.data import load_dataset
 from cc_core.metrics import evaluate
@@ -33,7 +33,7 @@ from cc_core.scan import (RESIDUAL_FLIP, all_to_all_suspected, apply_found_trigg
                           trigger_flip_rate, trigger_score)
 from cc_core.trigger_clean import prune_trigger_channels
 
-COMMAND = "python -m benchmarks.perturbation_clean"
+COMMAND = "python -m benchmarks.experiments.perturbation_clean"
 RECIPE = "cifar10-resnet18"
 DEFAULT_MODELS = ["blended-a2a"]
 DEFAULT_U = [4.0, 3.0, 2.5, 2.0]

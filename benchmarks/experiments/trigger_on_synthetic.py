@@ -1,6 +1,6 @@
 """Does a model's real trigger fire on its own synthetic images, and does the scan's inversion find it?
 
-Run: python -m benchmarks.trigger_on_synthetic [--attacks badnet-a2a ...] [--model-dir DIR ...]
+Run: python -m benchmarks.experiments.trigger_on_synthetic [--attacks badnet-a2a ...] [--model-dir DIR ...]
      [--samples N] [--probe-sizes S ...] [--probe-stride T] [--name NAME]
      (writes benchmarks/results/NAME.*, default trigger_on_synthetic)
 For each backdoored model (zoo models by attack, trained if not cached; or any directory with
@@ -34,7 +34,7 @@ from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
 from cc_core.scan import InversionConfig, PatchProbeConfig, flip_report, patch_probe
 
-COMMAND = "python -m benchmarks.trigger_on_synthetic"
+COMMAND = "python -m benchmarks.experiments.trigger_on_synthetic"
 REAL_SAMPLES = 1000
 
 

@@ -1,6 +1,6 @@
 """fp32 vs bf16 autocast on this CPU: the two step shapes the pipeline spends its time in.
 
-Run: python -m benchmarks.precision   (writes benchmarks/results/precision.*)
+Run: python -m benchmarks.experiments.precision   (writes benchmarks/results/precision.*)
 - train: one SGD step of the zoo's ResNet-18 w0.25, batch 256, channels_last (zoo training,
   recovery fine-tune);
 - input gradient: forward + backward to a batch of 128 images with frozen weights (synthesis,
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from benchmarks.common import interleaved_medians, machine, provenance, write_results
 from cc_core import build_model
 
-COMMAND = "python -m benchmarks.precision"
+COMMAND = "python -m benchmarks.experiments.precision"
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 

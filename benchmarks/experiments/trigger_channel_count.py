@@ -13,7 +13,7 @@ clipped at full rank):
   checks) and before the clipping (what the trigger channel clean checks), and agreement with the
   original's classes (the gate's fidelity bar).
 
-Run: python -m benchmarks.trigger_channel_count [--models wanet ...] [--recipe R] [--seed N] [--warp-probe]
+Run: python -m benchmarks.experiments.trigger_channel_count [--models wanet ...] [--recipe R] [--seed N] [--warp-probe]
 Writes benchmarks/results/trigger_channel_count[_R][_seedN][_warp_probe].{json,md}.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
 from benchmarks.common import machine, write_results
-from benchmarks.teacher_signals import zoo_model_probed
+from benchmarks.experiments.teacher_signals import zoo_model_probed
 from benchmarks.zoo import model_name
 from cc_core.baselines.clp import clp, zero_channel
 from cc_core.baselines.pairs import conv_bn_pairs
@@ -33,7 +33,7 @@ from cc_core.metrics import evaluate
 from cc_core.pipeline import channel_clean, clipped_full_rank, teacher_agreement
 from cc_core.scan import trigger_flip_rate, trigger_text
 
-COMMAND = "python -m benchmarks.trigger_channel_count"
+COMMAND = "python -m benchmarks.experiments.trigger_channel_count"
 
 
 def count_rows(name: str, recipe_name: str = DEFAULT_RECIPE, seed: int | None = None, warp_probe: bool = False) -> dict:

@@ -1,7 +1,7 @@
 """The synthesis step (``cc_core.synth.optimize_batch``): how its BatchNorm statistics are
 computed and the weights' memory layout.
 
-Run: python -m benchmarks.synthesis_step [--arch A --width W] [--name N]
+Run: python -m benchmarks.experiments.synthesis_step [--arch A --width W] [--name N]
      (writes benchmarks/results/N.*, default synthesis_step)
 Four variants of the same Adam step on a batch of 128 images through a zoo architecture (default
 ResNet-18 w0.25; seeded random weights, since speed does not depend on training), in the precision
@@ -26,7 +26,7 @@ from cc_core import build_model
 from cc_core.device import channels_last
 from cc_core.synth import BNStatsLoss, SynthConfig, optimize_batch, pixel_bounds
 
-COMMAND = "python -m benchmarks.synthesis_step"
+COMMAND = "python -m benchmarks.experiments.synthesis_step"
 ARCH_NAMES = {"resnet18": "ResNet-18", "vgg19_bn": "VGG-19-BN", "mobilenet_v2": "MobileNet-V2"}
 
 

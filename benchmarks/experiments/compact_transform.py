@@ -1,6 +1,6 @@
 """Parameter counts and wall time of clean_compact (steps 1-4) for every zoo architecture.
 
-Run: python -m benchmarks.compact_transform   (writes benchmarks/results/compact_transform.*)
+Run: python -m benchmarks.experiments.compact_transform   (writes benchmarks/results/compact_transform.*)
 Weights are seeded random initializations: counts and timings do not depend on training.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from benchmarks.common import machine, write_results
 from cc_core import build_model, clean_compact, count_params
 
-COMMAND = "python -m benchmarks.compact_transform"
+COMMAND = "python -m benchmarks.experiments.compact_transform"
 PAPER = {("resnet18", 2): 5.58e6, ("resnet18", 3): 3.72e6, ("resnet18", 4): 2.78e6}
 
 

@@ -1,6 +1,6 @@
 """The scan's universal inversion (flip) on the zoo: backdoored vs clean models, per seed.
 
-Run: python -m benchmarks.flip_zoo [--models cifar10-resnet18:badnet gtsrb-resnet18:badnet-a2a ...] [--seeds 0 1 2]
+Run: python -m benchmarks.experiments.flip_zoo [--models cifar10-resnet18:badnet gtsrb-resnet18:badnet-a2a ...] [--seeds 0 1 2]
 Each model (recipe:attack; ``none`` is the clean model of the recipe, trained into the cache if
 missing) gets the scan's synthetic images (256 images, 100 iterations, seed 0), then ONE universal
 inversion per seed (restarts 1, the scan's other defaults): the spread over seeds is what the
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args()
     rows = [row for spec in args.models for row in model_rows(spec, args.seeds)]
-    result = {"command": f"python -m benchmarks.flip_zoo --models {' '.join(args.models)} "
+    result = {"command": f"python -m benchmarks.experiments.flip_zoo --models {' '.join(args.models)} "
                          f"--seeds {' '.join(map(str, args.seeds))}",
               "machine": machine(), "inversion": InversionConfig().to_dict(), "rows": rows}
     print(*write_results("flip_zoo", result, markdown(result)), sep="\n")
