@@ -92,6 +92,7 @@ BASES["universal_unlearn"] = ({}, {})
 BASES["universal_unlearn_4x"] = ({}, {})
 BASES["universal_mild"] = ({}, {})
 BASES["no_probe_no_class_left_out"] = ({}, {})
+BASES["perturbation_any"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -485,6 +486,12 @@ GRIDS = {
     # ...and the row universal_mild lacks: probes off, no class left out, no universal term.
     "no_probe_no_class_left_out": [("probes off, no class left out", 2.0,
                                     NO_PROBES | {"exclude_suspected_target": False}, {})],
+    # Where no probe fires, the scan's universal inverted perturbation as the trigger whenever it fires
+    # (perturbation_scope "any"), not only when all-to-all: its channels zeroed, the teacher verified against it.
+    "perturbation_any": [(label, 2.0, NO_PROBES | overrides, {}) for label, overrides in (
+        ("probes off, perturbation_scope any", {"perturbation_scope": "any"}),
+        ("probes off, perturbation_scope any, no class left out", {"perturbation_scope": "any",
+                                                                   "exclude_suspected_target": False}))],
     "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
         ("cpu preset", {}, {}),
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],

@@ -30,13 +30,14 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.settings import parse_toml
-from cc_core.scan import (RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
+from cc_core.scan import (FLIP_THRESHOLD, RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
                           all_to_all_suspected, apply_found_trigger, blend_probe, flip_mapping, flip_report, found_trigger, histogram_report, patch_probe,
-                          patch_score, perturbation_trigger, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
+                          flip_score, patch_score, perturbation_trigger, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
 UNLEARN_SCOPES = ("all-to-all", "any")
+PERTURBATION_SCOPES = ("all-to-all", "any")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
 BN_MATCH_SCOPES = ("always", "trigger")
@@ -89,6 +90,10 @@ class DefendConfig:
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe
     # fires and that perturbation maps each class to its own (all-to-all). None: off.
     perturbation_channel_u: float | None = None
+    # Which universal inverted perturbation counts as a trigger when no probe fires: only one that
+    # sends each class to its own ("all-to-all"), or any that fires (flip_score >= FLIP_THRESHOLD,
+    # "any": then it also names the trigger the distillation gate verifies the teacher against).
+    perturbation_scope: str = "all-to-all"
     compact: dict = field(default_factory=dict)  # extra clean_compact options (rank_strategy, ...)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
@@ -167,6 +172,9 @@ class DefendConfig:
             raise ConfigError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {self.channel_mode!r}")
         if self.unlearn_scope not in UNLEARN_SCOPES:
             raise ConfigError(f"unlearn_scope must be one of {', '.join(UNLEARN_SCOPES)}, got {self.unlearn_scope!r}")
+        if self.perturbation_scope not in PERTURBATION_SCOPES:
+            raise ConfigError(f"perturbation_scope must be one of {', '.join(PERTURBATION_SCOPES)}, "
+                              f"got {self.perturbation_scope!r}")
         if self.kd_gate not in KD_GATES:
             raise ConfigError(f"kd_gate must be one of {', '.join(KD_GATES)}, got {self.kd_gate!r}")
         if self.bn_match_scope not in BN_MATCH_SCOPES:
@@ -584,15 +592,24 @@ def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict
         flip, delta = flip_report(model, x, cfg.inversion)
         universal = {"flip": flip, "delta": delta.detach().cpu().tolist()}
     return {"patch": patch, "warp": warp, "blend": blend, "trigger": found, "universal": universal,
-            "channel_trigger": channel_trigger(found, universal, len(x))}
+            "channel_trigger": channel_trigger(found, universal, len(x), cfg.perturbation_scope)}
 
 
-def channel_trigger(found: dict | None, universal: dict | None, n: int) -> dict | None:
+def perturbation_fires(flip: dict | None, scope: str) -> bool:
+    """Whether the universal inversion's perturbation (its report ``flip``) counts as a trigger under
+    DefendConfig.perturbation_scope ``scope``."""
+    if flip is None:
+        return False
+    return all_to_all_suspected(flip) or (scope == "any" and flip_score(flip) >= FLIP_THRESHOLD)
+
+
+def channel_trigger(found: dict | None, universal: dict | None, n: int, scope: str = "all-to-all") -> dict | None:
     """The trigger the trigger channel clean cleans by: the probes' firing one (``found``), else the
-    universal inverted perturbation (``universal``, probe_triggers') when the scan calls it all-to-all,
-    measured on ``n`` synthetic images: the trigger the distillation gate verifies against (gate_trigger)."""
+    universal inverted perturbation (``universal``, probe_triggers') when it fires under ``scope``
+    (perturbation_fires), measured on ``n`` synthetic images: the trigger the distillation gate
+    verifies against (gate_trigger)."""
     flip, delta = universal_inversion(universal) or (None, None)
-    return gate_trigger(found, flip, delta if all_to_all_suspected(flip) else None, n)
+    return gate_trigger(found, flip, delta if perturbation_fires(flip, scope) else None, n)
 
 
 def probe_text(probed: dict) -> str:
@@ -602,8 +619,10 @@ def probe_text(probed: dict) -> str:
         return (f"the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
                 f"of the synthetic images (class {found['target_class_estimate']} most)")
     if (trigger := probed["channel_trigger"]) is not None:
+        where = ("each class to its own (all-to-all)" if all_to_all_suspected(trigger)
+                 else f"class {trigger['target_class_estimate']} most")
         return (f"no probe fires; the universal inverted perturbation flips {trigger['flip_rate']:.0%} "
-                "of the synthetic images, each class to its own (all-to-all)")
+                f"of the synthetic images, {where}")
     return ""
 
 
@@ -679,6 +698,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     flip = suspicion["flip"]
     spec = original.cc_spec
     universal = suspicion["trigger"] if all_to_all_suspected(flip) else None
+    verify = suspicion["trigger"] if perturbation_fires(flip, cfg.perturbation_scope) else None
     delta = suspicion["trigger"] if cfg.unlearn_scope == "any" else universal
     unlearn = (lambda images: add_pixel_delta(images, delta, spec)) if delta is not None else None
     fired = None
@@ -692,7 +712,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     inversion = suspicion["inversion"]
     summary = exclusion_summary(target, inversion["concentration"] if inversion else None, excluded, flip,
                                 suspicion["all_to_all"], fired, suspicion)
-    return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, universal, len(x))
+    return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, verify, len(x))
 
 
 def gate_trigger(found: dict | None, flip: dict | None, universal: torch.Tensor | None, n: int) -> dict | None:

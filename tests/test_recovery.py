@@ -702,11 +702,11 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 def _candidates(path: str, value) -> list:
     """Values to try for one setting: other choices of a string, the other boolean, nearby numbers."""
     from cc_core.baselines.clp import CHANNEL_MODES
-    from cc_core.pipeline import BN_MATCH_SCOPES, KD_GATES, PATCH_UNLEARN, UNLEARN_SCOPES
+    from cc_core.pipeline import BN_MATCH_SCOPES, KD_GATES, PATCH_UNLEARN, PERTURBATION_SCOPES, UNLEARN_SCOPES
 
     choices = {"normalizer": ["max", "median"], "channel_mode": list(CHANNEL_MODES), "adversarial_model": ["original"],
                "synth_model": ["compact"], "unlearn_scope": list(UNLEARN_SCOPES), "patch_unlearn": list(PATCH_UNLEARN),
-               "kd_gate": list(KD_GATES), "bn_match_scope": list(BN_MATCH_SCOPES), "device": ["cpu"],
+               "kd_gate": list(KD_GATES), "perturbation_scope": list(PERTURBATION_SCOPES), "bn_match_scope": list(BN_MATCH_SCOPES), "device": ["cpu"],
                "resynthesize_suspected_target": ["recognized"], "compact.rank_strategy": ["energy"]}
     if path in choices:
         return [c for c in choices[path] if c != value]
@@ -1870,3 +1870,19 @@ def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypat
     check = result.report["distillation"]["check"]
     assert check["kept"] is kept and 0 <= check["flip_rate_undistilled"] <= 1
     assert result.report["timings_s"]["distill_check"] > 0
+
+
+def test_perturbation_scope_any_takes_a_one_class_perturbation_as_the_trigger():
+    from cc_core.pipeline import channel_trigger, perturbation_fires
+
+    one_class = {"flip_rate": 0.6, "mapping_consistency": 1.0, "concentration": 0.9, "target_class_estimate": 4}
+    scattered = {"flip_rate": 0.6, "mapping_consistency": 0.3, "concentration": 0.2, "target_class_estimate": 4}
+    each_own = {"flip_rate": 0.8, "mapping_consistency": 0.9, "concentration": 0.15, "target_class_estimate": 2}
+    assert not perturbation_fires(one_class, "all-to-all") and perturbation_fires(one_class, "any")
+    assert not perturbation_fires(scattered, "any") and not perturbation_fires(None, "any")
+    assert perturbation_fires(each_own, "all-to-all") and perturbation_fires(each_own, "any")
+    delta = torch.zeros(1, 3, 4, 4).tolist()
+    universal = {"flip": one_class, "delta": delta}
+    assert channel_trigger(None, universal, 64) is None  # the default scope: all-to-all only
+    trigger = channel_trigger(None, universal, 64, "any")
+    assert trigger["kind"] == "perturbation" and trigger["target_class_estimate"] == 4 and trigger["n"] == 64
