@@ -116,20 +116,20 @@ def ensure(s: Setting) -> Path:
     stored in fp16 and committed (copied to MODELS)."""
     import shutil
 
-    if (s.directory / "metrics.json").exists():
-        return s.directory
     kept = MODELS / s.name
-    s.directory.mkdir(parents=True, exist_ok=True)
     if (kept / "metrics.json").exists():
-        for name in MODEL_FILES:
-            if (kept / name).exists():
-                shutil.copy2(kept / name, s.directory / name)
+        if not (s.directory / "metrics.json").exists():
+            s.directory.mkdir(parents=True, exist_ok=True)
+            for name in MODEL_FILES:
+                if (kept / name).exists():
+                    shutil.copy2(kept / name, s.directory / name)
         return s.directory
-    print(f"[unseen] {s.name}: {' '.join(s.command())}", flush=True)
-    ensure_model(s.attack, s.recipe, quiet=True, overrides=s.overrides, out=s.directory)
-    store_half(s.directory / "model.safetensors")
+    if not (s.directory / "metrics.json").exists():
+        print(f"[unseen] {s.name}: {' '.join(s.command())}", flush=True)
+        ensure_model(s.attack, s.recipe, quiet=True, overrides=s.overrides, out=s.directory)
+    store_half(s.directory / "model.safetensors")  # a no-op on weights already in fp16
     kept.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
+    for name in ("attack.json", "attack.safetensors", "model.safetensors", "metrics.json"):  # metrics last: it marks a whole copy
         if (s.directory / name).exists():
             shutil.copy2(s.directory / name, kept / name)
     return s.directory
