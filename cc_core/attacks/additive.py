@@ -13,17 +13,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from cc_core.attacks.base import Attack, register_attack
+from cc_core.attacks.base import Attack, fit_pattern, register_attack
 
 
 def add_pattern(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     """clamp(x + pattern, 0, 1); ``pattern`` (C or 1, h, w) is resized to x's (N, C, H, W) size."""
-    pattern = pattern.to(x.device, x.dtype)
-    if pattern.shape[-2:] != x.shape[-2:]:
-        pattern = F.interpolate(pattern[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
-    return (x + pattern).clamp(0, 1)
+    return (x + fit_pattern(pattern, x)).clamp(0, 1)
 
 
 def sinusoid(size: int, delta: float, frequency: float) -> torch.Tensor:

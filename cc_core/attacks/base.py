@@ -156,6 +156,16 @@ class Attack:
         return path
 
 
+def fit_pattern(pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A trigger pattern (C or 1, h, w) on ``x``'s device and dtype, resized (bilinear) to its (H, W)."""
+    pattern = pattern.to(x.device, x.dtype)
+    if pattern.shape[-2:] != x.shape[-2:]:
+        import torch.nn.functional as F
+
+        pattern = F.interpolate(pattern[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return pattern
+
+
 ATTACKS: dict[str, type[Attack]] = {}
 
 

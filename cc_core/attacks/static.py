@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cc_core.attacks.base import Attack, register_attack
+from cc_core.attacks.base import Attack, fit_pattern, register_attack
 from cc_core.errors import ConfigError
 
 
@@ -73,10 +73,7 @@ class Blended(Attack):
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.params["alpha"]
-        pattern = self.pattern.to(x.device, x.dtype)
-        if pattern.shape[-2:] != x.shape[-2:]:
-            pattern = F.interpolate(pattern[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
-        return (1 - alpha) * x + alpha * pattern
+        return (1 - alpha) * x + alpha * fit_pattern(self.pattern, x)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"pattern": self.pattern}
@@ -144,10 +141,7 @@ class AdaptiveBlend(Attack):
     def _blend(self, x: torch.Tensor, tiles: torch.Tensor, alpha: float) -> torch.Tensor:
         """Blend the pattern into ``x`` where ``tiles`` (N, pieces, pieces) is 1."""
         mask = F.interpolate(tiles[:, None].to(x.device, x.dtype), size=x.shape[-2:], mode="nearest")
-        pattern = self.pattern.to(x.device, x.dtype)
-        if pattern.shape[-2:] != x.shape[-2:]:
-            pattern = F.interpolate(pattern[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
-        return x + alpha * mask * (pattern - x)
+        return x + alpha * mask * (fit_pattern(self.pattern, x) - x)
 
     def _random_tiles(self, n: int, keep: float, generator: torch.Generator | None) -> torch.Tensor:
         k = self.params["pieces"]
