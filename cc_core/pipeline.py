@@ -30,8 +30,8 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.settings import parse_toml
-from cc_core.scan import (FLIP_THRESHOLD, RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
-                          all_to_all_suspected, apply_found_trigger, blend_probe, flip_mapping, flip_report, found_trigger, histogram_report, patch_probe,
+from cc_core.scan import (FLIP_THRESHOLD, RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, MaskProbeConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
+                          all_to_all_suspected, apply_found_trigger, blend_probe, flip_mapping, flip_report, found_trigger, histogram_report, mask_probe, patch_probe,
                           flip_score, patch_score, perturbation_trigger, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
@@ -123,11 +123,13 @@ class DefendConfig:
     # all-to-all one, or any that fires.
     unlearn_scope: str = "all-to-all"
     # The probes (cc_core.scan; None: off): solid patches, smooth warps (run when no patch fires),
-    # smooth blended patterns (run when neither fires). A firing probe's trigger names the target,
+    # smooth blended patterns (run when neither fires), mask-and-pattern stamps of a few percent of
+    # the image (run when none of those fires). A firing probe's trigger names the target,
     # guides the trigger channel clean, verifies the teacher and may be unlearned (patch_unlearn).
     patch_probe: PatchProbeConfig | None = PatchProbeConfig()
     warp_probe: WarpProbeConfig | None = None
     blend_probe: BlendProbeConfig | None = None
+    mask_probe: MaskProbeConfig | None = None
     # Unlearn a firing probe's trigger: when it still flips >= RESIDUAL_FLIP of the synthetic
     # images after compaction ("residual"), "always" or "never".
     patch_unlearn: str = "residual"
@@ -161,6 +163,8 @@ class DefendConfig:
             object.__setattr__(self, "warp_probe", WarpProbeConfig(**self.warp_probe))
         if isinstance(self.blend_probe, dict):
             object.__setattr__(self, "blend_probe", BlendProbeConfig(**self.blend_probe))
+        if isinstance(self.mask_probe, dict):
+            object.__setattr__(self, "mask_probe", MaskProbeConfig(**self.mask_probe))
         object.__setattr__(self, "distill_check", check_inversion(self.distill_check))
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
@@ -223,10 +227,10 @@ class DefendConfig:
         if self.trigger_channel_u is not None:
             if not self.trigger_channel_u > 0:
                 raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
-            probes = (self.patch_probe, self.warp_probe, self.blend_probe)
+            probes = (self.patch_probe, self.warp_probe, self.blend_probe, self.mask_probe)
             if all(probe is None for probe in probes) or self.synth_model != "original":
                 raise ConfigError("trigger_channel_u needs a trigger probe and synthetic images made before compaction "
-                                  "(patch_probe, warp_probe or blend_probe set, synth_model='original')")
+                                  "(patch_probe, warp_probe, blend_probe or mask_probe set, synth_model='original')")
 
     @property
     def scan_synth_config(self) -> SynthConfig | None:
@@ -247,7 +251,7 @@ class DefendConfig:
         An unknown field or a value of the wrong type is a ConfigError."""
         try:
             for key in ("synth", "pgd", "finetune", "inversion", "patch_probe", "warp_probe", "blend_probe",
-                        "distill_check"):
+                        "mask_probe", "distill_check"):
                 if isinstance(changes.get(key), dict) and getattr(self, key) is not None:
                     changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
             if "compact" in changes:
@@ -574,24 +578,26 @@ def recognized_class(student: nn.Module, x: torch.Tensor, y: torch.Tensor, targe
 
 
 def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict:
-    """{"patch": the patch probe's report, "warp": the warp probe's, "blend": the blend probe's,
+    """{"patch": the patch probe's report, "warp": the warp probe's, "blend": the blend probe's, "mask": the mask probe's,
     "trigger": the one that fires (found_trigger; None when none), "universal": the scan's universal
     inversion, {"flip": flip_report's report, "delta": its perturbation as nested lists (1, C, H, W,
     pixel units)}, made when none fires and ``cfg.perturbation_channel_u`` is set (else None),
     "channel_trigger": what the trigger channel clean cleans by (channel_trigger)} of ``model`` on
     synthetic images ``x``; a probe that is off (``cfg``) gives None, and each runs only when none
-    before it fired (the stamp comes first, then the field, then the pattern)."""
+    before it fired (the stamp comes first, then the field, then the pattern, then the mask)."""
     patch = patch_probe(model, x, cfg.patch_probe) if cfg.patch_probe is not None else None
     run_warp = cfg.warp_probe is not None and not patch_score(patch)
     warp = warp_probe(model, x, cfg.warp_probe) if run_warp else None
     run_blend = cfg.blend_probe is not None and found_trigger(patch, warp) is None
     blend = blend_probe(model, x, cfg.blend_probe) if run_blend else None
-    found = found_trigger(patch, warp, blend)
+    run_mask = cfg.mask_probe is not None and found_trigger(patch, warp, blend) is None
+    mask = mask_probe(model, x, cfg.mask_probe) if run_mask else None
+    found = found_trigger(patch, warp, blend, mask)
     universal = None
     if found is None and cfg.perturbation_channel_u is not None:
         flip, delta = flip_report(model, x, cfg.inversion)
         universal = {"flip": flip, "delta": delta.detach().cpu().tolist()}
-    return {"patch": patch, "warp": warp, "blend": blend, "trigger": found, "universal": universal,
+    return {"patch": patch, "warp": warp, "blend": blend, "mask": mask, "trigger": found, "universal": universal,
             "channel_trigger": channel_trigger(found, universal, len(x), cfg.perturbation_scope)}
 
 

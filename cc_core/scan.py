@@ -82,12 +82,13 @@ WARP_THRESHOLD = 0.25
 # all-to-all Blended and (backdoor never learned) all-to-all Input-Aware models, 58% of the Blended
 # model's (benchmarks/results/blend_probe.md).
 BLEND_THRESHOLD = 0.5
-# ...and it fires only when the patterns single out one class: the runner-up class's pull rate is
-# at most this fraction of the best one's. A blend trigger sends images to its target far more
+# ...and it fires only when the patterns single out one class (the mask probe's stamps too): the
+# runner-up class's pull rate is at most this fraction of the best one's. A blend trigger sends images to its target far more
 # readily than anywhere else (the zoo Blended model: 65% into class 0, 27% into the next); a model
 # merely fragile to blends lets many classes pull (GTSRB Input-Aware and Input-Aware all-to-all:
 # 97% / 94% flips, classes pulled into at 100% / 95% and 76% / 71%; blend_probe_rest_gtsrb-resnet18.md).
-BLEND_SPECIFICITY = 0.5
+PULL_SPECIFICITY = 0.5
+MASK_THRESHOLD = 0.5
 # A found stamp still "fires" on a cleaned or compacted model when it flips this many synthetic
 # images: the demo's BadNet model, 94% before, 23% after the channel clean (real ASR 51.6%), 17%
 # after compaction; a model without a backdoor, 3% for its best stamp.
@@ -649,14 +650,96 @@ def blend_probe(model: nn.Module, x: torch.Tensor, cfg: BlendProbeConfig = Blend
     return report | {"pattern": torch.sigmoid(theta[best]).cpu().tolist(), "alpha": cfg.alpha}
 
 
-def blend_score(probe: dict | None) -> float:
-    """The blend probe's risk signal: its best pattern's flip rate once it reaches BLEND_THRESHOLD
-    and the pull patterns single out one class (the runner-up's rate <= BLEND_SPECIFICITY times the
+@dataclass(frozen=True)
+class MaskProbeConfig(PullPushConfig):
+    """The mask probe (Neural Cleanse's trigger, made on synthetic images): a mask (``grid`` x
+    ``grid`` values, upsampled nearest to the image) and a pattern (a colour per mask cell), both
+    sigmoids of the parameters, stamped as (1 - m) x + m p; the mask is scaled down wherever its
+    mean would exceed ``area`` (a fraction of the image). Optimized as PullPushConfig says."""
+
+    area: float = 0.03
+    grid: int = 32
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "mask probe", ("grid",))
+        require_positive(self, "mask probe", ("area",))
+        if self.area >= 1:
+            raise ConfigError(f"mask probe area must be < 1 (a fraction of the image), got {self.area}")
+        self.check("mask probe")
+
+
+def within_area(mask: torch.Tensor, area: float) -> torch.Tensor:
+    """Masks (T, 1, k, k) each scaled down so that its mean is at most ``area``."""
+    return mask * (area / mask.mean(dim=(1, 2, 3), keepdim=True).clamp_min(area))
+
+
+def mask_cells(theta: torch.Tensor, area: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks (T, 1, k, k; mean at most ``area``) and patterns (T, C, k, k) in [0, 1] from the mask
+    probe's parameters ``theta`` (T, 1 + C, k, k)."""
+    return within_area(torch.sigmoid(theta[:, :1]), area), torch.sigmoid(theta[:, 1:])
+
+
+def stamp_pixels(pix: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Pixel images ``pix`` (N, C, H, W) stamped with each (mask (T, 1, k, k), pattern (T, C, k,
+    k)), upsampled nearest to H x W: (1 - m) x + m p, (T * N, C, H, W), stamp-major."""
+    t, (n, c, h, w) = len(mask), pix.shape
+    m = F.interpolate(mask, size=(h, w), mode="nearest")[:, None]
+    p = F.interpolate(pattern, size=(h, w), mode="nearest")[:, None]
+    return ((1 - m) * pix[None] + m * p).reshape(t * n, c, h, w)
+
+
+def stamp_images(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, spec) -> torch.Tensor:
+    """Normalized images ``x`` (N, C, H, W) stamped with one mask (1, k, k) and pattern (C, k, k)."""
+    pix, mean, std = _to_pixels(x, spec.mean, spec.std)
+    return (stamp_pixels(pix, mask[None].to(x.device, x.dtype), pattern[None].to(x.device, x.dtype)) - mean) / std
+
+
+def mask_probe(model: nn.Module, x: torch.Tensor, cfg: MaskProbeConfig = MaskProbeConfig()) -> dict:
+    """The mask-and-pattern stamp covering at most ``cfg.area`` of the image that changes the most
+    predictions on synthetic images ``x`` (N, C, H, W, normalized): one stamp per class pulling the
+    first ``cfg.n`` images into that class and one pushing them out of their own, optimized together.
+
+    Returns the best stamp: ``kind`` "mask", ``mask`` (1, k, k) and ``pattern`` (C, k, k) in [0, 1]
+    as nested lists, ``area`` (its mask's mean) and the statistics warp_probe gives (``pull_class``,
+    ``flip_rate``, ``histogram``, ``concentration``, ``target_class_estimate``,
+    ``mapping_consistency``, ``class_rates``, ``push_flip_rate``, ``n``).
+
+    A local trigger of any shape and colours (a patch, a sticker, a logo) is such a stamp that
+    sends nearly every image to its target; on a model without a backdoor a stamp that small moves
+    images into many classes, or few into any. The patch probe sees only solid squares, the
+    additive inversions only what a descent from a zero perturbation reaches."""
+    n_classes, channels = model.cc_spec.num_classes, x.shape[1]
+    k = min(cfg.grid, *x.shape[2:])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = float(torch.logit(torch.tensor(cfg.area)))
+    theta = torch.cat([start + 0.5 * torch.randn(n_classes + 1, 1, k, k, generator=gen),
+                       torch.randn(n_classes + 1, channels, k, k, generator=gen)], 1).to(x.device)
+    before, after = _pull_push_probe(model, x, theta,
+                                     lambda pix, t: stamp_pixels(pix, *mask_cells(t, cfg.area)), cfg, gen)
+    best, report = _probe_report("mask", before, after, n_classes)
+    mask, pattern = mask_cells(theta[best:best + 1], cfg.area)
+    return report | {"mask": mask[0].cpu().tolist(), "pattern": pattern[0].cpu().tolist(),
+                     "area": float(mask.mean())}
+
+
+def specific_score(probe: dict | None, threshold: float) -> float:
+    """A pull-push probe's risk signal: its best trigger's flip rate once it reaches ``threshold``
+    and the pull triggers single out one class (the runner-up's rate <= PULL_SPECIFICITY times the
     best's), else 0."""
-    if probe is None or probe["flip_rate"] < BLEND_THRESHOLD:
+    if probe is None or probe["flip_rate"] < threshold:
         return 0.0
     best, runner_up = sorted(probe["class_rates"], reverse=True)[:2]
-    return probe["flip_rate"] if runner_up <= BLEND_SPECIFICITY * best else 0.0
+    return probe["flip_rate"] if runner_up <= PULL_SPECIFICITY * best else 0.0
+
+
+def blend_score(probe: dict | None) -> float:
+    """The blend probe's risk signal (specific_score from BLEND_THRESHOLD)."""
+    return specific_score(probe, BLEND_THRESHOLD)
+
+
+def mask_score(probe: dict | None) -> float:
+    """The mask probe's risk signal (specific_score from MASK_THRESHOLD)."""
+    return specific_score(probe, MASK_THRESHOLD)
 
 
 def warp_score(probe: dict | None) -> float:
@@ -666,11 +749,11 @@ def warp_score(probe: dict | None) -> float:
 
 def trigger_score(found: dict | None) -> float:
     """The risk signal of a probe's report: patch_score for a stamp, warp_score for a warp,
-    blend_score for a blend; a universal perturbation (perturbation_trigger) is made only when the
+    blend_score for a blend, mask_score for a mask stamp; a universal perturbation (perturbation_trigger) is made only when the
     scan calls it all-to-all, so its flip rate."""
     if found is None:
         return 0.0
-    scores = {"warp": warp_score, "blend": blend_score, "perturbation": lambda f: f["flip_rate"]}
+    scores = {"warp": warp_score, "blend": blend_score, "mask": mask_score, "perturbation": lambda f: f["flip_rate"]}
     return scores.get(found.get("kind"), patch_score)(found)
 
 
@@ -682,21 +765,24 @@ def perturbation_trigger(flip: dict, delta: torch.Tensor, n: int) -> dict:
             "mapping_consistency": flip["mapping_consistency"]}
 
 
-def found_trigger(patch: dict | None, warp: dict | None, blend: dict | None = None) -> dict | None:
+def found_trigger(patch: dict | None, warp: dict | None, blend: dict | None = None,
+                  mask: dict | None = None) -> dict | None:
     """The probe report of the trigger that fires: the patch probe's stamp when it fires, else the
-    warp probe's field, else the blend probe's pattern, else None."""
-    return next((found for found in (patch, warp, blend) if trigger_score(found)), None)
+    warp probe's field, else the blend probe's pattern, else the mask probe's stamp, else None."""
+    return next((found for found in (patch, warp, blend, mask) if trigger_score(found)), None)
 
 
 def apply_found_trigger(x: torch.Tensor, found: dict, spec) -> torch.Tensor:
     """Normalized images ``x`` (N, C, H, W) with a probe's trigger applied: its stamp painted on,
-    its field's warp, its pattern blended in, or a universal perturbation added."""
+    its field's warp, its pattern blended in, its mask stamped, or a universal perturbation added."""
     if found.get("kind") == "warp":
         return warp_images(x, torch.tensor(found["shift"]), spec)
     if found.get("kind") == "blend":
         return blend_images(x, torch.tensor(found["pattern"]), found["alpha"], spec)
     if found.get("kind") == "perturbation":
         return add_pixel_delta(x, torch.tensor(found["delta"]), spec)
+    if found.get("kind") == "mask":
+        return stamp_images(x, torch.tensor(found["mask"]), torch.tensor(found["pattern"]), spec)
     return add_pixel_delta(x, stamp_delta(found, tuple(x.shape[1:])), spec)
 
 
@@ -711,6 +797,8 @@ def trigger_text(found: dict) -> str:
         return f"a pattern of {k}x{k} points blended at {found['alpha']:.2f}"
     if found.get("kind") == "perturbation":
         return "the universal inverted perturbation"
+    if found.get("kind") == "mask":
+        return f"a stamp over {found['area']:.1%} of the image"
     return stamp_text(found)
 
 

@@ -282,13 +282,13 @@ def join_synthetic_task(run: RunHandle, synthetic_file: str, scan_file: str) -> 
 @task(name="trigger-probe", **COMPUTE)
 def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
     """The trigger probes (cc_core.pipeline.probe_triggers: the patch probe, then the warp probe when
-    no stamp fires, then the blend probe when neither fires) on the suspect and the fine-tune's
-    synthetic images: {"patch", "warp", "blend": their reports (None when off or not run),
+    no stamp fires, then the blend probe when neither fires, then the mask probe when none fires) on the suspect and the fine-tune's
+    synthetic images: {"patch", "warp", "blend", "mask": their reports (None when off or not run),
     "trigger": the one that fires (None when none), "universal": the scan's universal inversion when
     none fires and the perturbation channel clean is on, "channel_trigger": what the trigger channel
     clean cleans by}."""
     from cc_core.pipeline import probe_text, probe_triggers
-    from cc_core.scan import BLEND_SPECIFICITY, BLEND_THRESHOLD
+    from cc_core.scan import BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY
 
     def compute() -> dict:
         x = _load_tensors(synthetic_file)["x"].to(_device(cfg))
@@ -298,10 +298,12 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
                                          "patch_probe": cfg.patch_probe.to_dict() if cfg.patch_probe else None,
                                          "warp_probe": cfg.warp_probe.to_dict() if cfg.warp_probe else None,
                                          "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None,
-                                         "blend_fires": [BLEND_THRESHOLD, BLEND_SPECIFICITY]}
+                                         "mask_probe": cfg.mask_probe.to_dict() if cfg.mask_probe else None,
+                                         "pull_fires": [BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY]}
                   | ({"perturbation_channel_u": cfg.perturbation_channel_u, "inversion": cfg.inversion.to_dict()}
                      if cfg.perturbation_channel_u else {}), compute)
-    for kind in ("patch", "warp", "blend"):
+    out.setdefault("mask", None)  # markers written before the mask probe have no such key
+    for kind in ("patch", "warp", "blend", "mask"):
         if out[kind] is not None:
             log_metrics(run, {f"{kind}_flip_rate": out[kind]["flip_rate"]}, "scan.")
     # markers written before the perturbation clean have neither key (they ran without it)

@@ -17,6 +17,11 @@ os.environ.update({
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "CC_HOME": str(_STATE / "cc-home"),
+    # Prefect (re)builds its console handlers on the sys.stderr of that moment: inside a test that
+    # captures output that is the test's own stream, closed when it ends, and every later flow then
+    # fails writing its logs ("I/O operation on closed file"). The process's stderr stays open.
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM": "ext://sys.__stderr__",
+    "PREFECT_LOGGING_HANDLERS_DEBUG_STREAM": "ext://sys.__stderr__",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

@@ -207,11 +207,8 @@ def test_first_run_downloads_and_verifies_the_missing_dataset(archive_server, mo
 
 
 def test_demo_with_a_corrupt_download_exits_2_and_keeps_nothing(archive_server, monkeypatch, tmp_path, capsys):
-    import cleancompact.pipeline_cli
     from cleancompact.cli import main
 
-    # Prefect's logging set up on capsys's stream would outlive the test (later flow tests then log to a closed file)
-    monkeypatch.setattr(cleancompact.pipeline_cli, "_quiet_prefect", lambda: None)
     url, _, _ = archive_server
     cache = _serve_as_cifar10(monkeypatch, tmp_path, url, "0" * 32)
     monkeypatch.setenv("CC_HOME", str(tmp_path / "home"))

@@ -1436,10 +1436,10 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_cla
     monkeypatch.setattr(pipeline, "suspected_target", lambda *a: {
         "target": 2, "adversarial": {"histogram": [3, 3, 3, 3], "concentration": 0.0, "anomaly_index": 1.0,
                                         "target_class_estimate": 0},
-        "inversion": {"concentration": 0.0},
+        "inversion": {"concentration": 0.0, "target_class_estimate": 3},
         "flip": {"flip_rate": 0.95, "mapping_consistency": 0.95, "concentration": concentration,
                  "target_class_estimate": 1},
-        "trigger": delta, "patch": None, "all_to_all": concentration < 0.5})
+        "trigger": delta, "found": None, "patch": None, "all_to_all": concentration < 0.5})
     seen = {}
     real_finetune = ft.finetune
 
@@ -1886,3 +1886,74 @@ def test_perturbation_scope_any_takes_a_one_class_perturbation_as_the_trigger():
     assert channel_trigger(None, universal, 64) is None  # the default scope: all-to-all only
     trigger = channel_trigger(None, universal, 64, "any")
     assert trigger["kind"] == "perturbation" and trigger["target_class_estimate"] == 4 and trigger["n"] == 64
+
+
+class PlantedSticker(nn.Module):
+    """A classifier with a planted sticker trigger on plain-colour images (``_colour_images``):
+    clean logits 10 x one-hot of the brightest colour channel; with the trigger, a 5x5 box at
+    (20, 8) whose chosen pixels (an irregular shape) are near the sticker's own colours pushes the
+    logits to class 2. Neither a solid square nor a blend reaches those colours."""
+
+    def __init__(self, trigger: bool = True) -> None:
+        from cc_core.models.registry import ModelSpec
+
+        super().__init__()
+        self.trigger = trigger
+        self.cc_spec = ModelSpec(arch="planted", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+        g = torch.Generator().manual_seed(3)
+        self.register_buffer("shape", (torch.rand(5, 5, generator=g) < 0.6).float())
+        self.register_buffer("colours", torch.rand(3, 5, 5, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * 0.25 + 0.5
+        logits = 10 * nn.functional.one_hot(pixels.detach().mean(dim=(2, 3)).argmax(1), 3).float()
+        box = pixels[:, :, 20:25, 8:13]
+        error = ((box - self.colours).abs() * self.shape).sum(dim=(1, 2, 3)) / (3 * self.shape.sum())
+        if not self.trigger:
+            return logits + 0 * error[:, None]
+        return logits + 40 * torch.sigmoid((0.15 - error) * 40)[:, None] * nn.functional.one_hot(torch.tensor(2), 3)
+
+
+def test_stamp_pixels_mix_each_mask_and_pattern_and_within_area_holds_the_mask_to_its_area():
+    from cc_core.scan import mask_cells, stamp_pixels, within_area
+
+    pix, mask, pattern = torch.rand(2, 3, 8, 8), torch.rand(3, 1, 8, 8), torch.rand(3, 3, 8, 8)
+    stamped = stamp_pixels(pix, mask, pattern).view(3, 2, 3, 8, 8)
+    assert torch.allclose(stamped, (1 - mask[:, None]) * pix[None] + mask[:, None] * pattern[:, None], atol=1e-6)
+    coarse = stamp_pixels(pix, torch.ones(1, 1, 2, 2), torch.zeros(1, 3, 2, 2))
+    assert torch.equal(coarse, torch.zeros_like(coarse))  # a 2x2 mask covers the 8x8 image cell by cell
+    held = within_area(mask, 0.1)
+    assert torch.allclose(held.mean(dim=(1, 2, 3)), torch.full((3,), 0.1), atol=1e-6)
+    small = torch.zeros(1, 1, 8, 8)
+    small[..., 0, 0] = 1.0
+    assert torch.equal(within_area(small, 0.1), small)  # under its area: as it is
+    m, p = mask_cells(torch.zeros(1, 4, 8, 8), 0.03)
+    assert m.shape == (1, 1, 8, 8) and p.shape == (1, 3, 8, 8) and float(m.mean()) == pytest.approx(0.03)
+
+
+def test_mask_probe_finds_a_planted_sticker_and_its_class_and_nothing_on_a_clean_model():
+    from cc_core.pipeline import probe_triggers, trigger_clean
+    from cc_core.scan import MaskProbeConfig, found_trigger, mask_probe, mask_score, trigger_flip_rate, trigger_text
+
+    x = _colour_images(48)
+    cfg = MaskProbeConfig(steps=60, n=48, batch_size=16, area=0.03)
+    model = PlantedSticker().eval()
+    before = model(x).argmax(1)
+    found = mask_probe(model, x, cfg)
+    assert found["kind"] == "mask" and found["target_class_estimate"] == 2 and found["class_rates"][2] > 0.9
+    assert found["flip_rate"] == pytest.approx(float((before != 2).float().mean()), abs=0.05)
+    mask, pattern = torch.tensor(found["mask"]), torch.tensor(found["pattern"])
+    assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32) and found["area"] <= 0.03 + 1e-6
+    assert float(mask[0, 20:25, 8:13].sum()) > 0.5 * float(mask.sum())  # most of the mask on the sticker
+    assert mask_score(found) == found["flip_rate"] and found_trigger(None, None, None, found) is found
+    assert trigger_flip_rate(model, x, found, cfg.n) == pytest.approx(found["flip_rate"])
+    assert trigger_text(found).startswith("a stamp over 3.0% of the image")
+    clean = mask_probe(PlantedSticker(trigger=False).eval(), x, cfg)
+    assert clean["flip_rate"] < 0.1 and mask_score(clean) == 0.0
+    settings = resolve_config("cpu", patch_probe=None, warp_probe=None, blend_probe=None, mask_probe=cfg.to_dict())
+    probed = probe_triggers(model, x, settings)
+    assert probed["mask"]["kind"] == "mask" and probed["trigger"] is probed["mask"]
+    _, info = trigger_clean(model, x, found, settings)
+    assert info["kind"] == "mask" and info["trigger_flip_rate"] == pytest.approx(found["flip_rate"])
+    with pytest.raises(ConfigError, match="mask probe area must be < 1"):
+        resolve_config("cpu", mask_probe={"area": 1.0})
