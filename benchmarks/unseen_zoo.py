@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, machine, shared_synthetic
-from benchmarks.zoo import RECIPE, cache_dir, command, ensure_model
+from benchmarks.zoo import RECIPE, cache_dir, command, ensure_model, keep
 from cc_core.fileio import git_commit
 
 ROWS = RESULTS / "unseen_zoo"
 # The built models, committed so that every machine judges the same weights (fp16: 1.4 MB each).
 MODELS = Path(__file__).resolve().parent / "models" / "unseen"
-MODEL_FILES = ("model.safetensors", "attack.json", "attack.safetensors", "metrics.json")
 FLAG_RISK = 0.5  # the audit's default --flag
 PRESET = "cpu"
 
@@ -100,38 +99,15 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def store_half(path: Path) -> None:
-    """Rewrite a model file with its floating-point tensors in fp16 (metadata kept)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    save_file(tensors, str(path), metadata=metadata)
-
-
 def ensure(s: Setting) -> Path:
     """The model of ``s`` in the cache: there already, copied from the committed copy, or trained,
     stored in fp16 and committed (copied to MODELS)."""
-    import shutil
-
     kept = MODELS / s.name
-    if (kept / "metrics.json").exists():
-        if not (s.directory / "metrics.json").exists():
-            s.directory.mkdir(parents=True, exist_ok=True)
-            for name in MODEL_FILES:
-                if (kept / name).exists():
-                    shutil.copy2(kept / name, s.directory / name)
-        return s.directory
-    if not (s.directory / "metrics.json").exists():
+    if not (s.directory / "metrics.json").exists() and not (kept / "metrics.json").exists():
         print(f"[unseen] {s.name}: {' '.join(s.command())}", flush=True)
-        ensure_model(s.attack, s.recipe, quiet=True, overrides=s.overrides, out=s.directory)
-    store_half(s.directory / "model.safetensors")  # a no-op on weights already in fp16
-    kept.mkdir(parents=True, exist_ok=True)
-    for name in ("attack.json", "attack.safetensors", "model.safetensors", "metrics.json"):  # metrics last: it marks a whole copy
-        if (s.directory / name).exists():
-            shutil.copy2(s.directory / name, kept / name)
+    ensure_model(s.attack, s.recipe, quiet=True, overrides=s.overrides, out=s.directory, kept=kept)
+    if not (kept / "metrics.json").exists():
+        keep(s.directory, kept)
     return s.directory
 
 

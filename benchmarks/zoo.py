@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,12 @@ WANET_TRIALS = {
     "s2-cross0.5": {"epochs": 24, "cross_ratio": 0.5, "attack_params": {"s": 2.0}},
     "s3-cross0.5": {"epochs": 24, "cross_ratio": 0.5, "attack_params": {"s": 3.0}},
 }
+
+
+# Trained models kept in fp16 and committed (1.4 MB each), so that every machine tunes on the same
+# weights without training them again (`--keep`).
+KEPT = Path(__file__).resolve().parent / "models" / "tuning"
+MODEL_FILES = ("model.safetensors", "attack.json", "attack.safetensors", "metrics.json")
 
 
 def cache_dir() -> Path:
@@ -72,10 +79,41 @@ def command(attack: str, recipe: dict = RECIPE, out: Path | str | None = None,
     return cmd + ["--out", str(out)]
 
 
+def store_half(path: Path) -> None:
+    """Rewrite a model file with its floating-point tensors in fp16 (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def copy_model(source: Path, dest: Path) -> None:
+    """The model files of ``source`` copied to ``dest``; metrics.json last: it marks a whole copy."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, dest / name)
+
+
+def keep(out: Path, kept: Path) -> None:
+    """The trained model in ``out`` stored in fp16 and copied to ``kept`` (to be committed)."""
+    store_half(out / "model.safetensors")  # a no-op on weights already in fp16
+    copy_model(out, kept)
+
+
 def ensure_model(attack: str, recipe: dict = RECIPE, quiet: bool = False,
-                 overrides: dict | None = None, out: Path | None = None) -> Path:
-    """Train the zoo model for ``attack`` unless a finished one is cached; return its directory."""
-    out = out or model_dir(attack, recipe)
+                 overrides: dict | None = None, out: Path | None = None, kept: Path | None = None) -> Path:
+    """Train the zoo model for ``attack`` unless a finished one is cached or committed under
+    ``kept`` (copied into the cache; default for a tuning-zoo model: KEPT / its name); return its
+    cache directory."""
+    if out is None:
+        out = model_dir(attack, recipe)
+        kept = kept or KEPT / out.name
+    if kept is not None and not (out / "metrics.json").exists() and (kept / "metrics.json").exists():
+        copy_model(kept, out)
     if not (out / "metrics.json").exists():
         cmd = command(attack, recipe, out, overrides)
         exe = Path(sys.executable).with_name("cleancompact")
@@ -121,6 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="+", default=ATTACKS)
     parser.add_argument("--trials", action="store_true", help="train the WaNet trial settings instead")
+    parser.add_argument("--keep", action="store_true",
+                        help=f"store the models in fp16 and copy them to {KEPT.relative_to(KEPT.parents[2])} (to commit)")
     args = parser.parse_args()
     if args.trials:
         run_trials()
@@ -128,6 +168,8 @@ def main() -> None:
     rows = []
     for attack in args.attacks:
         out = ensure_model(attack)
+        if args.keep:
+            keep(out, KEPT / model_name(attack))
         rows.append(_row(attack, model_name(attack), out, command(attack, out="<cache>/zoo/" + model_name(attack))))
     previous = {}
     path = RESULTS / "zoo.json"

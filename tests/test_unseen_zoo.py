@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import unseen_zoo
+from benchmarks import unseen_zoo, zoo
 from cc_core import build_model, load_model, save_model
 
 
@@ -36,7 +36,7 @@ def test_models_are_kept_in_half_precision_and_load_as_before(tmp_path):
     model = build_model("resnet18", width=0.125)
     path = tmp_path / "model.safetensors"
     save_model(model, path)
-    unseen_zoo.store_half(path)
+    zoo.store_half(path)
     again = load_model(path)
     assert next(again.parameters()).dtype == torch.float32 and again.cc_spec == model.cc_spec
     x = torch.randn(8, 3, 32, 32)
