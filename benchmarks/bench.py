@@ -31,7 +31,7 @@ from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
-from cc_core.scan import trigger_text
+from cc_core.probes import trigger_text
 from cc_core.pipeline import defend, defend_baseline, export_checked_onnx, resolve_config
 
 ROWS_DIR = RESULTS / "bench"

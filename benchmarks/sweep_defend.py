@@ -25,9 +25,9 @@ from benchmarks.zoo import RECIPE as ZOO_RECIPE, ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import ImageData, load_dataset, normalize
 from cc_core.io import load_model
-from cc_core import pipeline, scan
+from cc_core import pipeline, probes
 from cc_core.pipeline import DISTILL_ALONE, PRESETS, defend, resolve_config
-from cc_core.scan import BlendProbeConfig, trigger_report
+from cc_core.probes import BlendProbeConfig, trigger_report
 from cc_core.synth import SynthConfig
 
 COMMAND = "python -m benchmarks.sweep_defend"
@@ -93,6 +93,7 @@ BASES["universal_unlearn_4x"] = ({}, {})
 BASES["universal_mild"] = ({}, {})
 BASES["no_probe_no_class_left_out"] = ({}, {})
 BASES["perturbation_any"] = ({}, {})
+BASES["mask_probe"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -492,6 +493,12 @@ GRIDS = {
         ("probes off, perturbation_scope any", {"perturbation_scope": "any"}),
         ("probes off, perturbation_scope any, no class left out", {"perturbation_scope": "any",
                                                                    "exclude_suspected_target": False}))],
+    # The mask probe (Neural Cleanse's mask and pattern on synthetic images) as the probe that carries
+    # the removal where the family probes are off, and behind them in the preset; no class left out.
+    "mask_probe": [(label, 2.0, overrides | {"exclude_suspected_target": False}, {}) for label, overrides in (
+        ("probes off but the mask probe, no class left out", {"patch_probe": None, "warp_probe": None,
+                                                              "blend_probe": None, "mask_probe": {}}),
+        ("cpu preset + mask probe, no class left out", {"mask_probe": {}}))],
     "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
         ("cpu preset", {}, {}),
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],
@@ -644,7 +651,7 @@ def true_trigger_probe(attack):
         return {"patch": None, "warp": None, "blend": found, "trigger": found}
 
     with mock.patch.object(pipeline, "probe_triggers", probe), \
-            mock.patch.object(scan, "blend_score", lambda found: found["flip_rate"]):
+            mock.patch.object(probes, "blend_score", lambda found: found["flip_rate"]):
         yield
 
 

@@ -177,7 +177,8 @@ def per_class_drop(before: list[float], after: list[float]) -> float:
 
 def scan_row(setting: Setting, model, seed: int) -> dict:
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import WarpProbeConfig, scan
+    from cc_core.probes import WarpProbeConfig
+    from cc_core.scan import scan
     from cc_core.synth import SynthConfig
 
     report = scan(model, SynthConfig(n_samples=256, iterations=100, seed=seed), PGDConfig(seed=seed),

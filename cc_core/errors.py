@@ -50,3 +50,17 @@ class ConfigError(InputError, ValueError):
 
 class RatioUnreachableError(ConfigError):
     """The requested compression ratio cannot be met by the eligible layers."""
+
+
+def require_at_least(config, prefix: str, names: tuple[str, ...], minimum: int = 1) -> None:
+    """ConfigError unless each field ``names`` of ``config`` is >= ``minimum``."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{prefix} {name} must be >= {minimum}, got {getattr(config, name)}")
+
+
+def require_positive(config, prefix: str, names: tuple[str, ...]) -> None:
+    """ConfigError unless each field ``names`` of ``config`` is > 0."""
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{prefix} {name} must be > 0, got {getattr(config, name)}")

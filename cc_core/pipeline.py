@@ -30,9 +30,12 @@ from cc_core.device import precision, resolve_device
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.settings import parse_toml
-from cc_core.scan import (FLIP_THRESHOLD, RESIDUAL_FLIP, BlendProbeConfig, InversionConfig, MaskProbeConfig, PatchProbeConfig, WarpProbeConfig, add_pixel_delta,
-                          all_to_all_suspected, apply_found_trigger, blend_probe, flip_mapping, flip_report, found_trigger, histogram_report, mask_probe, patch_probe,
-                          flip_score, patch_score, perturbation_trigger, suspected_target, trigger_flip_rate, trigger_score, trigger_text, warp_probe)
+from cc_core.probes import (RESIDUAL_FLIP, BlendProbeConfig, MaskProbeConfig, PatchProbeConfig, WarpProbeConfig,
+                            apply_found_trigger, blend_probe, flip_mapping, found_trigger, mask_probe, patch_probe,
+                            patch_score, perturbation_trigger, trigger_flip_rate, trigger_score, trigger_text,
+                            warp_probe)
+from cc_core.scan import (FLIP_THRESHOLD, InversionConfig, add_pixel_delta, all_to_all_suspected, flip_report,
+                          histogram_report, flip_score, suspected_target)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"

@@ -334,7 +334,8 @@ def _clean_subset(args: argparse.Namespace):
 def cmd_scan(args: argparse.Namespace) -> int:
     """Data-free backdoor risk report of a model."""
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import WarpProbeConfig, scan
+    from cc_core.probes import WarpProbeConfig
+    from cc_core.scan import scan
     from cc_core.synth import SynthConfig
 
     model = _load(args)
@@ -368,7 +369,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
           f"{flip['delta_pixels_changed']:.1%} of pixels changed by > 0.1")
     patch = report["patch"]
     if patch:
-        from cc_core.scan import stamp_text
+        from cc_core.probes import stamp_text
 
         print(f"patch probe: the best stamp ({stamp_text(patch)}) "
               f"flips {patch['flip_rate']:.0%} of {patch['n']} synthetic images (median stamp "

@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger
 from cc_core.compact.plan import CompactionPlan
 from cc_core.errors import ConfigError
 from cc_core.pipeline import DefendConfig, make_report, needs_distill_check, resolve_config
-from cc_core.scan import InversionConfig, PatchProbeConfig, WarpProbeConfig
+from cc_core.probes import PatchProbeConfig, WarpProbeConfig
+from cc_core.scan import InversionConfig
 from tasks import steps
 from tasks.gates import GateConfig, evaluate_gates, gates_passed
 from tasks.registry import CLEANED_SUFFIX, cleaned_versions

@@ -135,7 +135,8 @@ def scan_task(run: RunHandle, model_file: str, synth_cfg: dict, pgd_cfg: dict, i
     """Data-free risk report of the suspect: risk score, adversarial histogram, inversion, patch
     probe (only with ``patch_cfg``), warp probe (only with ``warp_cfg``), spectra."""
     from cc_core.adversarial import PGDConfig
-    from cc_core.scan import InversionConfig, PatchProbeConfig, WarpProbeConfig, scan
+    from cc_core.probes import PatchProbeConfig, WarpProbeConfig
+    from cc_core.scan import InversionConfig, scan
     from cc_core.synth import SynthConfig
 
     def compute() -> dict:
@@ -288,7 +289,7 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
     none fires and the perturbation channel clean is on, "channel_trigger": what the trigger channel
     clean cleans by}."""
     from cc_core.pipeline import probe_text, probe_triggers
-    from cc_core.scan import BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY
+    from cc_core.probes import BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY
 
     def compute() -> dict:
         x = _load_tensors(synthetic_file)["x"].to(_device(cfg))

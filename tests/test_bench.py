@@ -238,7 +238,7 @@ def test_trigger_rate_counts_what_the_true_trigger_sends_to_the_attack_label(att
 
 def test_the_sweep_oracle_hands_defend_the_attacks_own_blend_as_a_firing_trigger():
     from benchmarks.sweep_defend import GRIDS, TRUE_TRIGGER, true_trigger_probe
-    from cc_core import pipeline, scan
+    from cc_core import pipeline, probes
     from cc_core.attacks.base import build_attack
     from cc_core.data import normalize
 
@@ -248,13 +248,13 @@ def test_the_sweep_oracle_hands_defend_the_attacks_own_blend_as_a_firing_trigger
     x = normalize(torch.rand(80, 3, 32, 32), model.cc_spec.mean, model.cc_spec.std)
     probe_triggers = pipeline.probe_triggers
     with true_trigger_probe(attack):
-        probes = pipeline.probe_triggers(model, x, None)
-        found = probes["trigger"]
-        assert found is probes["blend"] and found["kind"] == "blend" and found["alpha"] == attack.params["alpha"]
+        probed = pipeline.probe_triggers(model, x, None)
+        found = probed["trigger"]
+        assert found is probed["blend"] and found["kind"] == "blend" and found["alpha"] == attack.params["alpha"]
         assert torch.equal(torch.tensor(found["pattern"]), attack.pattern) and found["n"] == 64
-        assert found["flip_rate"] == scan.trigger_flip_rate(model, x, found)
-        assert scan.trigger_score(found) == found["flip_rate"]  # counts as firing, however few it flips
-    assert pipeline.probe_triggers is probe_triggers and scan.BLEND_THRESHOLD > 0
+        assert found["flip_rate"] == probes.trigger_flip_rate(model, x, found)
+        assert probes.trigger_score(found) == found["flip_rate"]  # counts as firing, however few it flips
+    assert pipeline.probe_triggers is probe_triggers and probes.BLEND_THRESHOLD > 0
     with pytest.raises(ValueError, match="need a Blended attack"):
         with true_trigger_probe(build_attack("badnet", 10)):
             pass

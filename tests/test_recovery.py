@@ -565,7 +565,7 @@ def test_overrides_merge_into_the_preset():
 
 
 def test_scan_reports_histogram_and_spectra():
-    from cc_core.scan import PatchProbeConfig
+    from cc_core.probes import PatchProbeConfig
 
     report = scan(tiny_model(), SynthConfig(n_samples=16, batch_size=16, iterations=10),
                   PGDConfig(steps=2), progress=False, patch_cfg=PatchProbeConfig(sizes=(3,), stride=4, n=16))
@@ -1223,7 +1223,8 @@ def test_universal_inversion_does_not_fire_on_a_model_without_trigger():
 
 def test_stamp_masks_and_deltas_paint_exactly_the_stamped_square():
     from cc_core.adversarial import _to_pixels
-    from cc_core.scan import PatchProbeConfig, add_pixel_delta, patch_positions, patch_stamps, stamp_delta, stamp_masks
+    from cc_core.probes import PatchProbeConfig, patch_positions, patch_stamps, stamp_delta, stamp_masks
+    from cc_core.scan import add_pixel_delta
 
     assert patch_positions(32, 4, 2) == list(range(0, 29, 2)) and patch_positions(32, 3, 2)[-1] == 29
     cfg = PatchProbeConfig(sizes=(2, 5), stride=3)
@@ -1245,7 +1246,8 @@ def test_stamp_masks_and_deltas_paint_exactly_the_stamped_square():
 
 
 def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_model():
-    from cc_core.scan import PatchProbeConfig, all_to_all_suspected, patch_probe, patch_score, trigger_flip_rate
+    from cc_core.probes import PatchProbeConfig, patch_probe, patch_score, trigger_flip_rate
+    from cc_core.scan import all_to_all_suspected
 
     x = (_dim_images(64) - 0.5) / 0.25
     cfg = PatchProbeConfig(sizes=(2, 3, 4))
@@ -1260,7 +1262,7 @@ def test_patch_probe_finds_a_planted_patch_where_it_is_and_nothing_on_a_clean_mo
 
 
 def test_patch_probe_config_refuses_what_it_cannot_unlearn():
-    from cc_core.scan import PatchProbeConfig
+    from cc_core.probes import PatchProbeConfig
 
     for bad in ({"values": (0.5,)}, {"sizes": ()}, {"sizes": (0, 3)}, {"stride": 0}, {"screen": 0}):
         with pytest.raises(ConfigError):
@@ -1269,7 +1271,8 @@ def test_patch_probe_config_refuses_what_it_cannot_unlearn():
 
 def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_model():
     from cc_core.pipeline import scan_and_suspect
-    from cc_core.scan import add_pixel_delta, patch_probe, stamp_delta
+    from cc_core.probes import patch_probe, stamp_delta
+    from cc_core.scan import add_pixel_delta
 
     x = (_dim_images(64) - 0.5) / 0.25
     original = PlantedAllToAll().eval()
@@ -1320,7 +1323,8 @@ class StampNet(nn.Module):
 
 
 def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
-    from cc_core.scan import add_pixel_delta, stamp_delta
+    from cc_core.probes import stamp_delta
+    from cc_core.scan import add_pixel_delta
     from cc_core.trigger_clean import prune_trigger_channels, trigger_channel_scores
 
     model = StampNet()
@@ -1365,7 +1369,7 @@ def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp
 
 def test_an_all_to_all_universal_perturbation_cleans_channels_even_where_it_no_longer_flips_and_a_stamp_does_not():
     from cc_core.pipeline import trigger_clean
-    from cc_core.scan import RESIDUAL_FLIP, perturbation_trigger, stamp_delta, trigger_flip_rate
+    from cc_core.probes import RESIDUAL_FLIP, perturbation_trigger, stamp_delta, trigger_flip_rate
 
     model = StampNet()
     x = _dim_images(64)
@@ -1477,7 +1481,7 @@ class ConstantClassifier(nn.Module):
 
 def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_longer_flips():
     from cc_core.pipeline import finetune_config, gated_teacher
-    from cc_core.scan import patch_probe
+    from cc_core.probes import patch_probe
 
     x = (_dim_images(64) - 0.5) / 0.25
     backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
@@ -1516,7 +1520,8 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
 
 def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class_is_faithful_under_an_all_to_all_trigger():
     from cc_core.pipeline import gated_teacher, teacher_agreement
-    from cc_core.scan import all_to_all_suspected, trigger_report
+    from cc_core.probes import trigger_report
+    from cc_core.scan import all_to_all_suspected
 
     pixels = _dim_images(64)
     pixels[:10, :, :3, :3] = 1.0  # synthesis drew the trigger into 10 images: the original moves them on a class
@@ -1542,7 +1547,7 @@ def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class
 
 def test_the_gate_measures_agreement_on_the_images_the_student_is_distilled_on():
     from cc_core.pipeline import gated_teacher
-    from cc_core.scan import trigger_report
+    from cc_core.probes import trigger_report
 
     pixels = _dim_images(64)
     pixels[:10, :, :3, :3] = 1.0  # images synthesized towards the suspected target carry its trigger...
@@ -1566,7 +1571,7 @@ def test_the_gate_measures_agreement_on_the_images_the_student_is_distilled_on()
 
 def test_with_no_probe_firing_the_gate_verifies_the_teacher_against_an_all_to_all_universal_perturbation():
     from cc_core.pipeline import gated_teacher, scan_and_suspect
-    from cc_core.scan import apply_found_trigger, trigger_text
+    from cc_core.probes import apply_found_trigger, trigger_text
 
     x = (_dim_images(64) - 0.5) / 0.25
     backdoored, clean = PlantedAllToAll().eval(), PlantedAllToAll(trigger=False).eval()
@@ -1661,7 +1666,7 @@ def _wave_images(n: int) -> torch.Tensor:
 
 
 def test_warp_grid_is_the_identity_at_zero_shift_and_a_translation_at_a_constant_one():
-    from cc_core.scan import warp_grid, warp_pixels
+    from cc_core.probes import warp_grid, warp_pixels
 
     pix = torch.rand(2, 3, 16, 16)
     assert torch.allclose(warp_pixels(pix, torch.zeros(1, 2, 4, 4)), pix, atol=1e-5)  # float rounding of the grid
@@ -1677,7 +1682,7 @@ def test_warp_grid_is_the_identity_at_zero_shift_and_a_translation_at_a_constant
 
 def test_warp_probe_finds_a_planted_warp_and_its_class_and_nothing_on_a_clean_model():
     from cc_core.pipeline import trigger_clean
-    from cc_core.scan import WarpProbeConfig, found_trigger, trigger_flip_rate, warp_probe, warp_score
+    from cc_core.probes import WarpProbeConfig, found_trigger, trigger_flip_rate, warp_probe, warp_score
 
     x = _wave_images(48)
     cfg = WarpProbeConfig(steps=40, n=48, batch_size=16)
@@ -1729,7 +1734,7 @@ def _colour_images(n: int) -> torch.Tensor:
 
 
 def test_blend_pixels_mix_each_pattern_in_at_alpha_and_a_full_resolution_pattern_is_kept_as_is():
-    from cc_core.scan import blend_pattern, blend_pixels
+    from cc_core.probes import blend_pattern, blend_pixels
 
     pix, control = torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16)
     assert torch.allclose(blend_pattern(control, 16, 16), control, atol=1e-6)
@@ -1740,7 +1745,7 @@ def test_blend_pixels_mix_each_pattern_in_at_alpha_and_a_full_resolution_pattern
 
 
 def test_a_blend_pattern_fires_only_when_it_singles_out_one_class():
-    from cc_core.scan import BLEND_THRESHOLD, blend_score
+    from cc_core.probes import BLEND_THRESHOLD, blend_score
 
     # Rates as measured: the zoo Blended model, then GTSRB Input-Aware (many classes easy to pull into).
     blended = {"flip_rate": 0.578, "class_rates": [0.65, 0.27] + [0.09] * 8}
@@ -1752,8 +1757,8 @@ def test_a_blend_pattern_fires_only_when_it_singles_out_one_class():
 
 def test_blend_probe_finds_a_planted_blend_and_its_class_and_nothing_on_a_clean_model():
     from cc_core.pipeline import trigger_clean
-    from cc_core.scan import (BlendProbeConfig, apply_found_trigger, blend_probe, blend_score, found_trigger,
-                              trigger_flip_rate, trigger_text)
+    from cc_core.probes import (BlendProbeConfig, apply_found_trigger, blend_probe, blend_score, found_trigger,
+                                trigger_flip_rate, trigger_text)
 
     x = _colour_images(48)
     cfg = BlendProbeConfig(steps=40, n=48, batch_size=16)
@@ -1915,7 +1920,7 @@ class PlantedSticker(nn.Module):
 
 
 def test_stamp_pixels_mix_each_mask_and_pattern_and_within_area_holds_the_mask_to_its_area():
-    from cc_core.scan import mask_cells, stamp_pixels, within_area
+    from cc_core.probes import mask_cells, stamp_pixels, within_area
 
     pix, mask, pattern = torch.rand(2, 3, 8, 8), torch.rand(3, 1, 8, 8), torch.rand(3, 3, 8, 8)
     stamped = stamp_pixels(pix, mask, pattern).view(3, 2, 3, 8, 8)
@@ -1933,7 +1938,7 @@ def test_stamp_pixels_mix_each_mask_and_pattern_and_within_area_holds_the_mask_t
 
 def test_mask_probe_finds_a_planted_sticker_and_its_class_and_nothing_on_a_clean_model():
     from cc_core.pipeline import probe_triggers, trigger_clean
-    from cc_core.scan import MaskProbeConfig, found_trigger, mask_probe, mask_score, trigger_flip_rate, trigger_text
+    from cc_core.probes import MaskProbeConfig, found_trigger, mask_probe, mask_score, trigger_flip_rate, trigger_text
 
     x = _colour_images(48)
     cfg = MaskProbeConfig(steps=60, n=48, batch_size=16, area=0.03)
@@ -1947,7 +1952,7 @@ def test_mask_probe_finds_a_planted_sticker_and_its_class_and_nothing_on_a_clean
     assert float(mask[0, 20:25, 8:13].sum()) > 0.5 * float(mask.sum())  # most of the mask on the sticker
     assert mask_score(found) == found["flip_rate"] and found_trigger(None, None, None, found) is found
     assert trigger_flip_rate(model, x, found, cfg.n) == pytest.approx(found["flip_rate"])
-    assert trigger_text(found).startswith("a stamp over 3.0% of the image")
+    assert trigger_text(found) == f"a stamp over {found['area']:.1%} of the image"
     clean = mask_probe(PlantedSticker(trigger=False).eval(), x, cfg)
     assert clean["flip_rate"] < 0.1 and mask_score(clean) == 0.0
     settings = resolve_config("cpu", patch_probe=None, warp_probe=None, blend_probe=None, mask_probe=cfg.to_dict())

@@ -5,7 +5,7 @@ Run: python -m benchmarks.experiments.blend_probe [--attacks blended-a2a blended
      (writes benchmarks/results/NAME.{json,md}; NAME_R for another recipe than the default)
 For each zoo model (trained if not cached): the synthetic images the `cpu` preset makes (shared with
 the bench rows and sweeps through the synthetic cache), and on them, for each probe opacity and
-seed, the blend probe's best pattern (cc_core.scan.blend_probe): its flip rate, where the flips go,
+seed, the blend probe's best pattern (cc_core.probes.blend_probe): its flip rate, where the flips go,
 the rate of the best pull into the attack's target, and, for a Blended model, the correlation of
 the found pattern with the true one and the true trigger's own flip rate on the same images. The
 zoo's Input-Aware all-to-all model never learned its backdoor (ASR 1.82%, zoo.md): it stands in
@@ -26,7 +26,7 @@ from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.attacks.base import load_attack
 from cc_core.pipeline import resolve_config
-from cc_core.scan import BLEND_THRESHOLD, BlendProbeConfig, blend_pattern, blend_probe, blend_score, trigger_flip_rate
+from cc_core.probes import BLEND_THRESHOLD, BlendProbeConfig, blend_pattern, blend_probe, blend_score, trigger_flip_rate
 
 COMMAND = "python -m benchmarks.experiments.blend_probe"
 
@@ -86,7 +86,7 @@ def markdown(result: dict) -> str:
     lines = ["# Blend probe on the zoo's synthetic images\n",
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}), commit {m['git_commit']}. "
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's 1024. The probe "
-             f"(`cc_core.scan.blend_probe`, {result['probe']} but for alpha and seed) optimizes one smooth pattern per "
+             f"(`cc_core.probes.blend_probe`, {result['probe']} but for alpha and seed) optimizes one smooth pattern per "
              "class (pulling the first n images into it) and one pushing them out of their own class; the best "
              f"pattern's flip rate is the signal, which fires from {100 * result['threshold']:.0f}%. The true trigger's "
              "rate: the Blended model's own pattern, blended at the probe's opacity, on the same images. Correlation: "

@@ -5,7 +5,7 @@ Run: python -m benchmarks.experiments.mask_probe [--attacks badnet wanet] [--are
      (writes benchmarks/results/NAME.{json,md}; NAME_R for another recipe than the default)
 For each tuning-zoo model (trained if not cached): the synthetic images the `cpu` preset makes
 (shared with the bench rows and sweeps through the synthetic cache), and on them, for each area and
-seed, the mask probe's best stamp (cc_core.scan.mask_probe): its flip rate, whether it fires, the
+seed, the mask probe's best stamp (cc_core.probes.mask_probe): its flip rate, whether it fires, the
 pull rates into the top two classes, and on the validation half of the test set (never the
 reporting half) the rate at which the stamp sends real images of other classes into its class
 (the found stamp's own attack success rate) beside the attack's true trigger's.
@@ -27,7 +27,7 @@ from cc_core.adversarial import predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
-from cc_core.scan import MASK_THRESHOLD, MaskProbeConfig, apply_found_trigger, mask_probe, mask_score
+from cc_core.probes import MASK_THRESHOLD, MaskProbeConfig, apply_found_trigger, mask_probe, mask_score
 
 COMMAND = "python -m benchmarks.experiments.mask_probe"
 
@@ -84,7 +84,7 @@ def markdown(result: dict) -> str:
     lines = ["# Mask probe on the tuning zoo's synthetic images\n",
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}), commit {m['git_commit']}. "
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's. The probe "
-             f"(`cc_core.scan.mask_probe`, {result['probe']} but for area and seed) optimizes one mask-and-pattern "
+             f"(`cc_core.probes.mask_probe`, {result['probe']} but for area and seed) optimizes one mask-and-pattern "
              "stamp per class (pulling the first n images into it) and one pushing them out of their own class; it "
              f"fires when the best stamp flips {100 * result['threshold']:.0f}% and the runner-up class pulls at most "
              "half the best's rate. Real pull: the found stamp on the validation half's images of other classes, "

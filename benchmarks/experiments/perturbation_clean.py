@@ -29,8 +29,8 @@ from benchmarks.zoo import model_name
 from cc_core.data import load_dataset
 from cc_core.metrics import evaluate
 from cc_core.pipeline import TEACHER_AGREEMENT, channel_clean, distillation_teacher, teacher_agreement, universal_inversion
-from cc_core.scan import (RESIDUAL_FLIP, all_to_all_suspected, apply_found_trigger, perturbation_trigger,
-                          trigger_flip_rate, trigger_score)
+from cc_core.probes import RESIDUAL_FLIP, apply_found_trigger, perturbation_trigger, trigger_flip_rate, trigger_score
+from cc_core.scan import all_to_all_suspected
 from cc_core.trigger_clean import prune_trigger_channels
 
 COMMAND = "python -m benchmarks.experiments.perturbation_clean"

@@ -38,8 +38,8 @@ from cc_core.io import load_model
 from cc_core.metrics import evaluate
 from cc_core.pipeline import (channel_clean, distillation_teacher, probe_triggers, resolve_config, teacher_agreement,
                               universal_inversion)
-from cc_core.scan import (all_to_all_suspected, flip_report, perturbation_trigger, trigger_flip_rate, trigger_score,
-                          trigger_text)
+from cc_core.probes import perturbation_trigger, trigger_flip_rate, trigger_score, trigger_text
+from cc_core.scan import all_to_all_suspected, flip_report
 
 COMMAND = "python -m benchmarks.experiments.teacher_signals"
 DEFAULT_MODELS = ["badnet", "blended", "blended-a2a", "wanet", "inputaware-a2a"]

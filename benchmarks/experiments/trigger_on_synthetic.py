@@ -32,7 +32,8 @@ from cc_core.adversarial import _to_pixels, predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
 from cc_core.pipeline import resolve_config
-from cc_core.scan import InversionConfig, PatchProbeConfig, flip_report, patch_probe
+from cc_core.probes import PatchProbeConfig, patch_probe
+from cc_core.scan import InversionConfig, flip_report
 
 COMMAND = "python -m benchmarks.experiments.trigger_on_synthetic"
 REAL_SAMPLES = 1000
@@ -79,7 +80,7 @@ def markdown(result: dict) -> str:
              f"({json.dumps(result['synth'])}) with N samples. Trigger rate: the "
              "fraction the true trigger sends to the attack label of the class the model gives them. Inversion: "
              "the scan's universal inversion (defaults) on the same synthetic images. Patch probe "
-             f"(`cc_core.scan.patch_probe`, {json.dumps(result['probe'])}): of the solid square stamps (black or white, "
+             f"(`cc_core.probes.patch_probe`, {json.dumps(result['probe'])}): of the solid square stamps (black or white, "
              "every size, every stride px), the one that changes the most predictions of the synthetic images, with "
              "the median stamp's rate on the screening images.\n",
              "| model | attack | synthetic N | trigger rate, synthetic | trigger rate, real | inversion flip rate | "
