@@ -494,11 +494,10 @@ GRIDS = {
         ("probes off, perturbation_scope any, no class left out", {"perturbation_scope": "any",
                                                                    "exclude_suspected_target": False}))],
     # The mask probe (Neural Cleanse's mask and pattern on synthetic images) as the probe that carries
-    # the removal where the family probes are off, and behind them in the preset; no class left out.
-    "mask_probe": [(label, 2.0, overrides | {"exclude_suspected_target": False}, {}) for label, overrides in (
-        ("probes off but the mask probe, no class left out", {"patch_probe": None, "warp_probe": None,
-                                                              "blend_probe": None, "mask_probe": {}}),
-        ("cpu preset + mask probe, no class left out", {"mask_probe": {}}))],
+    # the removal where the family probes are off; no class left out.
+    "mask_probe": [("probes off but the mask probe, no class left out", 2.0,
+                    {"patch_probe": None, "warp_probe": None, "blend_probe": None, "mask_probe": {},
+                     "exclude_suspected_target": False}, {})],
     "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
         ("cpu preset", {}, {}),
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],
