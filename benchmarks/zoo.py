@@ -99,9 +99,12 @@ def copy_model(source: Path, dest: Path) -> None:
 
 
 def keep(out: Path, kept: Path) -> None:
-    """The trained model in ``out`` stored in fp16 and copied to ``kept`` (to be committed)."""
+    """The trained model in ``out`` stored in fp16 and copied to ``kept`` (to be committed), its
+    metrics naming the cache directory ``<cache>``, not this machine's path."""
     store_half(out / "model.safetensors")  # a no-op on weights already in fp16
     copy_model(out, kept)
+    metrics = kept / "metrics.json"
+    metrics.write_text(metrics.read_text().replace(str(cache_dir()), "<cache>"))
 
 
 def ensure_model(attack: str, recipe: dict = RECIPE, quiet: bool = False,

@@ -42,7 +42,7 @@ def real_pull_rate(model, found: dict, images: torch.Tensor, labels: torch.Tenso
 
 
 def measure(attack_name: str, areas: list[float], seeds: list[int], recipe_name: str = DEFAULT_RECIPE,
-            n_real: int = 1000) -> list[dict]:
+            n_real: int = 1000, steps: int = MaskProbeConfig().steps, lr: float = MaskProbeConfig().lr) -> list[dict]:
     recipe = RECIPES[recipe_name]
     directory = ensure_model(attack_name, recipe)
     model, attack = load_model(directory / "model.safetensors").eval(), load_attack(directory)
@@ -59,14 +59,14 @@ def measure(attack_name: str, areas: list[float], seeds: list[int], recipe_name:
     rows = []
     for area in areas:
         for seed in seeds:
-            cfg = MaskProbeConfig(area=area, seed=seed)
+            cfg = MaskProbeConfig(area=area, seed=seed, steps=steps, lr=lr)
             start = time.perf_counter()
             found = mask_probe(model, x, cfg)
             seconds = time.perf_counter() - start
             rates = sorted(found["class_rates"], reverse=True)
             cls = found["target_class_estimate"]
             rows.append({"model": model_name(attack_name, recipe), "attack": attack.label if attack else "none",
-                         "target": target, "area": area, "seed": seed, "flip_rate": found["flip_rate"],
+                         "target": target, "area": area, "seed": seed, "steps": steps, "lr": lr, "flip_rate": found["flip_rate"],
                          "fires": bool(mask_score(found)), "pull_class": found["pull_class"],
                          "target_class_estimate": cls, "best_pull_rate": rates[0], "runner_up_pull_rate": rates[1],
                          "real_pull_rate": real_pull_rate(model, found, images, labels, cls),
@@ -86,14 +86,15 @@ def markdown(result: dict) -> str:
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's. The probe "
              f"(`cc_core.probes.mask_probe`, {result['probe']} but for area and seed) optimizes one mask-and-pattern "
              "stamp per class (pulling the first n images into it) and one pushing them out of their own class; it "
-             f"fires when the best stamp flips {100 * result['threshold']:.0f}% and the runner-up class pulls at most "
+             f"steps and lr as each row says; it fires when the best stamp flips {100 * result['threshold']:.0f}% and the runner-up class pulls at most "
              "half the best's rate. Real pull: the found stamp on the validation half's images of other classes, "
              "the fraction sent to its class; true ASR: the attack's own trigger on the same images.\n",
-             "| model | target | area | seed | best stamp flips | fires | top class | best / runner-up pull | "
+             "| model | target | area | steps | lr | seed | best stamp flips | fires | top class | best / runner-up pull | "
              "real pull | true ASR | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['target'] if r['target'] is not None else '-'} | {r['area']:g} | {r['seed']} | "
+        lines.append(f"| {r['model']} | {r['target'] if r['target'] is not None else '-'} | {r['area']:g} | "
+                     f"{r.get('steps', 100)} | {r.get('lr', 0.3):g} | {r['seed']} | "
                      f"{_pct(r['flip_rate'])} | {'yes' if r['fires'] else 'no'} | {r['target_class_estimate']} | "
                      f"{_pct(r['best_pull_rate'])} / {_pct(r['runner_up_pull_rate'])} | {_pct(r['real_pull_rate'])} | "
                      f"{_pct(r['true_trigger_asr'])} | {r['seconds']:.0f} |")
@@ -105,10 +106,13 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnet", "wanet"], help="tuning-zoo models (trained if not cached)")
     parser.add_argument("--areas", type=float, nargs="+", default=[MaskProbeConfig().area], help="mask areas (fractions)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="probe seeds")
+    parser.add_argument("--steps", type=int, default=MaskProbeConfig().steps, help="optimization steps")
+    parser.add_argument("--lr", type=float, default=MaskProbeConfig().lr, help="Adam learning rate")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
     parser.add_argument("--name", default="mask_probe", help="results file name under benchmarks/results")
     args = parser.parse_args()
-    rows = [row for attack in args.attacks for row in measure(attack, args.areas, args.seeds, args.recipe)]
+    rows = [row for attack in args.attacks for row in measure(attack, args.areas, args.seeds, args.recipe, steps=args.steps,
+                                                                    lr=args.lr)]
     result = {"command": COMMAND, "argv": sys.argv[1:], "probe": dataclasses.asdict(MaskProbeConfig()),
               "threshold": MASK_THRESHOLD, "machine": machine(), "rows": rows}
     name = args.name + ("" if args.recipe == DEFAULT_RECIPE else f"_{args.recipe}")
