@@ -93,7 +93,6 @@ BASES["universal_unlearn_4x"] = ({}, {})
 BASES["universal_mild"] = ({}, {})
 BASES["no_probe_no_class_left_out"] = ({}, {})
 BASES["perturbation_any"] = ({}, {})
-BASES["mask_probe"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -493,11 +492,6 @@ GRIDS = {
         ("probes off, perturbation_scope any", {"perturbation_scope": "any"}),
         ("probes off, perturbation_scope any, no class left out", {"perturbation_scope": "any",
                                                                    "exclude_suspected_target": False}))],
-    # The mask probe (Neural Cleanse's mask and pattern on synthetic images) as the probe that carries
-    # the removal where the family probes are off; no class left out.
-    "mask_probe": [("probes off but the mask probe, no class left out", 2.0,
-                    {"patch_probe": None, "warp_probe": None, "blend_probe": None, "mask_probe": {},
-                     "exclude_suspected_target": False}, {})],
     "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
         ("cpu preset", {}, {}),
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],
