@@ -721,7 +721,7 @@ def _candidates(path: str, value) -> list:
     return {"threads": [2], "tau": [3.0], "channel_u": [2.5], "trigger_channel_u": [2.5], "perturbation_channel_u": [3.5],
             "bn_match_samples": [64], "distill_check": [True], "teacher_finetune": [{"lr": 0.0001}],
             "distill_finetune": [{"epochs": 3}], "competition_synth": [{"n_samples": 64}],
-            "scan_synth": [{"tv_weight": 1.0}], "finetune.max_grad_norm": [5.0]}.get(path, [])
+            "scan_synth": [{"tv_weight": 1.0}], "finetune.max_grad_norm": [5.0], "mask_probe": [{"area": 0.02}]}.get(path, [])
 
 
 # Settings that cannot change alone: each needs another one beside it (DefendConfig refuses it alone).
