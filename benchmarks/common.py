@@ -66,6 +66,11 @@ def provenance(result: dict) -> str:
             f"native bf16: {'yes' if m['cpu_bf16_native'] else 'no'}), commit {m['git_commit']}")
 
 
+def percent(value: float | None) -> str:
+    """A rate in [0, 1] as '12.3%' ('-' for None), as the experiment tables print it."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cc_core.adversarial import PGDConfig, pgd, predictions
+from cc_core.adversarial import PGDConfig, add_pixel_delta, pgd, predictions
 from cc_core.baselines.clp import CHANNEL_MODES
 from cc_core.compact import clean_compact
 from cc_core.compact.bn_match import match_bn_statistics
@@ -34,8 +34,8 @@ from cc_core.probes import (RESIDUAL_FLIP, BlendProbeConfig, MaskProbeConfig, Pa
                             apply_found_trigger, blend_probe, flip_mapping, found_trigger, mask_probe, patch_probe,
                             patch_score, perturbation_trigger, trigger_flip_rate, trigger_score, trigger_text,
                             warp_probe)
-from cc_core.scan import (FLIP_THRESHOLD, InversionConfig, add_pixel_delta, all_to_all_suspected, flip_report,
-                          histogram_report, flip_score, suspected_target)
+from cc_core.scan import (FLIP_THRESHOLD, InversionConfig, all_to_all_suspected, flip_report, histogram_report,
+                          flip_score, suspected_target)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
@@ -125,7 +125,7 @@ class DefendConfig:
     # Which inverted trigger the fine-tune unlearns (finetune.unlearn_weight > 0): only an
     # all-to-all one, or any that fires.
     unlearn_scope: str = "all-to-all"
-    # The probes (cc_core.scan; None: off): solid patches, smooth warps (run when no patch fires),
+    # The probes (cc_core.probes; None: off): solid patches, smooth warps (run when no patch fires),
     # smooth blended patterns (run when neither fires), mask-and-pattern stamps of a few percent of
     # the image (run when none of those fires). A firing probe's trigger names the target,
     # guides the trigger channel clean, verifies the teacher and may be unlearned (patch_unlearn).

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, shared_synthetic, write_results
+from benchmarks.common import machine, percent, shared_synthetic, write_results
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
@@ -77,10 +77,6 @@ def measure(attack_name: str, alphas: list[float], seeds: list[int], recipe_name
     return rows
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Blend probe on the zoo's synthetic images\n",
@@ -97,9 +93,9 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         corr = "-" if r["pattern_correlation"] is None else f"{r['pattern_correlation']:.2f}"
         pull = "-" if r["pull_class"] is None else r["pull_class"]
-        lines.append(f"| {r['model']} | {r['attack']} | {r['alpha']:g} | {r['seed']} | {_pct(r['flip_rate'])} | "
+        lines.append(f"| {r['model']} | {r['attack']} | {r['alpha']:g} | {r['seed']} | {percent(r['flip_rate'])} | "
                      f"{'yes' if r['fires'] else 'no'} | {pull} | {r['target_class_estimate']} ({r['concentration']:.2f}) | "
-                     f"{r['mapping_consistency']:.2f} | {_pct(r['target_pull_rate'])} | {_pct(r['true_trigger_flip_rate'])} | "
+                     f"{r['mapping_consistency']:.2f} | {percent(r['target_pull_rate'])} | {percent(r['true_trigger_flip_rate'])} | "
                      f"{corr} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

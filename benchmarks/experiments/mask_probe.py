@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
-from benchmarks.common import machine, shared_synthetic, write_results
+from benchmarks.common import machine, percent, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.adversarial import predictions
@@ -75,18 +75,14 @@ def measure(attack_name: str, areas: list[float], seeds: list[int], recipe_name:
     return rows
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Mask probe on the tuning zoo's synthetic images\n",
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}), commit {m['git_commit']}. "
              f"Arguments: `{' '.join(result['argv'])}`. Synthetic images: the `cpu` preset's. The probe "
              f"(`cc_core.probes.mask_probe`, {result['probe']} but for area and seed) optimizes one mask-and-pattern "
-             "stamp per class (pulling the first n images into it) and one pushing them out of their own class; it "
-             f"steps and lr as each row says; it fires when the best stamp flips {100 * result['threshold']:.0f}% and the runner-up class pulls at most "
+             "stamp per class (pulling the first n images into it) and one pushing them out of their own class "
+             f"(steps and lr as each row says); it fires when the best stamp flips {100 * result['threshold']:.0f}% and the runner-up class pulls at most "
              "half the best's rate. Real pull: the found stamp on the validation half's images of other classes, "
              "the fraction sent to its class; true ASR: the attack's own trigger on the same images.\n",
              "| model | target | area | steps | lr | seed | best stamp flips | fires | top class | best / runner-up pull | "
@@ -95,9 +91,9 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['target'] if r['target'] is not None else '-'} | {r['area']:g} | "
                      f"{r.get('steps', 100)} | {r.get('lr', 0.3):g} | {r['seed']} | "
-                     f"{_pct(r['flip_rate'])} | {'yes' if r['fires'] else 'no'} | {r['target_class_estimate']} | "
-                     f"{_pct(r['best_pull_rate'])} / {_pct(r['runner_up_pull_rate'])} | {_pct(r['real_pull_rate'])} | "
-                     f"{_pct(r['true_trigger_asr'])} | {r['seconds']:.0f} |")
+                     f"{percent(r['flip_rate'])} | {'yes' if r['fires'] else 'no'} | {r['target_class_estimate']} | "
+                     f"{percent(r['best_pull_rate'])} / {percent(r['runner_up_pull_rate'])} | {percent(r['real_pull_rate'])} | "
+                     f"{percent(r['true_trigger_asr'])} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
