@@ -93,6 +93,8 @@ BASES["universal_unlearn_4x"] = ({}, {})
 BASES["universal_mild"] = ({}, {})
 BASES["no_probe_no_class_left_out"] = ({}, {})
 BASES["perturbation_any"] = ({}, {})
+BASES["general_removal"] = ({}, {})
+BASES["general_candidate"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -104,6 +106,7 @@ SCAN_SPLIT = SMOOTH_SYNTH | {"scan_synth": {"bn_weight": 1.0, "tv_weight": 1e-4}
 SCAN_UNION_BN_MATCH = SCAN_SPLIT | {"finetune_on_scan_synthetic": True, "bn_match_samples": 512}
 # ...with the BatchNorm matching and the unverified teacher fine-tuned at lr 0.0002 (grid opt_in_stack's first setting)
 STACKED = SCAN_SPLIT | {"bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4}}
+GENERAL_CANDIDATE = {"perturbation_scope": "any", "exclude_suspected_target": False}
 TRUE_TRIGGER = "true trigger"  # a row's extra: the attack's own trigger stands in for the probes' (Blended only)
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
@@ -492,6 +495,24 @@ GRIDS = {
         ("probes off, perturbation_scope any", {"perturbation_scope": "any"}),
         ("probes off, perturbation_scope any, no class left out", {"perturbation_scope": "any",
                                                                    "exclude_suspected_target": False}))],
+    # Where no probe fires (the probes off stand for a trigger no probe sees), the scan's universal
+    # inverted perturbation as the trigger for every backdoor, its channels zeroed and it unlearned,
+    # against the preset's fallback (CLP + the fine-tune), with and without the suspected class left out.
+    "general_removal": [(label, 2.0, NO_PROBES | overrides, {}) for label, overrides in (
+        ("probes off, cpu preset", {}),
+        ("probes off, no class left out", {"exclude_suspected_target": False}),
+        ("probes off, perturbation_scope any", {"perturbation_scope": "any"}),
+        ("probes off, perturbation_scope any, no class left out", {"perturbation_scope": "any",
+                                                                   "exclude_suspected_target": False}),
+        ("probes off, perturbation and unlearning scope any, no class left out",
+         {"perturbation_scope": "any", "unlearn_scope": "any", "exclude_suspected_target": False}))],
+    # The preset with the universal perturbation as the trigger wherever no probe fires and no class
+    # left out (general_removal's best row), with the probes on and off, against the preset.
+    "general_candidate": [(label, ratio, overrides, {}) for label, ratio, overrides in (
+        ("cpu preset", 2.0, {}),
+        ("perturbation_scope any, no class left out", 2.0, GENERAL_CANDIDATE),
+        ("probes off, perturbation_scope any, no class left out", 2.0, NO_PROBES | GENERAL_CANDIDATE),
+        ("perturbation_scope any, no class left out", 4.0, GENERAL_CANDIDATE))],
     "universal_unlearn_4x": [(label, 4.0, overrides, ft) for label, overrides, ft in (
         ("cpu preset", {}, {}),
         ("universal unlearning r 3, no class left out", {"exclude_suspected_target": False}, {"universal_weight": 1.0}))],
