@@ -173,9 +173,9 @@ def test_defend_set_reaches_the_config(model_file, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
               "--set", "finetune.epochs=3", "--set", "finetune.universal_weight=1", "--set", "finetune.universal_radius=4",
-              "--set", "exclude_suspected_target=false"])
+              "--set", "exclude_suspected_target=true"])
     cfg = seen["config"]
     assert cfg.finetune.universal_weight == 1.0 and cfg.finetune.universal_radius == 4.0 and cfg.finetune.epochs == 3
-    assert cfg.exclude_suspected_target is False
+    assert cfg.exclude_suspected_target is True
     assert _exit_code(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
                        "--set", "finetune.no_such_field=1"]) == 2
