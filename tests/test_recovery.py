@@ -464,7 +464,10 @@ def _tiny_cfg(**kw) -> DefendConfig:
                           patch_probe={"sizes": (3,), "stride": 8, "screen": 4, "finalists": 2, "n": 16},
                           warp_probe={"steps": 5, "n": 16, "batch_size": 8},
                           blend_probe={"steps": 5, "n": 16, "batch_size": 8},
-                          **({"inversion": {"steps": 10, "restarts": 1}} | kw))
+                          # the suspected class's exclusion and the all-to-all-only perturbation stay
+                          # under test here, though the cpu preset has them off / "any"
+                          **({"inversion": {"steps": 10, "restarts": 1}, "exclude_suspected_target": True,
+                              "perturbation_scope": "all-to-all"} | kw))
 
 
 def test_defend_tiny_model_end_to_end(tmp_path):
@@ -910,7 +913,7 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     # No teacher fine-tune: only the student's fine-tune is recorded (test_teacher_finetune_... checks that
     # the teacher's leaves the same class out).
-    r = defend(tiny_model(), config=_tiny_cfg(teacher_finetune=None), progress=False, log=lambda *a: None,
+    r = defend(tiny_model(), config=_tiny_cfg(teacher_finetune=None, exclude_suspected_target=True), progress=False, log=lambda *a: None,
                synthetic=synthetic).report
     assert r["scan"]["suspected_target"] == target
     assert r["scan"]["synthetic_excluded"] == (3 if target is not None else 0)
@@ -920,7 +923,7 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
 
     for where, left_out in (("cleaned", [None]), ("finetuned", [target, None]), ("recognized", [target, None])):
         seen.clear()
-        cfg = _tiny_cfg(resynthesize_suspected_target=where, teacher_finetune=None)
+        cfg = _tiny_cfg(resynthesize_suspected_target=where, teacher_finetune=None, exclude_suspected_target=True)
         r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
         assert seen["left_out"] == (left_out if target is not None else [None])
         back = r["scan"].get("synthetic_resynthesized", 0)
