@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, machine, shared_synthetic
+from benchmarks.common import RESULTS, machine, shared_synthetic, worst_class
 from benchmarks.zoo import RECIPE, ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
@@ -443,7 +443,7 @@ def _worst_class_table(done: dict) -> list[str]:
         before, after = m.get("per_class_acc_before"), m.get("per_class_acc_after")
         if r["row"]["defense"] != "cc" or not before or not after:
             continue
-        worst = max(range(len(before)), key=lambda c: before[c] - after[c])
+        worst = worst_class(before, after)
         lines.append(f"| {rid} | {worst} | {_pct(before[worst])} -> {_pct(after[worst])} | "
                      f"{100 * (m['acc_before'] - m['acc_after']):.2f} |")
     return lines

@@ -71,6 +71,17 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def worst_class(before: list[float], after: list[float]) -> int:
+    """The class that lost most of its own accuracy from ``before`` to ``after`` (per-class accuracies)."""
+    return max(range(len(before)), key=lambda c: before[c] - after[c])
+
+
+def worst_class_text(before: list[float], after: list[float]) -> str:
+    """'c: before -> after' (in %) for :func:`worst_class`, as the experiment tables print it."""
+    c = worst_class(before, after)
+    return f"{c}: {100 * before[c]:.1f} -> {100 * after[c]:.1f}"
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

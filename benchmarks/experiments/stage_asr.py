@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
-from benchmarks.common import machine, percent, shared_synthetic, write_results
+from benchmarks.common import machine, percent, shared_synthetic, worst_class_text, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.adversarial import predictions
@@ -43,8 +43,7 @@ PROBES_OFF = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "mas
 
 def row(stage: str, model, data, attack, extra: dict | None = None) -> dict:
     result = evaluate(model, data, attack)
-    per_class = result["per_class_acc"]
-    return {"stage": stage, "acc": result["acc"], "asr": result["asr"], "per_class_acc": per_class} | (extra or {})
+    return {"stage": stage, "acc": result["acc"], "asr": result["asr"], "per_class_acc": result["per_class_acc"]} | (extra or {})
 
 
 def measure(attack_name: str, ratio: float, recipe_name: str = DEFAULT_RECIPE) -> list[dict]:
@@ -97,10 +96,8 @@ def markdown(result: dict) -> str:
     by_model: dict[str, list[float]] = {}
     for r in result["rows"]:
         base = by_model.setdefault(r["model"], r["per_class_acc"])
-        drops = [b - a for b, a in zip(base, r["per_class_acc"])]
-        worst = max(range(len(drops)), key=drops.__getitem__)
         lines.append(f"| {r['model']} | {r['ratio']:g}x | {r['stage']} | {r.get('images', '')} | {percent(r['acc'])} | "
-                     f"{percent(r['asr'])} | {worst}: {100 * base[worst]:.1f} -> {100 * r['per_class_acc'][worst]:.1f} |")
+                     f"{percent(r['asr'])} | {worst_class_text(base, r['per_class_acc'])} |")
     return "\n".join(lines) + "\n"
 
 

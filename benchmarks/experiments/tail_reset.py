@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
-from benchmarks.common import machine, percent, shared_synthetic, write_results
+from benchmarks.common import machine, percent, shared_synthetic, worst_class_text, write_results
 from benchmarks.experiments.stage_asr import PROBES_OFF, row
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
@@ -124,10 +124,8 @@ def markdown(result: dict) -> str:
     by_model: dict[str, list[float]] = {}
     for r in result["rows"]:
         base = by_model.setdefault(r["model"], r["per_class_acc"])
-        drops = [b - a for b, a in zip(base, r["per_class_acc"])]
-        worst = max(range(len(drops)), key=drops.__getitem__)
         lines.append(f"| {r['model']} | {r['stage']} | {percent(r['acc'])} | {percent(r['asr'])} | "
-                     f"{worst}: {100 * base[worst]:.1f} -> {100 * r['per_class_acc'][worst]:.1f} |")
+                     f"{worst_class_text(base, r['per_class_acc'])} |")
     return "\n".join(lines) + "\n"
 
 
