@@ -95,6 +95,7 @@ BASES["no_probe_no_class_left_out"] = ({}, {})
 BASES["perturbation_any"] = ({}, {})
 BASES["general_removal"] = ({}, {})
 BASES["general_candidate"] = ({}, {})
+BASES["targeted_removal"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -108,6 +109,7 @@ SCAN_UNION_BN_MATCH = SCAN_SPLIT | {"finetune_on_scan_synthetic": True, "bn_matc
 STACKED = SCAN_SPLIT | {"bn_match_samples": 512, "teacher_finetune": {"lr": 2e-4}}
 GENERAL_CANDIDATE = {"perturbation_scope": "any", "exclude_suspected_target": False}
 TRUE_TRIGGER = "true trigger"  # a row's extra: the attack's own trigger stands in for the probes' (Blended only)
+UNTARGETED_MISSES = "untargeted misses"  # a row's extra: the untargeted universal inversion is made not to fire
 GRIDS = {
     "focused": [("paper C&C, tau 3", 2.0, PAPER | {"tau": 3.0}, {}),
                 ("paper C&C, tau 2", 2.0, PAPER | {"tau": 2.0}, {}),
@@ -508,6 +510,13 @@ GRIDS = {
          {"perturbation_scope": "any", "unlearn_scope": "any", "exclude_suspected_target": False}))],
     # The preset with the universal perturbation as the trigger wherever no probe fires and no class
     # left out (general_removal's best row), with the probes on and off, against the preset.
+    # With no probe and the untargeted universal inversion made to miss (as on a trigger it passes
+    # by), the targeted inversion into the adversarially flagged class against no removal step at all.
+    "targeted_removal": [(label, 2.0, NO_PROBES | GENERAL_CANDIDATE | overrides, {}, UNTARGETED_MISSES)
+                         for label, overrides in (
+                             ("probes off, untargeted inversion misses, perturbation_scope any", {}),
+                             ("probes off, untargeted inversion misses, perturbation_scope targeted",
+                              {"perturbation_scope": "targeted"}))],
     "general_candidate": [(label, ratio, overrides, {}) for label, ratio, overrides in (
         ("cpu preset", 2.0, {}),
         ("perturbation_scope any, no class left out", 2.0, GENERAL_CANDIDATE),
@@ -651,6 +660,20 @@ GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: 
 
 
 @contextlib.contextmanager
+def untargeted_misses():
+    """Within: the untargeted universal inversion (flip_report) reports no flips, so that no
+    perturbation fires from it, as on a trigger its descent passes by."""
+    real = pipeline.flip_report
+
+    def missed(model, x, cfg):
+        report, delta = real(model, x, cfg)
+        return report | {"flip_rate": 0.0, "missed_flip_rate": report["flip_rate"]}, delta
+
+    with mock.patch.object(pipeline, "flip_report", missed):
+        yield
+
+
+@contextlib.contextmanager
 def true_trigger_probe(attack):
     """Within: defend's trigger probes report ``attack``'s own blend pattern as the firing trigger,
     measured on the model and the synthetic images as blend_probe measures its patterns, and it
@@ -713,7 +736,8 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE, seed: i
                         train = load_dataset(recipe["dataset"], "train")
                     real[n_real] = real_images(train, n_real, model.cc_spec)
                 x, y = real[n_real]
-            with true_trigger_probe(attack) if TRUE_TRIGGER in extra else contextlib.nullcontext():
+            with true_trigger_probe(attack) if TRUE_TRIGGER in extra else contextlib.nullcontext(), \
+                    untargeted_misses() if UNTARGETED_MISSES in extra else contextlib.nullcontext():
                 result = defend(model, config=cfg, eval_data=test, attack=attack, progress=False,
                                 log=lambda *a: None, synthetic=(x, y), scan_synthetic=made.get("scan"))
             r = result.report

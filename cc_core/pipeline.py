@@ -34,13 +34,13 @@ from cc_core.probes import (RESIDUAL_FLIP, BlendProbeConfig, MaskProbeConfig, Pa
                             apply_found_trigger, blend_probe, flip_mapping, found_trigger, mask_probe, patch_probe,
                             patch_score, perturbation_trigger, trigger_flip_rate, trigger_score, trigger_text,
                             warp_probe)
-from cc_core.scan import (FLIP_THRESHOLD, InversionConfig, all_to_all_suspected, flip_report, histogram_report,
-                          flip_score, suspected_target)
+from cc_core.scan import (ANOMALY_THRESHOLD, FLIP_THRESHOLD, InversionConfig, all_to_all_suspected, flip_report,
+                          flip_score, histogram_report, suspected_target, targeted_flip_report)
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
 UNLEARN_SCOPES = ("all-to-all", "any")
-PERTURBATION_SCOPES = ("all-to-all", "any")
+PERTURBATION_SCOPES = ("all-to-all", "any", "targeted")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
 BN_MATCH_SCOPES = ("always", "trigger")
@@ -95,7 +95,9 @@ class DefendConfig:
     perturbation_channel_u: float | None = None
     # Which universal inverted perturbation counts as a trigger when no probe fires: only one that
     # sends each class to its own ("all-to-all"), or any that fires (flip_score >= FLIP_THRESHOLD,
-    # "any": then it also names the trigger the distillation gate verifies the teacher against).
+    # "any": then it also names the trigger the distillation gate verifies the teacher against), or,
+    # where the untargeted one does not fire, also the targeted inversion into the class the
+    # adversarial histogram flags ("targeted": untargeted_or_targeted).
     perturbation_scope: str = "all-to-all"
     compact: dict = field(default_factory=dict)  # extra clean_compact options (rank_strategy, ...)
     synth: SynthConfig = SynthConfig()
@@ -286,9 +288,13 @@ def config_from_dict(settings: dict, base: "DefendConfig | None" = None) -> "Def
 
 def with_seed(cfg: "DefendConfig", seed: int) -> "DefendConfig":
     """``cfg`` with ``seed`` in every section that has one (synthesis, PGD, fine-tune, inversion, probes)."""
-    changes = {f.name: {"seed": seed} for f in dataclasses.fields(cfg)
-               if dataclasses.is_dataclass(getattr(cfg, f.name)) and hasattr(getattr(cfg, f.name), "seed")}
-    return cfg.replace(**changes)
+    return cfg.replace(**seed_settings(cfg, seed))
+
+
+def seed_settings(cfg: "DefendConfig", seed: int) -> dict:
+    """The settings that put ``seed`` in every section of ``cfg`` that has one: {section: {"seed": seed}}."""
+    return {f.name: {"seed": seed} for f in dataclasses.fields(cfg)
+            if dataclasses.is_dataclass(getattr(cfg, f.name)) and hasattr(getattr(cfg, f.name), "seed")}
 
 
 PRESET_NAMES = ("cpu", "paper")
@@ -598,10 +604,34 @@ def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict
     found = found_trigger(patch, warp, blend, mask)
     universal = None
     if found is None and cfg.perturbation_channel_u is not None:
-        flip, delta = flip_report(model, x, cfg.inversion)
-        universal = {"flip": flip, "delta": delta.detach().cpu().tolist()}
+        flip, delta, targeted = untargeted_or_targeted(model, x, cfg)
+        universal = {"flip": flip, "delta": delta.detach().cpu().tolist(), "targeted": targeted}
     return {"patch": patch, "warp": warp, "blend": blend, "mask": mask, "trigger": found, "universal": universal,
             "channel_trigger": channel_trigger(found, universal, len(x), cfg.perturbation_scope)}
+
+
+def untargeted_or_targeted(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> tuple[dict, torch.Tensor, dict | None]:
+    """The universal inverted perturbation of ``model`` on synthetic images ``x`` (N, C, H, W):
+    flip_report's (report, delta), and what was tried beyond it (None when nothing was). Under
+    ``cfg.perturbation_scope`` "targeted", when that untargeted perturbation does not fire
+    (perturbation_fires) and the adversarial histogram flags a class (anomaly index >
+    ANOMALY_THRESHOLD, PGD against the model's own predictions), the targeted inversion into that
+    class (scan.targeted_flip_report) is made and taken instead when it fires: an all-to-one
+    trigger the untargeted descent passes by. The record: {"anomaly_index", "into" (the flagged
+    class; None when none), "flip_rate" (the targeted perturbation's; None when not made), "taken"}."""
+    flip, delta = flip_report(model, x, cfg.inversion)
+    if cfg.perturbation_scope != "targeted" or perturbation_fires(flip, cfg.perturbation_scope):
+        return flip, delta, None
+    adversarial = histogram_report(model, x, predictions(model, x), cfg.pgd)
+    record = {"anomaly_index": adversarial["anomaly_index"], "into": None, "flip_rate": None, "taken": False}
+    if adversarial["anomaly_index"] <= ANOMALY_THRESHOLD:
+        return flip, delta, record
+    record["into"] = adversarial["target_class_estimate"]
+    targeted, targeted_delta = targeted_flip_report(model, x, record["into"], cfg.inversion)
+    record["flip_rate"] = targeted["flip_rate"]
+    if not perturbation_fires(targeted, cfg.perturbation_scope):
+        return flip, delta, record
+    return targeted, targeted_delta, record | {"taken": True}
 
 
 def perturbation_fires(flip: dict | None, scope: str) -> bool:
@@ -609,7 +639,7 @@ def perturbation_fires(flip: dict | None, scope: str) -> bool:
     DefendConfig.perturbation_scope ``scope``."""
     if flip is None:
         return False
-    return all_to_all_suspected(flip) or (scope == "any" and flip_score(flip) >= FLIP_THRESHOLD)
+    return all_to_all_suspected(flip) or (scope in ("any", "targeted") and flip_score(flip) >= FLIP_THRESHOLD)
 
 
 def channel_trigger(found: dict | None, universal: dict | None, n: int, scope: str = "all-to-all") -> dict | None:
@@ -627,11 +657,17 @@ def probe_text(probed: dict) -> str:
     if (found := probed["trigger"]) is not None:
         return (f"the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
                 f"of the synthetic images (class {found['target_class_estimate']} most)")
+    targeted = (probed["universal"] or {}).get("targeted")
     if (trigger := probed["channel_trigger"]) is not None:
         where = ("each class to its own (all-to-all)" if all_to_all_suspected(trigger)
                  else f"class {trigger['target_class_estimate']} most")
-        return (f"no probe fires; the universal inverted perturbation flips {trigger['flip_rate']:.0%} "
-                f"of the synthetic images, {where}")
+        which = ("the perturbation inverted into the adversarially flagged class" if targeted and targeted["taken"]
+                 else "the universal inverted perturbation")
+        return f"no probe fires; {which} flips {trigger['flip_rate']:.0%} of the synthetic images, {where}"
+    if targeted and targeted["flip_rate"] is not None:
+        return (f"no probe fires, nor the universal inverted perturbation; inverted into class {targeted['into']} "
+                f"(flagged adversarially, anomaly index {targeted['anomaly_index']:.1f}) it flips only "
+                f"{targeted['flip_rate']:.0%}")
     return ""
 
 
@@ -656,8 +692,8 @@ def exclusion_summary(target: int | None, inversion_concentration: float | None,
 
 def target_signals(suspicion: dict | None) -> dict:
     """What each signal says the target is and how strongly: the firing probe's class (its flip rate),
-    the channel inversion's top class (its concentration; None when not run) and the adversarial
-    histogram's (its anomaly index); ``target_estimate`` is the class the scan flags (flagged_target;
+    the channel inversion's top class (its concentration; None when not run), the adversarial
+    histogram's (its anomaly index) and the targeted inversion's (its flip rate; None when not taken); ``target_estimate`` is the class the scan flags (flagged_target;
     None when no signal is strong enough) and ``target_signals_agree`` whether every signal that names
     a class names that one."""
     if suspicion is None:
@@ -666,7 +702,9 @@ def target_signals(suspicion: dict | None) -> dict:
     signals = {"probe": [found["target_class_estimate"], found["flip_rate"]] if trigger_score(found) else None,
                "channel_inversion": ([inversion["target_class_estimate"], inversion["concentration"]]
                                      if inversion else None),
-               "adversarial": [adversarial["target_class_estimate"], adversarial["anomaly_index"]]}
+               "adversarial": [adversarial["target_class_estimate"], adversarial["anomaly_index"]],
+               "targeted_inversion": ([suspicion["flip"]["inverted_into"], suspicion["flip"]["flip_rate"]]
+                                      if "inverted_into" in suspicion["flip"] else None)}
     named = {sig[0] for sig in signals.values() if sig is not None}
     return {"target_estimate": suspicion["target"], "target_signals": signals,
             "target_signals_agree": len(named) == 1}
@@ -699,6 +737,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
         adversarial = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
         return adversarial, None, None, gate_trigger(found, None, None, len(x))
     suspicion = suspected_target(original, x, y, cfg.pgd, cfg.inversion, found, universal_inversion(universal))
+    targeted = (universal or {}).get("targeted")
     # An all-to-all trigger has no target class: a class PGD names then is arbitrary, and leaving
     # its images out only costs that class.
     has_target = cfg.exclude_suspected_target and not suspicion["all_to_all"]
@@ -721,6 +760,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     inversion = suspicion["inversion"]
     summary = exclusion_summary(target, inversion["concentration"] if inversion else None, excluded, flip,
                                 suspicion["all_to_all"], fired, suspicion)
+    summary["targeted_inversion"] = targeted
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, verify, len(x))
 
 

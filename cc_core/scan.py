@@ -196,6 +196,44 @@ def invert_universal(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = I
     return _optimize_delta(model, x, objective, cfg)
 
 
+def invert_targeted(model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig = InversionConfig(),
+                    clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sparse perturbation delta (1, C, H, W) in pixel units that sends as many images of ``x``
+    as possible into class ``target``: minimizes the mean margin of the strongest other class over
+    ``target``, floored at -FLIP_MARGIN, over the images the model does not already put there
+    (``clean``: its predictions (N,) on ``x``, if at hand), plus ``cfg.l1 * ||delta||_1 / C``.
+    An all-to-one trigger is the cheap way into its target; the untargeted inversion
+    (invert_universal) can settle on the clean model's easiest sink instead. Returns the perturbed
+    images (normalized) and delta."""
+    clean = (predictions(model, x) if clean is None else clean).to(x.device)
+
+    def objective(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        into = logits[:, target]
+        other = logits.clone()
+        other[:, target] = float("-inf")
+        margin = (other.amax(1) - into).clamp_min(-FLIP_MARGIN)
+        outside = (clean[idx] != target).float()
+        return (margin * outside).sum() / outside.sum().clamp_min(1.0)
+
+    return _optimize_delta(model, x, objective, cfg)
+
+
+def targeted_flip_report(model: nn.Module, x: torch.Tensor, target: int,
+                         cfg: InversionConfig = InversionConfig()) -> tuple[dict, torch.Tensor]:
+    """flip_report's report and delta for the targeted inversion into ``target`` (invert_targeted),
+    best flip_score of ``cfg.restarts`` seeds; the report also names the ``inverted_into`` class."""
+    before = predictions(model, x).cpu()
+    runs = []
+    for i in range(cfg.restarts):
+        x_flip, delta = invert_targeted(model, x, target, dataclasses.replace(cfg, seed=cfg.seed + i), clean=before)
+        runs.append((_landing(model, x_flip, before, delta), delta))
+    best = max(runs, key=lambda run: flip_score(run[0]))
+    best[0]["restart_scores"] = [round(flip_score(r), 4) for r, _ in runs]
+    best[0]["inverted_into"] = int(target)
+    return best
+
+
 def flip_report(model: nn.Module, x: torch.Tensor,
                 cfg: InversionConfig = InversionConfig()) -> tuple[dict, torch.Tensor]:
     """Where the universal inverted perturbation sends ``x``, and the perturbation delta (1, C, H,
@@ -218,10 +256,16 @@ def _flip_run(model: nn.Module, x: torch.Tensor, before: torch.Tensor,
               cfg: InversionConfig) -> tuple[dict, torch.Tensor]:
     """One universal inversion and its flip report (see flip_report)."""
     x_flip, delta = invert_universal(model, x, cfg, clean=before)
+    return _landing(model, x_flip, before, delta), delta
+
+
+def _landing(model: nn.Module, x_flip: torch.Tensor, before: torch.Tensor, delta: torch.Tensor) -> dict:
+    """landing_report of the perturbed images ``x_flip`` against the predictions ``before``, with
+    the perturbation ``delta``'s size."""
     after = predictions(model, x_flip).cpu()
     return landing_report(before, after, model.cc_spec.num_classes) | {
         "delta_mean_abs": float(delta.abs().mean()),
-        "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}, delta
+        "delta_pixels_changed": float((delta.abs().amax(1) > 0.1).float().mean())}
 
 
 def inversion_report(model: nn.Module, x: torch.Tensor, cfg: InversionConfig = InversionConfig()) -> dict:
@@ -280,16 +324,22 @@ def names_target(found: dict | None) -> bool:
     return bool(trigger_score(found)) and found["concentration"] >= TARGET_FROM_INVERSION
 
 
-def flagged_target(adversarial: dict, inversion: dict | None, found: dict | None = None) -> int | None:
+def flagged_target(adversarial: dict, inversion: dict | None, found: dict | None = None,
+                   targeted: dict | None = None) -> int | None:
     """The target class a signal flags: a probe's top class when its trigger (stamp or warp) fires
     (trigger_score) into one class (concentration >= TARGET_FROM_INVERSION), else the channel
     inversion's top class when its concentration reaches TARGET_FROM_INVERSION, else the
     adversarial histogram's top class when its anomaly index exceeds ANOMALY_THRESHOLD; None when
     none flags one. The universal inversion names no target: when it sends everything to one
     class, that class is as often a clean model's easiest sink as the target (on the zoo WaNet it
-    named 9, not 0; sweep_defend_unlearn.md). ``inversion`` may be None only when ``found`` names the target."""
+    named 9, not 0; sweep_defend_unlearn.md); the targeted inversion (``targeted``,
+    targeted_flip_report's) does when it fires, and comes second, after the probe: a cheap
+    perturbation that sends most images into the class the adversarial histogram flags is that
+    histogram's class confirmed. ``inversion`` may be None only when ``found`` names the target."""
     if names_target(found):
         return found["target_class_estimate"]
+    if targeted is not None and flip_score(targeted) >= FLIP_THRESHOLD:
+        return targeted["inverted_into"]
     if inversion["concentration"] >= TARGET_FROM_INVERSION:
         return inversion["target_class_estimate"]
     if adversarial["anomaly_index"] > ANOMALY_THRESHOLD:
@@ -311,7 +361,8 @@ def suspected_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_cfg
     inversion = None if names_target(found) else inversion_report(model, x, inversion_cfg)
     flip, delta = universal if universal is not None else flip_report(model, x, inversion_cfg)
     delta = delta.to(x.device)
-    return {"target": flagged_target(adversarial, inversion, found), "adversarial": adversarial,
+    targeted = flip if "inverted_into" in flip else None
+    return {"target": flagged_target(adversarial, inversion, found, targeted), "adversarial": adversarial,
             "inversion": inversion, "flip": flip, "trigger": delta if flip_score(flip) >= FLIP_THRESHOLD else None,
             "found": found, "all_to_all": trigger_all_to_all(flip, found)}
 
@@ -323,7 +374,9 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
          warp_cfg: WarpProbeConfig | None = WarpProbeConfig()) -> dict:
     """The risk report of ``model``: ``risk`` (max of ``risk_signals``), ``target_class_estimate``,
     ``all_to_all_suspected``, the adversarial histogram's statistics (top level),
-    ``inversion`` (through outlier channels), ``flip`` (universal inversion), ``patch`` (patch
+    ``inversion`` (through outlier channels), ``flip`` (universal inversion), ``targeted`` (the
+    targeted inversion into the adversarial histogram's class, made when that histogram flags one
+    and the universal inversion does not fire; else None), ``patch`` (patch
     probe; None without ``patch_cfg``), ``warp`` (warp probe; None without ``warp_cfg``), spectra,
     timings."""
     start = time.perf_counter()
@@ -334,6 +387,9 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
     report["inversion"] = inversion_report(model, x, inversion_cfg)
     t_inversion = time.perf_counter() - start - t_synth - t_pgd
     report["flip"], _ = flip_report(model, x, inversion_cfg)
+    report["targeted"] = None
+    if flip_score(report["flip"]) < FLIP_THRESHOLD and report["anomaly_index"] > ANOMALY_THRESHOLD:
+        report["targeted"] = targeted_flip_report(model, x, report["target_class_estimate"], inversion_cfg)[0]
     t_flip = time.perf_counter() - start - t_synth - t_pgd - t_inversion
     report["patch"] = patch_probe(model, x, patch_cfg) if patch_cfg is not None else None
     t_patch = time.perf_counter() - start - t_synth - t_pgd - t_inversion - t_flip
@@ -341,12 +397,13 @@ def scan(model: nn.Module, synth_cfg: SynthConfig = SynthConfig(n_samples=256, i
     t_warp = time.perf_counter() - start - t_synth - t_pgd - t_inversion - t_flip - t_patch
     report["risk_signals"] = {"inversion": report["inversion"]["concentration"],
                               "all_to_all": all_to_all_score(report["flip"]),
+                              "targeted": flip_score(report["targeted"]) if report["targeted"] else 0.0,
                               "adversarial": adversarial_score(report["anomaly_index"]),
                               "patch": patch_score(report["patch"]), "warp": warp_score(report["warp"])}
     report["risk"] = max(report["risk_signals"].values())
     found = found_trigger(report["patch"], report["warp"])
     report["all_to_all_suspected"] = trigger_all_to_all(report["flip"], found)
-    flagged = flagged_target(report, report["inversion"], found)
+    flagged = flagged_target(report, report["inversion"], found, report["targeted"])
     if flagged is not None:
         report["target_class_estimate"] = flagged
     report["spectra"] = spectra(model)

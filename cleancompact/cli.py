@@ -360,13 +360,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
     inv, flip = report["inversion"], report["flip"]
     signals = report["risk_signals"]
     print(f"{args.model}: risk {report['risk']:.2f} (inversion {signals['inversion']:.2f}, all-to-all {signals['all_to_all']:.2f}, "
-          f"patch {signals['patch']:.2f}, warp {signals.get('warp', 0.0):.2f}, adversarial {signals['adversarial']:.2f}), most likely target class {label}")
+          f"targeted {signals['targeted']:.2f}, patch {signals['patch']:.2f}, warp {signals.get('warp', 0.0):.2f}, "
+          f"adversarial {signals['adversarial']:.2f}), most likely target class {label}")
     print(f"outlier channels (Lipschitz z > {report['config']['inversion']['u']:g}): {inv['n_channel_outliers']}"
           + (f", max z {inv['max_channel_z']:.2f}; inverted-trigger class histogram: "
              + " ".join(str(c) for c in inv["histogram"]) if inv["histogram"] else ""))
     print(f"universal inverted trigger: flips {flip['flip_rate']:.0%} of the synthetic images, "
           f"{flip['mapping_consistency']:.0%} of them consistently by source class, "
           f"{flip['delta_pixels_changed']:.1%} of pixels changed by > 0.1")
+    if targeted := report["targeted"]:
+        print(f"targeted inverted trigger (into class {targeted['inverted_into']}, the adversarially flagged one): "
+              f"flips {targeted['flip_rate']:.0%} of the synthetic images, "
+              f"{targeted['delta_pixels_changed']:.1%} of pixels changed by > 0.1")
     patch = report["patch"]
     if patch:
         from cc_core.probes import stamp_text

@@ -301,7 +301,8 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
                                          "blend_probe": cfg.blend_probe.to_dict() if cfg.blend_probe else None,
                                          "mask_probe": cfg.mask_probe.to_dict() if cfg.mask_probe else None,
                                          "pull_fires": [BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY]}
-                  | ({"perturbation_channel_u": cfg.perturbation_channel_u, "inversion": cfg.inversion.to_dict()}
+                  | ({"perturbation_channel_u": cfg.perturbation_channel_u, "inversion": cfg.inversion.to_dict(),
+                      "perturbation_scope": cfg.perturbation_scope, "pgd": cfg.pgd.to_dict()}
                      if cfg.perturbation_channel_u else {}), compute)
     out.setdefault("mask", None)  # markers written before the mask probe have no such key
     for kind in ("patch", "warp", "blend", "mask"):

@@ -118,8 +118,8 @@ def test_evaluate_with_wrong_label_space(tmp_path, capsys):
 def test_scan_fail_on_gates_on_the_risk(model_file, monkeypatch, capsys, risk, fail_on, expected):
     import cc_core.scan
 
-    report = {"risk": risk, "risk_signals": {"inversion": risk, "all_to_all": 0.0, "patch": 0.0, "warp": 0.0,
-                                             "adversarial": 0.0},
+    report = {"risk": risk, "risk_signals": {"inversion": risk, "all_to_all": 0.0, "targeted": 0.0, "patch": 0.0,
+                                             "warp": 0.0, "adversarial": 0.0}, "targeted": None,
               "target_class_estimate": 3, "all_to_all_suspected": False, "concentration": 0.1, "anomaly_index": 1.0,
               "histogram": [1] * 10, "inversion": {"n_channel_outliers": 0, "histogram": None},
               "flip": {"flip_rate": 0.1, "mapping_consistency": 0.2, "delta_pixels_changed": 0.01},

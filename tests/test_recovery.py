@@ -10,7 +10,7 @@ from torch import nn
 
 import cc_core.finetune as ft
 from cc_core import build_model, clean_compact
-from cc_core.adversarial import PGDConfig, concentration, perturb, pgd
+from cc_core.adversarial import PGDConfig, concentration, perturb, pgd, predictions
 from cc_core.device import precision
 from cc_core.pipeline import DISTILL_ALONE, DefendConfig, defend, export_package, macs, resolve_config
 from cc_core.errors import ConfigError
@@ -861,6 +861,10 @@ def test_flagged_target_needs_a_signal_that_fires(inversion, anomaly, target):
 
     adversarial = {"anomaly_index": anomaly, "target_class_estimate": 1}
     assert flagged_target(adversarial, {"concentration": inversion, "target_class_estimate": 5}) == target
+    fired = {"flip_rate": 0.8, "mapping_consistency": 1.0, "inverted_into": 7}
+    assert flagged_target(adversarial, {"concentration": inversion, "target_class_estimate": 5}, None, fired) == 7
+    missed = fired | {"flip_rate": 0.2}
+    assert flagged_target(adversarial, {"concentration": inversion, "target_class_estimate": 5}, None, missed) == target
 
 
 @pytest.mark.parametrize("found, inverted", [
@@ -1222,6 +1226,62 @@ def test_universal_inversion_does_not_fire_on_a_model_without_trigger():
     x = (_dim_images(64) - 0.5) / 0.25
     report, _ = flip_report(model, x, InversionConfig(steps=60, lr=0.1, l1=0.05, restarts=2))
     assert flip_score(report) < FLIP_THRESHOLD
+
+
+class PlantedAllToOne(PlantedAllToAll):
+    """PlantedAllToAll's clean classes; when the top-left 3x3 patch is bright, a push of every
+    image's logits into class 2 (all-to-one)."""
+
+    def __init__(self, trigger: bool = True) -> None:
+        super().__init__(trigger=False)
+        self.all_to_one = trigger
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if not self.all_to_one:
+            return logits
+        pixels = x * 0.25 + 0.5
+        strength = torch.sigmoid((pixels[:, :, :3, :3].mean(dim=(1, 2, 3)) - 0.6) * 20) * 40
+        return logits + strength[:, None] * nn.functional.one_hot(torch.tensor(2), 4).float()
+
+
+def test_targeted_inversion_sends_images_into_a_planted_target_and_not_where_there_is_no_trigger():
+    from cc_core.scan import FLIP_THRESHOLD, InversionConfig, flip_score, targeted_flip_report
+
+    x = (_dim_images(64) - 0.5) / 0.25
+    cfg = InversionConfig(steps=60, lr=0.1, l1=0.05, restarts=2)
+    model = PlantedAllToOne().eval()
+    outside = float((predictions(model, x) != 2).float().mean())
+    report, delta = targeted_flip_report(model, x, 2, cfg)
+    assert report["inverted_into"] == 2 and report["target_class_estimate"] == 2 and len(report["restart_scores"]) == 2
+    assert report["flip_rate"] == pytest.approx(outside, abs=0.05) and report["concentration"] > 0.95
+    assert delta[..., :3, :3].abs().sum() > 0.9 * delta.abs().sum()  # on the patch
+    clean, _ = targeted_flip_report(PlantedAllToOne(trigger=False).eval(), x, 2, cfg)
+    assert flip_score(clean) < FLIP_THRESHOLD
+
+
+def test_the_targeted_scope_inverts_into_the_adversarially_flagged_class_only_where_the_untargeted_one_misses(monkeypatch):
+    from cc_core import pipeline
+    from cc_core.pipeline import resolve_config, untargeted_or_targeted
+
+    x = (_dim_images(64) - 0.5) / 0.25
+    missed = {"flip_rate": 0.1, "mapping_consistency": 0.5, "concentration": 0.3, "target_class_estimate": 0,
+              "histogram": [1, 1, 1, 1]}
+    monkeypatch.setattr(pipeline, "flip_report", lambda model, images, inversion: (missed, torch.zeros(1, 3, 32, 32)))
+    anomaly = {"value": 5.0}
+    monkeypatch.setattr(pipeline, "histogram_report", lambda model, images, labels, pgd: {
+        "anomaly_index": anomaly["value"], "target_class_estimate": 2})
+    inversion = {"steps": 60, "lr": 0.1, "l1": 0.05, "restarts": 2}
+    cfg = resolve_config("cpu", perturbation_scope="targeted", inversion=inversion)
+    flip, delta, record = untargeted_or_targeted(PlantedAllToOne().eval(), x, cfg)
+    assert record["taken"] and record["into"] == 2 and flip["inverted_into"] == 2 and flip["flip_rate"] >= 0.5
+    assert pipeline.perturbation_fires(flip, "targeted") and delta.abs().sum() > 0
+    flip, _, record = untargeted_or_targeted(PlantedAllToOne(trigger=False).eval(), x, cfg)
+    assert flip is missed and not record["taken"] and record["flip_rate"] < 0.5
+    anomaly["value"] = 1.5  # nothing flagged: no targeted inversion
+    flip, _, record = untargeted_or_targeted(PlantedAllToOne().eval(), x, cfg)
+    assert flip is missed and record == {"anomaly_index": 1.5, "into": None, "flip_rate": None, "taken": False}
+    assert untargeted_or_targeted(PlantedAllToOne().eval(), x, cfg.replace(perturbation_scope="any"))[2] is None
 
 
 def test_stamp_masks_and_deltas_paint_exactly_the_stamped_square():
