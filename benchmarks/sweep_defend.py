@@ -96,6 +96,7 @@ BASES["perturbation_any"] = ({}, {})
 BASES["general_removal"] = ({}, {})
 BASES["general_candidate"] = ({}, {})
 BASES["targeted_removal"] = ({}, {})
+BASES["short_training"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -517,6 +518,12 @@ GRIDS = {
                              ("probes off, untargeted inversion misses, perturbation_scope any", {}),
                              ("probes off, untargeted inversion misses, perturbation_scope targeted",
                               {"perturbation_scope": "targeted"}))],
+    # A short-trained patch model (recipe cifar10-resnet18-6ep): where the probe's stamp fires and its
+    # channels are zeroed yet some backdoor stays, what takes the rest out.
+    "short_training": [(label, 2.0, overrides, {}) for label, overrides in (
+        ("cpu preset", {}),
+        ("CLP's clean also where a probe's trigger fired", {"clp_with_trigger": True}),
+        ("the probe's trigger unlearned always", {"patch_unlearn": "always"}))],
     "general_candidate": [(label, ratio, overrides, {}) for label, ratio, overrides in (
         ("cpu preset", 2.0, {}),
         ("perturbation_scope any, no class left out", 2.0, GENERAL_CANDIDATE),
@@ -749,6 +756,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE, seed: i
                          "suspected_target": r["scan"]["suspected_target"], "true_target": all_to_one_target(attack),
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],
                          "flip_rate": r["scan"]["flip_rate"], "all_to_all_suspected": r["scan"]["all_to_all_suspected"],
+                         "targeted_inversion": r["scan"].get("targeted_inversion"),
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
                          "trigger": r["scan"]["trigger"], "trigger_clean": r["channel_clean"].get("trigger"),
                          "distilled": distillation.get("distill"), "distillation_reason": distillation.get("reason"),

@@ -46,10 +46,12 @@ def cache_dir() -> Path:
 
 
 def model_name(attack: str, recipe: dict = RECIPE) -> str:
-    """The zoo name; a training seed other than the zoo's (0) shows as a ``-seed<N>`` suffix, so
-    models of the same recipe trained from other seeds sit beside the zoo's, never in its place."""
+    """The zoo name; a training seed other than the zoo's (0) shows as a ``-seed<N>`` suffix and
+    another number of epochs as ``-<N>ep``, so models of other seeds and budgets sit beside the
+    zoo's, never in its place."""
     seed = "" if recipe["seed"] == RECIPE["seed"] else f"-seed{recipe['seed']}"
-    return f"{recipe['dataset']}-{recipe['arch']}-w{recipe['width']:g}-{attack}{seed}"
+    epochs = "" if recipe["epochs"] == RECIPE["epochs"] else f"-{recipe['epochs']}ep"
+    return f"{recipe['dataset']}-{recipe['arch']}-w{recipe['width']:g}-{attack}{epochs}{seed}"
 
 
 def model_dir(attack: str, recipe: dict = RECIPE) -> Path:
