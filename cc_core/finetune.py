@@ -83,6 +83,7 @@ from cc_core.errors import ConfigError
 # guard is in benchmarks/RESULTS.md.
 COLLAPSE_ACC = 0.5
 COLLAPSE_GRAD_NORM = 10.0
+UNLEARN_TARGETS = ("label", "clean_output")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class FinetuneConfig:
     synth_weight: float = 1.0
     adv_weight: float = 1.0
     unlearn_weight: float = 0.0
+    # What a triggered image is trained towards: its synthetic label ("label"), or the soft output
+    # (at kd_temperature) the teacher gives the same image without the trigger, the student's own
+    # when there is no teacher ("clean_output"): the synthetic images are classified so surely that
+    # their labels leave little to learn, while a trigger's residual pull still shows in the output.
+    unlearn_target: str = "label"
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     feature_weight: float = 0.0
@@ -123,6 +129,11 @@ class FinetuneConfig:
         if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight,
                self.online_adv_weight, self.universal_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
+        if self.unlearn_target not in UNLEARN_TARGETS:
+            raise ConfigError(f"unlearn_target must be one of {', '.join(UNLEARN_TARGETS)}, got {self.unlearn_target!r}")
+        if self.unlearn_target == "clean_output" and self.mixup_alpha:
+            raise ConfigError("unlearn_target 'clean_output' compares each triggered image with the same image "
+                              "unmixed; it needs mixup_alpha 0")
         if not self.mixup_alpha >= 0:
             raise ConfigError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -231,6 +242,13 @@ def finetune(model: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor,
         for rec in (student_bn, teacher_bn):
             if rec is not None:
                 rec.remove()
+
+
+def same_augmentation(x: torch.Tensor, x_other: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``x_other`` (N, C, H, W each) through one random crop (padding 2) and horizontal
+    flip per sample, the same for both: image i of one stays aligned with image i of the other."""
+    both = random_hflip(random_crop(torch.cat([x, x_other], 1), 2, generator), generator)
+    return both[:, :x.shape[1]], both[:, x.shape[1]:]
 
 
 def synthetic_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -359,6 +377,7 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
     def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return masked_cross_entropy(logits, labels, masked, cfg.label_smoothing)
 
+    soft_unlearn = bool(cfg.unlearn_weight) and cfg.unlearn_target == "clean_output"
     bar = tqdm(total=steps, desc="fine-tune", disable=not progress, file=sys.stderr, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
@@ -375,7 +394,10 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
             xs, ys = x_syn[idx], y_syn[idx]
             xa = x_adv[idx] if x_adv is not None else None
             xt = x_trigger[idx] if x_trigger is not None else None
-            if cfg.augment:
+            if cfg.augment and xt is not None and cfg.unlearn_target == "clean_output":
+                xs, xt = same_augmentation(xs, xt, gen)  # each triggered image beside its own clean one
+                xa = random_hflip(random_crop(xa, 2, gen), gen) if xa is not None else None
+            elif cfg.augment:
                 xs, xa, xt = (random_hflip(random_crop(v, 2, gen), gen) if v is not None else None
                               for v in (xs, xa, xt))
             mix = mixup_pairs(len(idx), cfg.mixup_alpha, mix_rng, gen) if cfg.mixup_alpha else None
@@ -386,13 +408,14 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                   if online is not None else None)
             loss = torch.zeros((), device=xs.device)
             with autocast(xs.device, cfg.mixed_precision):
-                out_s = model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight) else None
+                out_s = (model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight or soft_unlearn)
+                         else None)
                 student_feats = dict(student_bn.outputs) if student_bn else None
                 out_a = model(xa).float() if cfg.adv_weight else None
                 out_t = model(xt).float() if cfg.unlearn_weight else None
                 out_o = model(xo).float() if xo is not None else None
                 out_u = model(add_pixel_delta(xs, universal, model.cc_spec)).float() if universal is not None else None
-                if cfg.needs_teacher:
+                if cfg.needs_teacher or (soft_unlearn and teacher is not None):
                     with torch.no_grad():
                         target = teacher(xs).float()
             if cfg.synth_weight:
@@ -405,7 +428,11 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                 term = ce(out_a, ys)
                 sums["adv"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.adv_weight * term
-            if cfg.unlearn_weight:
+            if soft_unlearn:
+                term = distillation_loss(out_t, target if teacher is not None else out_s.detach(), cfg.kd_temperature)
+                sums["unlearn"] += float(term.detach()) * len(idx)
+                loss = loss + cfg.unlearn_weight * term
+            elif cfg.unlearn_weight:
                 term = ce(out_t, ys)
                 sums["unlearn"] += float(term.detach()) * len(idx)
                 loss = loss + cfg.unlearn_weight * term

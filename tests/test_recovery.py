@@ -1490,6 +1490,39 @@ def test_unlearning_term_trains_triggered_images_towards_their_benign_labels():
     assert all(torch.equal(v, reference[k]) for k, v in untouched.state_dict().items())
 
 
+def test_clean_output_unlearning_pulls_triggered_outputs_to_the_teachers_clean_outputs():
+    from cc_core.finetune import same_augmentation
+
+    x = torch.randn(32, 3, 32, 32) * 0.5
+    shifted, same = same_augmentation(x, x + 1.0, torch.Generator().manual_seed(0))
+    padded = (shifted == 0) & (same == 0)  # the crop's zero padding is the same zero in both
+    assert torch.allclose(same - shifted, torch.where(padded, 0.0, 1.0))
+    assert not torch.equal(shifted, x)  # crops and flips did happen
+
+    torch.manual_seed(0)
+    model, teacher = tiny_model(), tiny_model().eval()
+    with torch.no_grad():
+        teacher.linear.weight.mul_(10.0)  # outputs far from the student's, so there is something to learn
+    y = torch.arange(32) % 4
+    x_trigger = x.clone()
+    x_trigger[..., :4, :4] = 3.0
+    cfg = FinetuneConfig(epochs=30, batch_size=32, lr=0.01, synth_weight=0.0, adv_weight=0.0, unlearn_weight=1.0,
+                         unlearn_target="clean_output", kd_weight=0.0, augment=True, mixed_precision=False)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(model.eval()(x_trigger) / 4, 1), F.softmax(teacher(x) / 4, 1),
+                                  reduction="batchmean"))
+
+    before = gap()
+    history = finetune(model, x, y, teacher=teacher, cfg=cfg, progress=False, x_trigger=x_trigger)
+    assert gap() < 0.1 * before and history[-1]["unlearn"] < 0.1 * history[0]["unlearn"]
+    with pytest.raises(ConfigError, match="needs mixup_alpha 0"):
+        FinetuneConfig(unlearn_target="clean_output", mixup_alpha=1.0)
+    with pytest.raises(ConfigError, match="unlearn_target must be one of label, clean_output"):
+        FinetuneConfig(unlearn_target="soft")
+
+
 @pytest.mark.parametrize("scope, concentration, unlearned", [
     ("all-to-all", 0.02, True),   # the trigger spreads its flips: all-to-all, unlearned
     ("all-to-all", 0.9, False),   # all-to-one: left to the target exclusion and the channel clean
