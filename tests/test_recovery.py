@@ -705,12 +705,14 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 def _candidates(path: str, value) -> list:
     """Values to try for one setting: other choices of a string, the other boolean, nearby numbers."""
     from cc_core.baselines.clp import CHANNEL_MODES
+    from cc_core.finetune import UNLEARN_TARGETS
     from cc_core.pipeline import BN_MATCH_SCOPES, KD_GATES, PATCH_UNLEARN, PERTURBATION_SCOPES, UNLEARN_SCOPES
 
     choices = {"normalizer": ["max", "median"], "channel_mode": list(CHANNEL_MODES), "adversarial_model": ["original"],
                "synth_model": ["compact"], "unlearn_scope": list(UNLEARN_SCOPES), "patch_unlearn": list(PATCH_UNLEARN),
                "kd_gate": list(KD_GATES), "perturbation_scope": list(PERTURBATION_SCOPES), "bn_match_scope": list(BN_MATCH_SCOPES), "device": ["cpu"],
-               "resynthesize_suspected_target": ["recognized"], "compact.rank_strategy": ["energy"]}
+               "resynthesize_suspected_target": ["recognized"], "compact.rank_strategy": ["energy"],
+               "finetune.unlearn_target": list(UNLEARN_TARGETS)}
     if path in choices:
         return [c for c in choices[path] if c != value]
     if isinstance(value, bool):
