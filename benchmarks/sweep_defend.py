@@ -98,6 +98,7 @@ BASES["general_candidate"] = ({}, {})
 BASES["targeted_removal"] = ({}, {})
 BASES["short_training"] = ({}, {})
 BASES["short_training_residual"] = ({}, {})
+BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -526,11 +527,21 @@ GRIDS = {
         ("CLP's clean also where a probe's trigger fired", {"clp_with_trigger": True}),
         ("the probe's trigger unlearned always", {"patch_unlearn": "always"}))],
     # ...where the stamp, after its channels are zeroed, no longer flips the sure synthetic images:
-    # unlearned towards the teacher's output on the image without it, or more channels zeroed.
+    # unlearned towards the teacher's output on the image without it, or more channels zeroed; or
+    # no probe, and the universal inverted perturbation unlearned though it looks all-to-one.
     "short_training_residual": [
         ("the probe's trigger unlearned always, towards the clean image's output", 2.0, {"patch_unlearn": "always"},
          {"unlearn_target": "clean_output"}),
-        ("trigger channel clean at z > 2", 2.0, {"trigger_channel_u": 2.0}, {})],
+        ("trigger channel clean at z > 2", 2.0, {"trigger_channel_u": 2.0}, {}),
+        ("probes off, the universal inverted perturbation unlearned whatever its kind", 2.0,
+         NO_PROBES | {"unlearn_scope": "any"}, {})],
+    # The two that helped above, milder and together.
+    "short_training_combined": [
+        ("trigger channel clean at z > 2.5", 2.0, {"trigger_channel_u": 2.5}, {}),
+        ("trigger channel clean at z > 2.5, the probe's trigger unlearned always, towards the clean image's output",
+         2.0, {"trigger_channel_u": 2.5, "patch_unlearn": "always"}, {"unlearn_target": "clean_output"}),
+        ("trigger channel clean at z > 2, the probe's trigger unlearned always, towards the clean image's output",
+         2.0, {"trigger_channel_u": 2.0, "patch_unlearn": "always"}, {"unlearn_target": "clean_output"})],
     "general_candidate": [(label, ratio, overrides, {}) for label, ratio, overrides in (
         ("cpu preset", 2.0, {}),
         ("perturbation_scope any, no class left out", 2.0, GENERAL_CANDIDATE),
