@@ -468,6 +468,10 @@ def render() -> Path:
           *_acc_asr_table(done, TABLES["table2"], t2), "",
           "Targets (issue 6; the paper's level):",
           *_target_lines(done, 2.0, 1.5, 0.05), *_target_lines(done, 4.0, 3.0, 0.05), "",
+          "## Backdoors the preset was not tuned on\n",
+          "The rows above are the tuning zoo. The unseen zoo (docs/PROTOCOL.md: other attack families and targets, "
+          "scored on the test set's reporting half, one section per commit of the defense) is rendered by "
+          "`python -m benchmarks.unseen_zoo render` into [results/unseen_zoo.md](results/unseen_zoo.md).\n",
           "## Tables 4/5 shape: GTSRB and other architectures (BadNet / Input-Aware), ACC / ASR in %\n",
           *_acc_asr_table(done, TABLES["table4"] + TABLES["table5"], small), "",
           "## Width: the zoo's WaNet recipe at twice the width, ACC / ASR in %\n",
