@@ -164,7 +164,7 @@ def _demo_model(data_dir: str | None) -> Path:
     from tasks.tracking import cc_home
 
     if (SHIPPED_DEMO_MODEL / "model.safetensors").exists():
-        print(f"[demo] the suspect: the shipped demo model {SHIPPED_DEMO_MODEL} ({_demo_attack(SHIPPED_DEMO_MODEL)})")
+        print(f"[demo] the suspect: the shipped demo model {SHIPPED_DEMO_MODEL}")
         return SHIPPED_DEMO_MODEL
     r = DEMO_RECIPE
     out = cc_home() / "demo" / f"cifar10-resnet18-w0.25-badnet-t{r['target']}-{r['epochs']}ep-s{r['seed']}"
@@ -185,9 +185,11 @@ def _demo_model(data_dir: str | None) -> Path:
 
 
 def _demo_attack(model_dir: Path) -> str:
-    """'BadNet, target class N' for the demo model in ``model_dir``, from its attack.json."""
-    attack = json.loads((model_dir / "attack.json").read_text())
-    return f"{attack['name']}, target class {attack['target']}"
+    """'badnet, target class N' (or 'badnet-a2a, all-to-all') for the demo model in ``model_dir``."""
+    from cc_core.attacks import load_attack
+
+    attack = load_attack(model_dir)
+    return f"{attack.label}, all-to-all" if attack.all_to_all else f"{attack.label}, target class {attack.target}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -200,9 +202,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ensure_dataset("cifar10", "test", args.data_dir)  # downloaded into the cache where missing
     model_dir = _demo_model(args.data_dir)
+    about = _demo_attack(model_dir)
+    print(f"[demo] its backdoor: {about}")
     uri = default_tracking_uri()
     version = register_suspect(uri, DEMO_MODEL, model_dir / "model.safetensors", model_dir,
-                               description=f"backdoored demo model ({_demo_attack(model_dir)})")
+                               description=f"backdoored demo model ({about})")
     source = f"models:/{DEMO_MODEL}/{version}"
     print(f"[demo] registered the suspect as {source} in {uri}")
     from flows.clean_compact import clean_compact_flow
