@@ -82,12 +82,12 @@ PRESET_BEFORE_SMOOTH = {"synth": {"bn_weight": 1.0, "tv_weight": 1e-4}, "scan_sy
 BASES = {grid: (PRESET_BEFORE_SMOOTH | base, ft) for grid, (base, ft) in BASES.items()}
 # ...and before the preset probed for a warp, zeroed a firing trigger's channels without CLP's and
 # matched the BatchNorm statistics after one fired (grid preset_warp_probe_trigger_clean_only_bn_match_scoped's
-# setting, the preset since 2026-12-06): a row that wants any of these sets it.
+# setting, the preset from then on): a row that wants any of these sets it.
 PRESET_BEFORE_TRIGGER_CHANNELS = {"warp_probe": None, "clp_with_trigger": True, "bn_match_scope": "always"}
 BASES = {grid: (PRESET_BEFORE_TRIGGER_CHANNELS | base, ft) for grid, (base, ft) in BASES.items()}
 # ...and with the 1024 synthetic images the preset made until grid preset_synthesis_512 halved them.
 BASES = {grid: (base | {"synth": {"n_samples": 1024} | base.get("synth", {})}, ft) for grid, (base, ft) in BASES.items()}
-BASES["preset_synthesis_512"] = ({}, {})  # the preset since 2026-12-06
+BASES["preset_synthesis_512"] = ({}, {})  # the preset from here on
 BASES["universal_unlearn"] = ({}, {})
 BASES["universal_unlearn_4x"] = ({}, {})
 BASES["universal_mild"] = ({}, {})
@@ -98,6 +98,7 @@ BASES["general_candidate"] = ({}, {})
 BASES["targeted_removal"] = ({}, {})
 BASES["short_training"] = ({}, {})
 BASES["short_training_residual"] = ({}, {})
+BASES["unlearn_perturbation"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -468,8 +469,8 @@ GRIDS = {
         "synthetic images when a probe's trigger fired", ratio,
         {"warp_probe": {}, "clp_with_trigger": False, "bn_match_samples": 512, "bn_match_scope": "trigger"}, {})
         for ratio in (2.0, 4.0)],
-    # With 1024 synthetic images the preset of 2026-12-06 took 10.6-11.9 min a defense with the CLI's export
-    # on an fp32 EPYC (Zen 3), 400-409 s of it synthesis: half the images, at the same 200 iterations.
+    # Half the synthetic images at the same 200 iterations: synthesis was most of a defense's time
+    # (docs/MEASUREMENTS.md has the timings).
     "preset_synthesis_512": [("cpu preset, 512 synthetic images x 200 iterations", ratio, {"synth": {"n_samples": 512}}, {})
                              for ratio in (2.0, 4.0)],
     # A removal step that needs no probe to fire: the fine-tune unlearns a universal perturbation found
@@ -535,6 +536,12 @@ GRIDS = {
         ("trigger channel clean at z > 2", 2.0, {"trigger_channel_u": 2.0}, {}),
         ("probes off, the universal inverted perturbation unlearned whatever its kind", 2.0,
          NO_PROBES | {"unlearn_scope": "any"}, {})],
+    # Where no probe fires (probes off) and the universal or targeted inverted perturbation does: that
+    # perturbation unlearned in the fine-tune as well as its channels zeroed, whatever its kind (today
+    # only an all-to-all one is unlearned), against the preset.
+    "unlearn_perturbation": [(label, 2.0, NO_PROBES | overrides, {}) for label, overrides in (
+        ("probes off, cpu preset", {}),
+        ("probes off, the firing perturbation unlearned whatever its kind", {"unlearn_scope": "any"}))],
     # The two that helped above, milder and together.
     "short_training_combined": [
         ("trigger channel clean at z > 2.5", 2.0, {"trigger_channel_u": 2.5}, {}),
