@@ -99,6 +99,7 @@ BASES["targeted_removal"] = ({}, {})
 BASES["short_training"] = ({}, {})
 BASES["short_training_residual"] = ({}, {})
 BASES["unlearn_perturbation"] = ({}, {})
+BASES["until_quiet"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -542,6 +543,13 @@ GRIDS = {
     "unlearn_perturbation": [(label, 2.0, NO_PROBES | overrides, {}) for label, overrides in (
         ("probes off, cpu preset", {}),
         ("probes off, the firing perturbation unlearned whatever its kind", {"unlearn_scope": "any"}))],
+    # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
+    # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
+    # perturbation) flips fewer than 10% / 2% of the synthetic images.
+    "until_quiet": [(label, 2.0, probes | {"trigger_channel_floor": 2.0, "trigger_channel_quiet": quiet}, {})
+                    for probes_label, probes in (("", {}), ("probes off, ", NO_PROBES))
+                    for quiet in (0.1, 0.02)
+                    for label in [f"{probes_label}trigger channel clean down to z > 2 until it flips < {quiet:.0%}"]],
     # The two that helped above, milder and together.
     "short_training_combined": [
         ("trigger channel clean at z > 2.5", 2.0, {"trigger_channel_u": 2.5}, {}),

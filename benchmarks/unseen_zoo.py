@@ -1,7 +1,7 @@
 """The unseen zoo: backdoored and clean models the defense is never tuned on (docs/PROTOCOL.md).
 
   python -m benchmarks.unseen_zoo build [--models NAME ...]      train what is missing (one at a time)
-  python -m benchmarks.unseen_zoo run [--models ...] [--ratios 2 4] [--seeds 0 1 2]
+  python -m benchmarks.unseen_zoo run [--models ...] [--ratios 2 4] [--seeds 0 1 2] [--kinds scan cc]
   python -m benchmarks.unseen_zoo render
 
 Families the tuning zoo does not have (SIG, low frequency, BPP, a TrojanNN-shaped patch, Adap-Blend),
@@ -209,7 +209,8 @@ def defend_row(setting: Setting, model, attack, data, ratio: float, seed: int) -
             "config_digest": hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]}
 
 
-def run(settings: list[Setting], ratios: list[float], seeds: list[int]) -> None:
+def run(settings: list[Setting], ratios: list[float], seeds: list[int], kinds: tuple[str, ...] = ("scan", "cc")) -> None:
+    """Each row of ``kinds`` ("scan", "cc": the defense) not yet written at this commit, then render."""
     from cc_core.attacks import load_attack
     from cc_core.data import load_dataset
     from cc_core.io import load_model
@@ -223,8 +224,8 @@ def run(settings: list[Setting], ratios: list[float], seeds: list[int]) -> None:
         model = load_model(s.directory / "model.safetensors").eval()
         attack = load_attack(s.directory) if s.backdoored else None
         data = load_dataset(s.dataset, "report")
-        jobs = [("scan", seed, None) for seed in seeds]
-        jobs += [("cc", seed, ratio) for seed in seeds for ratio in ratios] if s.backdoored else []
+        jobs = [("scan", seed, None) for seed in seeds] if "scan" in kinds else []
+        jobs += [("cc", seed, ratio) for seed in seeds for ratio in ratios] if s.backdoored and "cc" in kinds else []
         for kind, seed, ratio in jobs:
             path = row_path(commit, s, kind, seed, ratio)
             if path.exists():
@@ -307,12 +308,15 @@ def main() -> None:
     p.add_argument("--models", nargs="+")
     p.add_argument("--ratios", nargs="+", type=float, default=[2.0, 4.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--kinds", nargs="+", choices=["scan", "cc"], default=["scan", "cc"],
+                   help="which rows: the scan's, the defense's (a change outside cc_core/scan.py and the probes "
+                        "leaves the scan's rows of an earlier commit standing)")
     sub.add_parser("render", help="rewrite the tables from the rows")
     args = parser.parse_args()
     if args.command == "build":
         build(selected(args.models))
     elif args.command == "run":
-        run(selected(args.models), args.ratios, args.seeds)
+        run(selected(args.models), args.ratios, args.seeds, tuple(args.kinds))
     else:
         render_models()
         render()

@@ -88,6 +88,12 @@ class DefendConfig:
     # When a probe's trigger fires on the synthetic images, zero the channels it excites (effect
     # z-score > u per layer; cc_core.trigger_clean). None: off. Needs synth_model="original".
     trigger_channel_u: float | None = None
+    # With a floor, the trigger channel clean (a probe's trigger or the perturbation) lowers its
+    # threshold from its u in steps of 0.5 down to this floor until the trigger flips fewer than
+    # trigger_channel_quiet of the synthetic images (cc_core.trigger_clean.prune_until_quiet).
+    # None: the fixed threshold u.
+    trigger_channel_floor: float | None = None
+    trigger_channel_quiet: float = 0.1
     # Whether CLP's channel clean also runs when a probe's trigger fires (False: that trigger's channels alone).
     clp_with_trigger: bool = True
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe
@@ -229,6 +235,13 @@ class DefendConfig:
             if self.synth_model != "original":
                 raise ConfigError("perturbation_channel_u needs synthetic images made before compaction "
                                   "(synth_model='original')")
+        if self.trigger_channel_floor is not None:
+            starts = [u for u in (self.trigger_channel_u, self.perturbation_channel_u) if u is not None]
+            if not starts or not 0 < self.trigger_channel_floor <= min(starts):
+                raise ConfigError("trigger_channel_floor must be > 0 and at most the trigger channel clean's u "
+                                  f"(trigger_channel_u / perturbation_channel_u set), got {self.trigger_channel_floor!r}")
+        if not 0 < self.trigger_channel_quiet <= 1:
+            raise ConfigError(f"trigger_channel_quiet must be in (0, 1], got {self.trigger_channel_quiet!r}")
         if self.trigger_channel_u is not None:
             if not self.trigger_channel_u > 0:
                 raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
@@ -814,10 +827,12 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
     on ``model`` (CLP's clean may have taken it out already); an all-to-all universal perturbation
     (channel_trigger's) at z > ``cfg.perturbation_channel_u``, whatever it flips there: inverted on
     the original, it can stop flipping the channel-cleaned model while the backdoor stays (the zoo's
-    all-to-all Blended model, perturbation_clean.md). The record: {"u", "kind" (the trigger's),
+    all-to-all Blended model, perturbation_clean.md). With ``cfg.trigger_channel_floor`` the threshold
+    is lowered from there until the trigger flips fewer than ``cfg.trigger_channel_quiet`` of those
+    images (prune_until_quiet; the record's "flip_rates" and "u" say where it stopped). The record: {"u", "kind" (the trigger's),
     "trigger_flip_rate" (on ``model``; None when no trigger or the clean is off),
     "trigger_flip_rate_after", "pruned", "n_pruned", "channels"}."""
-    from cc_core.trigger_clean import prune_trigger_channels
+    from cc_core.trigger_clean import prune_trigger_channels, prune_until_quiet
 
     perturbation = found is not None and found.get("kind") == "perturbation"
     u = cfg.perturbation_channel_u if perturbation else cfg.trigger_channel_u
@@ -829,7 +844,12 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
     info["trigger_flip_rate"] = trigger_flip_rate(model, x, found, found["n"])
     if info["trigger_flip_rate"] < RESIDUAL_FLIP and not perturbation:
         return model, info
-    pruned, channels = prune_trigger_channels(model, x, apply_found_trigger(x, found, model.cc_spec), u)
+    x_triggered = apply_found_trigger(x, found, model.cc_spec)
+    if cfg.trigger_channel_floor is None:
+        pruned, channels = prune_trigger_channels(model, x, x_triggered, u)
+    else:
+        pruned, channels = prune_until_quiet(model, x, x_triggered, lambda m: trigger_flip_rate(m, x, found, found["n"]),
+                                             u, cfg.trigger_channel_floor, cfg.trigger_channel_quiet)
     return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}
 
 

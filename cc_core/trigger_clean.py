@@ -19,6 +19,7 @@ is the demo and the bench rows.)
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -72,12 +73,46 @@ def prune_trigger_channels(model: nn.Module, x: torch.Tensor, x_triggered: torch
     {"u", "pruned": {conv: n}, "n_pruned", "channels": [{"layer", "channel", "z"}] (the zeroed ones)}."""
     if not u > 0:
         raise ConfigError(f"trigger channel u must be > 0, got {u}")
+    return zero_above(model, trigger_channel_scores(model, x, x_triggered), u)
+
+
+def zero_above(model: nn.Module, scores: list[tuple[float, str, int]], u: float) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with the channels of ``scores`` (trigger_channel_scores') above ``u`` zeroed,
+    and prune_trigger_channels' record."""
     model = copy.deepcopy(model).eval()
     pairs = conv_bn_pairs(model)
-    channels = [{"layer": name, "channel": k, "z": z} for z, name, k in trigger_channel_scores(model, x, x_triggered)
-                if z > u]
+    channels = [{"layer": name, "channel": k, "z": z} for z, name, k in scores if z > u]
     pruned: dict[str, int] = {}
     for c in channels:
         zero_channel(model, pairs, c["layer"], c["channel"])
         pruned[c["layer"]] = pruned.get(c["layer"], 0) + 1
     return model, {"u": u, "pruned": pruned, "n_pruned": len(channels), "channels": channels}
+
+
+def thresholds(u: float, floor: float, step: float = 0.5) -> list[float]:
+    """u, u - step, ... down to ``floor`` (included when it is not on the grid): the z thresholds
+    prune_until_quiet tries, highest (fewest channels) first."""
+    if not 0 < floor <= u or not step > 0:
+        raise ConfigError(f"the trigger channel clean needs 0 < floor <= u and step > 0, got floor {floor}, u {u}")
+    levels, level = [], u
+    while level > floor + 1e-9:
+        levels.append(round(level, 6))
+        level -= step
+    return levels + [floor]
+
+
+def prune_until_quiet(model: nn.Module, x: torch.Tensor, x_triggered: torch.Tensor, flip_rate: Callable[[nn.Module], float],
+                      u: float, floor: float, quiet: float, step: float = 0.5) -> tuple[nn.Module, dict]:
+    """prune_trigger_channels at the highest threshold of thresholds(u, floor, step) after which the
+    trigger flips fewer than ``quiet`` of the images (``flip_rate``: the fraction a model's class
+    changes on, for the triggered images); at ``floor`` when none does. A fixed threshold leaves a
+    trigger firing where its effect is spread over more channels than the threshold takes. The
+    record adds "flip_rates": [[threshold, flip rate], ...] in the order tried."""
+    scores = trigger_channel_scores(model, x, x_triggered)
+    tried = []
+    for level in thresholds(u, floor, step):
+        pruned, info = zero_above(model, scores, level)
+        tried.append([level, flip_rate(pruned)])
+        if tried[-1][1] < quiet:
+            break
+    return pruned, info | {"flip_rates": tried}

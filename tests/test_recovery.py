@@ -723,7 +723,7 @@ def _candidates(path: str, value) -> list:
         return [value + 1, value * 2, 1]
     if isinstance(value, float):
         return [value * 2 if value else 0.5, value / 2, 0.25]
-    return {"threads": [2], "tau": [3.0], "channel_u": [2.5], "trigger_channel_u": [2.5], "perturbation_channel_u": [3.5],
+    return {"threads": [2], "tau": [3.0], "channel_u": [2.5], "trigger_channel_u": [2.5], "perturbation_channel_u": [3.5], "trigger_channel_floor": [2.0],
             "bn_match_samples": [64], "distill_check": [True], "teacher_finetune": [{"lr": 0.0001}],
             "distill_finetune": [{"epochs": 3}], "competition_synth": [{"n_samples": 64}],
             "scan_synth": [{"tv_weight": 1.0}], "finetune.max_grad_norm": [5.0], "mask_probe": [{"area": 0.02}]}.get(path, [])
@@ -1405,6 +1405,38 @@ def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
     assert torch.equal(pruned.conv.weight[keep], model.conv.weight[keep]) and model.conv.weight[3].abs().sum() > 0
     with pytest.raises(ConfigError):
         prune_trigger_channels(model, x, x_triggered, u=0.0)
+
+
+def test_prune_until_quiet_lowers_the_threshold_only_until_the_trigger_stops_firing():
+    from cc_core.probes import stamp_delta
+    from cc_core.scan import add_pixel_delta
+    from cc_core.trigger_clean import prune_until_quiet, thresholds, trigger_channel_scores
+
+    assert thresholds(4.0, 2.0) == [4.0, 3.5, 3.0, 2.5, 2.0] and thresholds(3.0, 2.2) == [3.0, 2.5, 2.2]
+    assert thresholds(3.0, 3.0) == [3.0]
+    with pytest.raises(ConfigError):
+        thresholds(2.0, 3.0)
+    model = StampNet()
+    x = _dim_images(64)
+    x_triggered = add_pixel_delta(x, stamp_delta({"row": 10, "col": 20, "size": 3, "value": 1.0}, (3, 32, 32)),
+                                  model.cc_spec)
+    z = sorted(score for score, _, _ in trigger_channel_scores(model, x, x_triggered))[::-1]
+
+    def zeroed(m) -> int:
+        return int((m.conv.weight.flatten(1).abs().sum(1) == 0).sum())
+
+    # "fires" until three channels are gone (the stamp's channel stands out, the rest are near 0):
+    # the first threshold with three channels above it is taken
+    pruned, info = prune_until_quiet(model, x, x_triggered, lambda m: 1.0 if zeroed(m) < 3 else 0.0, 8.0, 0.1, 0.1)
+    levels = [level for level, _ in info["flip_rates"]]
+    chosen = next(level for level in thresholds(8.0, 0.1) if sum(v > level for v in z) >= 3)
+    assert z[0] > 3 > 1 > z[1] and chosen < 1 and levels[0] == 8.0
+    assert levels[-1] == info["u"] == chosen and info["flip_rates"][-1][1] == 0.0
+    assert all(rate == 1.0 for _, rate in info["flip_rates"][:-1]) and zeroed(pruned) == info["n_pruned"] >= 3
+    # never quiet: down to the floor
+    _, info = prune_until_quiet(model, x, x_triggered, lambda m: 1.0, 3.0, 2.0, 0.1)
+    assert [level for level, _ in info["flip_rates"]] == [3.0, 2.5, 2.0] and info["u"] == 2.0
+    assert info["n_pruned"] == sum(v > 2.0 for v in z)
 
 
 def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp_where_none_fires():
