@@ -88,17 +88,17 @@ class DefendConfig:
     # When a probe's trigger fires on the synthetic images, zero the channels it excites (effect
     # z-score > u per layer; cc_core.trigger_clean). None: off. Needs synth_model="original".
     trigger_channel_u: float | None = None
-    # With a floor, the trigger channel clean (a probe's trigger or the perturbation) lowers its
-    # threshold from its u in steps of 0.5 down to this floor until the trigger flips fewer than
-    # trigger_channel_quiet of the synthetic images (cc_core.trigger_clean.prune_until_quiet).
-    # None: the fixed threshold u.
-    trigger_channel_floor: float | None = None
-    trigger_channel_quiet: float = 0.1
     # Whether CLP's channel clean also runs when a probe's trigger fires (False: that trigger's channels alone).
     clp_with_trigger: bool = True
     # The same clean with the scan's universal inverted perturbation as the trigger, when no probe
     # fires and that perturbation maps each class to its own (all-to-all). None: off.
     perturbation_channel_u: float | None = None
+    # With a floor, that clean lowers its threshold from perturbation_channel_u in steps of 0.5 down
+    # to this floor until the perturbation flips fewer than perturbation_channel_quiet of the
+    # synthetic images (cc_core.trigger_clean.prune_until_quiet): its effect can be spread over more
+    # channels than a fixed threshold takes. None: the fixed threshold.
+    perturbation_channel_floor: float | None = None
+    perturbation_channel_quiet: float = 0.02
     # Which universal inverted perturbation counts as a trigger when no probe fires: only one that
     # sends each class to its own ("all-to-all"), or any that fires (flip_score >= FLIP_THRESHOLD,
     # "any": then it also names the trigger the distillation gate verifies the teacher against), or,
@@ -235,13 +235,12 @@ class DefendConfig:
             if self.synth_model != "original":
                 raise ConfigError("perturbation_channel_u needs synthetic images made before compaction "
                                   "(synth_model='original')")
-        if self.trigger_channel_floor is not None:
-            starts = [u for u in (self.trigger_channel_u, self.perturbation_channel_u) if u is not None]
-            if not starts or not 0 < self.trigger_channel_floor <= min(starts):
-                raise ConfigError("trigger_channel_floor must be > 0 and at most the trigger channel clean's u "
-                                  f"(trigger_channel_u / perturbation_channel_u set), got {self.trigger_channel_floor!r}")
-        if not 0 < self.trigger_channel_quiet <= 1:
-            raise ConfigError(f"trigger_channel_quiet must be in (0, 1], got {self.trigger_channel_quiet!r}")
+        if self.perturbation_channel_floor is not None and not (
+                self.perturbation_channel_u is not None and 0 < self.perturbation_channel_floor <= self.perturbation_channel_u):
+            raise ConfigError("perturbation_channel_floor needs perturbation_channel_u and must be in (0, "
+                              f"perturbation_channel_u], got {self.perturbation_channel_floor!r}")
+        if not 0 < self.perturbation_channel_quiet <= 1:
+            raise ConfigError(f"perturbation_channel_quiet must be in (0, 1], got {self.perturbation_channel_quiet!r}")
         if self.trigger_channel_u is not None:
             if not self.trigger_channel_u > 0:
                 raise ConfigError(f"trigger_channel_u must be > 0 (or None to turn it off), got {self.trigger_channel_u!r}")
@@ -827,9 +826,10 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
     on ``model`` (CLP's clean may have taken it out already); an all-to-all universal perturbation
     (channel_trigger's) at z > ``cfg.perturbation_channel_u``, whatever it flips there: inverted on
     the original, it can stop flipping the channel-cleaned model while the backdoor stays (the zoo's
-    all-to-all Blended model, perturbation_clean.md). With ``cfg.trigger_channel_floor`` the threshold
-    is lowered from there until the trigger flips fewer than ``cfg.trigger_channel_quiet`` of those
-    images (prune_until_quiet; the record's "flip_rates" and "u" say where it stopped). The record: {"u", "kind" (the trigger's),
+    all-to-all Blended model, perturbation_clean.md). With ``cfg.perturbation_channel_floor`` the
+    perturbation's threshold is lowered from there until it flips fewer than
+    ``cfg.perturbation_channel_quiet`` of those images (prune_until_quiet; the record's "flip_rates"
+    and "u" say where it stopped). The record: {"u", "kind" (the trigger's),
     "trigger_flip_rate" (on ``model``; None when no trigger or the clean is off),
     "trigger_flip_rate_after", "pruned", "n_pruned", "channels"}."""
     from cc_core.trigger_clean import prune_trigger_channels, prune_until_quiet
@@ -845,11 +845,11 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
     if info["trigger_flip_rate"] < RESIDUAL_FLIP and not perturbation:
         return model, info
     x_triggered = apply_found_trigger(x, found, model.cc_spec)
-    if cfg.trigger_channel_floor is None:
-        pruned, channels = prune_trigger_channels(model, x, x_triggered, u)
-    else:
+    if perturbation and cfg.perturbation_channel_floor is not None:
         pruned, channels = prune_until_quiet(model, x, x_triggered, lambda m: trigger_flip_rate(m, x, found, found["n"]),
-                                             u, cfg.trigger_channel_floor, cfg.trigger_channel_quiet)
+                                             u, cfg.perturbation_channel_floor, cfg.perturbation_channel_quiet)
+    else:
+        pruned, channels = prune_trigger_channels(model, x, x_triggered, u)
     return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}
 
 
