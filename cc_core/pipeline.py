@@ -235,10 +235,10 @@ class DefendConfig:
             if self.synth_model != "original":
                 raise ConfigError("perturbation_channel_u needs synthetic images made before compaction "
                                   "(synth_model='original')")
-        if self.perturbation_channel_floor is not None and not (
-                self.perturbation_channel_u is not None and 0 < self.perturbation_channel_floor <= self.perturbation_channel_u):
-            raise ConfigError("perturbation_channel_floor needs perturbation_channel_u and must be in (0, "
-                              f"perturbation_channel_u], got {self.perturbation_channel_floor!r}")
+        floor, start = self.perturbation_channel_floor, self.perturbation_channel_u
+        if floor is not None and not (floor > 0 and (start is None or floor <= start)):
+            raise ConfigError(f"perturbation_channel_floor must be in (0, perturbation_channel_u], got {floor!r} "
+                              f"(perturbation_channel_u {start!r}; null turns the floor off)")
         if not 0 < self.perturbation_channel_quiet <= 1:
             raise ConfigError(f"perturbation_channel_quiet must be in (0, 1], got {self.perturbation_channel_quiet!r}")
         if self.trigger_channel_u is not None:

@@ -1414,6 +1414,10 @@ def test_prune_until_quiet_lowers_the_threshold_only_until_the_trigger_stops_fir
 
     assert thresholds(4.0, 2.0) == [4.0, 3.5, 3.0, 2.5, 2.0] and thresholds(3.0, 2.2) == [3.0, 2.5, 2.2]
     assert thresholds(3.0, 3.0) == [3.0]
+    for bad in (5.0, 0.0):  # above the clean's start, or not a threshold
+        with pytest.raises(ConfigError):
+            resolve_config("cpu", perturbation_channel_floor=bad)
+    assert resolve_config("cpu", perturbation_channel_u=None).perturbation_channel_floor == 2.0  # moot, not refused
     with pytest.raises(ConfigError):
         thresholds(2.0, 3.0)
     model = StampNet()
