@@ -99,6 +99,9 @@ class DefendConfig:
     # channels than a fixed threshold takes. None: the fixed threshold.
     perturbation_channel_floor: float | None = None
     perturbation_channel_quiet: float = 0.02
+    # ...but never below a threshold after which some class keeps fewer than this fraction of its
+    # synthetic images (the channels a class needs are going).
+    perturbation_channel_keep: float = 0.9
     # Which universal inverted perturbation counts as a trigger when no probe fires: only one that
     # sends each class to its own ("all-to-all"), or any that fires (flip_score >= FLIP_THRESHOLD,
     # "any": then it also names the trigger the distillation gate verifies the teacher against), or,
@@ -239,6 +242,8 @@ class DefendConfig:
         if floor is not None and not (floor > 0 and (start is None or floor <= start)):
             raise ConfigError(f"perturbation_channel_floor must be in (0, perturbation_channel_u], got {floor!r} "
                               f"(perturbation_channel_u {start!r}; null turns the floor off)")
+        if not 0 <= self.perturbation_channel_keep <= 1:
+            raise ConfigError(f"perturbation_channel_keep must be in [0, 1] (0: no guard), got {self.perturbation_channel_keep!r}")
         if not 0 < self.perturbation_channel_quiet <= 1:
             raise ConfigError(f"perturbation_channel_quiet must be in (0, 1], got {self.perturbation_channel_quiet!r}")
         if self.trigger_channel_u is not None:
@@ -828,8 +833,9 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
     the original, it can stop flipping the channel-cleaned model while the backdoor stays (the zoo's
     all-to-all Blended model, perturbation_clean.md). With ``cfg.perturbation_channel_floor`` the
     perturbation's threshold is lowered from there until it flips fewer than
-    ``cfg.perturbation_channel_quiet`` of those images (prune_until_quiet; the record's "flip_rates"
-    and "u" say where it stopped). The record: {"u", "kind" (the trigger's),
+    ``cfg.perturbation_channel_quiet`` of those images, but not past a threshold that costs a class
+    more than ``cfg.perturbation_channel_keep`` allows (prune_until_quiet; the record's "flip_rates",
+    "stopped_by" and "u" say where it stopped). The record: {"u", "kind" (the trigger's),
     "trigger_flip_rate" (on ``model``; None when no trigger or the clean is off),
     "trigger_flip_rate_after", "pruned", "n_pruned", "channels"}."""
     from cc_core.trigger_clean import prune_trigger_channels, prune_until_quiet
@@ -847,7 +853,8 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
     x_triggered = apply_found_trigger(x, found, model.cc_spec)
     if perturbation and cfg.perturbation_channel_floor is not None:
         pruned, channels = prune_until_quiet(model, x, x_triggered, lambda m: trigger_flip_rate(m, x, found, found["n"]),
-                                             u, cfg.perturbation_channel_floor, cfg.perturbation_channel_quiet)
+                                             u, cfg.perturbation_channel_floor, cfg.perturbation_channel_quiet,
+                                             min_keep=cfg.perturbation_channel_keep)
     else:
         pruned, channels = prune_trigger_channels(model, x, x_triggered, u)
     return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}

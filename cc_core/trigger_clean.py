@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cc_core.adversarial import predictions
 from cc_core.baselines.clp import zero_channel
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.errors import ConfigError
@@ -102,17 +103,37 @@ def thresholds(u: float, floor: float, step: float = 0.5) -> list[float]:
 
 
 def prune_until_quiet(model: nn.Module, x: torch.Tensor, x_triggered: torch.Tensor, flip_rate: Callable[[nn.Module], float],
-                      u: float, floor: float, quiet: float, step: float = 0.5) -> tuple[nn.Module, dict]:
+                      u: float, floor: float, quiet: float, step: float = 0.5, min_keep: float = 0.0) -> tuple[nn.Module, dict]:
     """prune_trigger_channels at the highest threshold of thresholds(u, floor, step) after which the
     trigger flips fewer than ``quiet`` of the images (``flip_rate``: the fraction a model's class
     changes on, for the triggered images); at ``floor`` when none does. A fixed threshold leaves a
-    trigger firing where its effect is spread over more channels than the threshold takes. The
-    record adds "flip_rates": [[threshold, flip rate], ...] in the order tried."""
+    trigger firing where its effect is spread over more channels than the threshold takes. Below
+    ``u``, a threshold after which some class keeps fewer than ``min_keep`` of its images ``x``
+    (class_keep) is not taken: the one before it is (the channels a class needs are going). The
+    record adds "flip_rates": [[threshold, flip rate], ...] in the order tried and "stopped_by":
+    "quiet", "floor" or "keep"."""
     scores = trigger_channel_scores(model, x, x_triggered)
-    tried = []
+    before = predicted(model, x)
+    tried, kept = [], None
     for level in thresholds(u, floor, step):
         pruned, info = zero_above(model, scores, level)
+        if kept is not None and class_keep(before, predicted(pruned, x)) < min_keep:
+            return kept[0], kept[1] | {"flip_rates": tried, "stopped_by": "keep", "refused": level}
         tried.append([level, flip_rate(pruned)])
+        kept = pruned, info
         if tried[-1][1] < quiet:
-            break
-    return pruned, info | {"flip_rates": tried}
+            return pruned, info | {"flip_rates": tried, "stopped_by": "quiet"}
+    return pruned, info | {"flip_rates": tried, "stopped_by": "floor"}
+
+
+def class_keep(before: torch.Tensor, after: torch.Tensor) -> float:
+    """The smallest fraction, over the classes ``before`` (N,) gives, of that class's images that
+    ``after`` (N,) still gives it: 1 when a change of the model leaves every class's images where they were."""
+    return min(float((after[before == c] == c).float().mean()) for c in before.unique())
+
+
+
+@torch.no_grad()
+def predicted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s classes (N,) for ``x``, on the CPU."""
+    return predictions(model, x).cpu()

@@ -1407,7 +1407,7 @@ def test_trigger_clean_zeroes_the_channel_the_stamp_excites_and_nothing_else():
         prune_trigger_channels(model, x, x_triggered, u=0.0)
 
 
-def test_prune_until_quiet_lowers_the_threshold_only_until_the_trigger_stops_firing():
+def test_prune_until_quiet_lowers_the_threshold_only_until_the_trigger_stops_firing(monkeypatch):
     from cc_core.probes import stamp_delta
     from cc_core.scan import add_pixel_delta
     from cc_core.trigger_clean import prune_until_quiet, thresholds, trigger_channel_scores
@@ -1437,6 +1437,17 @@ def test_prune_until_quiet_lowers_the_threshold_only_until_the_trigger_stops_fir
     assert z[0] > 3 > 1 > z[1] and chosen < 1 and levels[0] == 8.0
     assert levels[-1] == info["u"] == chosen and info["flip_rates"][-1][1] == 0.0
     assert all(rate == 1.0 for _, rate in info["flip_rates"][:-1]) and zeroed(pruned) == info["n_pruned"] >= 3
+    # a class that loses its images stops the descent at the threshold before: here every image
+    # goes to class 0 once three channels are zeroed, and the trigger never stops firing
+    from cc_core import trigger_clean
+    assert trigger_clean.class_keep(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0])) == 0.5
+    assert trigger_clean.class_keep(torch.tensor([0, 1]), torch.tensor([0, 1])) == 1.0
+    classes = torch.arange(len(x)) % 2
+    monkeypatch.setattr(trigger_clean, "predicted", lambda m, images: classes * int(zeroed(m) < 3))
+    pruned, info = prune_until_quiet(model, x, x_triggered, lambda m: 1.0, 8.0, 0.1, 0.1, min_keep=0.9)
+    assert info["stopped_by"] == "keep" and info["n_pruned"] == zeroed(pruned) < 3 and info["refused"] == chosen
+    assert [level for level, _ in info["flip_rates"]][-1] == info["u"] > chosen
+    monkeypatch.undo()
     # never quiet: down to the floor
     _, info = prune_until_quiet(model, x, x_triggered, lambda m: 1.0, 3.0, 2.0, 0.1)
     assert [level for level, _ in info["flip_rates"]] == [3.0, 2.5, 2.0] and info["u"] == 2.0
