@@ -1,6 +1,6 @@
 """What each threshold of the perturbation's channel clean does, before compaction and fine-tune.
 
-  python -m benchmarks.channel_levels --model badnet --recipe cifar10-resnet18-6ep --seed 1
+  python -m benchmarks.experiments.channel_levels --model badnet --recipe cifar10-resnet18-6ep --seed 1
 
 With every probe off, the trigger the pipeline would clean by (probe_triggers' channel_trigger:
 the inverted perturbation) is found on the tuning-zoo model's shared synthetic images; then, for
@@ -8,7 +8,7 @@ each threshold z > 4 ... 2 of cc_core.trigger_clean, the model with those channe
 run): how often the perturbation still flips the synthetic images, how many of each class's
 synthetic images keep their class (the smallest share, class_keep), and real ACC / ASR and the
 largest loss of one class's accuracy on the test set's validation half. Writes
-results/channel_levels_<model>.{json,md}.
+results/channel_levels_<model>_<recipe>_seed<seed>.{json,md}.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def run(name: str, recipe_name: str, seed: int | None) -> dict:
                      "class_keep": class_keep(before, predicted(pruned, x)), "acc": m["acc"], "asr": m["asr"],
                      "worst_class_drop": max(drops), "worst_class": drops.index(max(drops))})
     flags = f" --recipe {recipe_name}" + ("" if seed is None else f" --seed {seed}")
-    return {"command": f"python -m benchmarks.channel_levels --model {name}{flags}", "machine": machine(),
+    return {"command": f"python -m benchmarks.experiments.channel_levels --model {name}{flags}", "machine": machine(),
             "trigger": {k: found[k] for k in ("kind", "flip_rate", "target_class_estimate")},
             "acc_before": base["acc"], "asr_before": base["asr"], "eval_split": "val", "rows": rows}
 
