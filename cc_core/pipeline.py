@@ -855,9 +855,11 @@ def trigger_clean(model: nn.Module, x: torch.Tensor | None, found: dict | None,
         pruned, channels = prune_until_quiet(model, x, x_triggered, lambda m: trigger_flip_rate(m, x, found, found["n"]),
                                              u, cfg.perturbation_channel_floor, cfg.perturbation_channel_quiet,
                                              min_keep=cfg.perturbation_channel_keep)
+        after = channels["flip_rates"][-1][1]  # measured on the model it returns
     else:
         pruned, channels = prune_trigger_channels(model, x, x_triggered, u)
-    return pruned, info | channels | {"trigger_flip_rate_after": trigger_flip_rate(pruned, x, found, found["n"])}
+        after = trigger_flip_rate(pruned, x, found, found["n"])
+    return pruned, info | channels | {"trigger_flip_rate_after": after}
 
 
 def channel_clean_text(info: dict) -> str:

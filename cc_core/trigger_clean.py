@@ -132,7 +132,6 @@ def class_keep(before: torch.Tensor, after: torch.Tensor) -> float:
     return min(float((after[before == c] == c).float().mean()) for c in before.unique())
 
 
-
 @torch.no_grad()
 def predicted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model``'s classes (N,) for ``x``, on the CPU."""
