@@ -543,6 +543,17 @@ GRIDS = {
     "unlearn_perturbation": [(label, 2.0, NO_PROBES | overrides, {}) for label, overrides in (
         ("probes off, cpu preset", {}),
         ("probes off, the firing perturbation unlearned whatever its kind", {"unlearn_scope": "any"}))],
+    # A firing all-to-one perturbation unlearned only when it still flips RESIDUAL_FLIP of the synthetic
+    # images on the compacted model (the rule patch_unlearn "residual" applies to a probe's trigger),
+    # towards the synthetic label or the clean image's output; with the channel clean at the fixed
+    # z > 4 (where the short-trained BadNet's perturbation survives it) and as the preset descends.
+    "residual_unlearn": [(label, 2.0, NO_PROBES | overrides, ft) for label, overrides, ft in (
+        ("probes off, perturbation channel clean fixed at z > 4", {"perturbation_channel_floor": None}, {}),
+        ("probes off, fixed z > 4, a residual perturbation unlearned",
+         {"perturbation_channel_floor": None, "unlearn_scope": "residual"}, {}),
+        ("probes off, fixed z > 4, a residual perturbation unlearned towards the clean image's output",
+         {"perturbation_channel_floor": None, "unlearn_scope": "residual"}, {"unlearn_target": "clean_output"}),
+        ("probes off, cpu preset, a residual perturbation unlearned", {"unlearn_scope": "residual"}, {}))],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose

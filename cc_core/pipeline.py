@@ -39,7 +39,7 @@ from cc_core.scan import (ANOMALY_THRESHOLD, FLIP_THRESHOLD, InversionConfig, al
 from cc_core.synth import SynthConfig, balanced_labels, synthesize
 
 REPORT_FORMAT = "cleancompact.report/1"
-UNLEARN_SCOPES = ("all-to-all", "any")
+UNLEARN_SCOPES = ("all-to-all", "any", "residual")
 PERTURBATION_SCOPES = ("all-to-all", "any", "targeted")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
@@ -134,7 +134,8 @@ class DefendConfig:
     # The trigger inversions that name the suspected target (run when excluding it or unlearning).
     inversion: InversionConfig = InversionConfig()
     # Which inverted trigger the fine-tune unlearns (finetune.unlearn_weight > 0): only an
-    # all-to-all one, or any that fires.
+    # all-to-all one, any that fires, or an all-to-all one and any firing one that still flips
+    # RESIDUAL_FLIP of the synthetic images on the compacted model ("residual", patch_unlearn's rule).
     unlearn_scope: str = "all-to-all"
     # The probes (cc_core.probes; None: off): solid patches, smooth warps (run when no patch fires),
     # smooth blended patterns (run when neither fires), mask-and-pattern stamps of a few percent of
@@ -746,7 +747,8 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     the probes' firing trigger (``found``, a probe's report on ``original`` and ``x``)
     per ``cfg.patch_unlearn`` (its flip rate on ``compact``, the compacted model before the
     fine-tune, decides "residual"), else the universal inverted trigger when it fired within
-    ``cfg.unlearn_scope``. The suspected target class is left out only with
+    ``cfg.unlearn_scope`` (under "residual", an all-to-one one only when it still flips RESIDUAL_FLIP
+    of ``x`` on ``compact``: the summary's "perturbation_residual"). The suspected target class is left out only with
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all. Last, the
     trigger the distillation gate verifies the teacher against (gate_trigger). ``universal``: the
     universal inversion probe_triggers made on ``original`` and ``x`` (None: made here)."""
@@ -764,7 +766,11 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     spec = original.cc_spec
     universal = suspicion["trigger"] if all_to_all_suspected(flip) else None
     verify = suspicion["trigger"] if perturbation_fires(flip, cfg.perturbation_scope) else None
-    delta = suspicion["trigger"] if cfg.unlearn_scope == "any" else universal
+    delta, residual_record = suspicion["trigger"] if cfg.unlearn_scope == "any" else universal, None
+    if cfg.unlearn_scope == "residual" and universal is None and verify is not None:
+        residual = trigger_flip_rate(compact, x, perturbation_trigger(flip, verify, len(x)), len(x))
+        residual_record = {"flip_rate_compact": residual, "unlearned": residual >= RESIDUAL_FLIP}
+        delta = verify if residual_record["unlearned"] else None
     unlearn = (lambda images: add_pixel_delta(images, delta, spec)) if delta is not None else None
     fired = None
     if trigger_score(found):
@@ -778,6 +784,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     summary = exclusion_summary(target, inversion["concentration"] if inversion else None, excluded, flip,
                                 suspicion["all_to_all"], fired, suspicion)
     summary["targeted_inversion"] = targeted
+    summary["perturbation_residual"] = residual_record
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, verify, len(x))
 
 

@@ -1572,13 +1572,20 @@ def test_clean_output_unlearning_pulls_triggered_outputs_to_the_teachers_clean_o
         FinetuneConfig(unlearn_target="soft")
 
 
-@pytest.mark.parametrize("scope, concentration, unlearned", [
-    ("all-to-all", 0.02, True),   # the trigger spreads its flips: all-to-all, unlearned
-    ("all-to-all", 0.9, False),   # all-to-one: left to the target exclusion and the channel clean
-    ("any", 0.9, True),
+@pytest.mark.parametrize("scope, concentration, residual, unlearned", [
+    ("all-to-all", 0.02, None, True),   # the trigger spreads its flips: all-to-all, unlearned
+    ("all-to-all", 0.9, None, False),   # all-to-one: left to the target exclusion and the channel clean
+    ("any", 0.9, None, True),
+    ("residual", 0.02, None, True),     # all-to-all: unlearned whatever it flips after compaction
+    ("residual", 0.9, 0.5, True),       # all-to-one and it still fires on the compacted model
+    ("residual", 0.9, 0.05, False),     # the channel clean and the compaction quenched it
 ])
-def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_class_out_for_all_to_all(monkeypatch, scope, concentration, unlearned):
+def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_class_out_for_all_to_all(
+        monkeypatch, scope, concentration, residual, unlearned):
     import cc_core.pipeline as pipeline
+
+    if residual is not None:
+        monkeypatch.setattr(pipeline, "trigger_flip_rate", lambda *a: residual)
 
     delta = torch.zeros(1, 3, 32, 32)
     delta[..., :3, :3] = 0.5
@@ -1599,8 +1606,13 @@ def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_cla
     monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     cfg = _tiny_cfg().replace(unlearn_scope=scope, finetune={"unlearn_weight": 1.0})
+    if residual is not None:  # no probe's trigger to unlearn instead; the perturbation fires all-to-one
+        cfg = cfg.replace(perturbation_scope="any", patch_probe=None, warp_probe=None, blend_probe=None,
+                          trigger_channel_u=None)
     r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
     assert r["scan"]["all_to_all_suspected"] is (concentration < 0.5)
+    expected = None if residual is None else {"flip_rate_compact": residual, "unlearned": unlearned}
+    assert r["scan"]["perturbation_residual"] == expected
     a2a = concentration < 0.5  # an all-to-all trigger has no target: the class PGD named stays in
     assert r["scan"]["suspected_target"] == (None if a2a else 2)
     assert len(seen["x"]) == (12 if a2a else 9)
