@@ -100,6 +100,7 @@ BASES["short_training"] = ({}, {})
 BASES["short_training_residual"] = ({}, {})
 BASES["unlearn_perturbation"] = ({}, {})
 BASES["until_quiet"] = ({}, {})
+BASES["residual_unlearn"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
