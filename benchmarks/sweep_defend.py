@@ -803,6 +803,7 @@ def run(models: list[str], grid: str, recipe_name: str = DEFAULT_RECIPE, seed: i
                          "synthetic_excluded": r["scan"]["synthetic_excluded"],
                          "flip_rate": r["scan"]["flip_rate"], "all_to_all_suspected": r["scan"]["all_to_all_suspected"],
                          "targeted_inversion": r["scan"].get("targeted_inversion"),
+                         "perturbation_residual": r["scan"].get("perturbation_residual"),
                          "params_after": r["model"]["params_after"], "compression": r["model"]["compression"],
                          "trigger": r["scan"]["trigger"], "trigger_clean": r["channel_clean"].get("trigger"),
                          "distilled": distillation.get("distill"), "distillation_reason": distillation.get("reason"),

@@ -204,6 +204,7 @@ def defend_row(setting: Setting, model, attack, data, ratio: float, seed: int) -
             "suspected_target": report["scan"]["suspected_target"], "target_estimate": report["scan"].get("target_estimate"),
             "target_signals": report["scan"].get("target_signals"), "trigger": report["scan"]["trigger"],
             "targeted_inversion": report["scan"].get("targeted_inversion"),
+            "perturbation_residual": report["scan"].get("perturbation_residual"),
             "trigger_clean": {k: v for k, v in report["channel_clean"]["trigger"].items() if k != "channels"},
             "synthetic_excluded": report["scan"]["synthetic_excluded"],
             "compression": report["model"]["compression"], "timings_s": report["timings_s"] | {"synthesis_shared": synth_seconds},
