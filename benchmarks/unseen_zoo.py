@@ -30,7 +30,6 @@ import torch
 
 from benchmarks.common import RESULTS, machine, shared_synthetic
 from benchmarks.zoo import RECIPE, cache_dir, command, ensure_model, keep
-from cc_core.fileio import git_commit
 
 ROWS = RESULTS / "unseen_zoo"
 # The built models, committed so that every machine judges the same weights (fp16: 1.4 MB each).
@@ -157,12 +156,16 @@ def _pct(value: float | None) -> str:
 
 
 def code_commit() -> str:
-    """The commit the rows run at; refuses uncommitted changes to the defense's code."""
+    """The last commit that changed the defense's code (cc_core/, presets included): the rows of
+    one revision of the defense share it whatever was committed elsewhere since. Refuses
+    uncommitted changes there: a row names the code it ran."""
+    root = Path(__file__).resolve().parent.parent
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "cc_core"], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                           cwd=root).stdout.strip()
     if dirty:
         raise SystemExit(f"uncommitted changes under cc_core/; commit them first, a row names the code it ran:\n{dirty}")
-    return git_commit()[:12]
+    return subprocess.run(["git", "log", "-1", "--format=%h", "--", "cc_core"], capture_output=True, text=True,
+                          cwd=root, check=True).stdout.strip()
 
 
 def row_path(commit: str, setting: Setting, kind: str, seed: int, ratio: float | None = None) -> Path:

@@ -72,3 +72,18 @@ def test_run_refuses_uncommitted_changes_to_the_defense(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, " M cc_core/scan.py\n", ""))
     with pytest.raises(SystemExit, match="uncommitted changes under cc_core"):
         unseen_zoo.code_commit()
+
+
+def test_rows_are_named_by_the_last_commit_that_changed_the_defense(monkeypatch):
+    import subprocess
+
+    calls = []
+
+    def fake_run(args, **kwargs):
+        calls.append(args)
+        out = "" if args[:2] == ["git", "status"] else "fd5d8a0\n"
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert unseen_zoo.code_commit() == "fd5d8a0"
+    assert calls[-1][:2] == ["git", "log"] and calls[-1][-2:] == ["--", "cc_core"]
