@@ -101,6 +101,7 @@ BASES["short_training_residual"] = ({}, {})
 BASES["unlearn_perturbation"] = ({}, {})
 BASES["until_quiet"] = ({}, {})
 BASES["residual_unlearn"] = ({}, {})
+BASES["global_noise"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -555,6 +556,13 @@ GRIDS = {
         ("probes off, fixed z > 4, a residual perturbation unlearned towards the clean image's output",
          {"perturbation_channel_floor": None, "unlearn_scope": "residual"}, {"unlearn_target": "clean_output"}),
         ("probes off, cpu preset, a residual perturbation unlearned", {"unlearn_scope": "residual"}, {}))],
+    # The tuning zoo's global additive trigger (attack "noise", target 2): the preset, and a firing
+    # perturbation unlearned when it survives its channel clean (as residual_unlearn).
+    "global_noise": [(label, 2.0, overrides, ft) for label, overrides, ft in (
+        ("cpu preset", {}, {}),
+        ("a residual perturbation unlearned", {"unlearn_scope": "residual"}, {}),
+        ("a residual perturbation unlearned towards the clean image's output", {"unlearn_scope": "residual"},
+         {"unlearn_target": "clean_output"}))],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose

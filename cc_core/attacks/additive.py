@@ -6,6 +6,8 @@
 - Low frequency (Zeng et al., ICCV 2021, BackdoorBench's "lf"): a smooth pattern with no energy
   above a cut-off frequency. BackdoorBench low-passes a universal adversarial perturbation of a
   clean model; here the pattern is seeded noise, low-passed the same way.
+- Noise (the tuning zoo's global additive trigger; Chen et al. 2017 blend random noise in): a
+  seeded pattern of +-eps per pixel and channel, neither smooth nor local, so no probe expresses it.
 """
 from __future__ import annotations
 
@@ -38,6 +40,36 @@ def low_pass_pattern(size: int, seed: int, cutoff: float, eps: float) -> torch.T
     keep = (fy ** 2 + fx ** 2).sqrt() <= cutoff
     smooth = torch.fft.irfft2(torch.fft.rfft2(noise) * keep, s=(size, size))
     return eps * smooth / smooth.abs().max()
+
+
+def sign_noise(size: int, seed: int, eps: float) -> torch.Tensor:
+    """(3, size, size): +-eps per pixel and channel, each sign a seeded coin flip."""
+    g = torch.Generator().manual_seed(seed)
+    return eps * (2 * (torch.rand(3, size, size, generator=g) < 0.5).float() - 1)
+
+
+@register_attack
+@dataclass
+class Noise(Attack):
+    """x' = clamp(x + p), p a seeded +-eps pattern over the whole image."""
+
+    name = "noise"
+
+    @classmethod
+    def default_params(cls) -> dict:
+        return {"eps": 8 / 255}
+
+    def build(self) -> None:
+        self.pattern = sign_noise(self.image_size, self.seed + 5, self.params["eps"])
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pattern = tensors["pattern"]
 
 
 @register_attack
