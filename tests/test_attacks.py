@@ -214,10 +214,20 @@ def test_adaptive_blend_poisons_with_partial_tiles_and_tests_with_all(x):
     assert torch.equal(xp[3:], x[3:])
 
 
-@pytest.mark.parametrize("name", ["sig", "lowfreq", "bpp", "trojan", "adapblend"])
-def test_unseen_zoo_attacks_round_trip_through_their_spec(tmp_path, x, name):
+@pytest.mark.parametrize("name", ["sig", "lowfreq", "bpp", "trojan", "adapblend", "noise"])
+def test_seeded_attacks_round_trip_through_their_spec(tmp_path, x, name):
     attack = build_attack(name, 10, target=7, seed=3)
     attack.save(tmp_path)
     again = load_attack(tmp_path)
     assert type(again) is type(attack) and again.target == 7
     assert torch.allclose(again.apply_trigger(x), attack.apply_trigger(x))
+
+
+def test_noise_adds_a_seeded_sign_pattern_over_the_whole_image(x):
+    attack = build_attack("noise", 10, target=2, seed=1)
+    mid = torch.full_like(x, 0.5)  # no clamping at mid-grey
+    moved = attack.apply_trigger(mid) - mid
+    assert torch.allclose(moved.abs(), torch.full_like(moved, 8 / 255))
+    assert 0.4 < float((moved > 0).float().mean()) < 0.6  # both signs, about evenly
+    assert torch.equal(build_attack("noise", 10, seed=1).pattern, attack.pattern)
+    assert not torch.equal(build_attack("noise", 10, seed=2).pattern, attack.pattern)
