@@ -102,6 +102,7 @@ BASES["unlearn_perturbation"] = ({}, {})
 BASES["until_quiet"] = ({}, {})
 BASES["residual_unlearn"] = ({}, {})
 BASES["global_noise"] = ({}, {})
+BASES["global_noise_paths"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -563,6 +564,9 @@ GRIDS = {
         ("a residual perturbation unlearned", {"unlearn_scope": "residual"}, {}),
         ("a residual perturbation unlearned towards the clean image's output", {"unlearn_scope": "residual"},
          {"unlearn_target": "clean_output"}))],
+    # On the noise model the warp probe fires (a field pulls 44% into class 2) while the universal
+    # inverted perturbation flips 87%: the defense along the perturbation's path instead (probes off).
+    "global_noise_paths": [("probes off", 2.0, NO_PROBES, {})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose
