@@ -103,6 +103,7 @@ BASES["until_quiet"] = ({}, {})
 BASES["residual_unlearn"] = ({}, {})
 BASES["global_noise"] = ({}, {})
 BASES["global_noise_paths"] = ({}, {})
+BASES["global_noise_no_clp"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -567,6 +568,9 @@ GRIDS = {
     # On the noise model the warp probe fires (a field pulls 44% into class 2) while the universal
     # inverted perturbation flips 87%: the defense along the perturbation's path instead (probes off).
     "global_noise_paths": [("probes off", 2.0, NO_PROBES, {})],
+    # ...where CLP's 7 channels leave a teacher that agrees with the original on 37% of the synthetic
+    # images: the perturbation's path without CLP.
+    "global_noise_no_clp": [("probes off, no CLP", 2.0, NO_PROBES | {"channel_u": None}, {})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose
