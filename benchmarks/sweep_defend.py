@@ -104,6 +104,7 @@ BASES["residual_unlearn"] = ({}, {})
 BASES["global_noise"] = ({}, {})
 BASES["global_noise_paths"] = ({}, {})
 BASES["global_noise_no_clp"] = ({}, {})
+BASES["global_noise_diagnose"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -571,6 +572,12 @@ GRIDS = {
     # ...where CLP's 7 channels leave a teacher that agrees with the original on 37% of the synthetic
     # images: the perturbation's path without CLP.
     "global_noise_no_clp": [("probes off, no CLP", 2.0, NO_PROBES | {"channel_u": None}, {})],
+    # ...which zeroes 7 channels (87% -> 12%), verifies no teacher and loses classes 3 and 6 in the
+    # fine-tune: the model before any fine-tune, and distilled from the unverified teacher anyway.
+    "global_noise_diagnose": [
+        ("probes off, no CLP, no fine-tune", 2.0, NO_PROBES | {"channel_u": None}, {"epochs": 0}),
+        ("probes off, no CLP, distilled from the unverified teacher", 2.0,
+         NO_PROBES | {"channel_u": None, "kd_gate": "always"}, {})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose
