@@ -105,6 +105,7 @@ BASES["global_noise"] = ({}, {})
 BASES["global_noise_paths"] = ({}, {})
 BASES["global_noise_no_clp"] = ({}, {})
 BASES["global_noise_diagnose"] = ({}, {})
+BASES["strongest_evidence"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -578,6 +579,10 @@ GRIDS = {
         ("probes off, no CLP, no fine-tune", 2.0, NO_PROBES | {"channel_u": None}, {"epochs": 0}),
         ("probes off, no CLP, distilled from the unverified teacher", 2.0,
          NO_PROBES | {"channel_u": None, "kd_gate": "always"}, {})],
+    # The perturbation inverted also where a probe fires, and acted on instead of the probe's trigger
+    # when it fires and flips more of the synthetic images (perturbation_over_probe).
+    "strongest_evidence": [("the perturbation overrules a probe that flips fewer images", 2.0,
+                            {"perturbation_over_probe": True}, {})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose

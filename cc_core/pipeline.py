@@ -108,6 +108,10 @@ class DefendConfig:
     # where the untargeted one does not fire, also the targeted inversion into the class the
     # adversarial histogram flags ("targeted": untargeted_or_targeted).
     perturbation_scope: str = "all-to-all"
+    # Also invert the perturbation when a probe fires, and act on it instead of the probe's trigger
+    # when it fires (perturbation_scope) and flips more of the synthetic images: a probe can fire on
+    # a trigger that is not its kind (the tuning zoo's noise model: the warp probe, 44% against 87%).
+    perturbation_over_probe: bool = False
     compact: dict = field(default_factory=dict)  # extra clean_compact options (rank_strategy, ...)
     synth: SynthConfig = SynthConfig()
     pgd: PGDConfig = PGDConfig()
@@ -610,7 +614,9 @@ def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict
     inversion, {"flip": flip_report's report, "delta": its perturbation as nested lists (1, C, H, W,
     pixel units)}, made when none fires and ``cfg.perturbation_channel_u`` is set (else None),
     "channel_trigger": what the trigger channel clean cleans by (channel_trigger)} of ``model`` on
-    synthetic images ``x``; a probe that is off (``cfg``) gives None, and each runs only when none
+    synthetic images ``x``. Under ``cfg.perturbation_over_probe`` the universal inversion is made also
+    when a probe fires, and replaces the probe's trigger when it fires and flips more ("universal"'s
+    "overruled": that trigger's kind, flip rate and class; None when it was not replaced); a probe that is off (``cfg``) gives None, and each runs only when none
     before it fired (the stamp comes first, then the field, then the pattern, then the mask)."""
     patch = patch_probe(model, x, cfg.patch_probe) if cfg.patch_probe is not None else None
     run_warp = cfg.warp_probe is not None and not patch_score(patch)
@@ -621,9 +627,15 @@ def probe_triggers(model: nn.Module, x: torch.Tensor, cfg: DefendConfig) -> dict
     mask = mask_probe(model, x, cfg.mask_probe) if run_mask else None
     found = found_trigger(patch, warp, blend, mask)
     universal = None
-    if found is None and cfg.perturbation_channel_u is not None:
+    if cfg.perturbation_channel_u is not None and (found is None or cfg.perturbation_over_probe):
         flip, delta, targeted = untargeted_or_targeted(model, x, cfg)
-        universal = {"flip": flip, "delta": delta.detach().cpu().tolist(), "targeted": targeted}
+        universal = {"flip": flip, "delta": delta.detach().cpu().tolist(), "targeted": targeted, "overruled": None}
+        if found is not None and perturbation_fires(flip, cfg.perturbation_scope) and flip["flip_rate"] > found["flip_rate"]:
+            universal["overruled"] = {"kind": found["kind"], "flip_rate": found["flip_rate"],
+                                      "target_class_estimate": found["target_class_estimate"]}
+            found = None
+        elif found is not None:
+            universal = None
     return {"patch": patch, "warp": warp, "blend": blend, "mask": mask, "trigger": found, "universal": universal,
             "channel_trigger": channel_trigger(found, universal, len(x), cfg.perturbation_scope)}
 
@@ -676,6 +688,11 @@ def probe_text(probed: dict) -> str:
         return (f"the {found['kind']} probe's trigger ({trigger_text(found)}) flips {found['flip_rate']:.0%} "
                 f"of the synthetic images (class {found['target_class_estimate']} most)")
     targeted = (probed["universal"] or {}).get("targeted")
+    overruled = (probed["universal"] or {}).get("overruled")
+    if (trigger := probed["channel_trigger"]) is not None and overruled:
+        return (f"the {overruled['kind']} probe's trigger flips {overruled['flip_rate']:.0%} of the synthetic images, "
+                f"the universal inverted perturbation {trigger['flip_rate']:.0%} (class "
+                f"{trigger['target_class_estimate']} most): the perturbation is taken as the trigger")
     if (trigger := probed["channel_trigger"]) is not None:
         where = ("each class to its own (all-to-all)" if all_to_all_suspected(trigger)
                  else f"class {trigger['target_class_estimate']} most")
@@ -752,6 +769,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all. Last, the
     trigger the distillation gate verifies the teacher against (gate_trigger). ``universal``: the
     universal inversion probe_triggers made on ``original`` and ``x`` (None: made here)."""
+    universal_record = universal
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         adversarial = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
         return adversarial, None, None, gate_trigger(found, None, None, len(x))
@@ -785,6 +803,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
                                 suspicion["all_to_all"], fired, suspicion)
     summary["targeted_inversion"] = targeted
     summary["perturbation_residual"] = residual_record
+    summary["probe_overruled"] = (universal_record or {}).get("overruled")
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, verify, len(x))
 
 

@@ -303,7 +303,8 @@ def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg
                                          "pull_fires": [BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY]}
                   | ({"perturbation_channel_u": cfg.perturbation_channel_u, "inversion": cfg.inversion.to_dict(),
                       "perturbation_scope": cfg.perturbation_scope, "pgd": cfg.pgd.to_dict()}
-                     if cfg.perturbation_channel_u else {}), compute)
+                     if cfg.perturbation_channel_u else {})
+                  | ({"perturbation_over_probe": True} if cfg.perturbation_over_probe else {}), compute)
     out.setdefault("mask", None)  # markers written before the mask probe have no such key
     for kind in ("patch", "warp", "blend", "mask"):
         if out[kind] is not None:

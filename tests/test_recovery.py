@@ -2119,3 +2119,25 @@ def test_mask_probe_finds_a_planted_sticker_and_its_class_and_nothing_on_a_clean
     assert info["kind"] == "mask" and info["trigger_flip_rate"] == pytest.approx(found["flip_rate"])
     with pytest.raises(ConfigError, match="mask probe area must be < 1"):
         resolve_config("cpu", mask_probe={"area": 1.0})
+
+
+@pytest.mark.parametrize("perturbation_rate, taken", [(0.87, True), (0.3, False)])
+def test_the_perturbation_overrules_a_probe_that_flips_fewer_images(monkeypatch, perturbation_rate, taken):
+    import cc_core.pipeline as pipeline
+
+    warp = {"kind": "warp", "flip_rate": 0.44, "target_class_estimate": 2, "n": 8, "concentration": 0.4,
+            "mapping_consistency": 0.8}
+    flip = {"flip_rate": perturbation_rate, "concentration": 0.9, "mapping_consistency": 0.9, "target_class_estimate": 2}
+    monkeypatch.setattr(pipeline, "found_trigger", lambda *a: warp)
+    monkeypatch.setattr(pipeline, "untargeted_or_targeted", lambda *a: (flip, torch.zeros(1, 3, 32, 32), None))
+    cfg = _tiny_cfg().replace(patch_probe=None, warp_probe=None, blend_probe=None, trigger_channel_u=None,
+                              perturbation_channel_u=4.0, perturbation_scope="any", perturbation_over_probe=True)
+    probed = pipeline.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg)
+    if taken:
+        assert probed["trigger"] is None and probed["channel_trigger"]["kind"] == "perturbation"
+        assert probed["universal"]["overruled"] == {"kind": "warp", "flip_rate": 0.44, "target_class_estimate": 2}
+        assert "the perturbation is taken as the trigger" in pipeline.probe_text(probed)
+    else:  # a perturbation that does not fire leaves the probe's trigger in place
+        assert probed["trigger"] is warp and probed["universal"] is None and probed["channel_trigger"] is warp
+    off = pipeline.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg.replace(perturbation_over_probe=False))
+    assert off["trigger"] is warp and off["universal"] is None
