@@ -48,9 +48,23 @@ def sign_noise(size: int, seed: int, eps: float) -> torch.Tensor:
     return eps * (2 * (torch.rand(3, size, size, generator=g) < 0.5).float() - 1)
 
 
+@dataclass
+class SeededPattern(Attack):
+    """x' = clamp(x + pattern), a seeded pattern that build() makes and the spec stores."""
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pattern = tensors["pattern"]
+
+
 @register_attack
 @dataclass
-class Noise(Attack):
+class Noise(SeededPattern):
     """x' = clamp(x + p), p a seeded +-eps pattern over the whole image."""
 
     name = "noise"
@@ -61,15 +75,6 @@ class Noise(Attack):
 
     def build(self) -> None:
         self.pattern = sign_noise(self.image_size, self.seed + 5, self.params["eps"])
-
-    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return add_pattern(x, self.pattern)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"pattern": self.pattern}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pattern = tensors["pattern"]
 
 
 @register_attack
@@ -92,7 +97,7 @@ class SIG(Attack):
 
 @register_attack
 @dataclass
-class LowFrequency(Attack):
+class LowFrequency(SeededPattern):
     """x' = clamp(x + p), p a seeded pattern low-passed at ``cutoff`` cycles/pixel, |p| <= eps."""
 
     name = "lowfreq"
@@ -103,12 +108,3 @@ class LowFrequency(Attack):
 
     def build(self) -> None:
         self.pattern = low_pass_pattern(self.image_size, self.seed + 3, self.params["cutoff"], self.params["eps"])
-
-    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return add_pattern(x, self.pattern)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"pattern": self.pattern}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pattern = tensors["pattern"]
