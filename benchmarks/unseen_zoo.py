@@ -120,7 +120,6 @@ def build(settings: list[Setting]) -> None:
 def render_models() -> None:
     stem = RESULTS / "unseen_zoo_models"
     earlier = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
-    trained_on = {r["name"]: r.get("machine", earlier.get("machine")) for r in earlier.get("models", [])}
     rows = []
     for s in SETTINGS:
         metrics_file = MODELS / s.name / "metrics.json"
@@ -131,7 +130,8 @@ def render_models() -> None:
         same = next((r for r in earlier.get("models", []) if r["name"] == s.name and r["sha256"] == sha256), None)
         rows.append({"name": s.name, "setting": dataclasses.asdict(s), "acc": m["acc"], "asr": m["asr"], "ra": m["ra"],
                      "per_class_acc": m["per_class_acc"], "train_seconds": m["train_seconds"], "sha256": sha256,
-                     "command": " ".join(s.command()), "machine": trained_on[s.name] if same else machine()})
+                     "command": " ".join(s.command()),
+                     "machine": same.get("machine", earlier.get("machine")) if same else machine()})
     result = {"recipe": RECIPE, "models": rows}
     md = ["# The unseen zoo's models\n",
           "Trained with `python -m benchmarks.unseen_zoo build` on the machine each row names (2 cores, torch "

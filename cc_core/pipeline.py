@@ -769,7 +769,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
     ``cfg.exclude_suspected_target``, and never when the trigger looks all-to-all. Last, the
     trigger the distillation gate verifies the teacher against (gate_trigger). ``universal``: the
     universal inversion probe_triggers made on ``original`` and ``x`` (None: made here)."""
-    universal_record = universal
+    overruled = (universal or {}).get("overruled")
     if not (cfg.exclude_suspected_target or cfg.finetune.unlearn_weight):
         adversarial = histogram_report(original, x, y, cfg.pgd) if cfg.scan_before else None
         return adversarial, None, None, gate_trigger(found, None, None, len(x))
@@ -803,7 +803,7 @@ def scan_and_suspect(original: nn.Module, compact: nn.Module, x: torch.Tensor, y
                                 suspicion["all_to_all"], fired, suspicion)
     summary["targeted_inversion"] = targeted
     summary["perturbation_residual"] = residual_record
-    summary["probe_overruled"] = (universal_record or {}).get("overruled")
+    summary["probe_overruled"] = overruled
     return suspicion["adversarial"], summary, unlearn, gate_trigger(found, flip, verify, len(x))
 
 

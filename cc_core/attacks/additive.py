@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cc_core.attacks.base import Attack, fit_pattern, register_attack
+from cc_core.attacks.base import Attack, PatternAttack, fit_pattern, register_attack
 
 
 def add_pattern(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -48,23 +48,9 @@ def sign_noise(size: int, seed: int, eps: float) -> torch.Tensor:
     return eps * (2 * (torch.rand(3, size, size, generator=g) < 0.5).float() - 1)
 
 
-@dataclass
-class SeededPattern(Attack):
-    """x' = clamp(x + pattern), a seeded pattern that build() makes and the spec stores."""
-
-    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return add_pattern(x, self.pattern)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"pattern": self.pattern}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pattern = tensors["pattern"]
-
-
 @register_attack
 @dataclass
-class Noise(SeededPattern):
+class Noise(PatternAttack):
     """x' = clamp(x + p), p a seeded +-eps pattern over the whole image."""
 
     name = "noise"
@@ -75,6 +61,9 @@ class Noise(SeededPattern):
 
     def build(self) -> None:
         self.pattern = sign_noise(self.image_size, self.seed + 5, self.params["eps"])
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)
 
 
 @register_attack
@@ -97,7 +86,7 @@ class SIG(Attack):
 
 @register_attack
 @dataclass
-class LowFrequency(SeededPattern):
+class LowFrequency(PatternAttack):
     """x' = clamp(x + p), p a seeded pattern low-passed at ``cutoff`` cycles/pixel, |p| <= eps."""
 
     name = "lowfreq"
@@ -108,3 +97,6 @@ class LowFrequency(SeededPattern):
 
     def build(self) -> None:
         self.pattern = low_pass_pattern(self.image_size, self.seed + 3, self.params["cutoff"], self.params["eps"])
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)

@@ -169,6 +169,18 @@ def fit_pattern(pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 ATTACKS: dict[str, type[Attack]] = {}
 
 
+@dataclass
+class PatternAttack(Attack):
+    """An attack whose trigger is one seeded ``pattern`` tensor that :meth:`build` makes and the
+    spec stores (so a saved attack applies the very pattern it was trained with)."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pattern = tensors["pattern"]
+
+
 def register_attack(cls: type[Attack]) -> type[Attack]:
     ATTACKS[cls.name] = cls
     return cls

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cc_core.attacks.base import Attack, fit_pattern, register_attack
+from cc_core.attacks.base import Attack, PatternAttack, fit_pattern, register_attack
 from cc_core.errors import ConfigError
 
 
@@ -59,7 +59,7 @@ def natural_pattern(size: int, seed: int, exponent: float = 2.0) -> torch.Tensor
 
 @register_attack
 @dataclass
-class Blended(Attack):
+class Blended(PatternAttack):
     """x' = (1 - alpha) x + alpha * pattern, with a fixed seeded natural-looking ``pattern``."""
 
     name = "blended"
@@ -74,12 +74,6 @@ class Blended(Attack):
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.params["alpha"]
         return (1 - alpha) * x + alpha * fit_pattern(self.pattern, x)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"pattern": self.pattern}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pattern = tensors["pattern"]
 
 
 @register_attack
@@ -121,7 +115,7 @@ class TrojanPatch(Attack):
 
 @register_attack
 @dataclass
-class AdaptiveBlend(Attack):
+class AdaptiveBlend(PatternAttack):
     """Adap-Blend (Qi et al., ICLR 2023): a blend pattern cut into ``pieces`` x ``pieces`` tiles.
     Poisoned training samples get a random ``payload_keep`` of the tiles at ``train_alpha``;
     cross ("conservatism") samples get a random ``cross_keep`` of them and keep their label; the
@@ -165,9 +159,3 @@ class AdaptiveBlend(Attack):
         if cross.any():
             x[cross] = self.apply_cross(x[cross], generator)
         return x, y
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"pattern": self.pattern}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pattern = tensors["pattern"]
