@@ -352,6 +352,8 @@ def _distillation_text(record: dict | None) -> str:
     if check and not check["kept"]:
         return f"no: the distillation check kept the undistilled student ({flips})"
     checked = f"; the check kept it ({flips})" if check else ""
+    if record.get("self_anchored"):
+        return f"yes, from the student's own start ({record['reason']})"
     if record.get("teacher_finetune"):
         return "yes, from the teacher fine-tuned first" + (f" ({record['reason']})" if record["reason"] else "") + checked
     if record["reason"]:

@@ -106,6 +106,8 @@ BASES["global_noise_paths"] = ({}, {})
 BASES["global_noise_no_clp"] = ({}, {})
 BASES["global_noise_diagnose"] = ({}, {})
 BASES["strongest_evidence"] = ({}, {})
+BASES["self_anchor"] = ({}, {})
+BASES["self_anchor_start"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
@@ -583,6 +585,13 @@ GRIDS = {
     # when it fires and flips more of the synthetic images (perturbation_over_probe).
     "strongest_evidence": [("the perturbation overrules a probe that flips fewer images", 2.0,
                             {"perturbation_over_probe": True}, {})],
+    # Where the gate verifies no teacher the fine-tune has only the synthetic labels, and on the noise
+    # model that costs classes 3 and 6 half their accuracy while the model before it lost 0.5 points
+    # (global_noise_diagnose): the preset, and the student distilling from its own start (self_anchor).
+    "self_anchor": [("cpu preset", 2.0, {}, {}),
+                    ("the student distills from itself where no teacher is verified", 2.0, {"self_anchor": True}, {})],
+    # ...which keeps 6.2 points less than the preset and 34% ASR: the model the fine-tune starts from.
+    "self_anchor_start": [("cpu preset, no fine-tune", 2.0, {}, {"epochs": 0})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose

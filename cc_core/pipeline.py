@@ -159,6 +159,10 @@ class DefendConfig:
     # Fine-tune overrides for an unverified teacher, fine-tuned before it is distilled from ({}: the
     # student's recipe); None: not used under "verified".
     teacher_finetune: dict | None = None
+    # Where "verified" verifies no teacher (and none is fine-tuned): distill from the student itself
+    # as it starts the fine-tune (gated_teacher), so that the fine-tune's other terms pull it no
+    # further from its starting outputs on clean synthetic images than they must; False: no distillation.
+    self_anchor: bool = False
     # Fine-tune overrides for a student that distills (DISTILL_ALONE: from its teacher alone); None: as is.
     distill_finetune: dict | None = None
     # Keep a student distilled from an unverified teacher only when the universal inversion flips
@@ -473,7 +477,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     if exclusion is not None:  # counted on the fine-tune's images, which need not be the scan's
         exclusion["synthetic_excluded"] = excluded
     timings["scan"] = time.perf_counter() - start
-    teacher, distillation = gated_teacher(candidate, original, cfg, x_scan, verify_against, x_ft)
+    teacher, distillation = gated_teacher(candidate, original, cfg, x_scan, verify_against, x_ft, new)
     teacher = teacher.to(device) if teacher is not None else None
     if text := distillation_text(distillation):
         log(f"[defend] {text}")
@@ -906,7 +910,8 @@ def trigger_clean_text(info: dict) -> str:
 
 
 def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
-                  found: dict | None = None, x_distill: torch.Tensor | None = None) -> tuple[nn.Module | None, dict]:
+                  found: dict | None = None, x_distill: torch.Tensor | None = None,
+                  student: nn.Module | None = None) -> tuple[nn.Module | None, dict]:
     """The teacher the fine-tune distills from: ``teacher`` (distillation_teacher's; None when
     there is no distillation) or None when the gate closes. With ``cfg.kd_gate`` "verified" the
     teacher must be clean and faithful: the trigger it is verified against (``found``, gate_trigger's:
@@ -917,20 +922,23 @@ def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendCon
     takes out of the target class) the class ``original`` gives them or, for an all-to-all trigger,
     the class that trigger maps to it (teacher_agreement; a teacher the cleaning cost accuracy pulls
     the student down with it). A teacher the gate does not verify (any, with "always") is fine-tuned
-    first when ``cfg.teacher_finetune`` is set (finetune_teacher) and otherwise, under "verified",
-    not used. The record: {"gate", "distill", "teacher_finetune" (the teacher is to be fine-tuned
-    first), "verified_against" (the trigger's kind; None when none), "teacher_trigger_flip_rate",
+    first when ``cfg.teacher_finetune`` is set (finetune_teacher), otherwise, under "verified",
+    replaced by a frozen copy of ``student`` (the compacted model before its fine-tune) with
+    ``cfg.self_anchor``, and otherwise not used. The record: {"gate", "distill", "teacher_finetune"
+    (the teacher is to be fine-tuned first), "verified_against" (the trigger's kind; None when none), "teacher_trigger_flip_rate",
     "teacher_agreement", "teacher_undoes_mapping" (None when not measured), "reason" (why
     "verified" did not verify the teacher; None otherwise), "check" (distill_check's record, filled
-    in after the fine-tune when it runs)}."""
+    in after the fine-tune when it runs), "self_anchored" (the teacher is the student's copy)}."""
     record = {"gate": cfg.kd_gate, "distill": False, "teacher_finetune": False, "verified_against": None,
               "teacher_trigger_flip_rate": None, "teacher_agreement": None, "teacher_undoes_mapping": None,
-              "reason": None, "check": None}
+              "reason": None, "check": None, "self_anchored": False}
     if teacher is None:
         return None, record
     if cfg.kd_gate == "verified":
         record |= verify_teacher(teacher, original, x, found, x_distill)
         if record["reason"] and cfg.teacher_finetune is None:
+            if cfg.self_anchor and student is not None:
+                return copy.deepcopy(student).eval(), record | {"distill": True, "self_anchored": True}
             return None, record
     return teacher, record | {"distill": True, "teacher_finetune": cfg.teacher_finetune is not None
                               and (cfg.kd_gate == "always" or record["reason"] is not None)}
@@ -985,7 +993,8 @@ def trigger_name(found: dict) -> str:
 def needs_distill_check(cfg: DefendConfig, record: dict) -> bool:
     """Whether the fine-tune distills from a teacher the gate did not verify and ``cfg`` asks for
     the distillation check (gated_teacher's ``record``)."""
-    return cfg.distill_check is not None and record["distill"] and (cfg.kd_gate == "always" or record["reason"] is not None)
+    return (cfg.distill_check is not None and record["distill"] and not record.get("self_anchored")
+            and (cfg.kd_gate == "always" or record["reason"] is not None))
 
 
 def distill_check(distilled: nn.Module, undistilled: nn.Module, x: torch.Tensor,
@@ -1012,6 +1021,8 @@ def distill_check_text(check: dict) -> str:
 
 def distillation_text(record: dict) -> str:
     """The defend log's words for the distillation gate's decision ('' when there is nothing to say)."""
+    if record.get("self_anchored"):
+        return f"the student distills from itself as it starts the fine-tune ({record['reason']})"
     if record["teacher_finetune"]:
         return "the teacher is fine-tuned before the student distills from it" + (
             f" ({record['reason']})" if record["reason"] else "")

@@ -185,7 +185,7 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
     finetune_data = (finetune_images, adversarial["files"].get("adversarial"))
     suspected, trigger_file = adversarial["exclusion"]["suspected_target"], adversarial["files"].get("trigger")
     gated = steps.distillation_gate_task(run, compacted["files"].get("teacher"), original, scan_images, cfg,
-                                         adversarial["gate_trigger"], suspected, finetune_images)
+                                         adversarial["gate_trigger"], suspected, finetune_images, compact)
     teacher, teacher_tuned = gated["files"].get("teacher"), None
     if gated["distillation"]["teacher_finetune"]:
         teacher_tuned = steps.teacher_finetune_task(run, teacher, *finetune_data, cfg, suspected, trigger_file)

@@ -401,12 +401,13 @@ def _finetune_data(synthetic_file: str, adversarial_file: str | None, trigger_fi
 @task(name="distillation-gate", **COMPUTE)
 def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_file: str, synthetic_file: str, cfg,
                            trigger: dict | None, excluded_class: int | None = None,
-                           finetune_file: str | None = None) -> dict:
+                           finetune_file: str | None = None, student_file: str | None = None) -> dict:
     """Whether the fine-tune distills from the clipped teacher (``teacher_file``; None without
     distillation): cc_core.pipeline.gated_teacher, verifying it against ``trigger`` (the adversarial
     step's gate trigger) on the scan's synthetic images (``synthetic_file``), its agreement on those
     the fine-tune keeps (``finetune_file``'s, default the same, but ``excluded_class``'s). Returns the
-    gate's record and, when it opens, the teacher's file."""
+    gate's record and, when it opens, the teacher's file: ``student_file`` (the compacted model
+    before its fine-tune) when the gate anchors the student to itself (DefendConfig.self_anchor)."""
     from cc_core.pipeline import distillation_text, exclude_class, gated_teacher
 
     finetune_file = _second_file(finetune_file, synthetic_file)
@@ -419,14 +420,17 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
         if finetune_file:
             t = _load_tensors(finetune_file)
         x_distill = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)[0]
-        gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill)
-        return {"files": {"teacher": teacher_file} if gated is not None else {}, "distillation": record}
+        student = _load(student_file).to(device) if cfg.self_anchor and student_file is not None else None
+        gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill, student)
+        files = {"teacher": student_file if record["self_anchored"] else teacher_file} if gated is not None else {}
+        return {"files": files, "distillation": record}
 
     out = _cached(run, "distillation_gate", {"teacher": teacher_file, "original": original_file,
                                              "synthetic": synthetic_file, "kd_gate": cfg.kd_gate,
                                              **({"finetune": finetune_file} if finetune_file else {}),
                                              "teacher_finetune": cfg.teacher_finetune, "trigger": trigger,
-                                             "excluded_class": excluded_class}, compute)
+                                             "excluded_class": excluded_class,
+                                             **({"self_anchor": student_file} if cfg.self_anchor else {})}, compute)
     record = out["distillation"]
     if record["teacher_trigger_flip_rate"] is not None:
         log_metrics(run, {"teacher_trigger_flip_rate": record["teacher_trigger_flip_rate"]}

@@ -195,17 +195,19 @@ def test_flow_refuses_options_its_tasks_do_not_carry_out():
 
 
 def test_flow_with_the_scans_own_images_ends_where_defend_does(suspect, tmp_path):
-    """Two sets of synthetic images, the scan's joining the fine-tune: the flow's tasks hand each step
-    the set cc_core.defend gives it, so both end at the same weights."""
+    """Two sets of synthetic images, the scan's joining the fine-tune, and a student anchored to
+    itself where no teacher is verified: the flow's tasks hand each step what cc_core.defend gives
+    it, so both end at the same weights."""
     from cc_core import load_model
     from cc_core.pipeline import defend
     from flows.clean_compact import build_config
 
     overrides = TINY | {"synth": TINY["synth"] | {"tv_weight": 0.5}, "scan_synth": {"tv_weight": 0.0},
                         "finetune_on_scan_synthetic": True, "bn_match_samples": 16,
-                        "bn_match_scope": "always"}
+                        "bn_match_scope": "always", "kd_gate": "verified", "self_anchor": True}
     result = run_flow(suspect, overrides=overrides)
     report = result["report"]
+    assert report["distillation"]["self_anchored"], report["distillation"]
     assert report["timings_s"]["synthesize_scan"] > 0 and report["timings_s"]["synthesize"] > 0
     c = registry(suspect)
     flow_model = load_model(c.download_artifacts(result["run_id"], "package/finetuned.safetensors", str(tmp_path)))

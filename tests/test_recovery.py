@@ -1666,13 +1666,40 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
     assert got is backdoored and record == {"gate": "always", "distill": True, "teacher_finetune": False,
                                             "verified_against": None, "teacher_trigger_flip_rate": None,
                                             "teacher_agreement": None, "teacher_undoes_mapping": None,
-                                            "reason": None, "check": None}
+                                            "reason": None, "check": None, "self_anchored": False}
     got, record = gated_teacher(backdoored, backdoored, cfg.replace(kd_gate="always", teacher_finetune={}), x, None)
     assert got is backdoored and record["teacher_finetune"] and record["reason"] is None
     got, record = gated_teacher(None, backdoored, cfg.replace(finetune={"kd_weight": 0.0}), x, patch)
     assert got is None and not record["distill"] and record["reason"] is None  # not asked for: nothing to explain
     with pytest.raises(ConfigError, match="kd_gate must be one of"):
         cfg.replace(kd_gate="sometimes")
+
+
+def test_self_anchor_distills_from_a_frozen_copy_of_the_student_where_the_gate_verifies_no_teacher():
+    from cc_core.pipeline import distillation_text, finetune_config, gated_teacher, needs_distill_check
+    from cc_core.probes import trigger_report
+
+    x = (_dim_images(16) - 0.5) / 0.25
+    backdoored = PlantedAllToAll().eval()
+    student = build_model("resnet18", width=0.25)
+    cfg = resolve_config("cpu", teacher_finetune=None, self_anchor=True, distill_check=True)
+    got, record = gated_teacher(backdoored, backdoored, cfg, x, None, student=student)
+    assert record["distill"] and record["self_anchored"] and "found no trigger" in record["reason"]
+    assert got is not student and not got.training
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), student.state_dict().values()))
+    with torch.no_grad():
+        next(student.parameters()).add_(1.0)  # the fine-tune moves the student, not its anchor
+    assert not torch.equal(next(got.parameters()), next(student.parameters()))
+    assert finetune_config(cfg, got).kd_weight == cfg.finetune.kd_weight > 0
+    assert not needs_distill_check(cfg, record)  # nothing unverified to check: the anchor is the student
+    assert distillation_text(record).startswith("the student distills from itself as it starts the fine-tune")
+    # Off, or without a student to copy, the closed gate leaves no teacher; a verified teacher is used as is.
+    assert gated_teacher(backdoored, backdoored, cfg.replace(self_anchor=False), x, None, student=student)[0] is None
+    assert gated_teacher(backdoored, backdoored, cfg, x, None)[0] is None
+    patch = {"kind": "patch", "row": 0, "col": 0, "size": 3, "value": 1.0}
+    clean = PlantedAllToAll(trigger=False).eval()
+    got, record = gated_teacher(clean, backdoored, cfg, x, trigger_report(backdoored, x, patch, 16), student=student)
+    assert got is clean and not record["self_anchored"] and record["reason"] is None
 
 
 def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class_is_faithful_under_an_all_to_all_trigger():
