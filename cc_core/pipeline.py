@@ -44,6 +44,14 @@ PERTURBATION_SCOPES = ("all-to-all", "any", "targeted")
 PATCH_UNLEARN = ("residual", "always", "never")
 KD_GATES = ("always", "verified")
 BN_MATCH_SCOPES = ("always", "trigger")
+MODEL_STAGES = ("compact", "original")
+RESYNTHESES = (None, "cleaned", "finetuned", "recognized")
+# DefendConfig's fields that take one of a few values, and the probe sections a dict stands for.
+CHOICES = {"channel_mode": CHANNEL_MODES, "unlearn_scope": UNLEARN_SCOPES, "perturbation_scope": PERTURBATION_SCOPES,
+           "kd_gate": KD_GATES, "bn_match_scope": BN_MATCH_SCOPES, "patch_unlearn": PATCH_UNLEARN,
+           "adversarial_model": MODEL_STAGES, "synth_model": MODEL_STAGES, "resynthesize_suspected_target": RESYNTHESES}
+PROBE_SECTIONS = {"patch_probe": PatchProbeConfig, "warp_probe": WarpProbeConfig, "blend_probe": BlendProbeConfig,
+                  "mask_probe": MaskProbeConfig}
 # The "verified" gate's fidelity bar: the share of synthetic images on which the teacher agrees with
 # the original (a teacher that loses more than this costs its student accuracy; docs/PRESET.md).
 TEACHER_AGREEMENT = 0.99
@@ -180,43 +188,34 @@ class DefendConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.patch_probe, dict):
-            object.__setattr__(self, "patch_probe", PatchProbeConfig(**self.patch_probe))
-        if isinstance(self.warp_probe, dict):
-            object.__setattr__(self, "warp_probe", WarpProbeConfig(**self.warp_probe))
-        if isinstance(self.blend_probe, dict):
-            object.__setattr__(self, "blend_probe", BlendProbeConfig(**self.blend_probe))
-        if isinstance(self.mask_probe, dict):
-            object.__setattr__(self, "mask_probe", MaskProbeConfig(**self.mask_probe))
+        for name, section in PROBE_SECTIONS.items():
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, section(**getattr(self, name)))
         object.__setattr__(self, "distill_check", check_inversion(self.distill_check))
+        self._check_values()
+        self._check_sections()
+        self._check_stage_order()
+        self._check_channel_cleans()
+
+    def _check_values(self) -> None:
+        """Each field on its own: ranges, and the fields that take one of a few values (CHOICES)."""
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"ratio must be > 1 for a defense that compacts, got {self.ratio!r}")
         if self.tau is not None and not self.tau > 0:
             raise ConfigError(f"tau must be > 0, got {self.tau!r}")
         if self.channel_u is not None and not self.channel_u > 0:
             raise ConfigError(f"channel_u must be > 0 (or None to turn the channel clean off), got {self.channel_u!r}")
-        if self.channel_mode not in CHANNEL_MODES:
-            raise ConfigError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {self.channel_mode!r}")
-        if self.unlearn_scope not in UNLEARN_SCOPES:
-            raise ConfigError(f"unlearn_scope must be one of {', '.join(UNLEARN_SCOPES)}, got {self.unlearn_scope!r}")
-        if self.perturbation_scope not in PERTURBATION_SCOPES:
-            raise ConfigError(f"perturbation_scope must be one of {', '.join(PERTURBATION_SCOPES)}, "
-                              f"got {self.perturbation_scope!r}")
-        if self.kd_gate not in KD_GATES:
-            raise ConfigError(f"kd_gate must be one of {', '.join(KD_GATES)}, got {self.kd_gate!r}")
-        if self.bn_match_scope not in BN_MATCH_SCOPES:
-            raise ConfigError(f"bn_match_scope must be one of {', '.join(BN_MATCH_SCOPES)}, got {self.bn_match_scope!r}")
-        if self.patch_unlearn not in PATCH_UNLEARN:
-            raise ConfigError(f"patch_unlearn must be one of {', '.join(PATCH_UNLEARN)}, got {self.patch_unlearn!r}")
-        for name in ("adversarial_model", "synth_model"):
-            if getattr(self, name) not in ("compact", "original"):
-                raise ConfigError(f"{name} must be 'compact' or 'original'")
-        if self.resynthesize_suspected_target not in (None, "cleaned", "finetuned", "recognized"):
-            raise ConfigError("resynthesize_suspected_target must be None, 'cleaned', 'finetuned' or 'recognized', "
-                              f"got {self.resynthesize_suspected_target!r}")
-        if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
-            raise ConfigError("distill_check compares one fine-tune with and without distillation; "
-                              f"resynthesize_suspected_target={self.resynthesize_suspected_target!r} fine-tunes twice")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
+            raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
+        if self.bn_match_samples is not None and (not isinstance(self.bn_match_samples, int) or self.bn_match_samples < 1):
+            raise ConfigError(f"bn_match_samples must be a positive integer (or None to turn it off), "
+                              f"got {self.bn_match_samples!r}")
+
+    def _check_sections(self) -> None:
+        """The override sections (synthesis or fine-tune settings over the fields they start from)."""
         for name, base, what in (("competition_synth", self.synth, "synthesis"), ("scan_synth", self.synth, "synthesis"),
                                  ("teacher_finetune", self.finetune, "fine-tune"),
                                  ("distill_finetune", self.finetune, "fine-tune")):
@@ -225,21 +224,24 @@ class DefendConfig:
                     dataclasses.replace(base, **getattr(self, name))
                 except TypeError as e:
                     raise ConfigError(f"{name} takes {what} settings: {e}") from None
+
+    def _check_stage_order(self) -> None:
+        """Settings that need images made before compaction, or another setting, to run at all."""
+        if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
+            raise ConfigError("distill_check compares one fine-tune with and without distillation; "
+                              f"resynthesize_suspected_target={self.resynthesize_suspected_target!r} fine-tunes twice")
         if self.scan_synth is not None and self.synth_model != "original":
             raise ConfigError("scan_synth makes the scan's images before compaction: it needs synth_model='original'")
         if self.finetune_on_scan_synthetic and self.scan_synth is None:
             raise ConfigError("finetune_on_scan_synthetic adds the scan's own images to the fine-tune: it needs scan_synth")
-        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
-            raise ConfigError(f"calibration_samples must be a positive integer, got {self.calibration_samples!r}")
-        if self.bn_match_samples is not None:
-            if not isinstance(self.bn_match_samples, int) or self.bn_match_samples < 1:
-                raise ConfigError(f"bn_match_samples must be a positive integer (or None to turn it off), "
-                                  f"got {self.bn_match_samples!r}")
-            if self.synth_model != "original":
-                raise ConfigError("bn_match_samples needs synthetic images made before compaction (synth_model='original')")
+        if self.bn_match_samples is not None and self.synth_model != "original":
+            raise ConfigError("bn_match_samples needs synthetic images made before compaction (synth_model='original')")
         if self.needs_calibration and self.synth_model != "original":
             raise ConfigError("rank_strategy 'sensitivity' and method 'activation' measure the layers on synthetic "
                               "images made before compaction: they need synth_model='original'")
+
+    def _check_channel_cleans(self) -> None:
+        """The trigger channel clean (by a probe's trigger) and the perturbation's (by the inverted one)."""
         if self.perturbation_channel_u is not None:
             if not self.perturbation_channel_u > 0:
                 raise ConfigError("perturbation_channel_u must be > 0 (or None to turn it off), "
