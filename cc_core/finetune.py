@@ -353,6 +353,69 @@ def online_pgd(cfg: FinetuneConfig) -> PGDConfig | None:
                      steps=cfg.online_adv_steps, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
 
 
+def augmented_batch(x_syn: torch.Tensor, x_adv: torch.Tensor | None, x_trigger: torch.Tensor | None,
+                    idx: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator):
+    """The batch ``idx`` of the synthetic images and of their adversarial and triggered copies
+    (None where there are none), each through a random crop and flip under ``cfg.augment``; under
+    unlearn_target "clean_output" a triggered image gets its clean one's crop and flip."""
+    xs = x_syn[idx]
+    xa = x_adv[idx] if x_adv is not None else None
+    xt = x_trigger[idx] if x_trigger is not None else None
+    if cfg.augment and xt is not None and cfg.unlearn_target == "clean_output":
+        xs, xt = same_augmentation(xs, xt, gen)  # each triggered image beside its own clean one
+        xa = random_hflip(random_crop(xa, 2, gen), gen) if xa is not None else None
+    elif cfg.augment:
+        xs, xa, xt = (random_hflip(random_crop(v, 2, gen), gen) if v is not None else None for v in (xs, xa, xt))
+    return xs, xa, xt
+
+
+@dataclass
+class BatchOutputs:
+    """The student's logits (float, (B, K)) on one batch's images: synthetic (``syn``), adversarial,
+    triggered, online-adversarial and universally perturbed (None where the term is off); the
+    teacher's on the synthetic ones (``teacher``) and the BatchNorm outputs of both (``features``,
+    ``teacher_features``) where the terms use them."""
+    syn: torch.Tensor | None
+    adv: torch.Tensor | None
+    trigger: torch.Tensor | None
+    online: torch.Tensor | None
+    universal: torch.Tensor | None
+    teacher: torch.Tensor | None
+    features: dict | None
+    teacher_features: dict | None
+
+
+def loss_terms(out: BatchOutputs, ys: torch.Tensor, cfg: FinetuneConfig, ce, mix, kd_dropped: int | None,
+               soft_unlearn: bool) -> dict[str, tuple[float, torch.Tensor]]:
+    """The fine-tune's loss terms on one batch, in the order they are summed: {name: (weight, term)}
+    for every term that is on. ``ce`` is the (masked, smoothed) cross-entropy, ``mix`` mixup's
+    (lam, partner) or None."""
+    def mixed(logits: torch.Tensor) -> torch.Tensor:
+        term = ce(logits, ys)
+        return term if mix is None else mix[0] * term + (1 - mix[0]) * ce(logits, ys[mix[1]])
+
+    terms = {}
+    if cfg.synth_weight:
+        terms["syn"] = (cfg.synth_weight, mixed(out.syn))
+    if cfg.adv_weight:
+        terms["adv"] = (cfg.adv_weight, ce(out.adv, ys))
+    if soft_unlearn:
+        clean = out.teacher if out.teacher is not None else out.syn.detach()
+        terms["unlearn"] = (cfg.unlearn_weight, distillation_loss(out.trigger, clean, cfg.kd_temperature))
+    elif cfg.unlearn_weight:
+        terms["unlearn"] = (cfg.unlearn_weight, ce(out.trigger, ys))
+    if out.online is not None:
+        terms["online_adv"] = (cfg.online_adv_weight, ce(out.online, ys))
+    if out.universal is not None:
+        terms["universal"] = (cfg.universal_weight, mixed(out.universal))
+    if cfg.kd_weight:
+        terms["kd"] = (cfg.kd_weight, distillation_loss(drop_class(out.syn, kd_dropped), drop_class(out.teacher, kd_dropped),
+                                                        cfg.kd_temperature))
+    if cfg.feature_weight:
+        terms["feat"] = (cfg.feature_weight, feature_loss(out.features, out.teacher_features))
+    return terms
+
+
 def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, progress: bool,
            student_bn: BNOutputs | None, teacher_bn: BNOutputs | None, masked: int | None,
            kd_dropped: int | None, left_out_class: int | None) -> list[dict]:
@@ -378,6 +441,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
         return masked_cross_entropy(logits, labels, masked, cfg.label_smoothing)
 
     soft_unlearn = bool(cfg.unlearn_weight) and cfg.unlearn_target == "clean_output"
+    needs_syn = bool(cfg.synth_weight or cfg.kd_weight or cfg.feature_weight or soft_unlearn)
+    asks_teacher = cfg.needs_teacher or (soft_unlearn and teacher is not None)
     bar = tqdm(total=steps, desc="fine-tune", disable=not progress, file=sys.stderr, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
@@ -388,73 +453,34 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                                                cfg.universal_steps, model.cc_spec.mean, model.cc_spec.std,
                                                start=universal, mixed_precision=cfg.mixed_precision)
         order = torch.randperm(n, generator=gen)
-        sums = {"syn": 0.0, "adv": 0.0, "unlearn": 0.0, "kd": 0.0, "feat": 0.0, "online_adv": 0.0, "universal": 0.0}
+        sums = dict.fromkeys(("syn", "adv", "unlearn", "kd", "feat", "online_adv", "universal"), 0.0)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            xs, ys = x_syn[idx], y_syn[idx]
-            xa = x_adv[idx] if x_adv is not None else None
-            xt = x_trigger[idx] if x_trigger is not None else None
-            if cfg.augment and xt is not None and cfg.unlearn_target == "clean_output":
-                xs, xt = same_augmentation(xs, xt, gen)  # each triggered image beside its own clean one
-                xa = random_hflip(random_crop(xa, 2, gen), gen) if xa is not None else None
-            elif cfg.augment:
-                xs, xa, xt = (random_hflip(random_crop(v, 2, gen), gen) if v is not None else None
-                              for v in (xs, xa, xt))
+            xs, xa, xt = augmented_batch(x_syn, x_adv, x_trigger, idx, cfg, gen)
+            ys = y_syn[idx]
             mix = mixup_pairs(len(idx), cfg.mixup_alpha, mix_rng, gen) if cfg.mixup_alpha else None
             if mix is not None:
-                lam, partner = mix
-                xs = lam * xs + (1 - lam) * xs[partner]
+                xs = mix[0] * xs + (1 - mix[0]) * xs[mix[1]]
             xo = (perturb(model, xs, ys, online, model.cc_spec.mean, model.cc_spec.std, gen, online_target)
                   if online is not None else None)
-            loss = torch.zeros((), device=xs.device)
             with autocast(xs.device, cfg.mixed_precision):
-                out_s = (model(xs).float() if (cfg.synth_weight or cfg.kd_weight or cfg.feature_weight or soft_unlearn)
-                         else None)
+                out_s = model(xs).float() if needs_syn else None
                 student_feats = dict(student_bn.outputs) if student_bn else None
-                out_a = model(xa).float() if cfg.adv_weight else None
-                out_t = model(xt).float() if cfg.unlearn_weight else None
-                out_o = model(xo).float() if xo is not None else None
-                out_u = model(add_pixel_delta(xs, universal, model.cc_spec)).float() if universal is not None else None
-                if cfg.needs_teacher or (soft_unlearn and teacher is not None):
+                out = BatchOutputs(
+                    syn=out_s, features=student_feats,
+                    adv=model(xa).float() if cfg.adv_weight else None,
+                    trigger=model(xt).float() if cfg.unlearn_weight else None,
+                    online=model(xo).float() if xo is not None else None,
+                    universal=model(add_pixel_delta(xs, universal, model.cc_spec)).float() if universal is not None else None,
+                    teacher=None, teacher_features=None)
+                if asks_teacher:
                     with torch.no_grad():
-                        target = teacher(xs).float()
-            if cfg.synth_weight:
-                term = ce(out_s, ys)
-                if mix is not None:
-                    term = lam * term + (1 - lam) * ce(out_s, ys[partner])
-                sums["syn"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.synth_weight * term
-            if cfg.adv_weight:
-                term = ce(out_a, ys)
-                sums["adv"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.adv_weight * term
-            if soft_unlearn:
-                term = distillation_loss(out_t, target if teacher is not None else out_s.detach(), cfg.kd_temperature)
-                sums["unlearn"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.unlearn_weight * term
-            elif cfg.unlearn_weight:
-                term = ce(out_t, ys)
-                sums["unlearn"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.unlearn_weight * term
-            if out_o is not None:
-                term = ce(out_o, ys)
-                sums["online_adv"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.online_adv_weight * term
-            if out_u is not None:
-                term = ce(out_u, ys)
-                if mix is not None:
-                    term = lam * term + (1 - lam) * ce(out_u, ys[partner])
-                sums["universal"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.universal_weight * term
-            if cfg.kd_weight:
-                term = distillation_loss(drop_class(out_s, kd_dropped), drop_class(target, kd_dropped),
-                                         cfg.kd_temperature)
-                sums["kd"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.kd_weight * term
-            if cfg.feature_weight:
-                term = feature_loss(student_feats, teacher_bn.outputs)
-                sums["feat"] += float(term.detach()) * len(idx)
-                loss = loss + cfg.feature_weight * term
+                        out.teacher = teacher(xs).float()
+                    out.teacher_features = teacher_bn.outputs if teacher_bn else None
+            loss = torch.zeros((), device=xs.device)
+            for name, (weight, term) in loss_terms(out, ys, cfg, ce, mix, kd_dropped, soft_unlearn).items():
+                sums[name] += float(term.detach()) * len(idx)
+                loss = loss + weight * term
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm is not None:
