@@ -84,6 +84,79 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def poison_masks(attack, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the (N,) training labels ``y``'s images ``attack`` poisons and which it uses as its
+    cross (noise) samples: two (N,) bool masks, all False without an attack."""
+    poison, cross = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
+    if attack is not None:
+        poison_idx, cross_idx = attack.select_indices(y)
+        poison[torch.as_tensor(poison_idx, dtype=torch.long)] = True
+        cross[torch.as_tensor(cross_idx, dtype=torch.long)] = True
+    return poison, cross
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the config: the model, its optimizer and schedule, and an
+    attack's trainable generator with its optimizer (None for attacks without one)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    trainable: nn.Module | None
+    gen_optimizer: torch.optim.Optimizer | None
+
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.trainable is not None:
+            state |= {"trainable": self.trainable.state_dict(), "gen_optimizer": self.gen_optimizer.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.trainable is not None:
+            self.trainable.load_state_dict(state["trainable"])
+            self.gen_optimizer.load_state_dict(state["gen_optimizer"])
+
+
+def resume(checkpoint: Path | None, cfg: TrainConfig, n: int, training: TrainingState, device) -> tuple[list[dict], int]:
+    """(history, epochs done) of the run ``checkpoint`` holds, loaded into ``training``, when it was
+    written with this ``cfg`` on ``n`` images; ([], 0) otherwise."""
+    if checkpoint is None or not checkpoint.exists():
+        return [], 0
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if state["config"] != cfg.to_dict() or state["n"] != n:
+        return [], 0
+    training.load_state_dict(state)
+    print(f"[train] resuming from {checkpoint} after epoch {state['epoch']}", file=sys.stderr)
+    return state["history"], state["epoch"]
+
+
+def training_batch(xb: torch.Tensor, yb: torch.Tensor, poison: torch.Tensor, cross: torch.Tensor, attack,
+                   cfg: TrainConfig, mean, std, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One batch as the model sees it: ``xb`` (B, C, H, W, pixels in [0, 1]) augmented and poisoned
+    (in the order ``cfg.poison_after_augment`` says; ``poison`` / ``cross`` its (B,) masks), then
+    normalized; returns (images, labels, the attack generator's auxiliary loss or None)."""
+    aux = None
+    if cfg.augment and cfg.poison_after_augment:
+        xb = augment(xb, cfg.hflip, generator=gen)
+    if attack is not None:
+        trainable = attack.trainable()
+        with torch.set_grad_enabled(trainable is not None):
+            clean = xb
+            xb, yb = attack.poison_batch(xb, yb, poison, cross, gen)
+            if trainable is not None:
+                aux = attack.auxiliary_loss(clean)
+    if cfg.augment and not cfg.poison_after_augment:
+        xb = augment(xb, cfg.hflip, generator=gen)
+    xb = normalize(xb.float(), mean, std)
+    if cfg.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, yb, aux
+
+
 def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack=None,
                      mean=None, std=None, out_dir: str | os.PathLike | None = None,
                      progress: bool = True,
@@ -107,12 +180,7 @@ def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack
         model.to(memory_format=torch.channels_last)
     x_all, y_all = data.tensors()
     n = len(y_all)
-    poison_mask = torch.zeros(n, dtype=torch.bool)
-    cross_mask = torch.zeros(n, dtype=torch.bool)
-    if attack is not None:
-        poison_idx, cross_idx = attack.select_indices(y_all)
-        poison_mask[torch.as_tensor(poison_idx, dtype=torch.long)] = True
-        cross_mask[torch.as_tensor(cross_idx, dtype=torch.long)] = True
+    poison_mask, cross_mask = poison_masks(attack, y_all)
     trainable = attack.trainable() if attack is not None else None
 
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -124,21 +192,9 @@ def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack
         trainable.to(device).train()
         gen_optimizer = torch.optim.Adam(trainable.parameters(), lr=attack.params["lr"], betas=(0.5, 0.9))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision)
-
-    history: list[dict] = []
-    start_epoch = 0
+    training = TrainingState(model, optimizer, scheduler, trainable, gen_optimizer)
     checkpoint = Path(out_dir) / CHECKPOINT if out_dir is not None else None
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["config"] == cfg.to_dict() and state["n"] == n:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if trainable is not None:
-                trainable.load_state_dict(state["trainable"])
-                gen_optimizer.load_state_dict(state["gen_optimizer"])
-            history, start_epoch = state["history"], state["epoch"]
-            print(f"[train] resuming from {checkpoint} after epoch {start_epoch}", file=sys.stderr)
+    history, start_epoch = resume(checkpoint, cfg, n, training, device)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -150,24 +206,10 @@ def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or not sys.stderr.isatty(), file=sys.stderr, leave=False)
         for idx in bar:
-            xb = x_all[idx].to(device).float().div_(255)
-            yb = y_all[idx].to(device)
             with autocast(device, cfg.mixed_precision):
-                aux = None
-                if cfg.augment and cfg.poison_after_augment:
-                    xb = augment(xb, cfg.hflip, generator=gen)
-                if attack is not None:
-                    with torch.set_grad_enabled(trainable is not None):
-                        clean = xb
-                        xb, yb = attack.poison_batch(xb, yb, poison_mask[idx].to(device),
-                                                     cross_mask[idx].to(device), gen)
-                        if trainable is not None:
-                            aux = attack.auxiliary_loss(clean)
-                if cfg.augment and not cfg.poison_after_augment:
-                    xb = augment(xb, cfg.hflip, generator=gen)
-                xb = normalize(xb.float(), mean, std)
-                if cfg.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
+                xb, yb, aux = training_batch(x_all[idx].to(device).float().div_(255), y_all[idx].to(device),
+                                             poison_mask[idx].to(device), cross_mask[idx].to(device), attack, cfg,
+                                             mean, std, gen)
                 out = model(xb)
                 loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
                 total = loss if aux is None else loss + aux.float()
@@ -192,13 +234,9 @@ def train_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, attack
             print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.3f} "
                   f"train acc {record['train_acc']:.3f} ({record['seconds']:.0f} s)", file=sys.stderr)
         if checkpoint is not None:
-            state = {"config": cfg.to_dict(), "n": n, "epoch": epoch + 1, "history": history,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict()}
-            if trainable is not None:
-                state |= {"trainable": trainable.state_dict(), "gen_optimizer": gen_optimizer.state_dict()}
             with atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
+                torch.save({"config": cfg.to_dict(), "n": n, "epoch": epoch + 1, "history": history}
+                           | training.state_dict(), tmp)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     model.eval()
