@@ -417,12 +417,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cc_core import __version__
-    from cc_core.pipeline import PRESET_NAMES
+    from cleancompact.pipeline_cli import add_commands
 
     parser = _Parser(prog="cleancompact", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cleancompact {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_compact, _add_inspect, _add_train_backdoor, _add_evaluate, _add_download, _add_defend,
+                _add_config, _add_scan, _add_bench, add_commands):
+        add(sub)
+    return parser
 
+
+DATA_DIR_HELP = "dataset directory (default: $CC_DATA_DIR, else ~/.cache/cleancompact/data)"
+DEVICE_HELP = "auto, cpu, cuda, cuda:1 ..."
+
+
+def _add_compact(sub) -> None:
     p = sub.add_parser("compact", help="clean + compact a model file (C&C steps 1-4)")
     _add_model_args(p)
     _add_compact_args(p)
@@ -430,51 +440,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print every layer's decision")
     p.set_defaults(func=cmd_compact)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="describe a model file")
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_train_backdoor(sub) -> None:
+    from cc_core.attacks import ATTACKS
+    from cc_core.data import DATASETS
+    from cc_core.models.registry import list_models
+
     p = sub.add_parser("train-backdoor", help="train a backdoored classifier (research, demos, benchmarks)")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--arch", required=True, help=f"architecture: {', '.join(list_models())}")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0)")
     p.add_argument("--attack", required=True,
-                   help="badnet, blended, wanet, inputaware (suffix -a2a: all-to-all), or none")
-    p.add_argument("--dataset", required=True, help="cifar10, cifar100, gtsrb")
-    p.add_argument("--epochs", type=int, default=15)
+                   help=f"{', '.join(sorted(ATTACKS))} (suffix -a2a: all-to-all), or none")
+    p.add_argument("--dataset", required=True, help=", ".join(DATASETS))
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
     p.add_argument("--train-subset", type=int, help="train on a seeded random subset of N images")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="default 128")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle")
+    p.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle", help="learning-rate schedule")
     p.add_argument("--target", type=int, default=0, help="all-to-one target class")
     p.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio")
     p.add_argument("--cross-ratio", type=float,
                    help="cross (noise-mode) samples per poisoned sample (default: the attack's own)")
     p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="attack parameter, repeatable (e.g. wanet: s=1.0 k=4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, poisoning and batches")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-mixed-precision", action="store_true", help="fp32 instead of bf16 (CPU) / fp16 AMP (CUDA)")
-    p.add_argument("--data-dir", help="dataset directory (default: $CC_DATA_DIR, else ~/.cache/cleancompact/data)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--out", required=True, help="output directory (a checkpoint there is resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_backdoor)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="ACC / ASR / RA of a model")
     _add_model_args(p)
     p.add_argument("--eval-data", required=True, help="dataset name (its test split) or an image folder")
     p.add_argument("--attack", help="attack spec: attack.json or the directory holding it")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_download(sub) -> None:
     p = sub.add_parser("download", help="download and verify a public dataset")
-    p.add_argument("dataset")
-    p.add_argument("--data-dir")
-    p.add_argument("--keep-archives", action="store_true")
+    p.add_argument("dataset", help="the dataset's name (cifar10, cifar100, gtsrb)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives after conversion")
     p.set_defaults(func=cmd_download)
+
+
+def _add_defend(sub) -> None:
+    from cc_core.pipeline import PRESET_NAMES
 
     p = sub.add_parser("defend", help="remove a backdoor and compress, data-free (C&C)",
                        description="Clean & Compact a model with no real data. Every setting of the defense is a "
@@ -494,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("measuring (the defense itself never sees these)")
     g.add_argument("--eval-data", help="dataset name (cifar10, gtsrb) or image folder: ACC before and after")
     g.add_argument("--attack", help="attack spec (attack.json or its directory): ASR and RA before and after")
-    g.add_argument("--data-dir", help="dataset directory (default: $CC_DATA_DIR, else ~/.cache/cleancompact/data)")
+    g.add_argument("--data-dir", help=DATA_DIR_HELP)
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="directory for model.safetensors, model.onnx and report.json")
     g.add_argument("--latency-batch", type=int, default=128, help="batch size of the ONNX latency comparison")
@@ -507,44 +533,47 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the settings', 0 in the presets)")
     p.set_defaults(func=cmd_defend)
 
+
+def _add_config(sub) -> None:
+    from cc_core.pipeline import PRESET_NAMES
+
     p = sub.add_parser("config", help="print the settings a defense would run with")
     config_sub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     p = config_sub.add_parser("show", help="the resolved settings (preset, --config, --set) as YAML or JSON")
-    p.add_argument("--preset", choices=list(PRESET_NAMES), default="cpu")
+    p.add_argument("--preset", choices=list(PRESET_NAMES), default="cpu", help="the preset to start from")
     _add_settings_args(p)
     p.add_argument("--seed", type=int, help="as defend's --seed")
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
     p.set_defaults(func=cmd_config_show)
 
+
+def _add_scan(sub) -> None:
     p = sub.add_parser("scan", help="data-free backdoor risk report")
     _add_model_args(p)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--samples", type=int, default=256, help="synthetic images to scan on (default 256)")
+    p.add_argument("--iterations", type=int, default=100, help="synthesis iterations (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthesis and inversions")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", help="write the full report (with spectra) as JSON")
     p.add_argument("--no-warp-probe", action="store_true", help="skip the warp probe (~40 s on 2 CPU cores)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--fail-on", type=risk_threshold, metavar="RISK",
                    help="exit 1 when the risk score is >= RISK (0-1; the audit flags from 0.5), for CI gates")
     p.set_defaults(func=cmd_scan)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="the paper's tables on this machine (cached, resumable rows)")
     p.add_argument("action", choices=["run", "render", "list"],
                    help="run rows (then render), render benchmarks/RESULTS.md, or list rows and their state")
-    p.add_argument("--table", choices=["table2", "table4", "table5", "width"])
-    p.add_argument("--recipe")
-    p.add_argument("--attacks", nargs="+")
-    p.add_argument("--defenses", nargs="+", choices=["none", "anp", "clp", "cc"])
-    p.add_argument("--ratios", nargs="+", type=float)
+    p.add_argument("--table", choices=["table2", "table4", "table5", "width"], help="one table's rows (default: all)")
+    p.add_argument("--recipe", help="one model recipe's rows")
+    p.add_argument("--attacks", nargs="+", help="these attacks' rows")
+    p.add_argument("--defenses", nargs="+", choices=["none", "anp", "clp", "cc"], help="these defenses' rows")
+    p.add_argument("--ratios", nargs="+", type=float, help="these compression ratios' rows")
     p.add_argument("--force", action="store_true", help="re-run rows whose results exist")
     p.set_defaults(func=cmd_bench)
-
-    from cleancompact.pipeline_cli import add_commands
-
-    add_commands(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

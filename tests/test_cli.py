@@ -179,3 +179,19 @@ def test_defend_set_reaches_the_config(model_file, tmp_path, monkeypatch):
     assert cfg.exclude_suspected_target is True
     assert _exit_code(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
                        "--set", "finetune.no_such_field=1"]) == 2
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from cleancompact.cli import build_parser
+
+    def silent(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from silent(child, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(silent(build_parser(), "cleancompact")) == []
