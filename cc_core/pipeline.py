@@ -6,6 +6,7 @@ model with a report in the ``cleancompact.report/1`` shape (docs/ARCHITECTURE.md
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -386,6 +387,46 @@ class DefendResult:
     plan: object
 
 
+@dataclass
+class DefenseRun:
+    """What every step of one defense shares: its settings, device, progress and log, and the
+    seconds each step took (``timings``, by step name)."""
+    cfg: DefendConfig
+    device: torch.device
+    progress: bool
+    log: Callable[[str], None]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, step: str, add: bool = False):
+        """Time the block as ``step`` (``add``: on top of what the step already took)."""
+        start = time.perf_counter()
+        yield
+        self.timings[step] = (self.timings.get(step, 0.0) if add else 0.0) + time.perf_counter() - start
+
+    def synthesize(self, source: nn.Module, synth: SynthConfig, given: tuple | None = None, step: str = "synthesize",
+                   what: str = "") -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Synthetic images (N, C, H, W) and labels (N,) from ``source``'s BatchNorm statistics
+        (``given`` (x, y) reused instead when set), with the synthesis log."""
+        with self.timed(step):
+            if given is not None:
+                x, y = (t.to(self.device) for t in given)
+                made = {"bn_loss": [float("nan")], "ce_loss": [float("nan")], "reused": True}
+            else:
+                x, y, made = synthesize(source, synth, device=self.device, progress=self.progress)
+        self.log(f"[defend] synthesized {what}{len(y)} images in {self.timings[step]:.1f} s "
+                 f"(final BN loss {made['bn_loss'][-1]:.3f})")
+        return x, y, made
+
+    def probe(self, original: nn.Module, x: torch.Tensor) -> dict:
+        """probe_triggers on the synthetic images ``x``, logged."""
+        with self.timed("trigger_probe"):
+            probed = probe_triggers(original, x, self.cfg)
+        if text := probe_text(probed):
+            self.log(f"[defend] {text}")
+        return probed
+
+
 def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig | None = None,
            preset: str = "cpu", eval_data=None, attack=None, progress: bool = True, log=print,
            synthetic: tuple | None = None, scan_synthetic: tuple | None = None, **overrides) -> DefendResult:
@@ -401,74 +442,103 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         config = resolve_config(preset, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    if ratio is not None:
-        config = config.replace(ratio=ratio)
-    cfg = config
+    cfg = config.replace(ratio=ratio) if ratio is not None else config
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    run = DefenseRun(cfg, resolve_device(cfg.device), progress, log)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    original = copy.deepcopy(model).eval().to(device)
+    original = copy.deepcopy(model).eval().to(run.device)
     spec = original.cc_spec
 
-    def make_synthetic(source: nn.Module, synth: SynthConfig = cfg.synth, given: tuple | None = synthetic,
-                       step: str = "synthesize", what: str = "") -> tuple[torch.Tensor, torch.Tensor, dict]:
-        start = time.perf_counter()
-        if given is not None:
-            x, y = (t.to(device) for t in given)
-            made = {"bn_loss": [float("nan")], "ce_loss": [float("nan")], "reused": True}
-        else:
-            x, y, made = synthesize(source, synth, device=device, progress=progress)
-        timings[step] = time.perf_counter() - start
-        log(f"[defend] synthesized {what}{len(y)} images in {timings[step]:.1f} s "
-            f"(final BN loss {made['bn_loss'][-1]:.3f})")
-        return x, y, made
-
-    def probe(x: torch.Tensor) -> dict:
-        start = time.perf_counter()
-        probed = probe_triggers(original, x, cfg)
-        timings["trigger_probe"] = time.perf_counter() - start
-        if text := probe_text(probed):
-            log(f"[defend] {text}")
-        return probed
-
     probed = {"trigger": None, "universal": None, "channel_trigger": None}
+    x_syn = y_syn = x_scan = y_scan = synth_log = None  # made after compaction under synth_model "compact"
     if cfg.synth_model == "original":
-        x_syn, y_syn, synth_log = make_synthetic(original)
+        x_syn, y_syn, synth_log = run.synthesize(original, cfg.synth, synthetic)
         x_scan, y_scan = x_syn, y_syn
         if cfg.scan_synth_config is not None:
-            x_scan, y_scan, _ = make_synthetic(original, cfg.scan_synth_config, scan_synthetic, "synthesize_scan",
-                                              "the scan's ")
-        probed = probe(x_scan)
-    found, clean_by = probed["trigger"], probed["channel_trigger"]
-    start = time.perf_counter()
-    cleaned, channel_info = channel_clean(original.cpu(), cfg, x_scan.cpu() if clean_by else None, clean_by)
-    timings["channel_clean"] = time.perf_counter() - start
+            x_scan, y_scan, _ = run.synthesize(original, cfg.scan_synth_config, scan_synthetic, "synthesize_scan",
+                                               "the scan's ")
+        probed = run.probe(original, x_scan)
+    cleaned, new, plan, channel_info, candidate, bn_match = compact_step(run, original, x_syn, x_scan,
+                                                                         probed["channel_trigger"])
+    if cfg.synth_model == "compact":
+        x_syn, y_syn, synth_log = run.synthesize(new, cfg.synth)
+        x_scan, y_scan = x_syn, y_syn
+        probed = run.probe(original, x_scan)
+
+    with run.timed("scan"):
+        scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_scan, y_scan, cfg,
+                                                                           probed["trigger"], probed["universal"])
+        x_ft, y_ft, excluded, n_made = finetune_images(cfg, x_syn, y_syn, x_scan, y_scan, exclusion)
+    teacher, distillation = gated_teacher(candidate, original, cfg, x_scan, verify_against, x_ft, new)
+    teacher = teacher.to(run.device) if teacher is not None else None
+    if text := distillation_text(distillation):
+        log(f"[defend] {text}")
+    x_ft, y_ft = more_finetune_images(run, original, new, cleaned, x_ft, y_ft, exclusion, excluded)
+    x_trigger = unlearn(x_ft) if unlearn is not None else None
+    if exclusion is not None:
+        log(f"[defend] {exclusion_text(exclusion, n_made, x_trigger is not None)}")
+    adv_model = new if cfg.adversarial_model == "compact" else original
+    with run.timed("adversarial"):
+        x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
+    if scan_before:
+        log(f"[defend] adversarial histogram before: concentration {scan_before['concentration']:.2f}, "
+            f"estimated target {scan_before['target_class_estimate']}")
+
+    suspected = exclusion["suspected_target"] if exclusion else None
+    left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
+    if distillation["teacher_finetune"]:
+        teacher_metrics = teacher_step(run, teacher, x_ft, y_ft, x_adv, x_trigger, left_out, eval_data, attack)
+        if teacher_metrics is not None:
+            distillation["teacher_metrics"] = teacher_metrics
+    new, history, guard = finetune_step(run, new, teacher, distillation, x_ft, y_ft, x_adv, x_trigger, left_out,
+                                        (x_syn, y_syn, x_scan), exclusion, excluded, unlearn, adv_model)
+
+    with run.timed("scan", add=True):
+        scan_after = histogram_report(new, x_scan, y_scan, cfg.pgd) if cfg.scan_before else None
+    with run.timed("evaluate", add=True):
+        metrics = measure(original, new, eval_data, attack, run.device)
+
+    new = new.cpu().eval()
+    new.cc_spec = spec.replace(structure=new.cc_spec.structure)
+    report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, run.timings,
+                         history, synth_log, run.device, channel_info, exclusion, distillation, guard, bn_match)
+    run.timings["total"] = time.perf_counter() - t_start
+    return DefendResult(new, report, plan)
+
+
+def compact_step(run: DefenseRun, original: nn.Module, x_syn: torch.Tensor | None, x_scan: torch.Tensor | None,
+                 clean_by: dict | None):
+    """Channel clean (by ``clean_by``, the probes' channel trigger, on the scan's images ``x_scan``),
+    Tucker-2 decomposition, clipping and rank pruning, then the BatchNorm matching: (the
+    channel-cleaned model, the compact one on the run's device, the plan, the channel clean's
+    record, the distillation teacher candidate, the BatchNorm matching's record)."""
+    cfg = run.cfg
+    with run.timed("channel_clean"):
+        cleaned, channel_info = channel_clean(original.cpu(), cfg, x_scan.cpu() if clean_by else None, clean_by)
     calibration = x_syn[:cfg.calibration_samples].cpu() if cfg.needs_calibration else None
     new, plan = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
                               calibration=calibration, **cfg.compact)
-    timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
-    original.to(device)
-    new = new.to(device).eval()
-    log(f"[defend] clean+compact: {channel_clean_text(channel_info)}, "
-        f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
-        f"in {sum(timings.values()) - timings.get('synthesize', 0.0):.1f} s")
+    run.timings.update({k: plan.timings_s[k] for k in ("decompose", "clean", "compact")})
+    original.to(run.device)
+    new = new.to(run.device).eval()
+    run.log(f"[defend] clean+compact: {channel_clean_text(channel_info)}, "
+            f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.ratio_achieved:.2f}x) "
+            f"in {sum(run.timings.values()) - run.timings.get('synthesize', 0.0):.1f} s")
     candidate = distillation_teacher(cleaned, cfg)
     start = time.perf_counter()
     bn_match = match_compact_bn(new, cleaned, cfg, x_syn, candidate, clean_by)
     if bn_match is not None:
-        timings["bn_match"] = time.perf_counter() - start
-        log(f"[defend] {bn_match_text(bn_match)} in {timings['bn_match']:.1f} s")
-    if cfg.synth_model == "compact":
-        x_syn, y_syn, synth_log = make_synthetic(new)
-        x_scan, y_scan = x_syn, y_syn
-        probed = probe(x_scan)
-        found = probed["trigger"]
+        run.timings["bn_match"] = time.perf_counter() - start
+        run.log(f"[defend] {bn_match_text(bn_match)} in {run.timings['bn_match']:.1f} s")
+    return cleaned, new, plan, channel_info, candidate, bn_match
 
-    start = time.perf_counter()
-    scan_before, exclusion, unlearn, verify_against = scan_and_suspect(original, new, x_scan, y_scan, cfg, found,
-                                                                             probed["universal"])
+
+def finetune_images(cfg: DefendConfig, x_syn: torch.Tensor, y_syn: torch.Tensor, x_scan: torch.Tensor,
+                    y_scan: torch.Tensor, exclusion: dict | None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The fine-tune's synthetic images and labels: ``x_syn`` (and the scan's own with
+    ``cfg.finetune_on_scan_synthetic``) less the suspected target's; with how many were left out and
+    how many were made. Records the count left out in ``exclusion`` (scan_and_suspect's)."""
     suspected = exclusion["suspected_target"] if exclusion else None
     x_ft, y_ft, excluded = exclude_class(x_syn, y_syn, suspected)
     n_made = len(y_syn)
@@ -478,96 +548,95 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         n_made += len(y_scan)
     if exclusion is not None:  # counted on the fine-tune's images, which need not be the scan's
         exclusion["synthetic_excluded"] = excluded
-    timings["scan"] = time.perf_counter() - start
-    teacher, distillation = gated_teacher(candidate, original, cfg, x_scan, verify_against, x_ft, new)
-    teacher = teacher.to(device) if teacher is not None else None
-    if text := distillation_text(distillation):
-        log(f"[defend] {text}")
+    return x_ft, y_ft, excluded, n_made
+
+
+def more_finetune_images(run: DefenseRun, original: nn.Module, new: nn.Module, cleaned: nn.Module, x_ft: torch.Tensor,
+                         y_ft: torch.Tensor, exclusion: dict | None, excluded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_ft``, ``y_ft`` with the images the settings add before the fine-tune: the suspected
+    target's made again through the channel-cleaned model (resynthesize_suspected_target
+    "cleaned") and the competition round (competition_synth)."""
+    cfg = run.cfg
+    suspected = exclusion["suspected_target"] if exclusion else None
     if cfg.resynthesize_suspected_target == "cleaned" and excluded:
-        start = time.perf_counter()
-        x_new, y_new = resynthesize_class(cleaned, suspected, excluded, cfg.synth, device, progress)
-        x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-        exclusion["synthetic_resynthesized"] = len(y_new)
-        timings["resynthesize"] = time.perf_counter() - start
-        log(f"[defend] {excluded} synthetic images of class {suspected} made again through the channel-cleaned "
-            f"model in {timings['resynthesize']:.1f} s")
+        with run.timed("resynthesize"):
+            x_new, y_new = resynthesize_class(cleaned, suspected, excluded, cfg.synth, run.device, run.progress)
+            x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
+            exclusion["synthetic_resynthesized"] = len(y_new)
+        run.log(f"[defend] {excluded} synthetic images of class {suspected} made again through the channel-cleaned "
+                f"model in {run.timings['resynthesize']:.1f} s")
     if cfg.competition_synth is not None:
-        start = time.perf_counter()
-        x_new, y_new = synthesize_competing(original, new, cfg, suspected if excluded else None, device, progress)
-        x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-        timings["competition_synthesize"] = time.perf_counter() - start
-        log(f"[defend] {len(y_new)} more synthetic images made after compaction in "
-            f"{timings['competition_synthesize']:.1f} s")
-    x_trigger = unlearn(x_ft) if unlearn is not None else None
-    if exclusion is not None:
-        log(f"[defend] suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
+        with run.timed("competition_synthesize"):
+            x_new, y_new = synthesize_competing(original, new, cfg, suspected if excluded else None, run.device,
+                                                run.progress)
+            x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
+        run.log(f"[defend] {len(y_new)} more synthetic images made after compaction in "
+                f"{run.timings['competition_synthesize']:.1f} s")
+    return x_ft, y_ft
+
+
+def exclusion_text(exclusion: dict, n_made: int, unlearned: bool) -> str:
+    """The defend log's words for the suspected target and what the fine-tune leaves out or unlearns."""
+    a2a = " (all-to-all suspected)" if exclusion["all_to_all_suspected"] else ""
+    return (f"suspected target class: {exclusion['suspected_target']}; {exclusion['synthetic_excluded']} "
             f"of {n_made} synthetic images left out of the fine-tune; the universal inverted trigger flips "
-            f"{exclusion['flip_rate']:.0%}{' (all-to-all suspected)' if exclusion['all_to_all_suspected'] else ''}"
-            f"{found_summary_text(exclusion['trigger'])}{'; a trigger is unlearned' if x_trigger is not None else ''}")
-    start = time.perf_counter()
-    adv_model = new if cfg.adversarial_model == "compact" else original
-    x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
-    timings["adversarial"] = time.perf_counter() - start
-    if scan_before:
-        log(f"[defend] adversarial histogram before: concentration {scan_before['concentration']:.2f}, "
-            f"estimated target {scan_before['target_class_estimate']}")
+            f"{exclusion['flip_rate']:.0%}{a2a}{found_summary_text(exclusion['trigger'])}"
+            f"{'; a trigger is unlearned' if unlearned else ''}")
 
-    left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
-    if distillation["teacher_finetune"]:
-        start = time.perf_counter()
-        teacher_before = copy.deepcopy(teacher) if eval_data is not None else None
-        finetune_teacher(teacher, x_ft, y_ft, x_adv, cfg, x_trigger, left_out, progress)
-        timings["teacher_finetune"] = time.perf_counter() - start
-        log(f"[defend] teacher fine-tuned in {timings['teacher_finetune']:.1f} s")
-        if teacher_before is not None:
-            start = time.perf_counter()
-            distillation["teacher_metrics"] = measure(teacher_before, teacher, eval_data, attack, device)
-            timings["evaluate"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    ft_cfg = finetune_config(cfg, teacher)
-    undistilled = copy.deepcopy(new) if needs_distill_check(cfg, distillation) else None
-    history, guard = guarded_finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger,
-                                      left_out_class=left_out)
-    if text := guard_text(guard):
-        log(f"[defend] {text}")
-    if cfg.resynthesize_suspected_target in ("finetuned", "recognized") and excluded:
-        if cfg.resynthesize_suspected_target == "finetuned":
-            x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, device, progress)
-        else:
-            x_new, y_new = recognized_class(new, x_syn, y_syn, suspected)
-        exclusion["synthetic_resynthesized"] = len(y_new)
-        x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-        x_trigger = unlearn(x_ft) if unlearn is not None else None
-        x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
-        history += finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=progress, x_trigger=x_trigger)
-    timings["finetune"] = time.perf_counter() - start
-    log(f"[defend] fine-tuned in {timings['finetune']:.1f} s")
+def teacher_step(run: DefenseRun, teacher: nn.Module, x_ft, y_ft, x_adv, x_trigger, left_out: int | None,
+                 eval_data=None, attack=None) -> dict | None:
+    """Fine-tune the unverified ``teacher`` in place (finetune_teacher); with ``eval_data``, its
+    ACC / ASR before and after (measure's record; None without)."""
+    teacher_before = copy.deepcopy(teacher) if eval_data is not None else None
+    with run.timed("teacher_finetune"):
+        finetune_teacher(teacher, x_ft, y_ft, x_adv, run.cfg, x_trigger, left_out, run.progress)
+    run.log(f"[defend] teacher fine-tuned in {run.timings['teacher_finetune']:.1f} s")
+    if teacher_before is None:
+        return None
+    with run.timed("evaluate"):
+        return measure(teacher_before, teacher, eval_data, attack, run.device)
+
+
+def finetune_step(run: DefenseRun, new: nn.Module, teacher: nn.Module | None, distillation: dict, x_ft, y_ft, x_adv,
+                  x_trigger, left_out: int | None, made: tuple, exclusion: dict | None, excluded: int, unlearn,
+                  adv_model: nn.Module) -> tuple[nn.Module, list[dict], dict]:
+    """The recovery fine-tune of the compact model ``new`` (guarded_finetune), a second round on the
+    suspected target's images made again (resynthesize_suspected_target "finetuned" / "recognized"),
+    and the distillation check against a student fine-tuned without the teacher when it applies
+    (``distillation`` gets its record). ``made``: (x_syn, y_syn, x_scan), the images synthesized
+    before the fine-tune. Returns (the student kept, its history, its guard's record)."""
+    cfg = run.cfg
+    x_syn, y_syn, x_scan = made
+    with run.timed("finetune"):
+        ft_cfg = finetune_config(cfg, teacher)
+        undistilled = copy.deepcopy(new) if needs_distill_check(cfg, distillation) else None
+        history, guard = guarded_finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=run.progress,
+                                          x_trigger=x_trigger, left_out_class=left_out)
+        if text := guard_text(guard):
+            run.log(f"[defend] {text}")
+        if cfg.resynthesize_suspected_target in ("finetuned", "recognized") and excluded:
+            suspected = exclusion["suspected_target"]
+            if cfg.resynthesize_suspected_target == "finetuned":
+                x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, run.device, run.progress)
+            else:
+                x_new, y_new = recognized_class(new, x_syn, y_syn, suspected)
+            exclusion["synthetic_resynthesized"] = len(y_new)
+            x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
+            x_trigger = unlearn(x_ft) if unlearn is not None else None
+            x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
+            history += finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=run.progress, x_trigger=x_trigger)
+    run.log(f"[defend] fine-tuned in {run.timings['finetune']:.1f} s")
     if undistilled is not None:
-        start = time.perf_counter()
-        undistilled_history, undistilled_guard = guarded_finetune(
-            undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None), progress=progress, x_trigger=x_trigger,
-            left_out_class=left_out)
-        distillation["check"] = check = distill_check(new, undistilled, x_scan, cfg.distill_check)
-        if not check["kept"]:
-            new, history, guard = undistilled, undistilled_history, undistilled_guard
-        timings["distill_check"] = time.perf_counter() - start
-        log(f"[defend] {distill_check_text(check)} ({timings['distill_check']:.1f} s)")
-
-    start = time.perf_counter()
-    scan_after = histogram_report(new, x_scan, y_scan, cfg.pgd) if cfg.scan_before else None
-    timings["scan"] += time.perf_counter() - start
-
-    start = time.perf_counter()
-    metrics = measure(original, new, eval_data, attack, device)
-    timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - start
-
-    new = new.cpu().eval()
-    new.cc_spec = spec.replace(structure=new.cc_spec.structure)
-    report = make_report(original.cpu(), new, cfg, plan, metrics, scan_before, scan_after, timings,
-                         history, synth_log, device, channel_info, exclusion, distillation, guard, bn_match)
-    timings["total"] = time.perf_counter() - t_start
-    return DefendResult(new, report, plan)
+        with run.timed("distill_check"):
+            undistilled_history, undistilled_guard = guarded_finetune(
+                undistilled, x_ft, y_ft, x_adv, None, finetune_config(cfg, None), progress=run.progress,
+                x_trigger=x_trigger, left_out_class=left_out)
+            distillation["check"] = check = distill_check(new, undistilled, x_scan, cfg.distill_check)
+            if not check["kept"]:
+                new, history, guard = undistilled, undistilled_history, undistilled_guard
+        run.log(f"[defend] {distill_check_text(check)} ({run.timings['distill_check']:.1f} s)")
+    return new, history, guard
 
 
 def exclude_class(x: torch.Tensor, y: torch.Tensor, target: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -2168,3 +2168,16 @@ def test_the_perturbation_overrules_a_probe_that_flips_fewer_images(monkeypatch,
         assert probed["trigger"] is warp and probed["universal"] is None and probed["channel_trigger"] is warp
     off = pipeline.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg.replace(perturbation_over_probe=False))
     assert off["trigger"] is warp and off["universal"] is None
+
+
+def test_defend_synthesizes_from_the_compact_model_under_synth_model_compact():
+    """The images come after compaction there, so nothing before it may read them (it once failed with
+    an unbound variable before any synthesis)."""
+    cfg = resolve_config("cpu", synth_model="compact", trigger_channel_u=None, perturbation_channel_u=None,
+                         bn_match_samples=None, compact={"rank_strategy": "energy", "rank_multiple": 4},
+                         synth={"n_samples": 16, "batch_size": 16, "iterations": 3}, pgd={"steps": 1},
+                         finetune={"epochs": 1, "batch_size": 16}, inversion={"steps": 2, "restarts": 1},
+                         patch_probe={"sizes": [3], "stride": 8, "screen": 2, "finalists": 1, "n": 8},
+                         warp_probe=None, blend_probe=None)
+    result = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None)
+    assert result.report["timings_s"]["synthesize"] > 0 and result.plan.ratio_achieved >= 2
