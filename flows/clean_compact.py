@@ -160,6 +160,30 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
                     {**cfg.pgd.to_dict(), "steps": scan_cfg.pgd_steps},
                     {**cfg.inversion.to_dict(), "steps": scan_cfg.inversion_steps}, cfg.device, scan_cfg.warp_cfg,
                     scan_cfg.patch_cfg)
+    done = _defense_tasks(run, original, cfg)
+    done["evaluate"] = steps.evaluate_task(run, {"original": original, "clean+compact": done["compact"],
+                                                 "fine-tuned": done["final"]},
+                                           done["scan_images"], cfg, eval_data, data_dir, attack_dir)
+    done["export"] = steps.export_task(run, done["final"], original, threads, latency_batch)
+    report = _report(original, done, cfg, source, t0)
+    gates = evaluate_gates(report, gate_cfg)
+    passed = gates_passed(gates)
+    report["status"] = "promoted" if passed else "rejected"
+    logged = steps.log_package_task(run, experiment_id, report, gates, source,
+                                    {"model": done["final"], "plan": done["clean_compact"]["files"]["plan"],
+                                     "onnx": done["export"]["files"]["onnx"]},
+                                    list(load_model(original).cc_spec.class_names or ()))
+    registered = steps.register_task(run, target, logged["model_uri"], logged["model_id"], source, cfg.ratio,
+                                     config_hash, gates, passed)
+    return {"status": report["status"], "registered": registered, "gates": gates, "report": report}
+
+
+def _defense_tasks(run: RunHandle, original: str, cfg: DefendConfig) -> dict:
+    """The defense's tasks on the model file ``original``, in cc_core.defend's order: each task's
+    output by step name ("synthesize", "synthesize_scan", "trigger_probe", "clean_compact",
+    "adversarial", "teacher_finetune", "finetune", "distill_check"; None where it did not run),
+    with the files the steps after them read ("compact", "scan_images", "final") and the
+    distillation gate's record ("distillation", with the check's verdict)."""
     scanned = None  # the scan's own synthetic images (cfg.scan_synth_config), made from the original
     if cfg.synth_model == "original":
         synthesized = steps.synthesize_task(run, original, cfg)
@@ -200,42 +224,33 @@ def _run_steps(run: RunHandle, experiment_id: str, source: dict, cfg: DefendConf
         distillation["check"] = checked["check"]
         checked["seconds"] += undistilled["seconds"]
         student = tuned if checked["check"]["kept"] else undistilled
-    final = student["files"]["model"]
-    evaluated = steps.evaluate_task(run, {"original": original, "clean+compact": compact, "fine-tuned": final},
-                                    scan_images, cfg, eval_data, data_dir, attack_dir)
-    exported = steps.export_task(run, final, original, threads, latency_batch)
+    return {"synthesize": synthesized, "synthesize_scan": scanned, "trigger_probe": probed,
+            "clean_compact": compacted, "adversarial": adversarial, "teacher_finetune": teacher_tuned,
+            "finetune": tuned, "distill_check": checked, "student": student, "distillation": distillation,
+            "compact": compact, "scan_images": scan_images, "final": student["files"]["model"]}
 
-    original_model, final_model = load_model(original), load_model(final)
+
+def _report(original: str, done: dict, cfg: DefendConfig, source: dict, t0: float) -> dict:
+    """cc_core's report of the run from its tasks' outputs (``done``, _defense_tasks' with
+    "evaluate" and "export"), with the ONNX export, every evaluated step and the source."""
+    from cc_core.io import load_model
+
+    evaluated, exported, compacted = done["evaluate"], done["export"], done["clean_compact"]
     by_step = {row["step"]: row for row in evaluated["steps"]}
     metrics = {f"{k}_{when}": by_step.get(step, {}).get(k) for k in ("acc", "asr", "ra", "per_class_acc")
                for when, step in (("before", "original"), ("after", "fine-tuned"))}
     timings = dict(compacted["timings"])
-    for name, out in (("synthesize", synthesized), ("trigger_probe", probed), ("adversarial", adversarial), ("finetune", tuned),
-                      ("evaluate", evaluated), ("export", exported)):
-        timings[name] = out["seconds"]
-    if scanned is not None:
-        timings["synthesize_scan"] = scanned["seconds"]
-    if teacher_tuned is not None:
-        timings["teacher_finetune"] = teacher_tuned["seconds"]
-    if checked is not None:
-        timings["distill_check"] = checked["seconds"]
+    for name in ("synthesize", "trigger_probe", "adversarial", "finetune", "evaluate", "export"):
+        timings[name] = done[name]["seconds"]
+    for name in ("synthesize_scan", "teacher_finetune", "distill_check"):
+        if done[name] is not None:
+            timings[name] = done[name]["seconds"]
     timings["total"] = time.perf_counter() - t0  # wall time of this run (finished steps reused count ~0)
     plan = CompactionPlan.from_dict(json.loads(Path(compacted["files"]["plan"]).read_text()))
-    synth_log = {k: synthesized[k] for k in ("bn_loss", "ce_loss", "n")}
-    report = make_report(original_model, final_model, cfg, plan, metrics, adversarial["histogram_before"],
-                         evaluated["histogram_after"], timings, student["history"], synth_log, cfg.device,
-                         compacted["channel_clean"], adversarial["exclusion"], distillation, student["guard"],
-                         compacted.get("bn_match"))
-    report["onnx"] = exported["onnx"]
-    report["steps"] = evaluated["steps"]
-    report["source"] = source
-    gates = evaluate_gates(report, gate_cfg)
-    passed = gates_passed(gates)
-    report["status"] = "promoted" if passed else "rejected"
-    logged = steps.log_package_task(run, experiment_id, report, gates, source,
-                                    {"model": final, "plan": compacted["files"]["plan"],
-                                     "onnx": exported["files"]["onnx"]},
-                                    list(original_model.cc_spec.class_names or ()))
-    registered = steps.register_task(run, target, logged["model_uri"], logged["model_id"], source, cfg.ratio,
-                                     config_hash, gates, passed)
-    return {"status": report["status"], "registered": registered, "gates": gates, "report": report}
+    synth_log = {k: done["synthesize"][k] for k in ("bn_loss", "ce_loss", "n")}
+    student, adversarial = done["student"], done["adversarial"]
+    report = make_report(load_model(original), load_model(done["final"]), cfg, plan, metrics,
+                         adversarial["histogram_before"], evaluated["histogram_after"], timings, student["history"],
+                         synth_log, cfg.device, compacted["channel_clean"], adversarial["exclusion"],
+                         done["distillation"], student["guard"], compacted.get("bn_match"))
+    return report | {"onnx": exported["onnx"], "steps": evaluated["steps"], "source": source}
