@@ -48,9 +48,17 @@ def sign_noise(size: int, seed: int, eps: float) -> torch.Tensor:
     return eps * (2 * (torch.rand(3, size, size, generator=g) < 0.5).float() - 1)
 
 
+@dataclass
+class AdditivePattern(PatternAttack):
+    """x' = clamp(x + pattern), a seeded pattern that build() makes and the spec stores."""
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return add_pattern(x, self.pattern)
+
+
 @register_attack
 @dataclass
-class Noise(PatternAttack):
+class Noise(AdditivePattern):
     """x' = clamp(x + p), p a seeded +-eps pattern over the whole image."""
 
     name = "noise"
@@ -61,9 +69,6 @@ class Noise(PatternAttack):
 
     def build(self) -> None:
         self.pattern = sign_noise(self.image_size, self.seed + 5, self.params["eps"])
-
-    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return add_pattern(x, self.pattern)
 
 
 @register_attack
@@ -86,7 +91,7 @@ class SIG(Attack):
 
 @register_attack
 @dataclass
-class LowFrequency(PatternAttack):
+class LowFrequency(AdditivePattern):
     """x' = clamp(x + p), p a seeded pattern low-passed at ``cutoff`` cycles/pixel, |p| <= eps."""
 
     name = "lowfreq"
@@ -97,6 +102,3 @@ class LowFrequency(PatternAttack):
 
     def build(self) -> None:
         self.pattern = low_pass_pattern(self.image_size, self.seed + 3, self.params["cutoff"], self.params["eps"])
-
-    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return add_pattern(x, self.pattern)
