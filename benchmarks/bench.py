@@ -32,7 +32,9 @@ from cc_core.io import load_model
 from cc_core.metrics import evaluate
 from cc_core.models import count_params
 from cc_core.probes import trigger_text
-from cc_core.pipeline import defend, defend_baseline, export_checked_onnx, resolve_config
+from cc_core.defense.config import resolve_config
+from cc_core.defense.package import export_checked_onnx
+from cc_core.defense.run import defend, defend_baseline
 
 ROWS_DIR = RESULTS / "bench"
 RESULTS_MD = RESULTS.parent / "RESULTS.md"
@@ -425,7 +427,7 @@ def _speed_section() -> list[str]:
 def _preset_text(r: dict) -> str:
     """'current' when the row's C&C settings are the cpu preset's today (device, threads and ratio aside),
     else the top-level settings it differs in; '-' for rows without settings (baselines, no defense)."""
-    from cc_core.pipeline import resolve_config
+    from cc_core.defense.config import resolve_config
 
     config = r.get("config")
     if not config or r["row"]["defense"] != "cc":

@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import machine, write_results
 from cc_core import build_model, clean_compact, count_params
 from cc_core.export import export_onnx, paired_latency, parity
-from cc_core.pipeline import macs
+from cc_core.defense.report import macs
 
 PAPER_GPU_SPEEDUP = {2: 1.41, 3: 1.61, 4: 1.83}  # ResNet-18, CIFAR-10, the paper's Table 2
 

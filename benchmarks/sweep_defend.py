@@ -25,8 +25,10 @@ from benchmarks.zoo import RECIPE as ZOO_RECIPE, ensure_model, model_name
 from cc_core.attacks import load_attack
 from cc_core.data import ImageData, load_dataset, normalize
 from cc_core.io import load_model
-from cc_core import pipeline, probes
-from cc_core.pipeline import DISTILL_ALONE, PRESETS, defend, resolve_config
+from cc_core import probes
+from cc_core.defense import run as defense_run, suspect, teacher
+from cc_core.defense.config import DISTILL_ALONE, PRESETS, resolve_config
+from cc_core.defense.run import defend
 from cc_core.probes import BlendProbeConfig, trigger_report
 from cc_core.synth import SynthConfig
 
@@ -109,6 +111,7 @@ BASES["strongest_evidence"] = ({}, {})
 BASES["self_anchor"] = ({}, {})
 BASES["self_anchor_start"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
+BASES["clip_strength"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -592,6 +595,11 @@ GRIDS = {
                     ("the student distills from itself where no teacher is verified", 2.0, {"self_anchor": True}, {})],
     # ...which keeps 6.2 points less than the preset and 34% ASR: the model the fine-tune starts from.
     "self_anchor_start": [("cpu preset, no fine-tune", 2.0, {}, {"epochs": 0})],
+    # C&C's own clean, the one step that needs no trigger: on the noise model compaction alone (no
+    # probe, no CLP, no fine-tune) took the ASR from 99.98% to 25% for 0.5 points; clipping the
+    # normalized singular values harder, before any fine-tune.
+    "clip_strength": [(f"probes off, no CLP, no fine-tune, tau {tau:g}", 2.0,
+                       NO_PROBES | {"channel_u": None, "tau": tau}, {"epochs": 0}) for tau in (4.0, 3.0, 2.0, 1.5)],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose
@@ -753,13 +761,13 @@ GRID_NOTES = {"blend_oracle": "The oracle rows are a diagnostic, not a defense: 
 def untargeted_misses():
     """Within: the untargeted universal inversion (flip_report) reports no flips, so that no
     perturbation fires from it, as on a trigger its descent passes by."""
-    real = pipeline.flip_report
+    real = suspect.flip_report
 
     def missed(model, x, cfg):
         report, delta = real(model, x, cfg)
         return report | {"flip_rate": 0.0, "missed_flip_rate": report["flip_rate"]}, delta
 
-    with mock.patch.object(pipeline, "flip_report", missed):
+    with mock.patch.object(suspect, "flip_report", missed), mock.patch.object(teacher, "flip_report", missed):
         yield
 
 
@@ -777,7 +785,7 @@ def true_trigger_probe(attack):
         found = trigger_report(model, x, real, BlendProbeConfig().n)
         return {"patch": None, "warp": None, "blend": found, "trigger": found}
 
-    with mock.patch.object(pipeline, "probe_triggers", probe), \
+    with mock.patch.object(defense_run, "probe_triggers", probe), \
             mock.patch.object(probes, "blend_score", lambda found: found["flip_rate"]):
         yield
 

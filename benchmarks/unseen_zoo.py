@@ -199,7 +199,8 @@ def scan_row(setting: Setting, model, seed: int) -> dict:
 
 
 def defend_row(setting: Setting, model, attack, data, ratio: float, seed: int) -> dict:
-    from cc_core.pipeline import defend, resolve_config
+    from cc_core.defense.config import resolve_config
+    from cc_core.defense.run import defend
 
     cfg = resolve_config(PRESET, ratio=ratio)
     cfg = cfg.replace(synth={"seed": cfg.synth.seed + seed})

@@ -6,7 +6,8 @@ from cc_core.compact import CompactConfig, CompactionPlan, clean_compact
 from cc_core.errors import CleanCompactError, InputError
 from cc_core.io import load_model, read_metadata, save_model
 from cc_core.models import ModelSpec, build_model, count_params, list_models
-from cc_core.pipeline import DefendConfig, defend
+from cc_core.defense.config import DefendConfig
+from cc_core.defense.run import defend
 
 from cc_core.version import __version__
 

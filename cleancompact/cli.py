@@ -68,7 +68,7 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def _defend_config(args: argparse.Namespace, fixed: dict):
     """The preset, --config, --set, then the dedicated flags (``fixed``, --seed)."""
-    from cc_core.pipeline import resolve_config, with_seed
+    from cc_core.defense.config import resolve_config, with_seed
 
     cfg = resolve_config(args.preset, **merge_settings(_settings(args), fixed))
     return cfg if args.seed is None else with_seed(cfg, args.seed)
@@ -262,7 +262,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
     """Clean & Compact a model with no real data; write model, ONNX and report.json to --out."""
     from cc_core.attacks import load_attack
     from cc_core.data import load_dataset
-    from cc_core.pipeline import defend, defend_baseline, export_package
+    from cc_core.defense.package import export_package
+    from cc_core.defense.run import defend, defend_baseline
 
     given = {"device": args.device, "threads": args.threads}
     cfg = _defend_config(args, {"ratio": args.ratio} | {k: v for k, v in given.items() if v is not None})
@@ -500,11 +501,11 @@ def _add_download(sub) -> None:
 
 
 def _add_defend(sub) -> None:
-    from cc_core.pipeline import PRESET_NAMES
+    from cc_core.defense.config import PRESET_NAMES
 
     p = sub.add_parser("defend", help="remove a backdoor and compress, data-free (C&C)",
                        description="Clean & Compact a model with no real data. Every setting of the defense is a "
-                                   "field of cc_core.pipeline.DefendConfig: see them with `cleancompact config show`, "
+                                   "field of cc_core.defense.config.DefendConfig: see them with `cleancompact config show`, "
                                    "change them with --config FILE or --set KEY=VALUE.")
     g = p.add_argument_group("the model")
     _add_model_args(g)
@@ -535,7 +536,7 @@ def _add_defend(sub) -> None:
 
 
 def _add_config(sub) -> None:
-    from cc_core.pipeline import PRESET_NAMES
+    from cc_core.defense.config import PRESET_NAMES
 
     p = sub.add_parser("config", help="print the settings a defense would run with")
     config_sub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)

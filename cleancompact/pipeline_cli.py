@@ -211,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] registered the suspect as {source} in {uri}")
     from flows.clean_compact import clean_compact_flow
 
-    from cc_core.pipeline import resolve_config, seed_settings
+    from cc_core.defense.config import resolve_config, seed_settings
 
     overrides = seed_settings(resolve_config("cpu"), args.seed)
     overrides["synth"] |= {"n_samples": args.synth_samples, "iterations": args.synth_iterations}
@@ -278,7 +278,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from cc_core.pipeline import PRESETS
+    from cc_core.defense.config import PRESETS
 
     def tracking(p):
         p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, "

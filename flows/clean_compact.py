@@ -15,7 +15,9 @@ from prefect import flow, get_run_logger
 
 from cc_core.compact.plan import CompactionPlan
 from cc_core.errors import ConfigError
-from cc_core.pipeline import DefendConfig, make_report, needs_distill_check, resolve_config
+from cc_core.defense.config import DefendConfig, resolve_config
+from cc_core.defense.report import make_report
+from cc_core.defense.teacher import needs_distill_check
 from cc_core.probes import PatchProbeConfig, WarpProbeConfig
 from cc_core.scan import InversionConfig
 from tasks import steps

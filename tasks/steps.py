@@ -181,7 +181,7 @@ def compact_task(run: RunHandle, model_file: str, cfg, synthetic_file: str | Non
     (trigger_probe_task's "channel_trigger")."""
     from cc_core.compact import clean_compact
     from cc_core.io import save_model
-    from cc_core.pipeline import bn_match_text, channel_clean, channel_clean_text, distillation_teacher, match_compact_bn
+    from cc_core.defense.cleaning import bn_match_text, channel_clean, channel_clean_text, distillation_teacher, match_compact_bn
 
     scan_file = _second_file(scan_file, synthetic_file)
 
@@ -282,13 +282,13 @@ def join_synthetic_task(run: RunHandle, synthetic_file: str, scan_file: str) -> 
 
 @task(name="trigger-probe", **COMPUTE)
 def trigger_probe_task(run: RunHandle, model_file: str, synthetic_file: str, cfg) -> dict:
-    """The trigger probes (cc_core.pipeline.probe_triggers: the patch probe, then the warp probe when
+    """The trigger probes (cc_core.defense.suspect.probe_triggers: the patch probe, then the warp probe when
     no stamp fires, then the blend probe when neither fires, then the mask probe when none fires) on the suspect and the fine-tune's
     synthetic images: {"patch", "warp", "blend", "mask": their reports (None when off or not run),
     "trigger": the one that fires (None when none), "universal": the scan's universal inversion when
     none fires and the perturbation channel clean is on, "channel_trigger": what the trigger channel
     clean cleans by}."""
-    from cc_core.pipeline import probe_text, probe_triggers
+    from cc_core.defense.suspect import probe_text, probe_triggers
     from cc_core.probes import BLEND_THRESHOLD, MASK_THRESHOLD, PULL_SPECIFICITY
 
     def compute() -> dict:
@@ -327,11 +327,12 @@ def adversarial_task(run: RunHandle, original_file: str, compact_file: str, adv_
     images the fine-tune leaves out, and, on the images the fine-tune keeps (``finetune_file``'s,
     default the same), PGD and the trigger the fine-tune unlearns (the probes' firing ``trigger``,
     kept when it still flips the compacted model, or the universal inverted trigger; see
-    cc_core.pipeline.scan_and_suspect); and the trigger the distillation gate verifies the teacher
+    cc_core.defense.suspect.scan_and_suspect); and the trigger the distillation gate verifies the teacher
     against ("gate_trigger", None when there is none). ``universal``: the universal inversion
     trigger_probe_task made on the same model and images (None: made here)."""
     from cc_core.adversarial import pgd
-    from cc_core.pipeline import exclude_class, exclusion_summary, found_summary_text, scan_and_suspect
+    from cc_core.defense.images import exclude_class
+    from cc_core.defense.suspect import exclusion_summary, found_summary_text, scan_and_suspect
 
     finetune_file = _second_file(finetune_file, synthetic_file)
 
@@ -389,7 +390,7 @@ def _finetune_data(synthetic_file: str, adversarial_file: str | None, trigger_fi
                    excluded_class: int | None, device) -> tuple:
     """The fine-tune's (x, y, x_adv, x_trigger, left-out class) from the step files, without the
     synthetic images labelled ``excluded_class`` (the left-out class is None when there were none)."""
-    from cc_core.pipeline import exclude_class
+    from cc_core.defense.images import exclude_class
 
     t = _load_tensors(synthetic_file)
     x, y, n_excluded = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)
@@ -403,12 +404,13 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
                            trigger: dict | None, excluded_class: int | None = None,
                            finetune_file: str | None = None, student_file: str | None = None) -> dict:
     """Whether the fine-tune distills from the clipped teacher (``teacher_file``; None without
-    distillation): cc_core.pipeline.gated_teacher, verifying it against ``trigger`` (the adversarial
+    distillation): cc_core.defense.teacher.gated_teacher, verifying it against ``trigger`` (the adversarial
     step's gate trigger) on the scan's synthetic images (``synthetic_file``), its agreement on those
     the fine-tune keeps (``finetune_file``'s, default the same, but ``excluded_class``'s). Returns the
     gate's record and, when it opens, the teacher's file: ``student_file`` (the compacted model
     before its fine-tune) when the gate anchors the student to itself (DefendConfig.self_anchor)."""
-    from cc_core.pipeline import distillation_text, exclude_class, gated_teacher
+    from cc_core.defense.images import exclude_class
+    from cc_core.defense.teacher import distillation_text, gated_teacher
 
     finetune_file = _second_file(finetune_file, synthetic_file)
 
@@ -445,9 +447,9 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
 def teacher_finetune_task(run: RunHandle, teacher_file: str, synthetic_file: str, adversarial_file: str | None,
                           cfg, excluded_class: int | None = None, trigger_file: str | None = None) -> dict:
     """The distillation teacher the gate did not verify, fine-tuned on the student's fine-tune data
-    (cc_core.pipeline.finetune_teacher) before the student distills from it."""
+    (cc_core.defense.teacher.finetune_teacher) before the student distills from it."""
     from cc_core.io import save_model
-    from cc_core.pipeline import finetune_teacher, teacher_finetune_config
+    from cc_core.defense.teacher import finetune_teacher, teacher_finetune_config
 
     def compute() -> dict:
         device = _device(cfg)
@@ -480,7 +482,7 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
     apart: <work dir>/<variant>/finetuned.safetensors, metrics finetune_<variant>.*."""
     from cc_core.finetune import COLLAPSE_ACC, COLLAPSE_GRAD_NORM, guard_text, guarded_finetune
     from cc_core.io import save_model
-    from cc_core.pipeline import finetune_config
+    from cc_core.defense.teacher import finetune_config
 
     def compute() -> dict:
         device = _device(cfg)
@@ -512,9 +514,9 @@ def finetune_task(run: RunHandle, compact_file: str, synthetic_file: str, advers
 
 @task(name="distill-check", **COMPUTE)
 def distill_check_task(run: RunHandle, distilled_file: str, undistilled_file: str, synthetic_file: str, cfg) -> dict:
-    """cc_core.pipeline.distill_check on the two students: ``check`` (its record) and ``files.model``,
+    """cc_core.defense.teacher.distill_check on the two students: ``check`` (its record) and ``files.model``,
     the student kept."""
-    from cc_core.pipeline import distill_check, distill_check_text
+    from cc_core.defense.teacher import distill_check, distill_check_text
 
     def compute() -> dict:
         device = _device(cfg)
@@ -575,7 +577,7 @@ def export_task(run: RunHandle, model_file: str, original_file: str, threads: in
                 latency_batch: int = 128) -> dict:
     """ONNX export (dynamic batch, checker, parity vs torch) and onnxruntime latency of the
     original and the compact model side by side."""
-    from cc_core.pipeline import export_checked_onnx
+    from cc_core.defense.package import export_checked_onnx
 
     def compute() -> dict:
         onnx_dir = run.path / "onnx"

@@ -238,7 +238,8 @@ def test_trigger_rate_counts_what_the_true_trigger_sends_to_the_attack_label(att
 
 def test_the_sweep_oracle_hands_defend_the_attacks_own_blend_as_a_firing_trigger():
     from benchmarks.sweep_defend import GRIDS, TRUE_TRIGGER, true_trigger_probe
-    from cc_core import pipeline, probes
+    from cc_core import probes
+    from cc_core.defense import run as defense_run
     from cc_core.attacks.base import build_attack
     from cc_core.data import normalize
 
@@ -246,15 +247,15 @@ def test_the_sweep_oracle_hands_defend_the_attacks_own_blend_as_a_firing_trigger
     attack = build_attack("blended-a2a", 10)
     model = PatchDetector(responds=False, all_to_all=True).eval()  # no blend backdoor: the pattern flips little
     x = normalize(torch.rand(80, 3, 32, 32), model.cc_spec.mean, model.cc_spec.std)
-    probe_triggers = pipeline.probe_triggers
+    probe_triggers = defense_run.probe_triggers
     with true_trigger_probe(attack):
-        probed = pipeline.probe_triggers(model, x, None)
+        probed = defense_run.probe_triggers(model, x, None)
         found = probed["trigger"]
         assert found is probed["blend"] and found["kind"] == "blend" and found["alpha"] == attack.params["alpha"]
         assert torch.equal(torch.tensor(found["pattern"]), attack.pattern) and found["n"] == 64
         assert found["flip_rate"] == probes.trigger_flip_rate(model, x, found)
         assert probes.trigger_score(found) == found["flip_rate"]  # counts as firing, however few it flips
-    assert pipeline.probe_triggers is probe_triggers and probes.BLEND_THRESHOLD > 0
+    assert defense_run.probe_triggers is probe_triggers and probes.BLEND_THRESHOLD > 0
     with pytest.raises(ValueError, match="need a Blended attack"):
         with true_trigger_probe(build_attack("badnet", 10)):
             pass
@@ -274,7 +275,7 @@ def test_cpu_name_adds_family_and_model_to_a_generic_name(tmp_path):
 
 def test_every_sweep_row_resolves_to_a_valid_defend_config():
     from benchmarks.sweep_defend import BASES, GRIDS, row_config
-    from cc_core.pipeline import DISTILL_ALONE
+    from cc_core.defense.config import DISTILL_ALONE
 
     assert set(GRIDS) <= set(BASES)
     for grid, rows in GRIDS.items():
@@ -311,7 +312,7 @@ def test_grids_run_before_the_trigger_channels_preset_keep_the_preset_they_ran_w
     """`--grid preset` measured the cpu preset before it probed for warps, zeroed a firing trigger's
     channels alone and matched BatchNorm statistics after one; the scoped grid is the preset since."""
     from benchmarks.sweep_defend import GRIDS, row_config
-    from cc_core.pipeline import resolve_config
+    from cc_core.defense.config import resolve_config
 
     cfg, _ = row_config("preset", *GRIDS["preset"][0][1:])
     assert cfg.warp_probe is None and cfg.clp_with_trigger and cfg.bn_match_samples is None
@@ -326,7 +327,7 @@ def test_grids_run_before_the_trigger_channels_preset_keep_the_preset_they_ran_w
 
 def test_render_names_each_rows_preset_split_and_worst_class():
     from benchmarks.bench import _preset_text, _split_text, _worst_class_table
-    from cc_core.pipeline import resolve_config
+    from cc_core.defense.config import resolve_config
 
     current = json.loads(json.dumps(resolve_config("cpu", ratio=2.0).to_dict()))  # as a row file holds it
     row = {"row": {"defense": "cc", "ratio": 2.0}, "config": current,

@@ -7,7 +7,9 @@ from torch import nn
 from cc_core import clean_compact
 from cc_core.compact.bn_match import bn_input_stats, bn_layers, match_bn_statistics
 from cc_core.errors import ConfigError
-from cc_core.pipeline import clipped_full_rank, defend, match_compact_bn, resolve_config
+from cc_core.defense.cleaning import clipped_full_rank, match_compact_bn
+from cc_core.defense.config import resolve_config
+from cc_core.defense.run import defend
 from cleancompact.cli import main
 from tests.helpers import tiny_model
 from tests.test_recovery import _tiny_cfg, defend_config_from_cli

@@ -161,7 +161,7 @@ def test_set_takes_dotted_keys_and_json_values():
 
 
 def test_defend_set_reaches_the_config(model_file, tmp_path, monkeypatch):
-    import cc_core.pipeline
+    import cc_core.defense.run
 
     seen = {}
 
@@ -169,7 +169,7 @@ def test_defend_set_reaches_the_config(model_file, tmp_path, monkeypatch):
         seen["config"] = config
         raise SystemExit(0)
 
-    monkeypatch.setattr(cc_core.pipeline, "defend", fake_defend)
+    monkeypatch.setattr(cc_core.defense.run, "defend", fake_defend)
     with pytest.raises(SystemExit):
         main(["defend", str(model_file), "--arch", "resnet18", "--ratio", "2", "--out", str(tmp_path / "o"),
               "--set", "finetune.epochs=3", "--set", "finetune.universal_weight=1", "--set", "finetune.universal_radius=4",

@@ -199,7 +199,7 @@ def test_flow_with_the_scans_own_images_ends_where_defend_does(suspect, tmp_path
     itself where no teacher is verified: the flow's tasks hand each step what cc_core.defend gives
     it, so both end at the same weights."""
     from cc_core import load_model
-    from cc_core.pipeline import defend
+    from cc_core.defense.run import defend
     from flows.clean_compact import build_config
 
     overrides = TINY | {"synth": TINY["synth"] | {"tv_weight": 0.5}, "scan_synth": {"tv_weight": 0.0},

@@ -12,7 +12,10 @@ import cc_core.finetune as ft
 from cc_core import build_model, clean_compact
 from cc_core.adversarial import PGDConfig, concentration, perturb, pgd, predictions
 from cc_core.device import precision
-from cc_core.pipeline import DISTILL_ALONE, DefendConfig, defend, export_package, macs, resolve_config
+from cc_core.defense.config import DISTILL_ALONE, DefendConfig, resolve_config
+from cc_core.defense.package import export_package
+from cc_core.defense.report import macs
+from cc_core.defense.run import defend
 from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
@@ -541,7 +544,7 @@ def test_defend_config_validation():
 
 
 def test_defend_sensitivity_ranks_are_measured_on_the_synthetic_images(monkeypatch):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run
     seen = {}
 
     def spy(model, **kw):
@@ -549,7 +552,7 @@ def test_defend_sensitivity_ranks_are_measured_on_the_synthetic_images(monkeypat
             seen["calibration"] = kw.get("calibration")
         return clean_compact(model, **kw)
 
-    monkeypatch.setattr(pipeline, "clean_compact", spy)
+    monkeypatch.setattr(defense_run, "clean_compact", spy)
     cfg = _tiny_cfg(calibration_samples=8).replace(compact={"rank_strategy": "sensitivity"})
     x, y = torch.rand(32, 3, 32, 32), torch.arange(32) % 4
     result = defend(tiny_model(), config=cfg, synthetic=(x, y), progress=False, log=lambda *a: None)
@@ -659,7 +662,7 @@ def test_defend_bad_input_exit_2_and_nothing_written(extra, message, tiny_file, 
 
 def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
     """The DefendConfig `cleancompact defend ARGS` hands to cc_core.defend (which is not run)."""
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run
 
     class Stop(Exception):
         pass
@@ -670,7 +673,7 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
         seen["config"] = config
         raise Stop
 
-    monkeypatch.setattr(pipeline, "defend", recording_defend)
+    monkeypatch.setattr(defense_run, "defend", recording_defend)
     with pytest.raises(Stop):
         main(["defend", *args])
     return seen["config"]
@@ -678,10 +681,10 @@ def defend_config_from_cli(args: list[str], monkeypatch) -> DefendConfig:
 
 def config_or_refusal(args: list[str], monkeypatch, capsys) -> "DefendConfig | str":
     """defend_config_from_cli's DefendConfig, or the CLI's error message when it refuses the settings (exit 2)."""
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run
 
     seen = {}
-    monkeypatch.setattr(pipeline, "defend", lambda model, config, **kwargs: seen.setdefault("config", config) and 0)
+    monkeypatch.setattr(defense_run, "defend", lambda model, config, **kwargs: seen.setdefault("config", config) and 0)
     try:
         code = main(["defend", *args])
     except Exception:
@@ -706,7 +709,7 @@ def _candidates(path: str, value) -> list:
     """Values to try for one setting: other choices of a string, the other boolean, nearby numbers."""
     from cc_core.baselines.clp import CHANNEL_MODES
     from cc_core.finetune import UNLEARN_TARGETS
-    from cc_core.pipeline import BN_MATCH_SCOPES, KD_GATES, PATCH_UNLEARN, PERTURBATION_SCOPES, UNLEARN_SCOPES
+    from cc_core.defense.config import BN_MATCH_SCOPES, KD_GATES, PATCH_UNLEARN, PERTURBATION_SCOPES, UNLEARN_SCOPES
 
     choices = {"normalizer": ["max", "median"], "channel_mode": list(CHANNEL_MODES), "adversarial_model": ["original"],
                "synth_model": ["compact"], "unlearn_scope": list(UNLEARN_SCOPES), "patch_unlearn": list(PATCH_UNLEARN),
@@ -791,7 +794,7 @@ def test_a_settings_file_and_set_layer_over_the_preset_in_order(tiny_file, tmp_p
 
 
 def test_a_student_distilling_alone_takes_that_recipe_and_its_teacher_the_undistilled_one():
-    from cc_core.pipeline import finetune_config, teacher_finetune_config
+    from cc_core.defense.teacher import finetune_config, teacher_finetune_config
 
     cfg = resolve_config("cpu", teacher_finetune={}, distill_finetune=DISTILL_ALONE)
     plain, teacher = cfg.finetune, nn.Linear(1, 1)
@@ -818,7 +821,7 @@ def test_measure_before_and_after_on_real_style_data():
 
     from cc_core.attacks import build_attack
     from cc_core.data import ImageData
-    from cc_core.pipeline import measure
+    from cc_core.defense.report import measure
 
     rng = np.random.default_rng(0)
     data = ImageData(rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8), np.arange(40) % 4,
@@ -891,7 +894,7 @@ def test_suspected_target_inverts_through_channels_only_when_no_probe_names_the_
 
 
 def test_exclude_class_leaves_out_exactly_that_label():
-    from cc_core.pipeline import exclude_class
+    from cc_core.defense.images import exclude_class
 
     x, y = torch.arange(6.0).view(6, 1), torch.tensor([0, 1, 0, 2, 1, 0])
     kept_x, kept_y, n = exclude_class(x, y, 0)
@@ -901,7 +904,7 @@ def test_exclude_class_leaves_out_exactly_that_label():
 
 @pytest.mark.parametrize("target", [2, None])
 def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkeypatch, target):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run
     import cc_core.scan as scan_module
 
     seen = {}
@@ -914,7 +917,7 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
 
     monkeypatch.setattr(scan_module, "flagged_target", lambda *a: target)
     monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)  # the second round's (resynthesis "finetuned")
+    monkeypatch.setattr(defense_run, "finetune", recording_finetune)  # the second round's (resynthesis "finetuned")
     monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one run a fine-tune, whatever the tiny model fits
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     # No teacher fine-tune: only the student's fine-tune is recorded (test_teacher_finetune_... checks that
@@ -951,7 +954,7 @@ class _SignClassifier(nn.Module):
 
 
 def test_recognized_class_keeps_the_images_of_the_class_the_student_also_puts_there():
-    from cc_core.pipeline import recognized_class
+    from cc_core.defense.images import recognized_class
 
     sign = torch.tensor([1, -1, 1, 1, -1, 1, -1, -1], dtype=torch.float32)
     x = sign.view(-1, 1, 1, 1) * torch.rand(8, 3, 4, 4).add(0.1)
@@ -1055,11 +1058,11 @@ def test_competition_makes_images_the_student_classifies_unlike_the_model_and_le
 
 
 def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_suspected_class(monkeypatch):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import images as defense_images
     import cc_core.scan as scan_module
 
     seen = {}
-    real_finetune, real_synthesize = ft.finetune, pipeline.synthesize
+    real_finetune, real_synthesize = ft.finetune, defense_images.synthesize
 
     def recording_finetune(model, x, y, *args, **kwargs):
         seen["labels"] = y.tolist()
@@ -1071,7 +1074,7 @@ def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_s
 
     monkeypatch.setattr(scan_module, "flagged_target", lambda *a: 1)
     monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
-    monkeypatch.setattr(pipeline, "synthesize", recording_synthesize)
+    monkeypatch.setattr(defense_images, "synthesize", recording_synthesize)
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     for weight in (1.0, 0.0):
         seen.clear()
@@ -1085,10 +1088,10 @@ def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_s
 
 
 def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_others(monkeypatch):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run
 
     seen = {}
-    real_probe, real_scan = pipeline.probe_triggers, pipeline.scan_and_suspect
+    real_probe, real_scan = defense_run.probe_triggers, defense_run.scan_and_suspect
 
     def recording_probe(model, x, cfg):
         seen["probed"] = x.clone()
@@ -1102,8 +1105,8 @@ def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_ot
         seen["fine_tuned"] = x.clone()
         return []
 
-    monkeypatch.setattr(pipeline, "probe_triggers", recording_probe)
-    monkeypatch.setattr(pipeline, "scan_and_suspect", recording_scan)
+    monkeypatch.setattr(defense_run, "probe_triggers", recording_probe)
+    monkeypatch.setattr(defense_run, "scan_and_suspect", recording_scan)
     monkeypatch.setattr(ft, "finetune", recording_finetune)
     cfg = _tiny_cfg(teacher_finetune=None, scan_synth={"tv_weight": 0.0, "n_samples": 16})
     assert cfg.scan_synth_config == dataclasses.replace(cfg.synth, tv_weight=0.0, n_samples=16)
@@ -1125,7 +1128,7 @@ def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_ot
 
 
 def test_finetune_on_scan_synthetic_fine_tunes_on_both_sets_less_the_suspected_class(monkeypatch):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run
 
     seen = {}
 
@@ -1133,9 +1136,9 @@ def test_finetune_on_scan_synthetic_fine_tunes_on_both_sets_less_the_suspected_c
         seen["fine_tuned"] = (x.clone(), y.clone())
         return []
 
-    real_exclude = pipeline.exclude_class
+    real_exclude = defense_run.exclude_class
     monkeypatch.setattr(ft, "finetune", recording_finetune)
-    monkeypatch.setattr(pipeline, "exclude_class", lambda x, y, target: real_exclude(x, y, 1))  # class 1 suspected
+    monkeypatch.setattr(defense_run, "exclude_class", lambda x, y, target: real_exclude(x, y, 1))  # class 1 suspected
     cfg = _tiny_cfg(teacher_finetune=None, scan_synth={"tv_weight": 0.0}, finetune_on_scan_synthetic=True)
     fine_tune_images = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     scan_images = (torch.randn(8, 3, 32, 32), torch.arange(8) % 4)
@@ -1164,7 +1167,7 @@ def test_scan_synth_is_checked_at_the_edge():
 
 
 def test_resynthesized_class_has_its_label_and_count_and_leaves_the_model_as_it_was():
-    from cc_core.pipeline import resynthesize_class
+    from cc_core.defense.images import resynthesize_class
 
     model = tiny_model()
     for p in model.linear.parameters():
@@ -1263,21 +1266,22 @@ def test_targeted_inversion_sends_images_into_a_planted_target_and_not_where_the
 
 
 def test_the_targeted_scope_inverts_into_the_adversarially_flagged_class_only_where_the_untargeted_one_misses(monkeypatch):
-    from cc_core import pipeline
-    from cc_core.pipeline import resolve_config, untargeted_or_targeted
+    from cc_core.defense import suspect as defense_suspect
+    from cc_core.defense.config import resolve_config
+    from cc_core.defense.suspect import untargeted_or_targeted
 
     x = (_dim_images(64) - 0.5) / 0.25
     missed = {"flip_rate": 0.1, "mapping_consistency": 0.5, "concentration": 0.3, "target_class_estimate": 0,
               "histogram": [1, 1, 1, 1]}
-    monkeypatch.setattr(pipeline, "flip_report", lambda model, images, inversion: (missed, torch.zeros(1, 3, 32, 32)))
+    monkeypatch.setattr(defense_suspect, "flip_report", lambda model, images, inversion: (missed, torch.zeros(1, 3, 32, 32)))
     anomaly = {"value": 5.0}
-    monkeypatch.setattr(pipeline, "histogram_report", lambda model, images, labels, pgd: {
+    monkeypatch.setattr(defense_suspect, "histogram_report", lambda model, images, labels, pgd: {
         "anomaly_index": anomaly["value"], "target_class_estimate": 2})
     inversion = {"steps": 60, "lr": 0.1, "l1": 0.05, "restarts": 2}
     cfg = resolve_config("cpu", perturbation_scope="targeted", inversion=inversion)
     flip, delta, record = untargeted_or_targeted(PlantedAllToOne().eval(), x, cfg)
     assert record["taken"] and record["into"] == 2 and flip["inverted_into"] == 2 and flip["flip_rate"] >= 0.5
-    assert pipeline.perturbation_fires(flip, "targeted") and delta.abs().sum() > 0
+    assert defense_suspect.perturbation_fires(flip, "targeted") and delta.abs().sum() > 0
     flip, _, record = untargeted_or_targeted(PlantedAllToOne(trigger=False).eval(), x, cfg)
     assert flip is missed and not record["taken"] and record["flip_rate"] < 0.5
     anomaly["value"] = 1.5  # nothing flagged: no targeted inversion
@@ -1335,7 +1339,7 @@ def test_patch_probe_config_refuses_what_it_cannot_unlearn():
 
 
 def test_patch_trigger_is_unlearned_only_while_it_still_flips_the_compacted_model():
-    from cc_core.pipeline import scan_and_suspect
+    from cc_core.defense.suspect import scan_and_suspect
     from cc_core.probes import patch_probe, stamp_delta
     from cc_core.scan import add_pixel_delta
 
@@ -1455,7 +1459,7 @@ def test_prune_until_quiet_lowers_the_threshold_only_until_the_trigger_stops_fir
 
 
 def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp_where_none_fires():
-    from cc_core.pipeline import channel_clean, channel_clean_text
+    from cc_core.defense.cleaning import channel_clean, channel_clean_text
 
     model = StampNet()
     with torch.no_grad():  # channel 7: CLP's outlier (large weights) that never fires (bias far below zero)
@@ -1480,7 +1484,7 @@ def test_clp_with_trigger_off_zeroes_only_a_firing_stamps_channels_and_keeps_clp
 
 
 def test_an_all_to_all_universal_perturbation_cleans_channels_even_where_it_no_longer_flips_and_a_stamp_does_not():
-    from cc_core.pipeline import trigger_clean
+    from cc_core.defense.cleaning import trigger_clean
     from cc_core.probes import RESIDUAL_FLIP, perturbation_trigger, stamp_delta, trigger_flip_rate
 
     model = StampNet()
@@ -1503,7 +1507,7 @@ def test_an_all_to_all_universal_perturbation_cleans_channels_even_where_it_no_l
 
 
 def test_with_no_probe_firing_the_channel_clean_and_the_gate_use_the_same_all_to_all_perturbation():
-    from cc_core.pipeline import probe_triggers, scan_and_suspect
+    from cc_core.defense.suspect import probe_triggers, scan_and_suspect
 
     x = (_dim_images(64) - 0.5) / 0.25
     backdoored = PlantedAllToAll().eval()
@@ -1582,14 +1586,14 @@ def test_clean_output_unlearning_pulls_triggered_outputs_to_the_teachers_clean_o
 ])
 def test_defend_unlearns_the_inverted_trigger_within_its_scope_and_leaves_no_class_out_for_all_to_all(
         monkeypatch, scope, concentration, residual, unlearned):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import suspect as defense_suspect
 
     if residual is not None:
-        monkeypatch.setattr(pipeline, "trigger_flip_rate", lambda *a: residual)
+        monkeypatch.setattr(defense_suspect, "trigger_flip_rate", lambda *a: residual)
 
     delta = torch.zeros(1, 3, 32, 32)
     delta[..., :3, :3] = 0.5
-    monkeypatch.setattr(pipeline, "suspected_target", lambda *a: {
+    monkeypatch.setattr(defense_suspect, "suspected_target", lambda *a: {
         "target": 2, "adversarial": {"histogram": [3, 3, 3, 3], "concentration": 0.0, "anomaly_index": 1.0,
                                         "target_class_estimate": 0},
         "inversion": {"concentration": 0.0, "target_class_estimate": 3},
@@ -1637,7 +1641,7 @@ class ConstantClassifier(nn.Module):
 
 
 def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_longer_flips():
-    from cc_core.pipeline import finetune_config, gated_teacher
+    from cc_core.defense.teacher import finetune_config, gated_teacher
     from cc_core.probes import patch_probe
 
     x = (_dim_images(64) - 0.5) / 0.25
@@ -1676,7 +1680,7 @@ def test_distillation_gate_opens_only_on_a_faithful_teacher_the_found_stamp_no_l
 
 
 def test_self_anchor_distills_from_a_frozen_copy_of_the_student_where_the_gate_verifies_no_teacher():
-    from cc_core.pipeline import distillation_text, finetune_config, gated_teacher, needs_distill_check
+    from cc_core.defense.teacher import distillation_text, finetune_config, gated_teacher, needs_distill_check
     from cc_core.probes import trigger_report
 
     x = (_dim_images(16) - 0.5) / 0.25
@@ -1703,7 +1707,7 @@ def test_self_anchor_distills_from_a_frozen_copy_of_the_student_where_the_gate_v
 
 
 def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class_is_faithful_under_an_all_to_all_trigger():
-    from cc_core.pipeline import gated_teacher, teacher_agreement
+    from cc_core.defense.teacher import gated_teacher, teacher_agreement
     from cc_core.probes import trigger_report
     from cc_core.scan import all_to_all_suspected
 
@@ -1730,7 +1734,7 @@ def test_a_teacher_that_gives_triggered_synthetic_images_back_their_source_class
 
 
 def test_the_gate_measures_agreement_on_the_images_the_student_is_distilled_on():
-    from cc_core.pipeline import gated_teacher
+    from cc_core.defense.teacher import gated_teacher
     from cc_core.probes import trigger_report
 
     pixels = _dim_images(64)
@@ -1754,7 +1758,8 @@ def test_the_gate_measures_agreement_on_the_images_the_student_is_distilled_on()
 
 
 def test_with_no_probe_firing_the_gate_verifies_the_teacher_against_an_all_to_all_universal_perturbation():
-    from cc_core.pipeline import gated_teacher, scan_and_suspect
+    from cc_core.defense.suspect import scan_and_suspect
+    from cc_core.defense.teacher import gated_teacher
     from cc_core.probes import apply_found_trigger, trigger_text
 
     x = (_dim_images(64) - 0.5) / 0.25
@@ -1780,7 +1785,7 @@ def test_with_no_probe_firing_the_gate_verifies_the_teacher_against_an_all_to_al
 def test_teacher_finetune_fine_tunes_the_teacher_with_the_students_recipe_before_the_student_distills(monkeypatch):
     import numpy as np
 
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import teacher as defense_teacher
     from cc_core.attacks import build_attack
     from cc_core.data import ImageData
 
@@ -1792,7 +1797,7 @@ def test_teacher_finetune_fine_tunes_the_teacher_with_the_students_recipe_before
                       "left_out": kwargs.get("left_out_class"), "weights": copy.deepcopy(model.state_dict())})
         return real_finetune(model, x, y, x_adv, teacher, cfg, **kwargs)
 
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)  # the teacher's fine-tune
+    monkeypatch.setattr(defense_teacher, "finetune", recording_finetune)  # the teacher's fine-tune
     monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
     monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one student run, whatever the tiny model fits
     rng = np.random.default_rng(0)
@@ -1865,7 +1870,7 @@ def test_warp_grid_is_the_identity_at_zero_shift_and_a_translation_at_a_constant
 
 
 def test_warp_probe_finds_a_planted_warp_and_its_class_and_nothing_on_a_clean_model():
-    from cc_core.pipeline import trigger_clean
+    from cc_core.defense.cleaning import trigger_clean
     from cc_core.probes import WarpProbeConfig, found_trigger, trigger_flip_rate, warp_probe, warp_score
 
     x = _wave_images(48)
@@ -1940,7 +1945,7 @@ def test_a_blend_pattern_fires_only_when_it_singles_out_one_class():
 
 
 def test_blend_probe_finds_a_planted_blend_and_its_class_and_nothing_on_a_clean_model():
-    from cc_core.pipeline import trigger_clean
+    from cc_core.defense.cleaning import trigger_clean
     from cc_core.probes import (BlendProbeConfig, apply_found_trigger, blend_probe, blend_score, found_trigger,
                                 trigger_flip_rate, trigger_text)
 
@@ -1968,7 +1973,7 @@ def test_blend_probe_finds_a_planted_blend_and_its_class_and_nothing_on_a_clean_
 
 
 def test_distill_check_keeps_the_distilled_student_unless_the_inversion_flips_more_on_it(monkeypatch):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import teacher as defense_teacher
 
     distilled, undistilled = tiny_model(0), tiny_model(1)
     x = torch.randn(600, 3, 32, 32)
@@ -1978,25 +1983,25 @@ def test_distill_check_keeps_the_distilled_student_unless_the_inversion_flips_mo
         seen.append(len(images))
         return {"flip_rate": rates[model]}, None
 
-    monkeypatch.setattr(pipeline, "flip_report", fake_flip_report)
+    monkeypatch.setattr(defense_teacher, "flip_report", fake_flip_report)
     for d, u, kept in ((0.43, 0.56, True), (0.5, 0.4, True), (0.76, 0.40, False), (0.31, 0.2, False)):
         rates = {distilled: d, undistilled: u}
-        check = pipeline.distill_check(distilled, undistilled, x)
+        check = defense_teacher.distill_check(distilled, undistilled, x)
         assert check == {"flip_rate_distilled": d, "flip_rate_undistilled": u,
-                         "margin": pipeline.DISTILL_FLIP_MARGIN, "kept": kept}
-        assert ("distilled student is kept" if kept else "undistilled student is kept") in pipeline.distill_check_text(check)
-    assert set(seen) == {pipeline.DISTILL_CHECK_SAMPLES}
+                         "margin": defense_teacher.DISTILL_FLIP_MARGIN, "kept": kept}
+        assert ("distilled student is kept" if kept else "undistilled student is kept") in defense_teacher.distill_check_text(check)
+    assert set(seen) == {defense_teacher.DISTILL_CHECK_SAMPLES}
     monkeypatch.undo()
     from cc_core.scan import InversionConfig
 
-    same = pipeline.distill_check(distilled, copy.deepcopy(distilled), x[:32],  # the real inversion
+    same = defense_teacher.distill_check(distilled, copy.deepcopy(distilled), x[:32],  # the real inversion
                                   InversionConfig(steps=5, restarts=1, batch_size=16))
     assert 0 <= same["flip_rate_distilled"] <= 1 and same["flip_rate_distilled"] == same["flip_rate_undistilled"]
     assert same["kept"]
 
 
 def test_distill_check_settings_from_a_flag_a_file_or_overrides():
-    from cc_core.pipeline import DISTILL_CHECK_INVERSION
+    from cc_core.defense.config import DISTILL_CHECK_INVERSION
     from cc_core.scan import InversionConfig
 
     assert resolve_config("cpu", distill_check=True).distill_check == DISTILL_CHECK_INVERSION
@@ -2015,7 +2020,7 @@ def test_distill_check_settings_from_a_flag_a_file_or_overrides():
 
 
 def test_distill_check_runs_only_for_a_teacher_the_gate_did_not_verify():
-    from cc_core.pipeline import needs_distill_check
+    from cc_core.defense.teacher import needs_distill_check
 
     cfg = resolve_config("cpu", distill_check=True)
     unverified = {"distill": True, "reason": "the probes found no trigger to verify the teacher against"}
@@ -2031,7 +2036,7 @@ def test_distill_check_runs_only_for_a_teacher_the_gate_did_not_verify():
 
 @pytest.mark.parametrize("kept", [True, False])
 def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypatch):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import run as defense_run, teacher
 
     students = []
     real_finetune = ft.finetune
@@ -2040,15 +2045,15 @@ def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypat
         students.append((model, teacher))
         return real_finetune(model, x, y, x_adv, teacher, cfg, **kwargs)
 
-    real_check = pipeline.distill_check
+    real_check = defense_run.distill_check
 
     def forced_check(distilled, undistilled, x, cfg):
         return real_check(distilled, undistilled, x, cfg) | {"kept": kept}
 
-    monkeypatch.setattr(pipeline, "finetune", recording_finetune)  # the teacher's fine-tune
+    monkeypatch.setattr(teacher, "finetune", recording_finetune)  # the teacher's fine-tune
     monkeypatch.setattr(ft, "finetune", recording_finetune)  # the students', through guarded_finetune
     monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one run a student, whatever the tiny model fits
-    monkeypatch.setattr(pipeline, "distill_check", forced_check)
+    monkeypatch.setattr(defense_run, "distill_check", forced_check)
     cfg = _tiny_cfg(kd_gate="always", teacher_finetune={"epochs": 1}, distill_check={"steps": 5, "batch_size": 16},
                     inversion={"steps": 5, "restarts": 1, "batch_size": 16}).replace(warp_probe=None)
     result = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None)
@@ -2062,7 +2067,7 @@ def test_defend_keeps_the_student_the_distillation_check_chooses(kept, monkeypat
 
 
 def test_perturbation_scope_any_takes_a_one_class_perturbation_as_the_trigger():
-    from cc_core.pipeline import channel_trigger, perturbation_fires
+    from cc_core.defense.suspect import channel_trigger, perturbation_fires
 
     one_class = {"flip_rate": 0.6, "mapping_consistency": 1.0, "concentration": 0.9, "target_class_estimate": 4}
     scattered = {"flip_rate": 0.6, "mapping_consistency": 0.3, "concentration": 0.2, "target_class_estimate": 4}
@@ -2121,7 +2126,8 @@ def test_stamp_pixels_mix_each_mask_and_pattern_and_within_area_holds_the_mask_t
 
 
 def test_mask_probe_finds_a_planted_sticker_and_its_class_and_nothing_on_a_clean_model():
-    from cc_core.pipeline import probe_triggers, trigger_clean
+    from cc_core.defense.cleaning import trigger_clean
+    from cc_core.defense.suspect import probe_triggers
     from cc_core.probes import MaskProbeConfig, found_trigger, mask_probe, mask_score, trigger_flip_rate, trigger_text
 
     x = _colour_images(48)
@@ -2150,23 +2156,23 @@ def test_mask_probe_finds_a_planted_sticker_and_its_class_and_nothing_on_a_clean
 
 @pytest.mark.parametrize("perturbation_rate, taken", [(0.87, True), (0.3, False)])
 def test_the_perturbation_overrules_a_probe_that_flips_fewer_images(monkeypatch, perturbation_rate, taken):
-    import cc_core.pipeline as pipeline
+    from cc_core.defense import suspect as defense_suspect
 
     warp = {"kind": "warp", "flip_rate": 0.44, "target_class_estimate": 2, "n": 8, "concentration": 0.4,
             "mapping_consistency": 0.8}
     flip = {"flip_rate": perturbation_rate, "concentration": 0.9, "mapping_consistency": 0.9, "target_class_estimate": 2}
-    monkeypatch.setattr(pipeline, "found_trigger", lambda *a: warp)
-    monkeypatch.setattr(pipeline, "untargeted_or_targeted", lambda *a: (flip, torch.zeros(1, 3, 32, 32), None))
+    monkeypatch.setattr(defense_suspect, "found_trigger", lambda *a: warp)
+    monkeypatch.setattr(defense_suspect, "untargeted_or_targeted", lambda *a: (flip, torch.zeros(1, 3, 32, 32), None))
     cfg = _tiny_cfg().replace(patch_probe=None, warp_probe=None, blend_probe=None, trigger_channel_u=None,
                               perturbation_channel_u=4.0, perturbation_scope="any", perturbation_over_probe=True)
-    probed = pipeline.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg)
+    probed = defense_suspect.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg)
     if taken:
         assert probed["trigger"] is None and probed["channel_trigger"]["kind"] == "perturbation"
         assert probed["universal"]["overruled"] == {"kind": "warp", "flip_rate": 0.44, "target_class_estimate": 2}
-        assert "the perturbation is taken as the trigger" in pipeline.probe_text(probed)
+        assert "the perturbation is taken as the trigger" in defense_suspect.probe_text(probed)
     else:  # a perturbation that does not fire leaves the probe's trigger in place
         assert probed["trigger"] is warp and probed["universal"] is None and probed["channel_trigger"] is warp
-    off = pipeline.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg.replace(perturbation_over_probe=False))
+    off = defense_suspect.probe_triggers(tiny_model(), torch.randn(8, 3, 32, 32), cfg.replace(perturbation_over_probe=False))
     assert off["trigger"] is warp and off["universal"] is None
 
 

@@ -25,7 +25,7 @@ from benchmarks.bench import DEFAULT_RECIPE, RECIPES
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.attacks.base import load_attack
-from cc_core.pipeline import resolve_config
+from cc_core.defense.config import resolve_config
 from cc_core.probes import BLEND_THRESHOLD, BlendProbeConfig, blend_pattern, blend_probe, blend_score, trigger_flip_rate
 
 COMMAND = "python -m benchmarks.experiments.blend_probe"

@@ -24,7 +24,8 @@ from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
-from cc_core.pipeline import probe_triggers, resolve_config
+from cc_core.defense.config import resolve_config
+from cc_core.defense.suspect import probe_triggers
 from cc_core.probes import apply_found_trigger, trigger_flip_rate
 from cc_core.trigger_clean import class_keep, predicted, thresholds, trigger_channel_scores, zero_above
 

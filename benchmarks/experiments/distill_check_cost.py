@@ -1,6 +1,6 @@
 """How cheap can the distillation check's inversions be and still choose the same student?
 
-The distillation check (cc_core.pipeline.distill_check) runs the scan's universal inversion on
+The distillation check (cc_core.defense.teacher.distill_check) runs the scan's universal inversion on
 a distilled and an undistilled student and keeps the distilled one only if its flip rate is at
 most DISTILL_FLIP_MARGIN above the undistilled one's. With the default inversion (3 restarts x
 100 Adam steps of 128 images) the two inversions are most of the check's cost. This benchmark
@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.common import machine, write_results
 from benchmarks.experiments.student_signals import students
-from cc_core.pipeline import DISTILL_CHECK_SAMPLES, DISTILL_FLIP_MARGIN
+from cc_core.defense.teacher import DISTILL_CHECK_SAMPLES, DISTILL_FLIP_MARGIN
 from cc_core.scan import InversionConfig, flip_report, restart_rank
 
 COMMAND = "python -m benchmarks.experiments.distill_check_cost"

@@ -26,7 +26,7 @@ from cc_core import load_model
 from cc_core.adversarial import predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
-from cc_core.pipeline import resolve_config
+from cc_core.defense.config import resolve_config
 from cc_core.probes import MASK_THRESHOLD, MaskProbeConfig, apply_found_trigger, mask_probe, mask_score
 
 COMMAND = "python -m benchmarks.experiments.mask_probe"

@@ -28,7 +28,9 @@ from benchmarks.experiments.teacher_signals import zoo_model_probed
 from benchmarks.zoo import model_name
 from cc_core.data import load_dataset
 from cc_core.metrics import evaluate
-from cc_core.pipeline import TEACHER_AGREEMENT, channel_clean, distillation_teacher, teacher_agreement, universal_inversion
+from cc_core.defense.cleaning import channel_clean, distillation_teacher
+from cc_core.defense.suspect import universal_inversion
+from cc_core.defense.teacher import TEACHER_AGREEMENT, teacher_agreement
 from cc_core.probes import RESIDUAL_FLIP, apply_found_trigger, perturbation_trigger, trigger_flip_rate, trigger_score
 from cc_core.scan import all_to_all_suspected
 from cc_core.trigger_clean import prune_trigger_channels

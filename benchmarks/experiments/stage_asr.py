@@ -34,7 +34,8 @@ from cc_core.compact import clean_compact
 from cc_core.data import load_dataset
 from cc_core.finetune import guarded_finetune
 from cc_core.metrics import evaluate
-from cc_core.pipeline import channel_clean, resolve_config
+from cc_core.defense.cleaning import channel_clean
+from cc_core.defense.config import resolve_config
 
 COMMAND = "python -m benchmarks.experiments.stage_asr"
 PROBES_OFF = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "mask_probe": None,

@@ -33,7 +33,8 @@ from cc_core.adversarial import PGDConfig, perturb, pgd, predictions
 from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
 from cc_core.io import load_model
-from cc_core.pipeline import defend, resolve_config
+from cc_core.defense.config import resolve_config
+from cc_core.defense.run import defend
 from cc_core.scan import InversionConfig, flip_report
 
 COMMAND = "python -m benchmarks.experiments.student_signals"

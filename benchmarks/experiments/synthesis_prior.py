@@ -21,7 +21,7 @@ from benchmarks.common import machine, provenance, write_results
 from benchmarks.zoo import RECIPE, ensure_model, model_name
 from cc_core import load_model
 from cc_core.data import load_dataset, normalize
-from cc_core.pipeline import resolve_config
+from cc_core.defense.config import resolve_config
 from cc_core.synth import synthesize, total_variation
 
 COMMAND = "python -m benchmarks.experiments.synthesis_prior"

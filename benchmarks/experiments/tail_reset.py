@@ -36,7 +36,8 @@ from cc_core.compact.layers import SVDConv2d, Tucker2Conv2d
 from cc_core.compact.tucker import hosvd_tucker2, matrix_svd
 from cc_core.data import load_dataset
 from cc_core.finetune import guarded_finetune
-from cc_core.pipeline import channel_clean, resolve_config
+from cc_core.defense.cleaning import channel_clean
+from cc_core.defense.config import resolve_config
 
 COMMAND = "python -m benchmarks.experiments.tail_reset"
 

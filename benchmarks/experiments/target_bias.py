@@ -34,7 +34,8 @@ from cc_core.attacks import load_attack
 from cc_core.data import load_dataset, normalize
 from cc_core.evalmode import eval_mode
 from cc_core.io import load_model
-from cc_core.pipeline import defend, resolve_config
+from cc_core.defense.config import resolve_config
+from cc_core.defense.run import defend
 
 COMMAND = "python -m benchmarks.experiments.target_bias"
 BIASES = [0.25 * i for i in range(17)]

@@ -36,8 +36,10 @@ from cc_core.attacks import load_attack
 from cc_core.data import load_dataset
 from cc_core.io import load_model
 from cc_core.metrics import evaluate
-from cc_core.pipeline import (channel_clean, distillation_teacher, probe_triggers, resolve_config, teacher_agreement,
-                              universal_inversion)
+from cc_core.defense.cleaning import channel_clean, distillation_teacher
+from cc_core.defense.config import resolve_config
+from cc_core.defense.suspect import probe_triggers, universal_inversion
+from cc_core.defense.teacher import teacher_agreement
 from cc_core.probes import perturbation_trigger, trigger_flip_rate, trigger_score, trigger_text
 from cc_core.scan import all_to_all_suspected, flip_report
 

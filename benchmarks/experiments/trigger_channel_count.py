@@ -30,7 +30,8 @@ from cc_core.baselines.clp import clp, zero_channel
 from cc_core.baselines.pairs import conv_bn_pairs
 from cc_core.data import load_dataset
 from cc_core.metrics import evaluate
-from cc_core.pipeline import channel_clean, clipped_full_rank, teacher_agreement
+from cc_core.defense.cleaning import channel_clean, clipped_full_rank
+from cc_core.defense.teacher import teacher_agreement
 from cc_core.probes import trigger_flip_rate, trigger_text
 
 COMMAND = "python -m benchmarks.experiments.trigger_channel_count"

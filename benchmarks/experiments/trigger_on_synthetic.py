@@ -31,7 +31,7 @@ from cc_core import load_model
 from cc_core.adversarial import _to_pixels, predictions
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset, normalize
-from cc_core.pipeline import resolve_config
+from cc_core.defense.config import resolve_config
 from cc_core.probes import PatchProbeConfig, patch_probe
 from cc_core.scan import InversionConfig, flip_report
 
