@@ -404,13 +404,13 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
                            trigger: dict | None, excluded_class: int | None = None,
                            finetune_file: str | None = None, student_file: str | None = None) -> dict:
     """Whether the fine-tune distills from the clipped teacher (``teacher_file``; None without
-    distillation): cc_core.defense.teacher.gated_teacher, verifying it against ``trigger`` (the adversarial
+    distillation): cc_core.defense.teacher.distillation_gate, verifying it against ``trigger`` (the adversarial
     step's gate trigger) on the scan's synthetic images (``synthetic_file``), its agreement on those
     the fine-tune keeps (``finetune_file``'s, default the same, but ``excluded_class``'s). Returns the
     gate's record and, when it opens, the teacher's file: ``student_file`` (the compacted model
     before its fine-tune) when the gate anchors the student to itself (DefendConfig.self_anchor)."""
     from cc_core.defense.images import exclude_class
-    from cc_core.defense.teacher import distillation_text, gated_teacher
+    from cc_core.defense.teacher import distillation_gate, distillation_text
 
     finetune_file = _second_file(finetune_file, synthetic_file)
 
@@ -422,9 +422,9 @@ def distillation_gate_task(run: RunHandle, teacher_file: str | None, original_fi
         if finetune_file:
             t = _load_tensors(finetune_file)
         x_distill = exclude_class(t["x"].to(device), t["y"].to(device), excluded_class)[0]
-        student = _load(student_file).to(device) if cfg.self_anchor and student_file is not None else None
-        gated, record = gated_teacher(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill, student)
-        files = {"teacher": student_file if record["self_anchored"] else teacher_file} if gated is not None else {}
+        record = distillation_gate(teacher, _load(original_file).to(device), cfg, x, trigger, x_distill,
+                                   can_anchor=student_file is not None)
+        files = {"teacher": student_file if record["self_anchored"] else teacher_file} if record["distill"] else {}
         return {"files": files, "distillation": record}
 
     out = _cached(run, "distillation_gate", {"teacher": teacher_file, "original": original_file,

@@ -32,8 +32,20 @@ DISTILL_CHECK_SAMPLES = 512
 def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
                   found: dict | None = None, x_distill: torch.Tensor | None = None,
                   student: nn.Module | None = None) -> tuple[nn.Module | None, dict]:
-    """The teacher the fine-tune distills from: ``teacher`` (distillation_teacher's; None when
-    there is no distillation) or None when the gate closes. With ``cfg.kd_gate`` "verified" the
+    """The teacher the fine-tune distills from, by distillation_gate's decision: ``teacher``, a
+    frozen copy of ``student`` where the gate anchors the student to itself, or None where it
+    closes; with the gate's record."""
+    record = distillation_gate(teacher, original, cfg, x, found, x_distill, can_anchor=student is not None)
+    if not record["distill"]:
+        return None, record
+    return (copy.deepcopy(student).eval() if record["self_anchored"] else teacher), record
+
+
+def distillation_gate(teacher: nn.Module | None, original: nn.Module, cfg: DefendConfig, x: torch.Tensor | None = None,
+                      found: dict | None = None, x_distill: torch.Tensor | None = None,
+                      can_anchor: bool = False) -> dict:
+    """Whether the fine-tune distills, and from what: ``teacher`` (distillation_teacher's; None when
+    there is no distillation) or nothing when the gate closes. With ``cfg.kd_gate`` "verified" the
     teacher must be clean and faithful: the trigger it is verified against (``found``, gate_trigger's:
     a probe's stamp, field or pattern, or an all-to-all universal perturbation, measured on the
     synthetic images ``x``) must flip < RESIDUAL_FLIP of them on it, and it must give >=
@@ -43,25 +55,26 @@ def gated_teacher(teacher: nn.Module | None, original: nn.Module, cfg: DefendCon
     the class that trigger maps to it (teacher_agreement; a teacher the cleaning cost accuracy pulls
     the student down with it). A teacher the gate does not verify (any, with "always") is fine-tuned
     first when ``cfg.teacher_finetune`` is set (finetune_teacher), otherwise, under "verified",
-    replaced by a frozen copy of ``student`` (the compacted model before its fine-tune) with
-    ``cfg.self_anchor``, and otherwise not used. The record: {"gate", "distill", "teacher_finetune"
-    (the teacher is to be fine-tuned first), "verified_against" (the trigger's kind; None when none), "teacher_trigger_flip_rate",
-    "teacher_agreement", "teacher_undoes_mapping" (None when not measured), "reason" (why
-    "verified" did not verify the teacher; None otherwise), "check" (distill_check's record, filled
-    in after the fine-tune when it runs), "self_anchored" (the teacher is the student's copy)}."""
+    replaced by a frozen copy of the student (the compacted model before its fine-tune) with
+    ``cfg.self_anchor`` where there is one (``can_anchor``), and otherwise not used. The record:
+    {"gate", "distill", "teacher_finetune" (the teacher is to be fine-tuned first), "verified_against"
+    (the trigger's kind; None when none), "teacher_trigger_flip_rate", "teacher_agreement",
+    "teacher_undoes_mapping" (None when not measured), "reason" (why "verified" did not verify the
+    teacher; None otherwise), "check" (distill_check's record, filled in after the fine-tune when it
+    runs), "self_anchored" (the teacher is the student's copy)}."""
     record = {"gate": cfg.kd_gate, "distill": False, "teacher_finetune": False, "verified_against": None,
               "teacher_trigger_flip_rate": None, "teacher_agreement": None, "teacher_undoes_mapping": None,
               "reason": None, "check": None, "self_anchored": False}
     if teacher is None:
-        return None, record
+        return record
     if cfg.kd_gate == "verified":
         record |= verify_teacher(teacher, original, x, found, x_distill)
         if record["reason"] and cfg.teacher_finetune is None:
-            if cfg.self_anchor and student is not None:
-                return copy.deepcopy(student).eval(), record | {"distill": True, "self_anchored": True}
-            return None, record
-    return teacher, record | {"distill": True, "teacher_finetune": cfg.teacher_finetune is not None
-                              and (cfg.kd_gate == "always" or record["reason"] is not None)}
+            if cfg.self_anchor and can_anchor:
+                return record | {"distill": True, "self_anchored": True}
+            return record
+    return record | {"distill": True, "teacher_finetune": cfg.teacher_finetune is not None
+                     and (cfg.kd_gate == "always" or record["reason"] is not None)}
 
 
 def verify_teacher(teacher: nn.Module, original: nn.Module, x: torch.Tensor | None, found: dict | None,
