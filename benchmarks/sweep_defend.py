@@ -112,6 +112,7 @@ BASES["self_anchor"] = ({}, {})
 BASES["self_anchor_start"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 BASES["clip_strength"] = ({}, {})
+BASES["noise_consistency"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -600,6 +601,14 @@ GRIDS = {
     # normalized singular values harder, before any fine-tune.
     "clip_strength": [(f"probes off, no CLP, no fine-tune, tau {tau:g}", 2.0,
                        NO_PROBES | {"channel_u": None, "tau": tau}, {"epochs": 0}) for tau in (4.0, 3.0, 2.0, 1.5)],
+    # The noise model sends a third of real images to its target under random +-8/255 noise, and the
+    # scan's inverted perturbations reach 100% without resembling its pattern: the fine-tune asked for
+    # the same output with and without random noise (finetune.noise_weight), alone and with the
+    # student anchored to itself where no teacher is verified.
+    "noise_consistency": [("cpu preset", 2.0, {}, {}),
+                          ("noise term, weight 1, eps 8/255", 2.0, {}, {"noise_weight": 1.0}),
+                          ("noise term, weight 1, eps 8/255, self-anchored", 2.0, {"self_anchor": True}, {"noise_weight": 1.0}),
+                          ("noise term, weight 3, eps 8/255, self-anchored", 2.0, {"self_anchor": True}, {"noise_weight": 3.0})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose

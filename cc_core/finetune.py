@@ -5,6 +5,7 @@
       + w_onl * CE(F(x_s + d), y_s),  d = PGD against F as it is at this step (||d||_inf <= eps)
       + w_uni * CE(F(x_s + u), y_s),  u = one universal perturbation (||u||_2 <= r) against F as it is
                                           at the start of each epoch
+      + w_noi * T^2 KL(T(x_s) || F(x_s + n)),  n = random +-eps sign noise, drawn afresh per image and step
 x_s: BN-statistics synthetic images with labels y_s; x_adv: their adversarial versions, trained
 towards the BENIGN label y_s so backdoor-like perturbations stop flipping predictions; x_trig:
 the same images carrying the scan's inverted trigger (one universal perturbation), also trained
@@ -23,6 +24,12 @@ perturbation of L2 norm ``universal_radius`` (pixel units) that raises its loss 
 ``universal_samples`` of the synthetic images (``universal_steps`` of projected ascent, started
 from the previous epoch's), and trained to keep the synthetic labels under it (I-BAU, Zeng et al.
 2022, with the implicit hypergradient replaced by this alternation and real data by synthetic).
+
+The noise term asks for the same output with and without random noise of a trigger's size (the
+teacher's on the clean image, the student's own, detached, when there is no teacher): a backdoor
+whose trigger is a dense pattern also answers to random patterns like it (the tuning zoo's noise
+model sends a third of real images to its target under random +-8/255 noise), and noise needs no
+trigger found.
 
 With ``mixup_alpha`` > 0 the clean synthetic branch (the synthetic CE, both distillation terms)
 sees mixup images x = lam x_i + (1 - lam) x_j, lam ~ Beta(alpha, alpha) per batch: the CE goes
@@ -121,13 +128,15 @@ class FinetuneConfig:
     universal_radius: float = 3.0
     universal_steps: int = 10
     universal_samples: int = 256
+    noise_weight: float = 0.0
+    noise_eps: float = 8 / 255
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("fine-tune needs epochs >= 0, batch_size >= 1 and lr > 0")
         if min(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight, self.feature_weight,
-               self.online_adv_weight, self.universal_weight) < 0:
+               self.online_adv_weight, self.universal_weight, self.noise_weight) < 0:
             raise ConfigError("fine-tune loss weights must be >= 0")
         if self.unlearn_target not in UNLEARN_TARGETS:
             raise ConfigError(f"unlearn_target must be one of {', '.join(UNLEARN_TARGETS)}, got {self.unlearn_target!r}")
@@ -147,13 +156,16 @@ class FinetuneConfig:
             raise ConfigError("the universal term needs universal_radius > 0, universal_steps >= 1 and "
                               f"universal_samples >= 1, got {self.universal_radius!r}, {self.universal_steps!r} "
                               f"and {self.universal_samples!r}")
+        if not self.noise_eps > 0:
+            raise ConfigError(f"noise_eps must be > 0 (pixel units), got {self.noise_eps!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (None turns clipping off), got {self.max_grad_norm!r}")
 
     @property
     def active(self) -> bool:
         return self.epochs > 0 and max(self.synth_weight, self.adv_weight, self.unlearn_weight, self.kd_weight,
-                                       self.feature_weight, self.online_adv_weight, self.universal_weight) > 0
+                                       self.feature_weight, self.online_adv_weight, self.universal_weight,
+                                       self.noise_weight) > 0
 
     @property
     def needs_teacher(self) -> bool:
@@ -344,6 +356,12 @@ def mixup_pairs(n: int, alpha: float, rng: random.Random, generator: torch.Gener
     return rng.betavariate(alpha, alpha), torch.randperm(n, generator=generator)
 
 
+def random_sign_noise(shape: torch.Size, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """(N, C, H, W) noise of +-``eps`` (pixel units), each sign a coin flip of ``generator``."""
+    signs = torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1
+    return eps * signs
+
+
 def online_pgd(cfg: FinetuneConfig) -> PGDConfig | None:
     """The PGD the online adversarial term runs on each batch against the student being trained
     (None when the term is off): cfg.online_adv_steps steps of 2.5 eps / steps, from a random start."""
@@ -372,7 +390,7 @@ def augmented_batch(x_syn: torch.Tensor, x_adv: torch.Tensor | None, x_trigger: 
 @dataclass
 class BatchOutputs:
     """The student's logits (float, (B, K)) on one batch's images: synthetic (``syn``), adversarial,
-    triggered, online-adversarial and universally perturbed (None where the term is off); the
+    triggered, online-adversarial, universally perturbed and noisy (None where the term is off); the
     teacher's on the synthetic ones (``teacher``) and the BatchNorm outputs of both (``features``,
     ``teacher_features``) where the terms use them."""
     syn: torch.Tensor | None
@@ -380,6 +398,7 @@ class BatchOutputs:
     trigger: torch.Tensor | None
     online: torch.Tensor | None
     universal: torch.Tensor | None
+    noise: torch.Tensor | None
     teacher: torch.Tensor | None
     features: dict | None
     teacher_features: dict | None
@@ -408,6 +427,9 @@ def loss_terms(out: BatchOutputs, ys: torch.Tensor, cfg: FinetuneConfig, ce, mix
         terms["online_adv"] = (cfg.online_adv_weight, ce(out.online, ys))
     if out.universal is not None:
         terms["universal"] = (cfg.universal_weight, mixed(out.universal))
+    if out.noise is not None:
+        clean = out.teacher if out.teacher is not None else out.syn.detach()
+        terms["noise"] = (cfg.noise_weight, distillation_loss(out.noise, clean, cfg.kd_temperature))
     if cfg.kd_weight:
         terms["kd"] = (cfg.kd_weight, distillation_loss(drop_class(out.syn, kd_dropped), drop_class(out.teacher, kd_dropped),
                                                         cfg.kd_temperature))
@@ -441,8 +463,8 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
         return masked_cross_entropy(logits, labels, masked, cfg.label_smoothing)
 
     soft_unlearn = bool(cfg.unlearn_weight) and cfg.unlearn_target == "clean_output"
-    needs_syn = bool(cfg.synth_weight or cfg.kd_weight or cfg.feature_weight or soft_unlearn)
-    asks_teacher = cfg.needs_teacher or (soft_unlearn and teacher is not None)
+    needs_syn = bool(cfg.synth_weight or cfg.kd_weight or cfg.feature_weight or soft_unlearn or cfg.noise_weight)
+    asks_teacher = cfg.needs_teacher or ((soft_unlearn or cfg.noise_weight > 0) and teacher is not None)
     bar = tqdm(total=steps, desc="fine-tune", disable=not progress, file=sys.stderr, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
@@ -453,7 +475,7 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                                                cfg.universal_steps, model.cc_spec.mean, model.cc_spec.std,
                                                start=universal, mixed_precision=cfg.mixed_precision)
         order = torch.randperm(n, generator=gen)
-        sums = dict.fromkeys(("syn", "adv", "unlearn", "kd", "feat", "online_adv", "universal"), 0.0)
+        sums = dict.fromkeys(("syn", "adv", "unlearn", "kd", "feat", "online_adv", "universal", "noise"), 0.0)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xs, xa, xt = augmented_batch(x_syn, x_adv, x_trigger, idx, cfg, gen)
@@ -463,6 +485,7 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                 xs = mix[0] * xs + (1 - mix[0]) * xs[mix[1]]
             xo = (perturb(model, xs, ys, online, model.cc_spec.mean, model.cc_spec.std, gen, online_target)
                   if online is not None else None)
+            xn = add_pixel_delta(xs, random_sign_noise(xs.shape, cfg.noise_eps, gen), model.cc_spec) if cfg.noise_weight else None
             with autocast(xs.device, cfg.mixed_precision):
                 out_s = model(xs).float() if needs_syn else None
                 student_feats = dict(student_bn.outputs) if student_bn else None
@@ -472,6 +495,7 @@ def _train(model, x_syn, y_syn, x_adv, x_trigger, teacher, cfg: FinetuneConfig, 
                     trigger=model(xt).float() if cfg.unlearn_weight else None,
                     online=model(xo).float() if xo is not None else None,
                     universal=model(add_pixel_delta(xs, universal, model.cc_spec)).float() if universal is not None else None,
+                    noise=model(xn).float() if xn is not None else None,
                     teacher=None, teacher_features=None)
                 if asks_teacher:
                     with torch.no_grad():
