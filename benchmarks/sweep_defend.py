@@ -113,6 +113,7 @@ BASES["self_anchor_start"] = ({}, {})
 BASES["short_training_combined"] = ({}, {})
 BASES["clip_strength"] = ({}, {})
 BASES["noise_consistency"] = ({}, {})
+BASES["noise_consistency_smooth"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -609,6 +610,12 @@ GRIDS = {
                           ("noise term, weight 1, eps 8/255", 2.0, {}, {"noise_weight": 1.0}),
                           ("noise term, weight 1, eps 8/255, self-anchored", 2.0, {"self_anchor": True}, {"noise_weight": 1.0}),
                           ("noise term, weight 3, eps 8/255, self-anchored", 2.0, {"self_anchor": True}, {"noise_weight": 3.0})],
+    # ...where random +-8/255 noise sends 11% of the (rough) synthetic images to the target against 34% of
+    # real ones: the fine-tune on images as smooth as the data (the scan keeps the preset's rough ones),
+    # without and with the noise term.
+    "noise_consistency_smooth": [("fine-tune on smooth synthetic images", 2.0, SCAN_SPLIT, {}),
+                                 ("fine-tune on smooth synthetic images, noise term weight 1", 2.0, SCAN_SPLIT,
+                                  {"noise_weight": 1.0})],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose
