@@ -82,6 +82,26 @@ def worst_class_text(before: list[float], after: list[float]) -> str:
     return f"{c}: {100 * before[c]:.1f} -> {100 * after[c]:.1f}"
 
 
+def stage_row(stage: str, model: torch.nn.Module, data, attack, extra: dict | None = None) -> dict:
+    """One experiment row: ``model``'s ACC, ASR and per-class accuracy on ``data`` under ``stage``'s name."""
+    from cc_core.metrics import evaluate
+
+    result = evaluate(model, data, attack)
+    return {"stage": stage, "acc": result["acc"], "asr": result["asr"], "per_class_acc": result["per_class_acc"]} | (extra or {})
+
+
+def stage_lines(rows: list[dict]) -> list[str]:
+    """'| model | stage | ACC | ASR | worst class |' lines of stage_row rows, each model's first row
+    the baseline its worst class is measured against."""
+    by_model: dict[str, list[float]] = {}
+    lines = []
+    for r in rows:
+        base = by_model.setdefault(r["model"], r["per_class_acc"])
+        lines.append(f"| {r['model']} | {r['stage']} | {percent(r['acc'])} | {percent(r['asr'])} | "
+                     f"{worst_class_text(base, r['per_class_acc'])} |")
+    return lines
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

@@ -23,14 +23,13 @@ import torch
 from torch import nn
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
-from benchmarks.common import machine, percent, shared_synthetic, worst_class_text, write_results
+from benchmarks.common import machine, shared_synthetic, stage_lines, stage_row, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.attacks.base import load_attack
 from cc_core.compact import clean_compact
 from cc_core.data import load_dataset
 from cc_core.defense.config import resolve_config
-from cc_core.metrics import evaluate
 
 COMMAND = "python -m benchmarks.experiments.activation_bound"
 
@@ -85,11 +84,6 @@ def bounded(model: nn.Module, bounds: dict[str, torch.Tensor], scale: float):
             h.remove()
 
 
-def row(stage: str, model, data, attack, extra: dict | None = None) -> dict:
-    result = evaluate(model, data, attack)
-    return {"stage": stage, "acc": result["acc"], "asr": result["asr"], "per_class_acc": result["per_class_acc"]} | (extra or {})
-
-
 def measure(attack_name: str, scales: list[float], recipe_name: str) -> list[dict]:
     recipe = RECIPES[recipe_name]
     directory = ensure_model(attack_name, recipe)
@@ -104,14 +98,14 @@ def measure(attack_name: str, scales: list[float], recipe_name: str) -> list[dic
                                calibration=x[:cfg.calibration_samples], **cfg.compact)
     rows = []
     for stage, model in (("original", original), (f"clean-compact {cfg.ratio:g}x, no fine-tune", compact.eval())):
-        rows.append(row(stage, model, data, attack))
+        rows.append(stage_row(stage, model, data, attack))
         maxima = class_maxima(model, x, y, n_classes)
         bounds = median_bounds(maxima)
         overall = {k: v.amax(dim=0) for k, v in maxima.items()}
         for label, chosen in (("median of class maxima", bounds), ("max over all images", overall)):
             for scale in scales if label.startswith("median") else [1.0]:
                 with bounded(model, chosen, scale):
-                    rows.append(row(f"{stage}, bounded at {scale:g} x {label}", model, data, attack))
+                    rows.append(stage_row(f"{stage}, bounded at {scale:g} x {label}", model, data, attack))
     for r in rows:
         r.update(model=name, attack=attack.label if attack else "none")
         print({k: v for k, v in r.items() if k != "per_class_acc"}, flush=True)
@@ -125,11 +119,7 @@ def markdown(result: dict) -> str:
              "512 synthetic images (seed 0); ACC / ASR on the validation half. Worst class: the class that lost "
              "most of its own accuracy against the original (before -> after).\n",
              "| model | stage | ACC | ASR | worst class |", "|---|---|---|---|---|"]
-    by_model: dict[str, list[float]] = {}
-    for r in result["rows"]:
-        base = by_model.setdefault(r["model"], r["per_class_acc"])
-        lines.append(f"| {r['model']} | {r['stage']} | {percent(r['acc'])} | {percent(r['asr'])} | "
-                     f"{worst_class_text(base, r['per_class_acc'])} |")
+    lines += stage_lines(result["rows"])
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
-from benchmarks.common import machine, percent, shared_synthetic, worst_class_text, write_results
+from benchmarks.common import machine, percent, shared_synthetic, stage_row, worst_class_text, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.adversarial import predictions
@@ -33,18 +33,12 @@ from cc_core.attacks.base import load_attack
 from cc_core.compact import clean_compact
 from cc_core.data import load_dataset
 from cc_core.finetune import guarded_finetune
-from cc_core.metrics import evaluate
 from cc_core.defense.cleaning import channel_clean
 from cc_core.defense.config import resolve_config
 
 COMMAND = "python -m benchmarks.experiments.stage_asr"
 PROBES_OFF = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "mask_probe": None,
               "trigger_channel_u": None}
-
-
-def row(stage: str, model, data, attack, extra: dict | None = None) -> dict:
-    result = evaluate(model, data, attack)
-    return {"stage": stage, "acc": result["acc"], "asr": result["asr"], "per_class_acc": result["per_class_acc"]} | (extra or {})
 
 
 def measure(attack_name: str, ratio: float, recipe_name: str = DEFAULT_RECIPE) -> list[dict]:
@@ -56,13 +50,13 @@ def measure(attack_name: str, ratio: float, recipe_name: str = DEFAULT_RECIPE) -
     x, y = (t.cpu() for t in shared_synthetic(name, original, cfg.synth)[:2])
     data = load_dataset(recipe["dataset"], "val")
     target = attack.target if attack is not None and not attack.all_to_all else None
-    rows = [row("original", original, data, attack)]
+    rows = [stage_row("original", original, data, attack)]
     cleaned, clp_info = channel_clean(original, cfg)
-    rows.append(row("clp", cleaned, data, attack, {"channels_zeroed": clp_info["n_pruned"]}))
+    rows.append(stage_row("clp", cleaned, data, attack, {"channels_zeroed": clp_info["n_pruned"]}))
     compact, _ = clean_compact(cleaned, ratio=cfg.ratio, tau=cfg.tau, normalizer=cfg.normalizer,
                                calibration=x[:cfg.calibration_samples], **cfg.compact)
     compact.eval()
-    rows.append(row("compact, before the fine-tune", compact, data, attack))
+    rows.append(stage_row("compact, before the fine-tune", compact, data, attack))
     with torch.no_grad():
         cleaned_labels = predictions(cleaned, x)
     agree = cleaned_labels == y
@@ -80,7 +74,7 @@ def measure(attack_name: str, ratio: float, recipe_name: str = DEFAULT_RECIPE) -
         if target is not None:
             extra["target_images"] = int((yv == target).sum())
             extra["target_disagree"] = int(((y == target) & ~agree).sum())
-        rows.append(row(f"fine-tuned: {variant}", student.eval(), data, attack, extra))
+        rows.append(stage_row(f"fine-tuned: {variant}", student.eval(), data, attack, extra))
     for r in rows:
         r.update(model=name, attack=attack.label if attack else "none", target=target, ratio=ratio)
         print({k: v for k, v in r.items() if k != "per_class_acc"}, flush=True)

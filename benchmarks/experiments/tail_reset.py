@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from benchmarks.bench import DEFAULT_RECIPE, RECIPES
-from benchmarks.common import machine, percent, shared_synthetic, worst_class_text, write_results
-from benchmarks.experiments.stage_asr import PROBES_OFF, row
+from benchmarks.common import machine, shared_synthetic, stage_lines, stage_row, write_results
+from benchmarks.experiments.stage_asr import PROBES_OFF
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.attacks.base import load_attack
@@ -99,14 +99,14 @@ def measure(attack_name: str, ratio: float, harder: list[float], recipe_name: st
     fine_tunes = {"preset (lr 0.001)": (ce, None), "lr 0.01": (dataclasses.replace(ce, lr=0.01), None),
                   "kd from the original": (cfg.finetune, original),
                   "kd from the CLP-cleaned full-rank model": (cfg.finetune, cleaned)}
-    rows = [row("original", original, data, attack)]
+    rows = [stage_row("original", original, data, attack)]
     for start_name, start_model in starts.items():
-        rows.append(row(f"{start_name}: before the fine-tune", start_model.eval(), data, attack))
+        rows.append(stage_row(f"{start_name}: before the fine-tune", start_model.eval(), data, attack))
         for ft_name, (ft, teacher) in fine_tunes.items():
             student = copy.deepcopy(start_model)
             t0 = time.perf_counter()
             guarded_finetune(student, x, y, None, teacher, ft, progress=False)
-            rows.append(row(f"{start_name}: {ft_name}", student.eval(), data, attack,
+            rows.append(stage_row(f"{start_name}: {ft_name}", student.eval(), data, attack,
                             {"seconds": time.perf_counter() - t0}))
             print({k: v for k, v in rows[-1].items() if k != "per_class_acc"}, flush=True)
     for r in rows:
@@ -122,11 +122,7 @@ def markdown(result: dict) -> str:
              "synthetic images; ACC / ASR on the validation half; no class left out of any fine-tune. Worst "
              "class: the class that lost most of its own accuracy against the original (before -> after).\n",
              "| model | start, fine-tune | ACC | ASR | worst class |", "|---|---|---|---|---|"]
-    by_model: dict[str, list[float]] = {}
-    for r in result["rows"]:
-        base = by_model.setdefault(r["model"], r["per_class_acc"])
-        lines.append(f"| {r['model']} | {r['stage']} | {percent(r['acc'])} | {percent(r['asr'])} | "
-                     f"{worst_class_text(base, r['per_class_acc'])} |")
+    lines += stage_lines(result["rows"])
     return "\n".join(lines) + "\n"
 
 
