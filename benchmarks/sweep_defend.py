@@ -52,7 +52,6 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "focused": PRE_ENERGY, "energy": PRE_ENERGY, "recovery": PRE_TAU4, "clean": PRE_TAU4,
     "synthesis": (ENERGY, {}), "wanet3": (ENERGY, {}), "target": (ENERGY, {}), "channel": (ENERGY, {}),
     "unlearn": (ENERGY, {}), "allocation": (ENERGY, {}), "architecture": (ENERGY, {}),
-    "resynthesis": (SENSITIVITY, {}), "resynthesis2": (SENSITIVITY, {}),
     "masked": (SENSITIVITY, {"mask_left_out_class": False}), "oracle": (SENSITIVITY, {}),
     "distill": (SENSITIVITY, {}), "distill2": (SENSITIVITY, {})}.items()} | {
     # the cpu preset as it was at 8d1d710 (warp probe on) and at c223e6d (no teacher fine-tune)
@@ -62,8 +61,8 @@ BASES = {grid: (base | {"kd_gate": "always", "warp_probe": None, "teacher_finetu
     "teacher2": ({"warp_probe": None, "teacher_finetune": None}, {}),
     "teacher3": ({"warp_probe": None, "teacher_finetune": {"lr": 3e-4}}, {}),  # the cpu preset at 7d7da14
     # the cpu preset as shipped
-    **dict.fromkeys(("synthesis2", "opt_ins", "competition", "synthesis_budget", "averaging", "synthesis_long",
-                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv", "online_adv_eps", "online_teacher", "online_teacher2", "online_student", "recognized", "recognized2"), ({}, {})),
+    **dict.fromkeys(("synthesis2", "opt_ins", "synthesis_budget", "averaging", "synthesis_long",
+                     "smoothing", "blend", "blend_unlearn", "blend_oracle", "teacher_as_is", "unlearn_a2a", "blend_teacher", "online_adv", "online_adv_eps", "online_teacher", "online_teacher2", "online_student"), ({}, {})),
     # the cpu preset at 0911a44 but for the teacher fine-tune, which each row of these two grids sets
     **dict.fromkeys(("mixup", "blended", "distill_check"), ({"warp_probe": None}, {"mixup_alpha": 0.0}))}
 # ...and every one without the distillation check and without the blend probe (on in the preset
@@ -213,11 +212,6 @@ GRIDS = {
     "allocation": [(label, ratio, overrides, {}) for ratio in (2.0, 4.0) for label, overrides in (
         ("energy rank allocation", {}),
         ("sensitivity rank allocation (256 calibration images)", {"compact": {"rank_strategy": "sensitivity"}}))],
-    # Against the allocation grid's sensitivity rows (the same settings without re-synthesis).
-    "resynthesis": [("sensitivity ranks, suspected class re-synthesized through the channel-cleaned model", ratio,
-                     {"resynthesize_suspected_target": "cleaned"}, {}) for ratio in (2.0, 4.0)],
-    "resynthesis2": [("suspected class re-synthesized through the fine-tuned model, fine-tuned again", ratio,
-                      {"resynthesize_suspected_target": "finetuned"}, {}) for ratio in (2.0, 4.0)],
     # The suspected class, left out of the fine-tune, loses most of the remaining ACC (WaNet 2x:
     # 90.4 -> 66.9%): every CE term pushes its logit down. Against the allocation grid's
     # sensitivity rows: the same settings with its logit masked out of the CE softmax.
@@ -316,13 +310,6 @@ GRIDS = {
     # were not measured on in bench_614903b/ (GTSRB Input-Aware kept 42.56% ASR past them).
     "opt_ins": [("--teacher-finetune-lr 0.0002 --distill-check", ratio,
                  {"teacher_finetune": {"lr": 2e-4}, "distill_check": True}, {}) for ratio in (2.0, 4.0)],
-    # Adaptive DeepInversion: a second round of 512 synthetic images made after compaction from the
-    # original model, pushed (competition weight > 0) to where the compact model disagrees with it,
-    # joins the fine-tune; weight 0 is the control (as many more plain images).
-    "competition": [(label, 2.0, {"competition_synth": {"n_samples": 512, "competition_weight": w}} if w is not None else {}, {})
-                    for label, w in (("cpu preset", None), ("+512 plain images after compaction", 0.0),
-                                     ("+512 images competing with the compact model, weight 1", 1.0),
-                                     ("+512 images competing with the compact model, weight 10", 10.0))],
     # Better synthetic images or more of them, at twice the preset's synthesis cost each: the oracle
     # grid's real images recover far more than as many synthetic ones, so it asks which of the two
     # spends compute better.
@@ -427,20 +414,6 @@ GRIDS = {
                                                                           "online_adv_eps": 1 / 255}),
         ("cpu preset + online PGD eps 2/255 towards the left-out class", {"online_adv_weight": 1.0,
                                                                           "online_adv_eps": 2 / 255}))],
-    # Re-synthesis through the fine-tuned student gave class 0 back only in part (resynthesis2). The
-    # suspected class's own synthetic images are put back instead, those the fine-tuned student (its
-    # backdoor gone) also puts in that class, and the student is fine-tuned a second time.
-    "recognized": [("suspected class's images the fine-tuned student recognizes put back, fine-tuned again", ratio,
-                    {"resynthesize_suspected_target": "recognized"}, {}) for ratio in (2.0, 4.0)],
-    # recognized: class 0 back to 80.6% at 2x, and ASR to 7.99%. With online PGD (eps 1/255) in both
-    # fine-tunes: towards the left-out class in the first, untargeted in the second (no class left out).
-    "recognized2": [(label, ratio, {"resynthesize_suspected_target": "recognized"},
-                     ft | {"online_adv_weight": 1.0, "online_adv_eps": 1 / 255}) for label, ratio, ft in (
-        ("recognized images put back; online PGD eps 1/255, left-out class masked out of the first CE", 2.0,
-         {"mask_left_out_class": True}),
-        ("recognized images put back; online PGD eps 1/255", 2.0, {}),
-        ("recognized images put back; online PGD eps 1/255, left-out class masked out of the first CE", 4.0,
-         {"mask_left_out_class": True}))],
     # A student that learns only its teacher's soft labels, on mixup images, for 30 epochs (no synthetic
     # CE), from a teacher nothing verifies after that teacher is fine-tuned with the student's own recipe
     # (lr 0.001, CE, 10 epochs; a verified teacher is used as is).
@@ -706,14 +679,9 @@ GRIDS = {
     "prior": [("cpu preset, synthesis BatchNorm weight 30, TV weight 10", ratio,
                SMOOTH_SYNTH, {}) for ratio in (2.0, 4.0)],
     # With that prior, WaNet's nine other classes lose 1.3 points at 2x and class 0, left out, 2.7 (90.4 -> 63.5%).
-    # The ways of giving class 0 back that let the warp back with the old images, and the BatchNorm matching
-    # (opt-in), on the new images.
+    # The BatchNorm matching (opt-in) and the left-out class masked out of the CE, on the new images.
     "prior_target": [(label, ratio, SMOOTH_SYNTH | overrides, {})
                      for ratio in (2.0, 4.0) for label, overrides in (
-                         ("prior; suspected class re-synthesized through the fine-tuned model, fine-tuned again",
-                          {"resynthesize_suspected_target": "finetuned"}),
-                         ("prior; suspected class's images the fine-tuned student recognizes put back, fine-tuned again",
-                          {"resynthesize_suspected_target": "recognized"}),
                          ("prior; BatchNorm statistics matched on 512 synthetic images", {"bn_match_samples": 512}))]
                     + [("prior; left-out class masked out of the fine-tune's CE", ratio,
                         SMOOTH_SYNTH, {"mask_left_out_class": True}) for ratio in (2.0, 4.0)],

@@ -2,7 +2,6 @@
 
   min_x  sum_j a_j (||mu_j(x) - mu_j||^2 + ||sigma_j(x) - sigma_j||^2)  +  w_ce * CE(F(x), y)
          (+ optional total-variation and L2 image priors)
-         (+ w_comp * (1 - JS(F(x), S(x)) / ln 2), given a student S: adaptive DeepInversion)
          (+ w_div * same-class feature similarity)
 where mu_j / sigma_j are the running mean / std of BatchNorm layer j and mu_j(x) / sigma_j(x)
 the per-channel statistics of that layer's INPUT on the synthetic batch (hooking BN inputs,
@@ -20,17 +19,10 @@ The diversity term (``diversity_weight``) adds w_div * the mean cosine similarit
 features (the classifier's input, centered on the batch mean) over pairs of images of the same label
 in a batch: a class's images are pushed apart in the model's feature space, against their collapse
 onto the few modes that the BN and CE terms alone allow.
-
-The competition term (Yin et al., "Dreaming to Distill", CVPR 2020) rewards images on which a
-student S (a compressed copy) disagrees with the model: JS is the Jensen-Shannon divergence of
-their softmax outputs at temperature ``competition_temperature``, in [0, ln 2]. The model's CE
-keeps each image in its class, so what the student gets wrong there is what it is taught.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass
 
@@ -62,8 +54,6 @@ class SynthConfig:
     l2_weight: float = 0.0
     jitter: int = 2
     flip: bool = True
-    competition_weight: float = 0.0
-    competition_temperature: float = 3.0
     diversity_weight: float = 0.0
     mixed_precision: bool = True
     seed: int = 0
@@ -79,9 +69,6 @@ class SynthConfig:
                 raise ConfigError(f"synthesis {name} must be >= 0, got {getattr(self, name)}")
         if not self.diversity_weight >= 0:
             raise ConfigError(f"synthesis diversity_weight must be >= 0, got {self.diversity_weight}")
-        if not self.competition_weight >= 0 or not self.competition_temperature > 0:
-            raise ConfigError("synthesis competition_weight must be >= 0 and competition_temperature > 0, got "
-                              f"{self.competition_weight} and {self.competition_temperature}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,36 +170,19 @@ def pixel_bounds(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     return (0 - m) / s, (1 - m) / s
 
 
-def balanced_labels(n: int, num_classes: int, generator: torch.Generator, exclude: int | None = None) -> torch.Tensor:
-    """n labels, as equal per class as possible over the classes other than ``exclude``, in random order."""
-    classes = torch.tensor([c for c in range(num_classes) if c != exclude])
-    labels = classes[torch.arange(n) % len(classes)]
+def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """n labels, as equal per class as possible, in random order."""
+    labels = torch.arange(n) % num_classes
     return labels[torch.randperm(n, generator=generator)]
 
 
-def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean Jensen-Shannon divergence (natural log, in [0, ln 2]) between the softmax
-    distributions of ``p_logits`` and ``q_logits`` (N, K) at ``temperature``: a scalar."""
-    log_p = F.log_softmax(p_logits / temperature, 1)
-    log_q = F.log_softmax(q_logits / temperature, 1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)
-    return (0.5 * (kl_pm + kl_qm)).mean()
-
-
 def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch.Tensor | None = None,
-               device: str | torch.device | None = None, progress: bool = True,
-               student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               device: str | torch.device | None = None, progress: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Synthetic images (N, C, H, W, normalized space), their labels (N,) and a log
-    {"bn_loss": [...], "ce_loss": [...]} of each batch's final losses. ``student`` (not
-    modified) is the model the competition term plays against; it is needed exactly when
-    ``cfg.competition_weight`` > 0."""
+    {"bn_loss": [...], "ce_loss": [...]} of each batch's final losses."""
     from tqdm import tqdm
 
-    if (student is None) != (cfg.competition_weight == 0):
-        raise ConfigError("synthesis competes against a student exactly when competition_weight > 0: got "
-                          f"competition_weight {cfg.competition_weight} and {'no ' if student is None else 'a '}student")
     spec = model.cc_spec
     device = resolve_device(device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -226,12 +196,11 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
     batches = range(0, len(labels), cfg.batch_size)
     bar = tqdm(total=len(batches) * cfg.iterations, desc="synthesize", disable=not progress,
                file=sys.stderr, leave=False)
-    competing = contextlib.nullcontext() if student is None else eval_mode(student.to(device), freeze=True)
-    with eval_mode(model, freeze=True), channels_last(model), competing:
+    with eval_mode(model, freeze=True), channels_last(model):
         try:
             for start in batches:
                 y = labels[start:start + cfg.batch_size].to(device)
-                x, bn, ce = optimize_batch(model, stats, y, cfg, gen, (low, high), bar, student, features)
+                x, bn, ce = optimize_batch(model, stats, y, cfg, gen, (low, high), bar, features)
                 log["bn_loss"].append(bn)
                 log["ce_loss"].append(ce)
                 images.append(x)
@@ -245,12 +214,12 @@ def synthesize(model: nn.Module, cfg: SynthConfig = SynthConfig(), labels: torch
 
 def optimize_batch(model: nn.Module, stats: BNStatsLoss, y: torch.Tensor, cfg: SynthConfig,
                    gen: torch.Generator, bounds: tuple[torch.Tensor, torch.Tensor], bar,
-                   student: nn.Module | None = None, features: ClassifierInput | None = None
+                   features: ClassifierInput | None = None
                    ) -> tuple[torch.Tensor, float, float]:
     """One batch of synthetic images (len(y), C, H, W) for labels ``y``, from Gaussian noise in
     ``cfg.iterations`` Adam steps on the loss of the module docstring, kept inside ``bounds``
-    (low, high); returns them with the last step's BN and CE losses. ``model`` (and ``student``,
-    when competing) are frozen; ``features`` hooks ``model``'s classifier input when the diversity
+    (low, high); returns them with the last step's BN and CE losses. ``model`` is frozen;
+    ``features`` hooks ``model``'s classifier input when the diversity
     term is on."""
     low, high = bounds
     device = y.device
@@ -266,13 +235,9 @@ def optimize_batch(model: nn.Module, stats: BNStatsLoss, y: torch.Tensor, cfg: S
             inp = inp.flip(3)
         with autocast(device, cfg.mixed_precision):
             out = model(inp)
-            out_student = student(inp) if student is not None else None
         bn = stats.pop(cfg.first_bn_weight)
         ce = F.cross_entropy(out.float(), y)
         loss = cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_weight * total_variation(x)
-        if out_student is not None:
-            js = js_divergence(out.float(), out_student.float(), cfg.competition_temperature)
-            loss = loss + cfg.competition_weight * (1 - js / math.log(2))
         if features is not None:
             loss = loss + cfg.diversity_weight * same_class_similarity(features.pop(), y)
         if cfg.l2_weight:

@@ -71,24 +71,6 @@ class ScanSettings:
             raise ConfigError(f"scan patch_probe takes patch probe settings: {e}") from None
 
 
-def build_config(preset: str = "cpu", ratio: float = 2.0, overrides: dict | None = None) -> DefendConfig:
-    """The resolved DefendConfig of a flow run (validated here, at the edge).
-
-    The experiments that make more synthetic images after compaction are refused
-    (``resynthesize_suspected_target``, ``competition_synth``): the flow's tasks do not make them,
-    and silently leaving them out would not be what the config asked for (``cc_core.defend`` has
-    them; their sweeps: benchmarks/results/sweep_defend_{resynthesis*,competition}.md). The scan's
-    own set (``scan_synth``) is made by its own synthesis task."""
-    cfg = resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
-    asked = {"resynthesize_suspected_target": cfg.resynthesize_suspected_target,
-             "competition_synth": cfg.competition_synth}
-    for name, value in asked.items():
-        if value is not None:
-            raise ConfigError(f"{name} is not supported by the clean-compact flow; "
-                              "use `cleancompact defend` or cc_core.defend for that experiment")
-    return cfg
-
-
 @flow(name="clean-compact", log_prints=True)
 def clean_compact_flow(source: str, ratio: float = 2.0, preset: str = "cpu", overrides: dict | None = None,
                        gates: dict | None = None, eval_data: str | None = None, data_dir: str | None = None,
@@ -106,7 +88,7 @@ def clean_compact_flow(source: str, ratio: float = 2.0, preset: str = "cpu", ove
 
     log = get_run_logger()
     tracking_uri = tracking_uri or default_tracking_uri()
-    cfg = build_config(preset, ratio, overrides)
+    cfg = resolve_config(preset, **{**(overrides or {}), "ratio": ratio})
     gate_cfg = GateConfig.from_dict(gates)
     scan_cfg = ScanSettings.from_dict(scan)
     if threads:

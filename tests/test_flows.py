@@ -182,25 +182,12 @@ def test_work_directory_is_not_shared_across_code_versions(tmp_path, monkeypatch
     assert steps.working_dir(tmp_path, "ab" * 32, config) != first
 
 
-def test_flow_refuses_options_its_tasks_do_not_carry_out():
-    from cc_core.errors import ConfigError
-    from flows.clean_compact import build_config
-
-    assert build_config("cpu", 3.0, {"tau": 2.5}).ratio == 3.0
-    with pytest.raises(ConfigError, match="resynthesize_suspected_target is not supported by the clean-compact flow"):
-        build_config("cpu", 2.0, {"resynthesize_suspected_target": "cleaned"})
-    with pytest.raises(ConfigError, match="competition_synth is not supported by the clean-compact flow"):
-        build_config("cpu", 2.0, {"competition_synth": {"n_samples": 64, "competition_weight": 1.0}})
-    assert build_config("cpu", 2.0, {"scan_synth": {"tv_weight": 1e-4}}).scan_synth_config is None  # the same set
-
-
 def test_flow_with_the_scans_own_images_ends_where_defend_does(suspect, tmp_path):
     """Two sets of synthetic images, the scan's joining the fine-tune, and a student anchored to
     itself where no teacher is verified: the flow's tasks hand each step what cc_core.defend gives
     it, so both end at the same weights."""
     from cc_core import load_model
-    from cc_core.defense.run import defend
-    from flows.clean_compact import build_config
+    from cc_core.defense import defend, resolve_config
 
     overrides = TINY | {"synth": TINY["synth"] | {"tv_weight": 0.5}, "scan_synth": {"tv_weight": 0.0},
                         "finetune_on_scan_synthetic": True, "bn_match_samples": 16,
@@ -211,7 +198,7 @@ def test_flow_with_the_scans_own_images_ends_where_defend_does(suspect, tmp_path
     assert report["timings_s"]["synthesize_scan"] > 0 and report["timings_s"]["synthesize"] > 0
     c = registry(suspect)
     flow_model = load_model(c.download_artifacts(result["run_id"], "package/finetuned.safetensors", str(tmp_path)))
-    direct = defend(load_model(suspect["file"]), config=build_config("cpu", 2.0, overrides), progress=False,
+    direct = defend(load_model(suspect["file"]), config=resolve_config("cpu", ratio=2.0, **overrides), progress=False,
                     log=lambda *a: None)
     assert report["scan"]["synthetic_excluded"] == direct.report["scan"]["synthetic_excluded"]
     flow_state, direct_state = flow_model.state_dict(), direct.model.state_dict()

@@ -20,7 +20,7 @@ from cc_core.errors import ConfigError
 from cc_core.export import export_onnx, parity, run, session
 from cc_core.finetune import FinetuneConfig, drop_class, feature_loss, finetune, masked_cross_entropy, mixup_pairs
 from cc_core.scan import adversarial_score, anomaly_index, scan
-from cc_core.synth import (BNStatsLoss, ClassifierInput, NoBatchNormError, SynthConfig, balanced_labels, js_divergence,
+from cc_core.synth import (BNStatsLoss, ClassifierInput, NoBatchNormError, SynthConfig, balanced_labels,
                            same_class_similarity, synthesize, total_variation)
 from benchmarks.bench import suspicion_record
 from cleancompact.cli import main
@@ -537,10 +537,6 @@ def test_defend_config_validation():
         resolve_config("cpu", patch_unlearn="sometimes")
     assert resolve_config("cpu", trigger_channel_u=None, patch_probe=None).patch_probe is None
     assert resolve_config("cpu", patch_probe={"sizes": [3]}).patch_probe.sizes == (3,)
-    with pytest.raises(ConfigError, match="competition_synth takes synthesis settings"):
-        resolve_config("cpu", competition_synth={"images": 10})
-    with pytest.raises(ConfigError, match="competition_weight must be >= 0"):
-        resolve_config("cpu", competition_synth={"competition_weight": -1.0})
 
 
 def test_defend_sensitivity_ranks_are_measured_on_the_synthetic_images(monkeypatch):
@@ -714,7 +710,7 @@ def _candidates(path: str, value) -> list:
     choices = {"normalizer": ["max", "median"], "channel_mode": list(CHANNEL_MODES), "adversarial_model": ["original"],
                "synth_model": ["compact"], "unlearn_scope": list(UNLEARN_SCOPES), "patch_unlearn": list(PATCH_UNLEARN),
                "kd_gate": list(KD_GATES), "perturbation_scope": list(PERTURBATION_SCOPES), "bn_match_scope": list(BN_MATCH_SCOPES), "device": ["cpu"],
-               "resynthesize_suspected_target": ["recognized"], "compact.rank_strategy": ["energy"],
+               "compact.rank_strategy": ["energy"],
                "finetune.unlearn_target": list(UNLEARN_TARGETS)}
     if path in choices:
         return [c for c in choices[path] if c != value]
@@ -728,7 +724,7 @@ def _candidates(path: str, value) -> list:
         return [value * 2 if value else 0.5, value / 2, 0.25]
     return {"threads": [2], "tau": [3.0], "channel_u": [2.5], "trigger_channel_u": [2.5], "perturbation_channel_u": [3.5],
             "bn_match_samples": [64], "distill_check": [True], "teacher_finetune": [{"lr": 0.0001}],
-            "distill_finetune": [{"epochs": 3}], "competition_synth": [{"n_samples": 64}],
+            "distill_finetune": [{"epochs": 3}],
             "scan_synth": [{"tv_weight": 1.0}], "finetune.max_grad_norm": [5.0], "mask_probe": [{"area": 0.02}]}.get(path, [])
 
 
@@ -904,7 +900,6 @@ def test_exclude_class_leaves_out_exactly_that_label():
 
 @pytest.mark.parametrize("target", [2, None])
 def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkeypatch, target):
-    from cc_core.defense import run as defense_run
     import cc_core.scan as scan_module
 
     seen = {}
@@ -917,7 +912,6 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
 
     monkeypatch.setattr(scan_module, "flagged_target", lambda *a: target)
     monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
-    monkeypatch.setattr(defense_run, "finetune", recording_finetune)  # the second round's (resynthesis "finetuned")
     monkeypatch.setattr(ft, "COLLAPSE_ACC", 0.0)  # one run a fine-tune, whatever the tiny model fits
     synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
     # No teacher fine-tune: only the student's fine-tune is recorded (test_teacher_finetune_... checks that
@@ -930,58 +924,9 @@ def test_defend_fine_tunes_without_the_suspected_targets_synthetic_images(monkey
     assert sorted(set(seen["labels"])) == [c for c in range(4) if c != target]
     assert seen["left_out"] == [target]  # the fine-tune is told which class has no images
 
-    for where, left_out in (("cleaned", [None]), ("finetuned", [target, None]), ("recognized", [target, None])):
-        seen.clear()
-        cfg = _tiny_cfg(resynthesize_suspected_target=where, teacher_finetune=None, exclude_suspected_target=True)
-        r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
-        assert seen["left_out"] == (left_out if target is not None else [None])
-        back = r["scan"].get("synthetic_resynthesized", 0)
-        if where == "recognized":  # only those of the class's own images the student puts there
-            assert back <= r["scan"]["synthetic_excluded"]
-            assert len(seen["labels"]) == 12 - r["scan"]["synthetic_excluded"] + back
-            assert seen["labels"].count(target) == back
-        else:
-            assert sorted(seen["labels"]) == sorted(synthetic[1].tolist())  # the class is back, as many images
-            assert back == r["scan"]["synthetic_excluded"]
 
-
-class _SignClassifier(nn.Module):
-    """Class 2 for an image whose mean is positive, class 1 otherwise (of 3)."""
-
-    def forward(self, x):
-        positive = (x.mean(dim=(1, 2, 3)) > 0).float()
-        return torch.stack([torch.zeros_like(positive), 1 - positive, positive], 1)
-
-
-def test_recognized_class_keeps_the_images_of_the_class_the_student_also_puts_there():
-    from cc_core.defense.images import recognized_class
-
-    sign = torch.tensor([1, -1, 1, 1, -1, 1, -1, -1], dtype=torch.float32)
-    x = sign.view(-1, 1, 1, 1) * torch.rand(8, 3, 4, 4).add(0.1)
-    y = torch.tensor([2, 2, 2, 0, 2, 1, 1, 2])
-    kept, labels = recognized_class(_SignClassifier(), x, y, 2)
-    assert torch.equal(kept, x[[0, 2]]) and labels.tolist() == [2, 2]  # labelled 2 and put in 2
-    kept, labels = recognized_class(_SignClassifier(), x, y, 0)
-    assert kept.shape == (0, 3, 4, 4) and labels.tolist() == []
-
-
-def test_js_divergence_is_zero_for_equal_outputs_symmetric_and_at_most_ln2():
-    a, b = torch.randn(8, 5), torch.randn(8, 5)
-    assert float(js_divergence(a, a)) == pytest.approx(0.0, abs=1e-6)
-    assert float(js_divergence(a, b)) == pytest.approx(float(js_divergence(b, a)), abs=1e-6)
-    p, q = a.softmax(1), b.softmax(1)
-    m = (p + q) / 2
-    by_hand = 0.5 * ((p * (p / m).log()).sum(1) + (q * (q / m).log()).sum(1)).mean()
-    assert float(js_divergence(a, b)) == pytest.approx(float(by_hand), rel=1e-5)
-    disjoint = torch.tensor([[100.0, 0.0]]), torch.tensor([[0.0, 100.0]])
-    assert float(js_divergence(*disjoint)) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-4)
-    # temperature softens both distributions, so the divergence of the same logits falls
-    assert float(js_divergence(a, b, temperature=3.0)) < float(js_divergence(a, b))
-
-
-def test_balanced_labels_skip_the_excluded_class_and_stay_balanced():
-    y = balanced_labels(30, 4, torch.Generator().manual_seed(0), exclude=2)
-    assert sorted(set(y.tolist())) == [0, 1, 3] and torch.bincount(y, minlength=4).tolist() == [10, 10, 0, 10]
+def test_balanced_labels_stay_balanced():
+    assert torch.bincount(balanced_labels(10, 4, torch.Generator().manual_seed(0))).tolist() == [3, 3, 2, 2]
     assert torch.bincount(balanced_labels(8, 4, torch.Generator().manual_seed(0))).tolist() == [2, 2, 2, 2]
 
 
@@ -1018,73 +963,6 @@ def test_diversity_term_pushes_images_of_a_class_apart_in_feature_space():
     with pytest.raises(ConfigError, match="classifier to be an nn.Linear"):
         synthesize(model, dataclasses.replace(cfg, diversity_weight=1.0), progress=False)
     assert not any(module._forward_pre_hooks for module in model.modules())
-
-
-def test_competition_needs_a_student_exactly_when_its_weight_is_positive():
-    model = tiny_model()
-    with pytest.raises(ConfigError, match="exactly when competition_weight > 0"):
-        synthesize(model, FAST_SYNTH, progress=False, student=tiny_model())
-    with pytest.raises(ConfigError, match="exactly when competition_weight > 0"):
-        synthesize(model, dataclasses.replace(FAST_SYNTH, competition_weight=1.0), progress=False)
-    with pytest.raises(ConfigError, match="competition_weight must be >= 0"):
-        SynthConfig(competition_weight=-0.5)
-
-
-def test_competition_makes_images_the_student_classifies_unlike_the_model_and_leaves_both_as_they_were():
-    torch.manual_seed(0)
-    model, student = tiny_model(), tiny_model()
-    with torch.no_grad():  # confident outputs, as a trained model's are (the tiny model's are near uniform)
-        model.linear.weight.mul_(30)
-        model.linear.bias.mul_(30)
-    student.load_state_dict(model.state_dict())
-    with torch.no_grad():  # a student that is a perturbed copy, as a compacted model is
-        for p in student.parameters():
-            p.add_(0.3 * p.std() * torch.randn_like(p))
-    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, student)]
-    cfg = dataclasses.replace(FAST_SYNTH, iterations=20, mixed_precision=False)
-
-    def disagreement(x: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(js_divergence(model.eval()(x), student.eval()(x)))
-
-    x_plain, y_plain, _ = synthesize(model, cfg, progress=False)
-    x_comp, y_comp, _ = synthesize(model, dataclasses.replace(cfg, competition_weight=10.0, competition_temperature=1.0),
-                                   progress=False, student=student)
-    assert torch.equal(y_plain, y_comp)  # the same labels: only the loss differs
-    assert disagreement(x_comp) > 1.5 * disagreement(x_plain)
-    for m, state in zip((model, student), before):
-        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
-        assert all(p.requires_grad for p in m.parameters())
-
-
-def test_defend_fine_tunes_on_the_second_round_of_synthetic_images_without_the_suspected_class(monkeypatch):
-    from cc_core.defense import images as defense_images
-    import cc_core.scan as scan_module
-
-    seen = {}
-    real_finetune, real_synthesize = ft.finetune, defense_images.synthesize
-
-    def recording_finetune(model, x, y, *args, **kwargs):
-        seen["labels"] = y.tolist()
-        return real_finetune(model, x, y, *args, **kwargs)
-
-    def recording_synthesize(model, cfg, *args, student=None, **kwargs):
-        seen.setdefault("students", []).append(student is not None)
-        return real_synthesize(model, cfg, *args, student=student, **kwargs)
-
-    monkeypatch.setattr(scan_module, "flagged_target", lambda *a: 1)
-    monkeypatch.setattr(ft, "finetune", recording_finetune)  # the student's, through guarded_finetune
-    monkeypatch.setattr(defense_images, "synthesize", recording_synthesize)
-    synthetic = (torch.randn(12, 3, 32, 32), torch.arange(12) % 4)
-    for weight in (1.0, 0.0):
-        seen.clear()
-        cfg = _tiny_cfg(teacher_finetune=None, competition_synth={"n_samples": 9, "iterations": 3,
-                                                                  "competition_weight": weight})
-        r = defend(tiny_model(), config=cfg, progress=False, log=lambda *a: None, synthetic=synthetic).report
-        assert seen["students"] == [weight > 0]  # the shared first round is not made again
-        first_round = [c for c in synthetic[1].tolist() if c != 1]
-        assert sorted(seen["labels"]) == sorted(first_round + [0, 0, 0, 2, 2, 2, 3, 3, 3])
-        assert r["timings_s"]["competition_synthesize"] > 0
 
 
 def test_scan_synth_gives_the_scan_its_own_images_and_the_fine_tune_keeps_the_others(monkeypatch):
@@ -1164,20 +1042,6 @@ def test_scan_synth_is_checked_at_the_edge():
     with pytest.raises(ConfigError, match="scan_synth makes the scan's images before compaction"):
         resolve_config("cpu", scan_synth={"tv_weight": 0.0}, synth_model="compact", compact={"rank_strategy": "energy"},
                        trigger_channel_u=None, perturbation_channel_u=None)
-
-
-def test_resynthesized_class_has_its_label_and_count_and_leaves_the_model_as_it_was():
-    from cc_core.defense.images import resynthesize_class
-
-    model = tiny_model()
-    for p in model.linear.parameters():
-        p.requires_grad_(False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = resynthesize_class(model, 3, 5, FAST_SYNTH)
-    assert x.shape == (5, 3, 32, 32) and y.tolist() == [3] * 5
-    assert [p.requires_grad for p in model.parameters()][-2:] == [False, False]
-    assert all(p.requires_grad for p in list(model.parameters())[:-2])
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 class PlantedAllToAll(nn.Module):
@@ -2029,9 +1893,6 @@ def test_distill_check_runs_only_for_a_teacher_the_gate_did_not_verify():
     assert not needs_distill_check(cfg, {"distill": True, "reason": None})  # verified: distilled from as is
     assert not needs_distill_check(cfg, {"distill": False, "reason": unverified["reason"]})  # no teacher
     assert needs_distill_check(cfg.replace(kd_gate="always"), {"distill": True, "reason": None})
-    for twice in ("finetuned", "recognized"):
-        with pytest.raises(ConfigError, match=f"distill_check compares one fine-tune.*'{twice}' fine-tunes twice"):
-            cfg.replace(resynthesize_suspected_target=twice)
 
 
 @pytest.mark.parametrize("kept", [True, False])

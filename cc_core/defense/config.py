@@ -36,13 +36,10 @@ BN_MATCH_SCOPES = ("always", "trigger")
 MODEL_STAGES = ("compact", "original")
 
 
-RESYNTHESES = (None, "cleaned", "finetuned", "recognized")
-
-
 # DefendConfig's fields that take one of a few values, and the probe sections a dict stands for.
 CHOICES = {"channel_mode": CHANNEL_MODES, "unlearn_scope": UNLEARN_SCOPES, "perturbation_scope": PERTURBATION_SCOPES,
            "kd_gate": KD_GATES, "bn_match_scope": BN_MATCH_SCOPES, "patch_unlearn": PATCH_UNLEARN,
-           "adversarial_model": MODEL_STAGES, "synth_model": MODEL_STAGES, "resynthesize_suspected_target": RESYNTHESES}
+           "adversarial_model": MODEL_STAGES, "synth_model": MODEL_STAGES}
 
 
 PROBE_SECTIONS = {"patch_probe": PatchProbeConfig, "warp_probe": WarpProbeConfig, "blend_probe": BlendProbeConfig,
@@ -122,13 +119,6 @@ class DefendConfig:
     # Leave the synthetic images of the suspected target class out of the fine-tune (they carry
     # the trigger; leaving them out costs that class accuracy).
     exclude_suspected_target: bool = True
-    # Put images of the left-out class back: made through the cleaned model ("cleaned"), through
-    # the fine-tuned one ("finetuned", then fine-tuned again), or those the fine-tuned model
-    # recognizes ("recognized"). None: the class stays out.
-    resynthesize_suspected_target: str | None = None
-    # A second round of synthetic images after compaction (SynthConfig overrides; with a
-    # competition_weight, pushed to where compact and original disagree). None: no second round.
-    competition_synth: dict | None = None
     # SynthConfig overrides for the scan's own synthetic images (the probes, the channel cleans, the
     # scan and the distillation gate use them; the fine-tune keeps ``synth``'s). None: one set.
     scan_synth: dict | None = None
@@ -206,7 +196,7 @@ class DefendConfig:
 
     def _check_sections(self) -> None:
         """The override sections (synthesis or fine-tune settings over the fields they start from)."""
-        for name, base, what in (("competition_synth", self.synth, "synthesis"), ("scan_synth", self.synth, "synthesis"),
+        for name, base, what in (("scan_synth", self.synth, "synthesis"),
                                  ("teacher_finetune", self.finetune, "fine-tune"),
                                  ("distill_finetune", self.finetune, "fine-tune")):
             if getattr(self, name) is not None:
@@ -217,9 +207,6 @@ class DefendConfig:
 
     def _check_stage_order(self) -> None:
         """Settings that need images made before compaction, or another setting, to run at all."""
-        if self.distill_check is not None and self.resynthesize_suspected_target in ("finetuned", "recognized"):
-            raise ConfigError("distill_check compares one fine-tune with and without distillation; "
-                              f"resynthesize_suspected_target={self.resynthesize_suspected_target!r} fine-tunes twice")
         if self.scan_synth is not None and self.synth_model != "original":
             raise ConfigError("scan_synth makes the scan's images before compaction: it needs synth_model='original'")
         if self.finetune_on_scan_synthetic and self.scan_synth is None:

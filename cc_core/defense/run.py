@@ -19,14 +19,14 @@ from torch import nn
 from cc_core.adversarial import pgd
 from cc_core.compact import clean_compact
 from cc_core.errors import ConfigError
-from cc_core.finetune import finetune, guard_text, guarded_finetune
+from cc_core.finetune import guard_text, guarded_finetune
 from cc_core.device import resolve_device
 from cc_core.models import count_params
 from cc_core.scan import histogram_report
 from cc_core.synth import SynthConfig, synthesize
 from cc_core.defense.config import DefendConfig, resolve_config
 from cc_core.defense.report import DefendResult, REPORT_FORMAT, environment, macs, make_report, measure
-from cc_core.defense.images import exclude_class, recognized_class, resynthesize_class, synthesize_competing
+from cc_core.defense.images import exclude_class
 from cc_core.defense.suspect import found_summary_text, probe_text, probe_triggers, scan_and_suspect
 from cc_core.defense.cleaning import bn_match_text, channel_clean, channel_clean_text, distillation_teacher, match_compact_bn
 from cc_core.defense.teacher import distill_check, distill_check_text, distillation_text, finetune_config, finetune_teacher, gated_teacher, needs_distill_check
@@ -104,8 +104,7 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
             x_scan, y_scan, _ = run.synthesize(original, cfg.scan_synth_config, scan_synthetic, "synthesize_scan",
                                                "the scan's ")
         probed = run.probe(original, x_scan)
-    cleaned, new, plan, channel_info, candidate, bn_match = compact_step(run, original, x_syn, x_scan,
-                                                                         probed["channel_trigger"])
+    new, plan, channel_info, candidate, bn_match = compact_step(run, original, x_syn, x_scan, probed["channel_trigger"])
     if cfg.synth_model == "compact":
         x_syn, y_syn, synth_log = run.synthesize(new, cfg.synth)
         x_scan, y_scan = x_syn, y_syn
@@ -119,7 +118,6 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
     teacher = teacher.to(run.device) if teacher is not None else None
     if text := distillation_text(distillation):
         log(f"[defend] {text}")
-    x_ft, y_ft = more_finetune_images(run, original, new, cleaned, x_ft, y_ft, exclusion, excluded)
     x_trigger = unlearn(x_ft) if unlearn is not None else None
     if exclusion is not None:
         log(f"[defend] {exclusion_text(exclusion, n_made, x_trigger is not None)}")
@@ -130,14 +128,12 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
         log(f"[defend] adversarial histogram before: concentration {scan_before['concentration']:.2f}, "
             f"estimated target {scan_before['target_class_estimate']}")
 
-    suspected = exclusion["suspected_target"] if exclusion else None
-    left_out = suspected if excluded and cfg.resynthesize_suspected_target != "cleaned" else None
+    left_out = exclusion["suspected_target"] if excluded else None
     if distillation["teacher_finetune"]:
         teacher_metrics = teacher_step(run, teacher, x_ft, y_ft, x_adv, x_trigger, left_out, eval_data, attack)
         if teacher_metrics is not None:
             distillation["teacher_metrics"] = teacher_metrics
-    new, history, guard = finetune_step(run, new, teacher, distillation, x_ft, y_ft, x_adv, x_trigger, left_out,
-                                        (x_syn, y_syn, x_scan), exclusion, excluded, unlearn, adv_model)
+    new, history, guard = finetune_step(run, new, teacher, distillation, x_ft, y_ft, x_adv, x_trigger, left_out, x_scan)
 
     with run.timed("scan", add=True):
         scan_after = histogram_report(new, x_scan, y_scan, cfg.pgd) if cfg.scan_before else None
@@ -155,9 +151,9 @@ def defend(model: nn.Module, ratio: float | None = None, *, config: DefendConfig
 def compact_step(run: DefenseRun, original: nn.Module, x_syn: torch.Tensor | None, x_scan: torch.Tensor | None,
                  clean_by: dict | None):
     """Channel clean (by ``clean_by``, the probes' channel trigger, on the scan's images ``x_scan``),
-    Tucker-2 decomposition, clipping and rank pruning, then the BatchNorm matching: (the
-    channel-cleaned model, the compact one on the run's device, the plan, the channel clean's
-    record, the distillation teacher candidate, the BatchNorm matching's record)."""
+    Tucker-2 decomposition, clipping and rank pruning, then the BatchNorm matching: (the compact
+    model on the run's device, the plan, the channel clean's record, the distillation teacher
+    candidate, the BatchNorm matching's record)."""
     cfg = run.cfg
     with run.timed("channel_clean"):
         cleaned, channel_info = channel_clean(original.cpu(), cfg, x_scan.cpu() if clean_by else None, clean_by)
@@ -176,7 +172,7 @@ def compact_step(run: DefenseRun, original: nn.Module, x_syn: torch.Tensor | Non
     if bn_match is not None:
         run.timings["bn_match"] = time.perf_counter() - start
         run.log(f"[defend] {bn_match_text(bn_match)} in {run.timings['bn_match']:.1f} s")
-    return cleaned, new, plan, channel_info, candidate, bn_match
+    return new, plan, channel_info, candidate, bn_match
 
 
 def finetune_images(cfg: DefendConfig, x_syn: torch.Tensor, y_syn: torch.Tensor, x_scan: torch.Tensor,
@@ -194,30 +190,6 @@ def finetune_images(cfg: DefendConfig, x_syn: torch.Tensor, y_syn: torch.Tensor,
     if exclusion is not None:  # counted on the fine-tune's images, which need not be the scan's
         exclusion["synthetic_excluded"] = excluded
     return x_ft, y_ft, excluded, n_made
-
-
-def more_finetune_images(run: DefenseRun, original: nn.Module, new: nn.Module, cleaned: nn.Module, x_ft: torch.Tensor,
-                         y_ft: torch.Tensor, exclusion: dict | None, excluded: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_ft``, ``y_ft`` with the images the settings add before the fine-tune: the suspected
-    target's made again through the channel-cleaned model (resynthesize_suspected_target
-    "cleaned") and the competition round (competition_synth)."""
-    cfg = run.cfg
-    suspected = exclusion["suspected_target"] if exclusion else None
-    if cfg.resynthesize_suspected_target == "cleaned" and excluded:
-        with run.timed("resynthesize"):
-            x_new, y_new = resynthesize_class(cleaned, suspected, excluded, cfg.synth, run.device, run.progress)
-            x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-            exclusion["synthetic_resynthesized"] = len(y_new)
-        run.log(f"[defend] {excluded} synthetic images of class {suspected} made again through the channel-cleaned "
-                f"model in {run.timings['resynthesize']:.1f} s")
-    if cfg.competition_synth is not None:
-        with run.timed("competition_synthesize"):
-            x_new, y_new = synthesize_competing(original, new, cfg, suspected if excluded else None, run.device,
-                                                run.progress)
-            x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-        run.log(f"[defend] {len(y_new)} more synthetic images made after compaction in "
-                f"{run.timings['competition_synthesize']:.1f} s")
-    return x_ft, y_ft
 
 
 def exclusion_text(exclusion: dict, n_made: int, unlearned: bool) -> str:
@@ -244,15 +216,12 @@ def teacher_step(run: DefenseRun, teacher: nn.Module, x_ft, y_ft, x_adv, x_trigg
 
 
 def finetune_step(run: DefenseRun, new: nn.Module, teacher: nn.Module | None, distillation: dict, x_ft, y_ft, x_adv,
-                  x_trigger, left_out: int | None, made: tuple, exclusion: dict | None, excluded: int, unlearn,
-                  adv_model: nn.Module) -> tuple[nn.Module, list[dict], dict]:
-    """The recovery fine-tune of the compact model ``new`` (guarded_finetune), a second round on the
-    suspected target's images made again (resynthesize_suspected_target "finetuned" / "recognized"),
-    and the distillation check against a student fine-tuned without the teacher when it applies
-    (``distillation`` gets its record). ``made``: (x_syn, y_syn, x_scan), the images synthesized
-    before the fine-tune. Returns (the student kept, its history, its guard's record)."""
+                  x_trigger, left_out: int | None, x_scan: torch.Tensor) -> tuple[nn.Module, list[dict], dict]:
+    """The recovery fine-tune of the compact model ``new`` (guarded_finetune), and the distillation
+    check against a student fine-tuned without the teacher when it applies (``distillation`` gets its
+    record; the check inverts on the scan's images ``x_scan``). Returns (the student kept, its history,
+    its guard's record)."""
     cfg = run.cfg
-    x_syn, y_syn, x_scan = made
     with run.timed("finetune"):
         ft_cfg = finetune_config(cfg, teacher)
         undistilled = copy.deepcopy(new) if needs_distill_check(cfg, distillation) else None
@@ -260,17 +229,6 @@ def finetune_step(run: DefenseRun, new: nn.Module, teacher: nn.Module | None, di
                                           x_trigger=x_trigger, left_out_class=left_out)
         if text := guard_text(guard):
             run.log(f"[defend] {text}")
-        if cfg.resynthesize_suspected_target in ("finetuned", "recognized") and excluded:
-            suspected = exclusion["suspected_target"]
-            if cfg.resynthesize_suspected_target == "finetuned":
-                x_new, y_new = resynthesize_class(new, suspected, excluded, cfg.synth, run.device, run.progress)
-            else:
-                x_new, y_new = recognized_class(new, x_syn, y_syn, suspected)
-            exclusion["synthetic_resynthesized"] = len(y_new)
-            x_ft, y_ft = torch.cat([x_ft, x_new]), torch.cat([y_ft, y_new])
-            x_trigger = unlearn(x_ft) if unlearn is not None else None
-            x_adv = pgd(adv_model, x_ft, y_ft, cfg.pgd) if cfg.finetune.adv_weight > 0 else None
-            history += finetune(new, x_ft, y_ft, x_adv, teacher, ft_cfg, progress=run.progress, x_trigger=x_trigger)
     run.log(f"[defend] fine-tuned in {run.timings['finetune']:.1f} s")
     if undistilled is not None:
         with run.timed("distill_check"):
