@@ -115,6 +115,7 @@ BASES["noise_consistency"] = ({}, {})
 BASES["noise_consistency_smooth"] = ({}, {})
 BASES["noise_consistency_smooth_strength"] = ({}, {})
 BASES["noise_term_zoo"] = ({}, {})
+BASES["preset_now"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -602,6 +603,8 @@ GRIDS = {
         ("fine-tune on smooth synthetic images", {}),
         ("fine-tune on smooth synthetic images, noise term weight 1, eps 16/255",
          {"noise_weight": 1.0, "noise_eps": 16 / 255}))],
+    # The shipped preset on the same models, machine and split, for noise_term_zoo to be read against.
+    "preset_now": [("cpu preset", ratio, {}, {}) for ratio in (2.0, 4.0)],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
     # z > 2 until the trigger it cleans by (the probe's stamp, or with the probes off the inverted
     # perturbation) flips fewer than 10% / 2% of the synthetic images. As run at f8ca3f3, whose
