@@ -116,6 +116,7 @@ BASES["noise_consistency_smooth"] = ({}, {})
 BASES["noise_consistency_smooth_strength"] = ({}, {})
 BASES["noise_term_zoo"] = ({}, {})
 BASES["preset_now"] = ({}, {})
+BASES["undistilled_noise"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -603,6 +604,11 @@ GRIDS = {
         ("fine-tune on smooth synthetic images", {}),
         ("fine-tune on smooth synthetic images, noise term weight 1, eps 16/255",
          {"noise_weight": 1.0, "noise_eps": 16 / 255}))],
+    # noise_term_zoo's term cost the distilled students of BadNet and Blended 1-3 points at 4x: the term only
+    # for a student with no verified teacher (DefendConfig.undistilled_finetune), on the smooth fine-tune images.
+    "undistilled_noise": [("smooth fine-tune images; noise term w1, eps 16/255 for a student without a teacher", ratio,
+                           SCAN_SPLIT | {"undistilled_finetune": {"noise_weight": 1.0, "noise_eps": 16 / 255}}, {})
+                          for ratio in (2.0, 4.0)],
     # The shipped preset on the same models, machine and split, for noise_term_zoo to be read against.
     "preset_now": [("cpu preset", ratio, {}, {}) for ratio in (2.0, 4.0)],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to

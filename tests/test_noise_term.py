@@ -66,3 +66,18 @@ def test_the_noise_term_is_off_at_weight_zero_and_needs_a_positive_eps():
     assert finetune(model, x, y, cfg=FinetuneConfig(epochs=2, synth_weight=0.0, adv_weight=0.0), progress=False) == []
     with pytest.raises(ConfigError, match="noise_eps"):
         FinetuneConfig(noise_weight=1.0, noise_eps=0.0)
+
+
+def test_only_a_student_without_a_teacher_takes_the_undistilled_overrides():
+    from cc_core.defense import resolve_config
+    from cc_core.defense.teacher import finetune_config
+
+    cfg = resolve_config("cpu", undistilled_finetune={"noise_weight": 1.0, "noise_eps": 16 / 255},
+                         distill_finetune={"epochs": 3})
+    alone = finetune_config(cfg, None)
+    assert (alone.noise_weight, alone.noise_eps, alone.kd_weight, alone.epochs) == (1.0, 16 / 255, 0.0, cfg.finetune.epochs)
+    distilling = finetune_config(cfg, NoiseDetector())
+    assert (distilling.noise_weight, distilling.kd_weight, distilling.epochs) == (0.0, cfg.finetune.kd_weight, 3)
+    assert finetune_config(cfg.replace(undistilled_finetune=None), None).noise_weight == 0.0
+    with pytest.raises(ConfigError, match="undistilled_finetune takes fine-tune settings"):
+        resolve_config("cpu", undistilled_finetune={"noise": 1.0})

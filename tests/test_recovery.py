@@ -724,7 +724,7 @@ def _candidates(path: str, value) -> list:
         return [value * 2 if value else 0.5, value / 2, 0.25]
     return {"threads": [2], "tau": [3.0], "channel_u": [2.5], "trigger_channel_u": [2.5], "perturbation_channel_u": [3.5],
             "bn_match_samples": [64], "distill_check": [True], "teacher_finetune": [{"lr": 0.0001}],
-            "distill_finetune": [{"epochs": 3}],
+            "distill_finetune": [{"epochs": 3}], "undistilled_finetune": [{"noise_weight": 1.0}],
             "scan_synth": [{"tv_weight": 1.0}], "finetune.max_grad_norm": [5.0], "mask_probe": [{"area": 0.02}]}.get(path, [])
 
 

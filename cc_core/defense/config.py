@@ -153,6 +153,9 @@ class DefendConfig:
     self_anchor: bool = False
     # Fine-tune overrides for a student that distills (DISTILL_ALONE: from its teacher alone); None: as is.
     distill_finetune: dict | None = None
+    # Fine-tune overrides for a student with no teacher to distill from (the gate verified none):
+    # nothing says its backdoor is gone, so it may take a trigger-agnostic term (finetune.noise_weight).
+    undistilled_finetune: dict | None = None
     # Keep a student distilled from an unverified teacher only when the universal inversion flips
     # at most DISTILL_FLIP_MARGIN more of the synthetic images on it than on one fine-tuned without
     # the teacher (True / False / inversion settings; check_inversion).
@@ -198,7 +201,8 @@ class DefendConfig:
         """The override sections (synthesis or fine-tune settings over the fields they start from)."""
         for name, base, what in (("scan_synth", self.synth, "synthesis"),
                                  ("teacher_finetune", self.finetune, "fine-tune"),
-                                 ("distill_finetune", self.finetune, "fine-tune")):
+                                 ("distill_finetune", self.finetune, "fine-tune"),
+                                 ("undistilled_finetune", self.finetune, "fine-tune")):
             if getattr(self, name) is not None:
                 try:
                     dataclasses.replace(base, **getattr(self, name))

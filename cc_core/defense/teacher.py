@@ -178,10 +178,11 @@ def finetune_teacher(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
 
 
 def finetune_config(cfg: DefendConfig, teacher: nn.Module | None) -> FinetuneConfig:
-    """The student's fine-tune: ``cfg.finetune`` with its distillation terms off when there is no
-    ``teacher`` (the gate closed), and with ``cfg.distill_finetune`` when there is one and it distills."""
+    """The student's fine-tune: ``cfg.finetune`` with its distillation terms off and
+    ``cfg.undistilled_finetune`` on top when there is no ``teacher`` (the gate closed), and with
+    ``cfg.distill_finetune`` when there is one and it distills."""
+    if teacher is None:
+        return dataclasses.replace(cfg.finetune, kd_weight=0.0, feature_weight=0.0, **(cfg.undistilled_finetune or {}))
     if not cfg.finetune.needs_teacher:
         return cfg.finetune
-    if teacher is None:
-        return dataclasses.replace(cfg.finetune, kd_weight=0.0, feature_weight=0.0)
     return dataclasses.replace(cfg.finetune, **(cfg.distill_finetune or {}))
