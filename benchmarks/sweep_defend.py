@@ -117,6 +117,7 @@ BASES["noise_consistency_smooth_strength"] = ({}, {})
 BASES["noise_term_zoo"] = ({}, {})
 BASES["preset_now"] = ({}, {})
 BASES["undistilled_noise"] = ({}, {})
+BASES["noise_term_wanet"] = ({}, {})
 NO_PROBES = {"patch_probe": None, "warp_probe": None, "blend_probe": None, "trigger_channel_u": None}
 CHECK_INVERSION_639AF7D = {"steps": 100, "restarts": 3}  # what distill_check=True ran with from 639af7d
 TEACHER_FINETUNE_0911A44 = {"lr": 2e-4, "mixup_alpha": 0.0}  # the cpu preset's teacher fine-tune from edcff5b to 0911a44
@@ -609,6 +610,11 @@ GRIDS = {
     "undistilled_noise": [("smooth fine-tune images; noise term w1, eps 16/255 for a student without a teacher", ratio,
                            SCAN_SPLIT | {"undistilled_finetune": {"noise_weight": 1.0, "noise_eps": 16 / 255}}, {})
                           for ratio in (2.0, 4.0)],
+    # undistilled_noise took the zoo WaNet (no probe fires, no teacher verified) from the preset's 79.86 / 8.13
+    # to 72.04 / 29.69 at 2x: the smooth images alone, and with the term for every student.
+    "noise_term_wanet": [("fine-tune on smooth synthetic images", 2.0, SCAN_SPLIT, {}),
+                         ("fine-tune on smooth synthetic images, noise term weight 1, eps 16/255", 2.0, SCAN_SPLIT,
+                          {"noise_weight": 1.0, "noise_eps": 16 / 255})],
     # The shipped preset on the same models, machine and split, for noise_term_zoo to be read against.
     "preset_now": [("cpu preset", ratio, {}, {}) for ratio in (2.0, 4.0)],
     # The trigger channel clean lowering its threshold (from the preset's u) in steps of 0.5 down to
