@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench import RECIPES
-from benchmarks.common import machine, shared_synthetic, write_results
+from benchmarks.common import machine, percent, provenance, shared_synthetic, write_results
 from benchmarks.zoo import ensure_model, model_name
 from cc_core import load_model
 from cc_core.adversarial import predictions
+from cc_core.attacks.additive import coin_flip_signs
 from cc_core.attacks.base import load_attack
 from cc_core.data import load_dataset
 from cc_core.defense.config import resolve_config
@@ -76,8 +77,8 @@ def measure(attack_name: str, recipe_name: str) -> list[dict]:
     _, inverted = flip_report(model, x, cfg.inversion)
     targeted = targeted_linf_perturbation(model, syn, target, eps, mean, std)
     g = torch.Generator().manual_seed(123)
-    sign = eps * (2 * (torch.rand(1, *syn.shape[1:], generator=g) < 0.5).float() - 1)
-    per_image = eps * (2 * (torch.rand(len(real), *syn.shape[1:], generator=g) < 0.5).float() - 1)
+    sign = coin_flip_signs((1, *syn.shape[1:]), eps, g)
+    per_image = coin_flip_signs((len(real), *syn.shape[1:]), eps, g)
     gaussian = eps * torch.randn(len(real), *syn.shape[1:], generator=g)
     rows = [("the planted trigger", pattern[None], True),
             ("the scan's universal inversion", inverted.cpu(), True),
@@ -97,14 +98,12 @@ def measure(attack_name: str, recipe_name: str) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = ["# What sends a dense-trigger model's inputs to its target\n",
-             f"`{result['command']}` at commit {m.get('git_commit', '?')}, {m.get('cpu', '?')}. Share of the preset's "
+             f"{provenance(result)}. Share of the preset's "
              f"synthetic images and of {REAL_IMAGES} real validation images (classes other than the target) sent to "
              "the target; cosine with the planted pattern.\n",
              "| model | perturbation | synthetic | real | cosine |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['perturbation']} | {pct(r['synthetic'])} | {pct(r['real'])} | "
+    lines += [f"| {r['model']} | {r['perturbation']} | {percent(r['synthetic'])} | {percent(r['real'])} | "
               f"{'' if r['cosine'] is None else format(r['cosine'], '.2f')} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 

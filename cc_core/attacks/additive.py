@@ -42,10 +42,14 @@ def low_pass_pattern(size: int, seed: int, cutoff: float, eps: float) -> torch.T
     return eps * smooth / smooth.abs().max()
 
 
+def coin_flip_signs(shape: tuple[int, ...], eps: float, generator: torch.Generator) -> torch.Tensor:
+    """A tensor of ``shape``: +-eps in each entry, each sign a coin flip of ``generator``."""
+    return eps * (2 * (torch.rand(*shape, generator=generator) < 0.5).float() - 1)
+
+
 def sign_noise(size: int, seed: int, eps: float) -> torch.Tensor:
     """(3, size, size): +-eps per pixel and channel, each sign a seeded coin flip."""
-    g = torch.Generator().manual_seed(seed)
-    return eps * (2 * (torch.rand(3, size, size, generator=g) < 0.5).float() - 1)
+    return coin_flip_signs((3, size, size), eps, torch.Generator().manual_seed(seed))
 
 
 @dataclass
